@@ -1,0 +1,69 @@
+"""The ``kvtier`` command.
+
+    kvtier demo                 a multi-turn conversation through the default hierarchy
+    kvtier bench tiers          tier put/get throughput vs raw baselines
+    kvtier bench <name> ...     every module kvtier.bench.<name> with add_arguments() and run()
+    kvtier config               print the effective configuration
+
+Each benchmark module defines ``add_arguments(parser)`` and ``run(args) -> int``; the CLI finds
+them by name, so adding a benchmark needs no change here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import pkgutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import kvtier.bench
+
+
+def _bench_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(kvtier.bench.__path__)
+                  if not m.name.startswith("_") and not m.ispkg and m.name not in ("common",))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV-cache memory for LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="print the effective configuration as JSON")
+    cfg.add_argument("--file", type=Path, default=None, help="TOML or YAML config file")
+
+    demo = sub.add_parser("demo", help="run the main end-to-end demo")
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+
+    bench = sub.add_parser("bench", help="benchmarks (each compares against its baseline in the same run)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name in _bench_modules():
+        module = importlib.import_module(f"kvtier.bench.{name}")
+        if not hasattr(module, "add_arguments"):
+            continue
+        p = bench_sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "config":
+        from kvtier.config import load_config
+
+        config = load_config(args.file)
+        print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        return 0
+    if args.command == "demo":
+        demo = importlib.import_module("kvtier.demo")
+        return int(demo.main(args.args))
+    return int(args._run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""ContextMemory: the tier hierarchy (G2 DRAM -> G3 disk -> G4 shared) behind one API.
+
+Follow a chunk:
+
+* ``store(keys, payloads)`` puts each chunk into the top tier.  To make room, the top tier's
+  eviction policy picks victims; a victim is **demoted** (written to the next tier down, unless
+  that tier has it already) and only then deleted.  A chunk that fits nowhere is dropped.  With
+  ``write_through`` the chunk is also copied, in the background, to every persistent or shared
+  tier, so a restart or another instance finds it.
+* ``lookup(keys)`` answers the longest cached prefix and which tier holds each chunk, from the
+  in-process indexes plus one batched ``contains`` probe per shared tier past the local hits.
+  No payload moves: it is cheap enough for an engine's scheduler loop.
+* ``load(keys, outs)`` copies the longest available prefix into caller buffers, trying lower
+  tiers when a copy fails (a corrupt chunk is a miss: never served), and **promotes** lower-tier
+  hits into the top tier (``promotion="always"``).
+* ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing).
+
+Threading: index state (``TierIndex``, ``PinSet``) changes under one lock; payload bytes move
+outside it.  A chunk being written is *pending*: lookups do not report it until its bytes are in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtier.config import KVTierConfig, load_config
+from kvtier.keys import ChunkKey, chunk_keys, namespace_key
+from kvtier.layout import KVLayout
+from kvtier.policy.eviction import make_policy
+from kvtier.policy.index import PinSet, TierIndex
+from kvtier.tiers import make_tier
+from kvtier.tiers.base import Tier, TierStats
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """The longest cached prefix of a key sequence."""
+
+    tiers: tuple[int, ...]  # tier level holding each chunk of the prefix (0 = top)
+    tokens_per_chunk: int
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tiers) * self.tokens_per_chunk
+
+    def chunks_per_tier(self, num_tiers: int) -> list[int]:
+        counts = [0] * num_tiers
+        for level in self.tiers:
+            counts[level] += 1
+        return counts
+
+
+class ContextMemory:
+    """A hierarchy of tiers for the KV chunks of one model layout."""
+
+    def __init__(self, layout: KVLayout, tiers: Sequence[Tier], *, eviction: str = "lru",
+                 promotion: str = "always", write_through: bool = True, tenant: str = "") -> None:
+        if not tiers:
+            raise ValueError("ContextMemory needs at least one tier")
+        self.layout = layout
+        self.tiers = list(tiers)
+        self.namespace = namespace_key(layout, tenant)
+        self.promotion = promotion
+        self.write_through = write_through
+        self.indexes = [TierIndex(t.name, t.capacity_bytes, make_policy(eviction)) for t in self.tiers]
+        self.pins = PinSet()
+        self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
+        self._lock = threading.RLock()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-writeback")
+        self._inflight: list[Future[None]] = []
+        for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
+            for key in tier.keys():  # noqa: SIM118 - oldest first where the tier knows ages (disk: mtime)
+                self.indexes[level].add(key, layout.chunk_bytes)
+
+    @classmethod
+    def open(cls, layout: KVLayout, config: KVTierConfig | None = None) -> ContextMemory:
+        """Build the tiers named in ``config`` (default: ``load_config()``) and wrap them."""
+        config = config or load_config()
+        if layout.tokens_per_chunk != config.chunk_tokens:
+            from dataclasses import replace
+
+            layout = replace(layout, tokens_per_chunk=config.chunk_tokens)
+        tiers: list[Tier] = []
+        try:
+            for name in config.tiers:
+                tiers.append(make_tier(name, config, layout))
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            raise
+        return cls(layout, tiers, eviction=config.eviction, promotion=config.promotion,
+                   write_through=config.write_through, tenant=config.tenant)
+
+    # --- keys -------------------------------------------------------------------------------
+    def keys_for(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
+        """Keys of every full chunk of a token sequence (the partial tail has none)."""
+        return chunk_keys(token_ids, tokens_per_chunk=self.layout.tokens_per_chunk, namespace=self.namespace)
+
+    # --- lookup: control plane only ---------------------------------------------------------
+    def lookup(self, keys: Sequence[ChunkKey]) -> PrefixHit:
+        """Longest prefix of ``keys`` held by some tier, and the tier of each chunk."""
+        levels: list[int] = []
+        with self._lock:
+            for key in keys:
+                level = self._locate(key)
+                if level is None:
+                    break
+                levels.append(level)
+        if len(levels) < len(keys):
+            levels += self._probe_shared(keys[len(levels):])
+        return PrefixHit(tuple(levels), self.layout.tokens_per_chunk)
+
+    def _locate(self, key: ChunkKey, below: int = -1) -> int | None:
+        for level in range(below + 1, len(self.indexes)):
+            if key in self.indexes[level] and (level, key) not in self._pending:
+                return level
+        return None
+
+    def _probe_shared(self, keys: Sequence[ChunkKey], batch: int = 64) -> list[int]:
+        """Levels of the longest run of ``keys`` found by asking the shared tiers themselves."""
+        shared = [lv for lv, t in enumerate(self.tiers) if t.shared]
+        levels: list[int] = []
+        for start in range(0, len(keys), batch):
+            window = keys[start:start + batch]
+            found: list[int | None] = [None] * len(window)
+            for level in shared:
+                todo = [i for i, f in enumerate(found) if f is None]
+                if not todo:
+                    break
+                present = self.tiers[level].contains_many([window[i] for i in todo])
+                for i, hit in zip(todo, present, strict=True):
+                    if hit:
+                        found[i] = level
+            for level_or_none in found:
+                if level_or_none is None:
+                    return levels
+                levels.append(level_or_none)
+        return levels
+
+    # --- load: bytes out --------------------------------------------------------------------
+    def load(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> int:
+        """Copy the longest available prefix of ``keys`` into ``outs``; returns chunks loaded.
+
+        Each ``outs[i]`` is a ``layout.chunk_bytes`` uint8 buffer.  Chunk i is loaded only if
+        chunks 0..i-1 were.  Hits in lower tiers are promoted to the top tier.
+        """
+        hit = self.lookup(keys)
+        n = hit.num_chunks
+        ok = [False] * n
+        by_level: dict[int, list[int]] = {}
+        for i, level in enumerate(hit.tiers):
+            by_level.setdefault(level, []).append(i)
+        served_from = list(hit.tiers)
+        for level, idxs in sorted(by_level.items()):
+            results = self.tiers[level].get_many_into([keys[i] for i in idxs], [outs[i] for i in idxs])
+            for i, good in zip(idxs, results, strict=True):
+                ok[i] = good
+        for i in range(n):  # a failed copy (corrupt, vanished): try the tiers below it
+            if not ok[i]:
+                ok[i], served_from[i] = self._load_below(keys[i], outs[i], hit.tiers[i])
+                if not ok[i]:
+                    n = i
+                    break
+        self._account_load(keys, served_from[:n], miss_at=n if n < len(keys) else None)
+        if self.promotion == "always":
+            for i in range(n):
+                if served_from[i] > 0:
+                    self._promote(keys[i], outs[i])
+        return n
+
+    def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
+        with self._lock:
+            self.indexes[failed_level].discard(key)
+        level = failed_level
+        while level + 1 < len(self.tiers):
+            level += 1
+            tier = self.tiers[level]
+            if key in self.indexes[level] or tier.shared:
+                if tier.get_into(key, out):
+                    return True, level
+                with self._lock:
+                    self.indexes[level].discard(key)
+        return False, failed_level
+
+    def _account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None) -> None:
+        with self._lock:
+            for key, level in zip(keys, levels, strict=False):
+                self.tiers[level].stats.hits += 1
+                for above in range(level):
+                    self.tiers[above].stats.misses += 1
+                if key in self.indexes[level]:
+                    self.indexes[level].touch(key)
+                else:  # found in a shared tier another process wrote
+                    self.indexes[level].add(key, self.layout.chunk_bytes)
+            if miss_at is not None:
+                for tier in self.tiers:
+                    tier.stats.misses += 1
+
+    def _promote(self, key: ChunkKey, payload: np.ndarray) -> None:
+        if self._insert(0, key, payload):
+            self.tiers[0].stats.promotions += 1
+
+    # --- store: bytes in --------------------------------------------------------------------
+    def store(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> int:
+        """Store chunks (``layout.chunk_bytes`` uint8 each); returns how many were stored.
+
+        Returns once every chunk is in the top tier that would take it; copies to persistent
+        tiers (write-through) continue in the background: ``flush()`` waits for them.
+        """
+        stored = []
+        for key, payload in zip(keys, payloads, strict=True):
+            self.layout.check_payload(payload)
+            if self._insert(0, key, payload):
+                stored.append(key)
+        if self.write_through and stored:
+            targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
+            if targets:
+                self._inflight = [f for f in self._inflight if not f.done()]
+                self._inflight.append(self._background.submit(self._write_through, stored, targets))
+        return len(stored)
+
+    def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
+        for key in keys:
+            with self.tiers[0].borrow(key) as view:
+                if view is None:
+                    continue  # evicted meanwhile, and so demoted already
+                for level in targets:
+                    self._insert(level, key, view)
+
+    def flush(self) -> None:
+        """Wait for background write-through to finish."""
+        for future in list(self._inflight):
+            future.result()
+        self._inflight = []
+
+    def _insert(self, level: int, key: ChunkKey, payload: np.ndarray) -> bool:
+        """Put a chunk into tier ``level``, demoting victims; falls through to lower tiers."""
+        index, tier = self.indexes[level], self.tiers[level]
+        size = payload.nbytes
+        with self._lock:
+            if key in index:
+                index.touch(key)
+                return True
+            victims = index.plan_room(
+                size, lambda k: k not in self.pins and (level, k) not in self._pending)
+            if victims is not None:
+                index.add(key, size)  # reserve the space; pending until the bytes are in
+                self._pending.add((level, key))
+        if victims is None:  # everything here is pinned, or the chunk is larger than the tier
+            return level + 1 < len(self.tiers) and self._insert(level + 1, key, payload)
+        for victim in victims:
+            self._demote(level, victim)
+        stored = tier.put(key, payload)
+        with self._lock:
+            self._pending.discard((level, key))
+            if not stored:
+                index.discard(key)
+        if stored:
+            return True
+        return level + 1 < len(self.tiers) and self._insert(level + 1, key, payload)
+
+    def _demote(self, level: int, key: ChunkKey) -> None:
+        tier = self.tiers[level]
+        tier.stats.evictions += 1
+        below = level + 1
+        if below < len(self.tiers):
+            with self._lock:
+                already = key in self.indexes[below]
+            if not already:
+                with tier.borrow(key) as view:
+                    if view is not None and self._insert(below, key, view):
+                        tier.stats.demotions += 1
+        tier.delete(key)
+
+    # --- pinning ----------------------------------------------------------------------------
+    def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> None:
+        """Never evict these chunks (from any tier) until unpinned or ``ttl_s`` passes."""
+        with self._lock:
+            self.pins.pin(keys, ttl_s)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            self.pins.unpin(keys)
+
+    # --- maintenance ------------------------------------------------------------------------
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        """Remove chunks from every tier (e.g. after a model update)."""
+        for key in keys:
+            for index, tier in zip(self.indexes, self.tiers, strict=True):
+                with self._lock:
+                    index.discard(key)
+                tier.delete(key)
+
+    def stats(self) -> dict[str, TierStats]:
+        return {tier.name: tier.stats for tier in self.tiers}
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(used, capacity) bytes per tier, as the indexes account them."""
+        return {ix.name: (ix.used_bytes, ix.capacity_bytes) for ix in self.indexes}
+
+    def close(self) -> None:
+        self.flush()
+        self._background.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> ContextMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

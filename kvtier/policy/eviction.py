@@ -1,0 +1,152 @@
+"""Eviction policies: which chunk of a tier goes first.  Keys and sizes only, never bytes.
+
+A policy sees every insert, access and removal of one tier and, when asked, pops the next
+victim among the chunks that may be evicted (``evictable(key)`` is False for pinned or
+in-flight chunks).  The same objects drive the real hierarchy and the payload-free simulator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+
+from kvtier.keys import ChunkKey
+
+
+class EvictionPolicy(ABC):
+    name: str
+
+    @abstractmethod
+    def insert(self, key: ChunkKey, size: int) -> None:
+        """A chunk entered the tier."""
+
+    @abstractmethod
+    def access(self, key: ChunkKey) -> None:
+        """A chunk in the tier was read (a hit)."""
+
+    @abstractmethod
+    def remove(self, key: ChunkKey) -> None:
+        """A chunk left the tier for a reason other than ``pop_victim`` (delete, corruption)."""
+
+    @abstractmethod
+    def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
+        """Choose, forget and return the next chunk to evict; None if none is evictable."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used first."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ChunkKey, None] = OrderedDict()  # oldest first
+
+    def insert(self, key: ChunkKey, size: int) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def access(self, key: ChunkKey) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def remove(self, key: ChunkKey) -> None:
+        self._order.pop(key, None)
+
+    def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
+        for key in self._order:
+            if evictable(key):
+                del self._order[key]
+                return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO, a ghost FIFO.
+
+    New chunks enter the small queue (10% of entries); one that is read again before it leaves
+    moves to main, the rest are evicted early.  This resists scans (one-off long prompts) that
+    flush an LRU, which matters for agent traffic where a one-shot sub-agent context should not
+    push out the shared system prompt.  Ghost entries remember recently evicted keys so a quick
+    re-insert goes straight to main.
+    """
+
+    name = "s3fifo"
+
+    def __init__(self, small_fraction: float = 0.1) -> None:
+        self._small: OrderedDict[ChunkKey, None] = OrderedDict()
+        self._main: OrderedDict[ChunkKey, None] = OrderedDict()
+        self._ghost: OrderedDict[ChunkKey, None] = OrderedDict()
+        self._freq: dict[ChunkKey, int] = {}
+        self._small_fraction = small_fraction
+
+    def insert(self, key: ChunkKey, size: int) -> None:
+        if key in self._freq:
+            return
+        self._freq[key] = 0
+        if key in self._ghost:  # evicted recently and back again: it is not a one-off
+            del self._ghost[key]
+            self._main[key] = None
+        else:
+            self._small[key] = None
+
+    def access(self, key: ChunkKey) -> None:
+        if key in self._freq:
+            self._freq[key] = min(self._freq[key] + 1, 3)
+
+    def remove(self, key: ChunkKey) -> None:
+        if self._freq.pop(key, None) is not None:
+            self._small.pop(key, None)
+            self._main.pop(key, None)
+
+    def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
+        total = len(self._freq)
+        # Each loop step moves or evicts one entry; 2 rounds over all entries bound the work
+        # (pinned entries are rotated, not evicted).
+        for _ in range(2 * total + 2):
+            use_small = self._small and (len(self._small) >= self._small_fraction * total or not self._main)
+            queue = self._small if use_small else self._main
+            if not queue:
+                return None
+            key = next(iter(queue))
+            del queue[key]
+            if not evictable(key):
+                queue[key] = None
+                continue
+            if use_small:
+                if self._freq[key] > 0:
+                    self._freq[key] = 0
+                    self._main[key] = None
+                    continue
+                self._ghost[key] = None
+                while len(self._ghost) > max(total, 1):
+                    self._ghost.popitem(last=False)
+            elif self._freq[key] > 0:
+                self._freq[key] -= 1
+                self._main[key] = None
+                continue
+            del self._freq[key]
+            return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self._freq)
+
+
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRUPolicy,
+    "s3fifo": S3FIFOPolicy,
+}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(POLICIES)}") from None

@@ -1,0 +1,113 @@
+"""Control-plane state of the hierarchy: which tier holds which chunk, capacity, pins.
+
+No payloads here.  ``TierIndex`` mirrors one tier (keys, sizes, used bytes against capacity) and
+owns that tier's eviction policy; ``PinSet`` holds pins (token warehousing) with optional
+expiry.  The hierarchy asks ``plan_room`` for victims before a put, then moves the bytes.  The
+trace simulator drives these same classes with no tiers behind them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable
+
+from kvtier.keys import ChunkKey
+from kvtier.policy.eviction import EvictionPolicy
+
+
+class TierIndex:
+    """Keys, sizes and eviction order of one tier, as this process knows them."""
+
+    def __init__(self, name: str, capacity_bytes: int, policy: EvictionPolicy) -> None:
+        self.name = name
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.sizes: dict[ChunkKey, int] = {}
+        self.used_bytes = 0
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        return key in self.sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def add(self, key: ChunkKey, size: int) -> None:
+        if key in self.sizes:
+            self.policy.access(key)
+            return
+        self.sizes[key] = size
+        self.used_bytes += size
+        self.policy.insert(key, size)
+
+    def touch(self, key: ChunkKey) -> None:
+        self.policy.access(key)
+
+    def discard(self, key: ChunkKey) -> None:
+        size = self.sizes.pop(key, None)
+        if size is not None:
+            self.used_bytes -= size
+            self.policy.remove(key)
+
+    def plan_room(self, size: int, evictable: Callable[[ChunkKey], bool]) -> list[ChunkKey] | None:
+        """Victims to evict so ``size`` more bytes fit, removed from the index; None if impossible.
+
+        On None nothing changed.  Victims leave the index now; the caller moves their bytes.
+        """
+        if size > self.capacity_bytes:
+            return None
+        victims: list[ChunkKey] = []
+        freed = 0
+        while self.used_bytes - freed + size > self.capacity_bytes:
+            key = self.policy.pop_victim(evictable)
+            if key is None:
+                for v in victims:  # roll back: reinsert in the same order
+                    self.policy.insert(v, self.sizes[v])
+                return None
+            victims.append(key)
+            freed += self.sizes[key]
+        for key in victims:
+            self.used_bytes -= self.sizes.pop(key)
+        return victims
+
+
+class PinSet:
+    """Pinned chunks (never evicted), counted per pin so nested pins need as many unpins.
+
+    A pin may expire: ``pin(keys, ttl_s=...)``.  Expired pins lapse lazily on the next query.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._count: dict[ChunkKey, int] = {}
+        self._expiry: list[tuple[float, ChunkKey]] = []  # heap of (deadline, key) for TTL pins
+        self._clock = clock
+
+    def pin(self, keys: Iterable[ChunkKey], ttl_s: float | None = None) -> None:
+        deadline = None if ttl_s is None else self._clock() + ttl_s
+        for key in keys:
+            self._count[key] = self._count.get(key, 0) + 1
+            if deadline is not None:
+                heapq.heappush(self._expiry, (deadline, key))
+
+    def unpin(self, keys: Iterable[ChunkKey]) -> None:
+        for key in keys:
+            n = self._count.get(key, 0)
+            if n <= 1:
+                self._count.pop(key, None)
+            else:
+                self._count[key] = n - 1
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            self.unpin([key])
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        if self._expiry:
+            self._expire()
+        return key in self._count
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._count)

