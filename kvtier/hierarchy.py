@@ -74,6 +74,7 @@ class ContextMemory:
         self.indexes = [TierIndex(t.name, t.capacity_bytes, make_policy(eviction)) for t in self.tiers]
         self.pins = PinSet()
         self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
+        self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
         self._lock = threading.RLock()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-writeback")
         self._inflight: list[Future[None]] = []
@@ -140,8 +141,8 @@ class ContextMemory:
                 for i, hit in zip(todo, present, strict=True):
                     if hit:
                         found[i] = level
-            for level_or_none in found:
-                if level_or_none is None:
+            for key, level_or_none in zip(window, found, strict=True):
+                if level_or_none is None or (level_or_none, key) in self._leaving:
                     return levels
                 levels.append(level_or_none)
         return levels
@@ -197,10 +198,11 @@ class ContextMemory:
                 self.tiers[level].stats.hits += 1
                 for above in range(level):
                     self.tiers[above].stats.misses += 1
-                if key in self.indexes[level]:
-                    self.indexes[level].touch(key)
-                else:  # found in a shared tier another process wrote
-                    self.indexes[level].add(key, self.layout.chunk_bytes)
+                index = self.indexes[level]
+                if key in index:
+                    index.touch(key)
+                elif index.used_bytes + self.layout.chunk_bytes <= index.capacity_bytes:
+                    index.add(key, self.layout.chunk_bytes)  # another process wrote it: adopt
             if miss_at is not None:
                 for tier in self.tiers:
                     tier.stats.misses += 1
@@ -255,6 +257,7 @@ class ContextMemory:
             if victims is not None:
                 index.add(key, size)  # reserve the space; pending until the bytes are in
                 self._pending.add((level, key))
+                self._leaving.update((level, v) for v in victims)
         if victims is None:  # everything here is pinned, or the chunk is larger than the tier
             return level + 1 < len(self.tiers) and self._insert(level + 1, key, payload)
         for victim in victims:
@@ -280,6 +283,8 @@ class ContextMemory:
                     if view is not None and self._insert(below, key, view):
                         tier.stats.demotions += 1
         tier.delete(key)
+        with self._lock:
+            self._leaving.discard((level, key))
 
     # --- pinning ----------------------------------------------------------------------------
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> None:

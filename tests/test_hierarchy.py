@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvtier.config import DiskConfig, DramConfig, KVTierConfig
+from kvtier.hierarchy import ContextMemory
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.dram import DramTier
+from tests.conftest import make_keys, make_payloads
+
+LAYOUT = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", tokens_per_chunk=4)
+
+
+def _memory(tmp: Path, dram_chunks: int, disk_chunks: int, **kw: object) -> ContextMemory:
+    tiers = [DramTier(LAYOUT, capacity_bytes=dram_chunks * LAYOUT.chunk_bytes),
+             DiskTier(LAYOUT, path=tmp, capacity_bytes=disk_chunks * LAYOUT.chunk_bytes, fsync=False)]
+    return ContextMemory(LAYOUT, tiers, **kw)  # type: ignore[arg-type]
+
+
+def _outs(n: int) -> list[np.ndarray]:
+    return [np.zeros(LAYOUT.chunk_bytes, np.uint8) for _ in range(n)]
+
+
+def test_store_then_load_longest_prefix(tmp_path: Path) -> None:
+    with _memory(tmp_path, 4, 100) as mem:
+        tokens = np.arange(10 * 4 + 3)  # 10 full chunks and a partial tail of 3 tokens
+        keys = mem.keys_for(tokens)
+        assert len(keys) == 10
+        payloads = make_payloads(LAYOUT, 10)
+        assert mem.store(keys[:6], payloads[:6]) == 6
+        mem.flush()
+        hit = mem.lookup(keys)
+        assert hit.num_chunks == 6 and hit.num_tokens == 24
+        outs = _outs(10)
+        assert mem.load(keys, outs) == 6
+        for o, p in zip(outs[:6], payloads[:6], strict=True):
+            np.testing.assert_array_equal(o, p)
+        assert not outs[6].any()  # beyond the prefix nothing is touched
+
+
+def test_eviction_demotes_instead_of_dropping(tmp_path: Path) -> None:
+    with _memory(tmp_path, 2, 100, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
+        mem.store(keys, payloads)
+        stats = mem.stats()
+        assert stats["dram"].evictions == 3 and stats["dram"].demotions == 3
+        assert mem.lookup(keys).tiers == (1, 1, 1, 0, 0)  # LRU: oldest went down
+        outs = _outs(5)
+        assert mem.load(keys, outs) == 5
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+        assert stats["disk"].hits == 3 and stats["dram"].hits == 2
+        assert stats["dram"].promotions == 3
+
+
+def test_lowest_tier_drops_when_full(tmp_path: Path) -> None:
+    with _memory(tmp_path, 1, 2, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
+        mem.store(keys, payloads)
+        assert sum(1 for k in keys if mem.lookup([k]).num_chunks) == 3
+        assert mem.usage()["disk"] == (2 * LAYOUT.chunk_bytes, 2 * LAYOUT.chunk_bytes)
+
+
+def test_pinned_chunks_are_never_evicted(tmp_path: Path) -> None:
+    with _memory(tmp_path, 2, 2, write_through=False, promotion="never") as mem:
+        keys, payloads = make_keys(LAYOUT, 8), make_payloads(LAYOUT, 8)
+        mem.store(keys[:2], payloads[:2])
+        mem.pin(keys[:2])
+        mem.store(keys[2:], payloads[2:])
+        assert mem.lookup(keys[:2]).tiers == (0, 0)
+        mem.unpin(keys[:2])
+        mem.store(make_keys(LAYOUT, 4, seed=5), make_payloads(LAYOUT, 4, seed=5))
+        assert mem.lookup(keys[:1]).num_chunks == 0 or mem.lookup(keys[:1]).tiers != (0,)
+
+
+def test_pin_ttl_lapses(tmp_path: Path) -> None:
+    now = [0.0]
+    with _memory(tmp_path, 1, 1, write_through=False) as mem:
+        mem.pins._clock = lambda: now[0]
+        keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+        mem.store(keys[:1], payloads[:1])
+        mem.pin(keys[:1], ttl_s=10)
+        assert keys[0] in mem.pins
+        now[0] = 11.0
+        assert keys[0] not in mem.pins
+
+
+def test_tenant_salt_isolates(tmp_path: Path) -> None:
+    tokens = np.arange(16)
+    a = _memory(tmp_path / "a", 4, 10, tenant="alice")
+    b = ContextMemory(LAYOUT, [DiskTier(LAYOUT, path=tmp_path / "a", capacity_bytes=1 << 20)], tenant="bob")
+    ka, kb = a.keys_for(tokens), b.keys_for(tokens)
+    assert not set(ka) & set(kb)
+    a.store(ka, make_payloads(LAYOUT, len(ka)))
+    a.flush()
+    assert b.lookup(kb).num_chunks == 0  # same tokens, same directory, other tenant: no hit
+    a.close()
+    b.close()
+
+
+def test_corrupt_chunk_is_a_miss_never_served(tmp_path: Path) -> None:
+    with _memory(tmp_path, 1, 10) as mem:
+        keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+        mem.store(keys, payloads)
+        mem.flush()  # both on disk; keys[1] also in DRAM
+        disk = mem.tiers[1]
+        assert isinstance(disk, DiskTier)
+        path = disk.path_of(keys[0])
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        outs = _outs(2)
+        assert mem.load(keys, outs) == 0  # chunk 0 is gone (corrupt): no prefix
+        assert disk.stats.corrupt == 1  # (bytes of outs past the returned prefix are unspecified)
+        assert mem.lookup(keys).num_chunks == 0
+
+
+def test_restart_from_config_finds_chunks(tmp_path: Path) -> None:
+    config = KVTierConfig(chunk_tokens=4, dram=DramConfig(capacity=4 * LAYOUT.chunk_bytes),
+                          disk=DiskConfig(path=tmp_path, capacity=1 << 20, fsync=True))
+    tokens = np.arange(40)
+    with ContextMemory.open(LAYOUT, config) as mem:
+        keys = mem.keys_for(tokens)
+        mem.store(keys, make_payloads(LAYOUT, len(keys)))
+    with ContextMemory.open(LAYOUT, config) as mem:
+        hit = mem.lookup(mem.keys_for(tokens))
+        assert hit.num_chunks == 10 and set(hit.tiers) == {1}
+
+
+def test_store_larger_than_top_tier_goes_below(tmp_path: Path) -> None:
+    with _memory(tmp_path, 0, 10, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        assert mem.store(keys, payloads) == 3
+        assert mem.lookup(keys).tiers == (1, 1, 1)
+
+
+def test_wrong_payload_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    from kvtier.errors import LayoutError
+
+    with _memory(tmp_path, 2, 10) as mem:
+        keys = make_keys(LAYOUT, 1)
+        with pytest.raises(LayoutError):
+            mem.store(keys, [np.zeros(7, np.uint8)])
+        assert mem.lookup(keys).num_chunks == 0
+
+
+class HierarchyMachine(RuleBasedStateMachine):
+    """The hierarchy behaves like a dict that may forget (capacity) but never lies.
+
+    Model: ``model[key]`` is the payload last stored.  Checks: every load returns exactly the
+    model's bytes for the prefix it reports; pinned keys are never forgotten; accounting
+    never exceeds capacity; with the disk tier large enough nothing is lost at all.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory()
+        self.model: dict[ChunkKey, np.ndarray] = {}
+        self.pinned: set[ChunkKey] = set()
+        self.pool = make_keys(LAYOUT, 24, seed=11)
+        self.payloads = make_payloads(LAYOUT, 24, seed=11)
+        self.mem: ContextMemory
+
+    @initialize(dram=st.integers(0, 4), disk=st.sampled_from([3, 6, 1000]),
+                write_through=st.booleans(), promotion=st.sampled_from(["always", "never"]),
+                eviction=st.sampled_from(["lru", "s3fifo"]))
+    def setup(self, dram: int, disk: int, write_through: bool, promotion: str, eviction: str) -> None:
+        self.disk_chunks = disk
+        self.mem = _memory(Path(self._tmp.name), dram, disk, write_through=write_through,
+                           promotion=promotion, eviction=eviction)
+
+    @rule(lo=st.integers(0, 23), n=st.integers(1, 6))
+    def store(self, lo: int, n: int) -> None:
+        idx = list(range(lo, min(24, lo + n)))
+        self.mem.store([self.pool[i] for i in idx], [self.payloads[i] for i in idx])
+        for i in idx:
+            self.model[self.pool[i]] = self.payloads[i]
+
+    @rule(lo=st.integers(0, 23), n=st.integers(1, 8))
+    def load(self, lo: int, n: int) -> None:
+        keys = self.pool[lo:lo + n]
+        outs = _outs(len(keys))
+        got = self.mem.load(keys, outs)
+        for k, o in zip(keys[:got], outs[:got], strict=True):
+            assert k in self.model, "served a chunk never stored"
+            np.testing.assert_array_equal(o, self.model[k])
+
+    @precondition(lambda self: len(self.pinned) < 2)
+    @rule(i=st.integers(0, 23))
+    def pin(self, i: int) -> None:
+        key = self.pool[i]
+        if key in self.model and self.mem.lookup([key]).num_chunks:
+            self.mem.pin([key])
+            self.pinned.add(key)
+
+    @rule()
+    def unpin_all(self) -> None:
+        self.mem.unpin(list(self.pinned))
+        self.pinned.clear()
+
+    @rule()
+    def flush(self) -> None:
+        self.mem.flush()
+
+    @invariant()
+    def pinned_are_kept(self) -> None:
+        if hasattr(self, "mem"):
+            for key in self.pinned:
+                assert self.mem.lookup([key]).num_chunks == 1, "a pinned chunk was evicted"
+
+    @invariant()
+    def within_capacity(self) -> None:
+        if hasattr(self, "mem"):
+            for used, cap in self.mem.usage().values():
+                assert 0 <= used <= cap
+
+    @invariant()
+    def big_disk_loses_nothing(self) -> None:
+        if hasattr(self, "mem") and self.disk_chunks >= 24:
+            self.mem.flush()
+            for key in self.model:
+                assert self.mem.lookup([key]).num_chunks == 1, "chunk lost despite room below"
+
+    def teardown(self) -> None:
+        if hasattr(self, "mem"):
+            self.mem.close()
+        self._tmp.cleanup()
+
+
+HierarchyMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestHierarchyMachine = HierarchyMachine.TestCase
