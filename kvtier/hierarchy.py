@@ -111,11 +111,22 @@ class ContextMemory:
         """Longest prefix of ``keys`` held by some tier, and the tier of each chunk."""
         levels: list[int] = []
         with self._lock:
-            for key in keys:
-                level = self._locate(key)
-                if level is None:
-                    break
-                levels.append(level)
+            if self._pending:
+                for key in keys:
+                    level = self._locate(key)
+                    if level is None:
+                        break
+                    levels.append(level)
+            else:  # the common case, kept tight: it runs in the engine's scheduler loop
+                top = self.indexes[0].sizes
+                for key in keys:
+                    if key in top:
+                        levels.append(0)
+                        continue
+                    level = self._locate(key, below=0)
+                    if level is None:
+                        break
+                    levels.append(level)
         if len(levels) < len(keys):
             levels += self._probe_shared(keys[len(levels):])
         return PrefixHit(tuple(levels), self.layout.tokens_per_chunk)
