@@ -11,7 +11,7 @@ from kvtier.layout import KVLayout
 
 @pytest.fixture
 def small_layout() -> KVLayout:
-    """A tiny layout: 2 layers x K/V x 4 tokens x 2 heads x 8 dims of float32 = 512 bytes a chunk."""
+    """A tiny layout: 2 layers x K/V x 4 tokens x 2 heads x 8 dims of float32 = 1 KiB a chunk."""
     return KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                     tokens_per_chunk=4)
 

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
 
 
-def _median_time(fn: Callable[[], None], setup: Callable[[], None] | None = None) -> float:
+def _median_time(fn: Callable[[], object], setup: Callable[[], None] | None = None) -> float:
     if setup:
         setup()
     t = time.perf_counter()
@@ -56,7 +56,7 @@ def _median_time(fn: Callable[[], None], setup: Callable[[], None] | None = None
 
 
 def _compare(name: str, op: str, layout: KVLayout, n: int, repeat: int,
-             kvtier_fn: Callable[[], None], base_fn: Callable[[], None], base_name: str,
+             kvtier_fn: Callable[[], object], base_fn: Callable[[], object], base_name: str,
              setup: Callable[[], None] | None = None) -> Row:
     kv_times, base_times = [], []
     for _ in range(repeat):
@@ -90,8 +90,12 @@ def bench_dram(layout: KVLayout, n: int, repeat: int) -> list[Row]:
 
     kv_put()
     rows = [_compare("dram", "put", layout, n, repeat, kv_put, raw_put, "numpy memcpy")]
-    rows.append(_compare("dram", "get", layout, n, repeat, lambda: tier.get_many_into(keys, outs),
-                         lambda: [np.copyto(o, s) for o, s in zip(outs, slots, strict=True)], "numpy memcpy"))
+    def raw_get() -> None:
+        for o, s in zip(outs, slots, strict=True):
+            np.copyto(o, s)
+
+    rows.append(_compare("dram", "get", layout, n, repeat, lambda: tier.get_many_into(keys, outs), raw_get,
+                         "numpy memcpy"))
     assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
     tier.close()
     return rows
@@ -204,9 +208,9 @@ def run(args: argparse.Namespace) -> int:
             rows += bench_dram(layout, n, repeat)
             rows += bench_disk(layout, n, repeat, root / layout.model.replace("/", "_"), args.warm)
         if args.g4:
-            from kvtier.bench import g4
+            import importlib
 
-            rows += g4.rows(args)
+            rows += importlib.import_module("kvtier.bench.g4").rows(args)
         rows += bench_lookup(repeat=10 if args.quick else 50)
     finally:
         shutil.rmtree(root, ignore_errors=True)
