@@ -77,6 +77,7 @@ class ContextMemory:
         self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
         self._lock = threading.RLock()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-writeback")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         self._inflight: list[Future[None]] = []
         for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
             for key in tier.keys():  # noqa: SIM118 - oldest first where the tier knows ages (disk: mtime)
@@ -188,6 +189,13 @@ class ContextMemory:
                 if served_from[i] > 0:
                     self._promote(keys[i], outs[i])
         return n
+
+    def load_async(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> Future[int]:
+        """``load`` on a background thread: the engine overlaps it with other work.
+
+        The buffers in ``outs`` must stay alive and untouched until the future completes.
+        """
+        return self._loader.submit(self.load, keys, outs)
 
     def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
         with self._lock:
@@ -325,6 +333,7 @@ class ContextMemory:
 
     def close(self) -> None:
         self.flush()
+        self._loader.shutdown(wait=True)
         self._background.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()

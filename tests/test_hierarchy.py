@@ -46,6 +46,15 @@ def test_store_then_load_longest_prefix(tmp_path: Path) -> None:
         assert not outs[6].any()  # beyond the prefix nothing is touched
 
 
+def test_load_async_returns_the_prefix(tmp_path: Path) -> None:
+    with _memory(tmp_path, 4, 10) as mem:
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        mem.store(keys[:2], payloads[:2])
+        outs = _outs(3)
+        assert mem.load_async(keys, outs).result(timeout=10) == 2
+        np.testing.assert_array_equal(outs[1], payloads[1])
+
+
 def test_eviction_demotes_instead_of_dropping(tmp_path: Path) -> None:
     with _memory(tmp_path, 2, 100, write_through=False) as mem:
         keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
