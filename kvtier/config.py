@@ -74,6 +74,12 @@ class BreakerConfig:
     base_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ConfigError("breaker.failure_threshold must be at least 1")
+        if not 0 < self.base_backoff_s <= self.max_backoff_s:
+            raise ConfigError("breaker backoff needs 0 < base_backoff_s <= max_backoff_s")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RedisConfig:
@@ -88,6 +94,7 @@ class RedisConfig:
     ttl_s: int | None = None  # expire chunks after this long (None: rely on maxmemory policy)
     socket_timeout_s: float = 0.5
     connect_timeout_s: float = 0.5
+    max_connections: int = 32  # per server, for this process
     capacity: ByteSize = ByteSize(1 << 40)  # what this process may write; the server evicts too
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
@@ -102,6 +109,9 @@ class MooncakeConfig:
     global_segment_size: ByteSize = ByteSize(512 << 20)  # memory this client contributes
     local_buffer_size: ByteSize = ByteSize(256 << 20)
     capacity: ByteSize = ByteSize(1 << 40)
+    key_prefix: str = "kvtier"  # one per deployment; keys are <prefix>:<layout>:<key hex>
+    timeout_s: float = 2.0  # give up on one batch call after this long (the client retries ~4 s)
+    staging_bytes: ByteSize = ByteSize(256 << 20)  # registered buffers for zero-copy transfers
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 

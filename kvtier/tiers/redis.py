@@ -1,0 +1,364 @@
+"""G4 on Redis or Valkey, standalone or Cluster: chunks shared by every instance and node.
+
+Key: ``<key_prefix>:<layout fingerprint, 16 hex>:<chunk key, 32 hex>`` (bytes).  No hash tag,
+so in a Cluster the chunks of one conversation spread over every shard by CRC16 slot.  Value:
+the chunk format of ``kvtier.codec`` (64-byte header with checksums, then the payload), written
+with ``SET`` (``EX ttl_s`` when a TTL is configured).  A value failing validation (truncated,
+bit rot, another layout) is deleted, counted in ``stats.corrupt`` and reported as a miss.
+
+Batches go out as one pipeline per shard (``transaction=False``), the shards' pipelines in
+parallel threads, so a batch costs about one round trip per shard.  In Cluster mode the tier
+routes keys itself from the cluster's slot map (``RedisCluster.get_node_from_key``) rather than
+through ``RedisCluster``'s own pipeline, so that each shard has its own circuit breaker: when a
+shard dies only its keys turn into misses, and the shards left keep serving.
+
+Faults: a connection error or timeout on a shard records a failure on that shard's
+``CircuitBreaker``; after ``failure_threshold`` failures the breaker opens and the shard's keys
+are misses at once (no socket wait) until a backoff passes and one probe request succeeds.
+Failures are counted in ``stats.errors`` (keys whose operation failed) and
+``stats.extra["short_circuited"]`` (keys answered by an open breaker); nothing raises into the
+caller.  redis-py's own retries are turned off: the breaker is the retry policy.  A slot that
+moved (MOVED/ASK after a failover or resharding) is a miss and refreshes the slot map.
+
+Consistency: same key means same bytes, so racing writers are harmless.  ``used_bytes`` counts
+the chunks this process wrote or found (the server may evict or expire more).  ``keys()`` scans
+the server (``SCAN MATCH`` on every primary).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+from kvtier.codec import HEADER_BYTES, decode_chunk_into, encode_header
+from kvtier.config import RedisConfig
+from kvtier.errors import ChunkFormatError
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.tiers.base import Tier
+from kvtier.tiers.breaker import CircuitBreaker
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "this shard is unreachable or sick": they feed the breaker.
+_SHARD_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+_TOPOLOGY_REFRESH_S = 1.0  # at most one slot-map refresh per second
+
+
+@dataclass(slots=True)
+class _Shard:
+    """One Redis server the tier talks to (a standalone server or a cluster primary)."""
+
+    name: str  # host:port
+    client: redis.Redis
+    breaker: CircuitBreaker
+
+
+class RedisTier(Tier):
+    name = "redis"
+    persistent = True
+    shared = True
+
+    def __init__(self, layout: KVLayout, config: RedisConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(layout)
+        self.config = config or RedisConfig()
+        self._clock = clock
+        self._prefix = f"{self.config.key_prefix}:{layout.fingerprint:016x}:".encode()
+        self._known: set[ChunkKey] = set()  # chunks this process wrote or found
+        self._lock = threading.Lock()  # guards _known, stats and the shard map
+        self._shards: dict[str, _Shard] = {}
+        self._cluster: RedisCluster | None = None
+        self._cluster_breaker = CircuitBreaker(self.config.breaker, clock=clock)  # for (re)building the slot map
+        self._last_refresh = -_TOPOLOGY_REFRESH_S
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kvtier-redis")
+        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0)
+        if not self.config.cluster:
+            client = redis.Redis.from_url(self.config.url, **self._client_kwargs())
+            self._shards["standalone"] = _Shard("standalone", client, CircuitBreaker(self.config.breaker, clock=clock))
+
+    # --- connection set-up --------------------------------------------------------------------
+    def _client_kwargs(self) -> dict[str, Any]:
+        c = self.config
+        kw: dict[str, Any] = dict(socket_timeout=c.socket_timeout_s, socket_connect_timeout=c.connect_timeout_s,
+                                  retry=Retry(NoBackoff(), 0), health_check_interval=0, decode_responses=False,
+                                  max_connections=c.max_connections)
+        if c.username is not None:
+            kw["username"] = c.username
+        if c.password is not None:
+            kw["password"] = c.password
+        tls = {"ssl_ca_certs": c.tls_ca_file, "ssl_certfile": c.tls_cert_file, "ssl_keyfile": c.tls_key_file}
+        if any(tls.values()) or c.url.startswith("rediss://"):
+            kw["ssl"] = True
+            kw.update({k: v for k, v in tls.items() if v is not None})
+        return kw
+
+    def _cluster_client(self) -> RedisCluster | None:
+        """The cluster client, built on first use (and retried after a backoff if that failed)."""
+        if self._cluster is not None:
+            return self._cluster
+        if not self._cluster_breaker.allow():
+            return None
+        try:
+            kw = self._client_kwargs()
+            kw.pop("max_connections")  # RedisCluster sizes its node pools itself
+            cluster = RedisCluster.from_url(self.config.url, require_full_coverage=False, **kw)
+        except (*_SHARD_DOWN, redis.RedisError, RedisClusterException) as exc:
+            self._cluster_breaker.record_failure()
+            log.warning("Redis Cluster at %s unreachable: %s", self.config.url, exc)
+            return None
+        self._cluster_breaker.record_success()
+        with self._lock:
+            if self._cluster is None:
+                self._cluster = cluster
+            else:
+                cluster.close()
+        return self._cluster
+
+    def _refresh_topology(self) -> None:
+        cluster = self._cluster
+        now = self._clock()
+        if cluster is None or now - self._last_refresh < _TOPOLOGY_REFRESH_S:
+            return
+        self._last_refresh = now
+        try:
+            cluster.nodes_manager.initialize()
+        except (*_SHARD_DOWN, redis.RedisError, RedisClusterException) as exc:
+            log.info("Redis Cluster slot map refresh failed: %s", exc)
+
+    def _shard_for(self, rkey: bytes) -> _Shard | None:
+        if not self.config.cluster:
+            return self._shards["standalone"]
+        cluster = self._cluster_client()
+        if cluster is None:
+            return None
+        try:
+            node = cluster.get_node_from_key(rkey)
+        except (redis.RedisError, RedisClusterException):
+            return None  # slot not covered (mid-failover): a miss
+        if node is None:
+            return None
+        shard = self._shards.get(node.name)
+        if shard is None:
+            with self._lock:
+                shard = self._shards.get(node.name)
+                if shard is None:
+                    client = cluster.get_redis_connection(node)
+                    shard = _Shard(node.name, client, CircuitBreaker(self.config.breaker, clock=self._clock))
+                    self._shards[node.name] = shard
+        return shard
+
+    # --- keys ---------------------------------------------------------------------------------
+    def redis_key(self, key: ChunkKey) -> bytes:
+        return self._prefix + key.hex().encode()
+
+    def _chunk_key(self, rkey: bytes) -> ChunkKey | None:
+        try:
+            raw = bytes.fromhex(rkey[len(self._prefix):].decode())
+        except ValueError:
+            return None
+        return ChunkKey(raw) if len(raw) == KEY_BYTES else None
+
+    # --- the one place requests go out -------------------------------------------------------
+    def _batch(self, keys: Sequence[ChunkKey], queue: Callable[[Any, int, bytes], None]) -> list[Any]:
+        """Run one pipelined command per key; a key's result is its reply, or None on failure.
+
+        ``queue(pipe, i, redis_key)`` adds key i's command to its shard's pipeline.
+        """
+        results: list[Any] = [None] * len(keys)
+        groups: dict[str, tuple[_Shard, list[int]]] = {}
+        unrouted = 0
+        for i, key in enumerate(keys):
+            rkey = self.redis_key(key)
+            shard = self._shard_for(rkey)
+            if shard is None:
+                unrouted += 1
+                continue
+            groups.setdefault(shard.name, (shard, []))[1].append(i)
+        if unrouted:
+            self._count(errors=unrouted)
+
+        def run(shard: _Shard, idxs: list[int]) -> None:
+            if not shard.breaker.allow():
+                self._count(short_circuited=len(idxs))
+                return
+            try:
+                pipe = shard.client.pipeline(transaction=False)
+                for i in idxs:
+                    queue(pipe, i, self.redis_key(keys[i]))
+                replies = pipe.execute(raise_on_error=False)
+            except BaseException as exc:
+                trips = shard.breaker.num_trips
+                shard.breaker.record_failure()
+                self._count(errors=len(idxs), breaker_trips=shard.breaker.num_trips - trips)
+                if not isinstance(exc, (*_SHARD_DOWN, redis.RedisError)):
+                    raise
+                log.debug("Redis shard %s failed: %s", shard.name, exc)
+                if self.config.cluster:
+                    self._refresh_topology()
+                return
+            shard.breaker.record_success()
+            moved = 0
+            for i, reply in zip(idxs, replies, strict=True):
+                if isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK")):
+                    moved += 1
+                    continue
+                results[i] = reply
+            if moved:
+                self._count(errors=moved)
+                self._refresh_topology()
+
+        work = list(groups.values())
+        if len(work) == 1:
+            run(*work[0])
+        else:
+            for f in [self._pool.submit(run, shard, idxs) for shard, idxs in work]:
+                f.result()
+        return results
+
+    def _count(self, *, errors: int = 0, short_circuited: int = 0, breaker_trips: int = 0,
+               corrupt: int = 0) -> None:
+        with self._lock:
+            self.stats.errors += errors
+            self.stats.corrupt += corrupt
+            self.stats.extra["short_circuited"] += short_circuited
+            self.stats.extra["breaker_trips"] += breaker_trips
+
+    # --- Tier interface -----------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.config.capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._known) * self.layout.chunk_bytes
+
+    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
+        return self.put_many([key], [payload])[0]
+
+    def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
+        if len(keys) != len(payloads):
+            raise ValueError("put_many needs one payload per key")
+        values: list[bytearray | None] = []
+        room = self.capacity_bytes - self.used_bytes
+        for key, payload in zip(keys, payloads, strict=True):
+            self.layout.check_payload(payload)
+            if key not in self._known and room < payload.nbytes:
+                values.append(None)  # over this process's budget: refused, nothing sent
+                continue
+            room -= 0 if key in self._known else payload.nbytes
+            values.append(_encode(key, self.layout.fingerprint, payload))
+        ttl = self.config.ttl_s
+        todo = [i for i, v in enumerate(values) if v is not None]
+
+        def queue(pipe: Any, j: int, rkey: bytes) -> None:
+            pipe.set(rkey, memoryview(values[todo[j]]), ex=ttl)  # type: ignore[arg-type]
+
+        replies = self._batch([keys[i] for i in todo], queue)
+        ok = [False] * len(keys)
+        with self._lock:
+            for i, reply in zip(todo, replies, strict=True):
+                if reply is True:
+                    ok[i] = True
+                    self._known.add(keys[i])
+            self.stats.bytes_written += sum(payloads[i].nbytes for i in todo if ok[i])
+        return ok
+
+    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
+        return self.get_many_into([key], [out])[0]
+
+    def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
+        if len(keys) != len(outs):
+            raise ValueError("get_many_into needs one buffer per key")
+        replies = self._batch(keys, lambda pipe, i, rkey: pipe.get(rkey))
+        ok = [False] * len(keys)
+        corrupt: list[ChunkKey] = []
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, bytes):
+                if reply is None or isinstance(reply, redis.ResponseError):
+                    with self._lock:
+                        self._known.discard(keys[i])
+                continue
+            try:
+                n = decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint)
+            except ChunkFormatError as exc:
+                log.warning("Redis chunk %s is not servable (%s): deleting it", keys[i].hex(), exc)
+                corrupt.append(keys[i])
+                continue
+            ok[i] = True
+            with self._lock:
+                self._known.add(keys[i])
+                self.stats.bytes_read += n
+        if corrupt:
+            self._count(corrupt=len(corrupt))
+            self.delete_many(corrupt)
+        return ok
+
+    def contains(self, key: ChunkKey) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        replies = self._batch(keys, lambda pipe, i, rkey: pipe.exists(rkey))
+        return [isinstance(r, int) and r > 0 for r in replies]
+
+    def delete(self, key: ChunkKey) -> bool:
+        return self.delete_many([key])[0]
+
+    def delete_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        replies = self._batch(keys, lambda pipe, i, rkey: pipe.delete(rkey))
+        with self._lock:
+            for key, r in zip(keys, replies, strict=True):
+                if r is not None and not isinstance(r, Exception):
+                    self._known.discard(key)
+        return [isinstance(r, int) and r > 0 for r in replies]
+
+    def keys(self) -> Iterator[ChunkKey]:
+        """Every chunk of this layout on the server(s); a shard that is down is skipped."""
+        if self.config.cluster:
+            cluster = self._cluster_client()
+            clients = [] if cluster is None else [cluster.get_redis_connection(n) for n in cluster.get_primaries()]
+        else:
+            clients = [self._shards["standalone"].client]
+        for client in clients:
+            try:
+                found = list(client.scan_iter(match=self._prefix + b"*", count=1000))
+            except (*_SHARD_DOWN, redis.RedisError) as exc:
+                self._count(errors=1)
+                log.info("Redis SCAN failed: %s", exc)
+                continue
+            for rkey in found:
+                key = self._chunk_key(rkey)
+                if key is not None:
+                    yield key
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for shard in self._shards.values():
+            if not self.config.cluster:
+                shard.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """Each shard's breaker by ``host:port`` (``"standalone"`` for one server)."""
+        return {name: s.breaker for name, s in self._shards.items()}
+
+
+def _encode(key: ChunkKey, fingerprint: int, payload: np.ndarray) -> bytearray:
+    """Header + payload in one buffer (SET takes one value; this is the put path's one copy)."""
+    value = bytearray(HEADER_BYTES + payload.nbytes)
+    value[:HEADER_BYTES] = encode_header(key, fingerprint, payload)
+    np.frombuffer(value, dtype=np.uint8, offset=HEADER_BYTES)[:] = payload
+    return value

@@ -1,0 +1,178 @@
+"""RedisTier against real redis-server processes: standalone and a 3-shard Cluster, with a password."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from kvtier.bench.servers import RedisClusterServers, RedisServer
+from kvtier.codec import encode_chunk
+from kvtier.layout import KVLayout
+from kvtier.tiers.breaker import BreakerMode
+from kvtier.tiers.redis import RedisTier
+from tests.conftest import make_keys, make_payloads
+from tests.tiers.conformance import TierConformance
+from tests.tiers.servers import redis_cluster, redis_config, redis_standalone  # noqa: F401
+
+Servers = RedisServer | RedisClusterServers
+
+
+def _raw(server: Servers) -> redis.Redis | redis.RedisCluster:
+    if isinstance(server, RedisClusterServers):
+        return redis.RedisCluster.from_url(server.url, password=server.password)
+    return redis.Redis.from_url(server.url, password=server.password)
+
+
+def _buf(layout: KVLayout) -> np.ndarray:
+    return np.zeros(layout.chunk_bytes, dtype=np.uint8)
+
+
+class TestRedisStandalone(TierConformance):
+    @pytest.fixture
+    def server(self, redis_standalone: RedisServer) -> Servers:  # noqa: F811
+        return redis_standalone
+
+    @pytest.fixture
+    def tier(self, layout: KVLayout, server: Servers) -> Iterator[RedisTier]:
+        t = RedisTier(layout, redis_config(server))
+        yield t
+        t.close()
+
+    def test_value_is_a_self_describing_chunk_under_the_documented_key(
+            self, tier: RedisTier, layout: KVLayout, server: Servers) -> None:
+        (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
+        assert tier.put(key, payload)
+        rkey = f"{tier.config.key_prefix}:{layout.fingerprint:016x}:{key.hex()}".encode()
+        assert _raw(server).get(rkey) == encode_chunk(key, layout.fingerprint, payload)
+
+    @pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign_layout", "not_a_chunk"])
+    def test_bad_value_is_a_miss_deleted_and_counted(self, tier: RedisTier, layout: KVLayout, server: Servers,
+                                                    damage: str) -> None:
+        (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
+        good = encode_chunk(key, layout.fingerprint, payload)
+        bad = {"bitflip": good[:-1] + bytes([good[-1] ^ 1]), "truncate": good[:-10],
+               "foreign_layout": encode_chunk(key, layout.fingerprint ^ 1, payload),
+               "not_a_chunk": b"hello"}[damage]
+        raw = _raw(server)
+        raw.set(tier.redis_key(key), bad)
+        out = np.full(layout.chunk_bytes, 7, dtype=np.uint8)
+        assert not tier.get_into(key, out)
+        assert (out == 7).all()
+        assert tier.stats.corrupt == 1
+        assert raw.exists(tier.redis_key(key)) == 0
+
+    def test_ttl_is_set(self, layout: KVLayout, server: Servers) -> None:
+        tier = RedisTier(layout, redis_config(server, ttl_s=60))
+        (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
+        assert tier.put(key, payload)
+        assert 0 < _raw(server).ttl(tier.redis_key(key)) <= 60
+        tier.close()
+
+    def test_prefixes_and_layouts_do_not_see_each_other(self, layout: KVLayout, server: Servers) -> None:
+        a = RedisTier(layout, redis_config(server))
+        b = RedisTier(layout, redis_config(server))  # another deployment: another prefix
+        keys, payloads = make_keys(layout, 2), make_payloads(layout, 2)
+        a.put_many(keys, payloads)
+        assert b.contains_many(keys) == [False, False]
+        assert not set(b.keys()) & set(keys)
+        a.close()
+        b.close()
+
+    def test_wrong_password_is_a_miss_not_an_exception(self, layout: KVLayout, server: Servers) -> None:
+        tier = RedisTier(layout, redis_config(server, password="wrong"))
+        (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
+        assert not tier.put(key, payload)
+        assert not tier.get_into(key, _buf(layout))
+        assert tier.contains_many([key]) == [False]
+        assert tier.stats.errors + tier.stats.extra["short_circuited"] == 3
+        tier.close()
+
+
+class TestRedisCluster(TestRedisStandalone):
+    @pytest.fixture
+    def server(self, redis_cluster: RedisClusterServers) -> Servers:  # noqa: F811
+        return redis_cluster
+
+    def test_chunks_spread_over_every_shard(self, tier: RedisTier, layout: KVLayout) -> None:
+        keys, payloads = make_keys(layout, 48), make_payloads(layout, 48)
+        assert all(tier.put_many(keys, payloads))
+        assert len(tier.breakers()) == 3  # every shard was written to
+        assert set(tier.keys()) == set(keys)
+
+
+def test_acl_user_is_confined_to_its_prefix(redis_standalone: RedisServer, small_layout: KVLayout) -> None:  # noqa: F811
+    raw = _raw(redis_standalone)
+    raw.execute_command("ACL", "SETUSER", "tenant-a", "on", ">secret-a", "~tenant-a:*", "+@all")
+    ok = RedisTier(small_layout, redis_config(redis_standalone, username="tenant-a", password="secret-a",
+                                              key_prefix="tenant-a"))
+    denied = RedisTier(small_layout, redis_config(redis_standalone, username="tenant-a", password="secret-a",
+                                                  key_prefix="tenant-b"))
+    (key,), (payload,) = make_keys(small_layout, 1), make_payloads(small_layout, 1)
+    assert ok.put(key, payload) and ok.get_into(key, _buf(small_layout))
+    assert not denied.put(key, payload)  # NOPERM: refused, never raised
+    assert not denied.get_into(key, _buf(small_layout))
+    ok.close()
+    denied.close()
+
+
+def _wait_for(predicate: object, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_standalone_down_is_misses_then_recovers(small_layout: KVLayout) -> None:
+    with RedisServer() as server:
+        tier = RedisTier(small_layout, redis_config(server))
+        keys, payloads = make_keys(small_layout, 4), make_payloads(small_layout, 4)
+        assert all(tier.put_many(keys, payloads))
+        server.kill()
+        outs = [_buf(small_layout) for _ in keys]
+        for _ in range(5):  # never raises; the breaker opens after 2 failures
+            assert tier.get_many_into(keys, outs) == [False] * 4
+            assert tier.contains_many(keys) == [False] * 4
+            assert tier.put_many(keys, payloads) == [False] * 4
+        assert tier.breakers()["standalone"].mode is not BreakerMode.CLOSED
+        assert tier.stats.errors >= 8 and tier.stats.extra["short_circuited"] > 0
+        t0 = time.monotonic()
+        tier.get_many_into(keys, outs)  # open breaker: answered at once, no socket wait
+        assert time.monotonic() - t0 < 0.1
+        server.start()  # empty (no persistence): store again, and hits resume by themselves
+        assert _wait_for(lambda: tier.put_many(keys, payloads) == [True] * 4)
+        assert tier.get_many_into(keys, outs) == [True] * 4
+        for o, p in zip(outs, payloads, strict=True):
+            np.testing.assert_array_equal(o, p)
+        assert tier.breakers()["standalone"].mode is BreakerMode.CLOSED
+        tier.close()
+
+
+def test_cluster_shard_killed_mid_run_then_restarted(small_layout: KVLayout) -> None:
+    with RedisClusterServers(3) as cluster:
+        tier = RedisTier(small_layout, redis_config(cluster))
+        keys, payloads = make_keys(small_layout, 60, seed=5), make_payloads(small_layout, 60, seed=5)
+        assert all(tier.put_many(keys, payloads))
+        victim = cluster.nodes[1]
+        on_victim = [tier._shard_for(tier.redis_key(k)).name == f"127.0.0.1:{victim.port}" for k in keys]  # type: ignore[union-attr]
+        assert 0 < sum(on_victim) < len(keys)
+        cluster.kill(1)
+        outs = [_buf(small_layout) for _ in keys]
+        for _ in range(5):  # zero exceptions; the other shards keep serving
+            got = tier.get_many_into(keys, outs)
+            assert got == [not v for v in on_victim]
+            assert tier.contains_many(keys) == [not v for v in on_victim]
+        missed = sum(on_victim) * 5
+        assert tier.stats.errors + tier.stats.extra["short_circuited"] == 2 * missed
+        assert tier.stats.extra["breaker_trips"] >= 1
+        cluster.restart(1)  # comes back empty on the same port, owning the same slots
+        assert _wait_for(lambda: all(tier.put_many(keys, payloads)))
+        assert tier.get_many_into(keys, outs) == [True] * len(keys)
+        for o, p in zip(outs, payloads, strict=True):
+            np.testing.assert_array_equal(o, p)
+        tier.close()
