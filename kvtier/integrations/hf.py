@@ -1,0 +1,260 @@
+"""Hugging Face transformers integration: prefill only what kvtier does not already hold.
+
+Follow one request through ``KVTierLM.prefill(input_ids)``:
+
+1. **lookup**: chunk keys of the prompt, the longest cached prefix and its tier levels
+   (control plane only, no bytes move);
+2. **decide**: ``CostModel.plan`` picks how many leading chunks to load; the rest is
+   recomputed (without a cost model: load every usable chunk).  At least one token is always
+   computed, so the model produces logits;
+3. **fetch**: leading DRAM chunks are borrowed zero-copy from the pinned pool; chunks of lower
+   tiers go through ``ContextMemory.load`` (checksums, corrupt = miss, promotion) into pinned
+   staging.  A chunk that fails to load ends the prefix there: those tokens are recomputed;
+4. **copy**: the copy engine streams the bytes to the model's device, layer by layer
+   (``layerwise=True``: layer ``l`` computes as soon as *its* bytes are in) or in bulk;
+5. **compute**: the model runs on the uncached suffix with a ``LoadedCache``;
+6. **store**: the suffix's new full chunks are gathered on the device and written to kvtier
+   by a background thread (``flush()`` waits), off the request's critical path.
+
+One request at a time per ``KVTierLM`` (batch size 1); the model's KV dtype must be the
+layout's.  Standard attention only (K and V per layer): MLA models are not supported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache
+
+from kvtier.errors import IntegrationError
+from kvtier.hierarchy import ContextMemory
+from kvtier.integrations.hf_cache import LoadedCache
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.policy.cost import CostModel, FetchPlan, PrefillCost
+from kvtier.tiers.cuda import CopyEngine, KVLoad
+from kvtier.tiers.dram import DramTier
+
+log = logging.getLogger(__name__)
+
+
+def layout_for(model: Any, *, model_id: str | None = None, tokens_per_chunk: int = 256) -> KVLayout:
+    """The KVLayout of a transformers causal LM (from its config and parameter dtype).
+
+    ``model_id`` must name the weights (two checkpoints of one architecture must never share
+    chunks); it defaults to the config's ``name_or_path``.
+    """
+    cfg = model.config.get_text_config(decoder=True)
+    name = model_id or getattr(cfg, "name_or_path", "") or getattr(model.config, "name_or_path", "")
+    if not name:
+        raise IntegrationError("the model has no name_or_path: pass model_id= naming its weights")
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return KVLayout(model=name, num_layers=cfg.num_hidden_layers,
+                    num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                    head_dim=head_dim, dtype=dtype, tokens_per_chunk=tokens_per_chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    logits: torch.Tensor  # the model's logits for the computed suffix (or its last logits_to_keep)
+    cache: DynamicCache  # KV of the whole prompt, ready for decoding
+    plan: FetchPlan | None  # the fetch-or-recompute decision (None: no cost model, load all)
+    loaded_tokens: int  # prompt tokens whose KV came from kvtier
+    computed_tokens: int  # prompt tokens the model computed
+    store: Future[int] | None  # background store of the new full chunks (result: chunks stored)
+
+
+class KVTierLM:
+    """A transformers causal LM in front of a ``ContextMemory``; see the module docstring."""
+
+    def __init__(self, model: Any, memory: ContextMemory, *, cost: CostModel | None = None,
+                 layerwise: bool = True, store: bool = True, staging_bytes: int = 256 << 20) -> None:
+        self.model = model
+        self.memory = memory
+        self.layout = memory.layout
+        if self.layout.num_kv_parts != 2:
+            raise IntegrationError("the transformers integration supports K/V layouts only (not MLA)")
+        self.device = next(model.parameters()).device
+        self.cost = cost
+        self.layerwise = layerwise
+        self.store_enabled = store
+        top = memory.tiers[0]
+        self._dram = top if isinstance(top, DramTier) else None
+        self.engine = CopyEngine(self.layout, self.device, pool=self._dram.pool if self._dram else None,
+                                 staging_bytes=staging_bytes)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-store")
+        self._stores: list[Future[int]] = []
+
+    # --- the request path -----------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor | Sequence[int], **forward_kwargs: Any) -> PrefillResult:
+        """Logits and cache for ``input_ids`` (1-D, or shape (1, T)), loading what kvtier holds."""
+        ids = _as_ids(input_ids)
+        c = self.layout.tokens_per_chunk
+        keys = self.memory.keys_for(ids.numpy())
+        hit = self.memory.lookup(keys)
+        if self.cost is not None:
+            plan: FetchPlan | None = self.cost.plan(hit.tiers, total_tokens=len(ids), tokens_per_chunk=c,
+                                                    chunk_bytes=self.layout.chunk_bytes)
+            want = plan.load_chunks if plan else 0
+        else:
+            plan, want = None, min(hit.num_chunks, (len(ids) - 1) // c)
+        with contextlib.ExitStack() as borrows:
+            load, loaded = self._fetch(keys[:want], hit.tiers[:want], borrows) if want else (None, 0)
+            cache = LoadedCache(load, loaded * c) if load is not None else DynamicCache()
+            suffix = ids[loaded * c:].to(self.device)[None, :]
+            out = self.model(input_ids=suffix, past_key_values=cache, use_cache=True, **forward_kwargs)
+            if load is not None:
+                load.wait_host()  # the DRAM borrows end here: copies must have read them
+        if loaded < want:
+            log.warning("kvtier: loaded %d of %d planned chunks (a chunk failed to load); "
+                        "recomputed the rest", loaded, want)
+        first_new = loaded if loaded < want else max(hit.num_chunks, loaded)
+        store = self._store_async(keys, first_new, len(ids) // c, out.past_key_values)
+        return PrefillResult(logits=out.logits, cache=out.past_key_values, plan=plan, loaded_tokens=loaded * c,
+                             computed_tokens=len(ids) - loaded * c, store=store)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int) -> tuple[list[int],
+                                                                                                PrefillResult]:
+        """Greedy decoding after a kvtier prefill: (new token ids, the prefill result)."""
+        result = self.prefill(input_ids, logits_to_keep=1)
+        token = result.logits[0, -1].argmax()
+        tokens = [int(token)]
+        cache = result.cache
+        for _ in range(max_new_tokens - 1):
+            out = self.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            token = out.logits[0, -1].argmax()
+            tokens.append(int(token))
+        return tokens, result
+
+    # --- fetch: host bytes -> device ------------------------------------------------------------
+    def _fetch(self, keys: Sequence[ChunkKey], levels: Sequence[int],
+               borrows: contextlib.ExitStack) -> tuple[KVLoad | None, int]:
+        """Start copying the longest loadable prefix of ``keys``; returns (load, chunks)."""
+        load = self.engine.start_load(len(keys), layerwise=self.layerwise)
+        dram_views: list[np.ndarray] = []
+        if self._dram is not None:  # leading DRAM chunks: zero-copy from the pinned pool
+            for key, level in zip(keys, levels, strict=True):
+                if level != 0:
+                    break
+                view = borrows.enter_context(self._dram.borrow(key))
+                if view is None:  # evicted since the lookup: the hierarchy path below tries again
+                    break
+                dram_views.append(view)
+            if dram_views:
+                # Count the hits and refresh LRU order, as ContextMemory.load would have.
+                self.memory._account_load(keys[:len(dram_views)], [0] * len(dram_views), None)
+        n = len(dram_views)
+        n += self._fetch_lower(load, keys[n:], first=n)  # whole chunks, host-synchronous reads
+        if n == 0:
+            return None, 0
+        load.num_chunks = n  # chunks past a failed one are never read
+        load.copy_layers(dram_views)  # layer-wise: events per layer after everything queued before
+        load.finish()
+        return load, n
+
+    def _fetch_lower(self, load: KVLoad, keys: Sequence[ChunkKey], *, first: int) -> int:
+        """Chunks of tiers below DRAM (or missed borrows) via the hierarchy, through staging."""
+        done, group = 0, self.engine.group_chunks
+        while done < len(keys):
+            if done:
+                load.wait_host()  # the staging is reused: the previous group's copy must be out
+            views = self.engine.views(self.engine.load_staging, min(group, len(keys) - done))
+            got = self.memory.load(keys[done:done + len(views)], views)
+            load.copy_chunks(views[:got], first=first + done)
+            load.finish()
+            done += got
+            if got < len(views):
+                break
+        return done
+
+    # --- store: device -> kvtier, in the background -----------------------------------------------
+    def _store_async(self, keys: Sequence[ChunkKey], first: int, end: int, cache: Any) -> Future[int] | None:
+        if not self.store_enabled or first >= end:
+            return None
+        kv = [(layer.keys, layer.values) for layer in cache.layers]  # references keep them alive
+        ready = self.engine.record_now()
+        future = self._writer.submit(self._store, list(keys[first:end]), first, kv, ready)
+        self._stores = [f for f in self._stores if not f.done()] + [future]
+        return future
+
+    def _store(self, keys: list[ChunkKey], first_chunk: int,
+               kv: list[tuple[torch.Tensor, torch.Tensor]], ready: Any) -> int:
+        c, stored = self.layout.tokens_per_chunk, 0
+        ctx = torch.cuda.device(self.device) if self.engine.is_cuda else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            for start in range(0, len(keys), self.engine.group_chunks):
+                group = keys[start:start + self.engine.group_chunks]
+                chunks, gathered = self.engine.gather(kv, (first_chunk + start) * c, len(group), after=ready)
+                views = self.engine.to_host(chunks, gathered)
+                del chunks
+                stored += self.memory.store(group, views)
+        return stored
+
+    def flush(self) -> None:
+        """Wait for every background store; re-raises a store's error."""
+        for future in self._stores:
+            future.result()
+        self._stores = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.shutdown(wait=True)
+
+    def __enter__(self) -> KVTierLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_ids(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids).detach().to("cpu", torch.int64)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise IntegrationError(f"expected one non-empty sequence of token ids (batch size 1), got {tuple(ids.shape)}")
+    return ids
+
+
+@torch.no_grad()
+def calibrate_prefill(model: Any, *, points: Sequence[tuple[int, int]] = ((0, 512), (0, 2048), (0, 4096),
+                                                                          (4096, 256), (2048, 1024)),
+                      repeats: int = 2, vocab: int | None = None) -> PrefillCost:
+    """Measure prefill times at ``(past, new)`` token counts and fit a ``PrefillCost``.
+
+    Run once per model and box; save it with the link figures as a ``CostModel`` JSON.
+    """
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator().manual_seed(0)
+    samples: list[tuple[int, int, float]] = []
+    for past, new in points:
+        ids = torch.randint(0, vocab, (1, past + new), generator=gen).to(device)
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            cache = DynamicCache()
+            if past:
+                model(input_ids=ids[:, :past], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=ids[:, past:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        samples.append((past, new, float(np.median(times[1:]))))
+    return PrefillCost.fit(samples)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

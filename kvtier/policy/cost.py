@@ -1,0 +1,183 @@
+"""Fetch or recompute: how many leading cached chunks are worth loading, from figures alone.
+
+Payload-free: this module sees tier levels, byte counts and token counts, never KV bytes, so
+the same code runs inside an engine and in a simulator.
+
+Model (all figures measured once on the serving box, or configured):
+
+* bringing ``nbytes`` from tier level ``t`` to the accelerator costs
+  ``links[t].latency_s + nbytes / links[t].bandwidth_Bps`` (the link figure is end to end:
+  for disk it includes the read, the checksum and the host-to-device copy);
+* prefilling ``n`` new tokens after ``p`` cached ones costs
+  ``fixed_s + n * per_token_s + n * (p + n / 2) * per_token_ctx_s``
+  (linear work plus causal attention over the context, which grows with ``p + n/2``);
+* with layer-wise pipelining (``stages = num_layers``) loading and computing overlap:
+  ``total = max(load, compute) + min(load, compute) / stages``; with ``stages = 1`` they add.
+
+For a hit whose chunks sit at levels ``tiers[0..K)``, ``plan`` evaluates every ``k`` in
+``0..K`` (load chunks ``[0, k)``, recompute the rest) and picks the cheapest, so it can load
+a DRAM-resident head and recompute a disk-resident tail.  Ties go to loading (less compute
+on a shared accelerator).  Each decision is logged at INFO on ``kvtier.policy.cost``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkCost:
+    """Time to bring bytes from one tier to the accelerator."""
+
+    bandwidth_Bps: float  # sustained bytes per second, end to end
+    latency_s: float = 0.0  # fixed cost per request (round trip, first byte)
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_Bps <= 0 or self.latency_s < 0:
+            raise ValueError(f"LinkCost needs bandwidth > 0 and latency >= 0, got {self}")
+
+    def seconds(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps if nbytes else 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefillCost:
+    """Prefill time of ``n`` new tokens after ``p`` cached: see the module docstring."""
+
+    fixed_s: float = 0.0  # per forward call (launches, sampling)
+    per_token_s: float  # linear layers
+    per_token_ctx_s: float = 0.0  # attention: per new token per context token
+
+    def seconds(self, past: int, new: int) -> float:
+        if new <= 0:
+            return 0.0
+        return self.fixed_s + new * self.per_token_s + new * (past + new / 2) * self.per_token_ctx_s
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, int, float]]) -> PrefillCost:
+        """Least-squares fit to ``(past, new, seconds)`` samples (at least 3, varied lengths).
+
+        Coefficients are clamped at zero: a negative one would promise free tokens.
+        """
+        import numpy as np
+
+        if len(samples) < 3:
+            raise ValueError("PrefillCost.fit needs at least 3 samples")
+        a = np.array([[1.0, n, n * (p + n / 2)] for p, n, _ in samples])
+        y = np.array([s for _, _, s in samples])
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        fixed, per_tok, per_ctx = (max(float(c), 0.0) for c in coef)
+        if per_tok == 0.0 and per_ctx == 0.0:
+            raise ValueError(f"samples {samples} do not grow with tokens: cannot fit a prefill cost")
+        return cls(fixed_s=fixed, per_token_s=per_tok, per_token_ctx_s=per_ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPlan:
+    """The decision for one request."""
+
+    load_chunks: int  # load chunks [0, load_chunks) of the hit; recompute every token after
+    cached_chunks: int  # chunks the hit offered (after capping so at least one token is computed)
+    est_load_s: float
+    est_compute_s: float
+    est_total_s: float
+    est_recompute_s: float  # the estimate for loading nothing, for comparison
+
+    @property
+    def speedup(self) -> float:
+        return self.est_recompute_s / self.est_total_s if self.est_total_s > 0 else 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostModel:
+    """Measured or configured figures of one model on one box; ``plan`` decides per request."""
+
+    links: tuple[LinkCost, ...]  # one per tier level, top (fastest) first
+    prefill: PrefillCost
+    stages: int = 1  # pipeline depth of load vs compute: num_layers when loads are layer-wise
+
+    def __post_init__(self) -> None:
+        if not self.links or self.stages < 1:
+            raise ValueError("CostModel needs at least one link and stages >= 1")
+
+    def plan(self, tiers: Sequence[int], *, total_tokens: int, tokens_per_chunk: int,
+             chunk_bytes: int) -> FetchPlan:
+        """Choose how many leading chunks of a hit (levels ``tiers``) to load for a prompt.
+
+        At most ``(total_tokens - 1) // tokens_per_chunk`` chunks are loadable: the model must
+        compute at least one token to produce logits.
+        """
+        usable = min(len(tiers), max(total_tokens - 1, 0) // tokens_per_chunk)
+        if any(t >= len(self.links) for t in tiers[:usable]):
+            raise ValueError(f"hit names tier level {max(tiers[:usable])}, the cost model knows "
+                             f"{len(self.links)} link(s)")
+        best: tuple[float, int, float, float] | None = None
+        load = 0.0
+        recompute = self.prefill.seconds(0, total_tokens)
+        for k in range(usable + 1):
+            if k:  # chunk k-1 joins the load; a run of chunks from one tier pays its latency once
+                link = self.links[tiers[k - 1]]
+                new_run = k == 1 or tiers[k - 2] != tiers[k - 1]
+                load += chunk_bytes / link.bandwidth_Bps + (link.latency_s if new_run else 0.0)
+            past = k * tokens_per_chunk
+            compute = self.prefill.seconds(past, total_tokens - past)
+            total = self._combine(load, compute)
+            if best is None or total <= best[0]:
+                best = (total, k, load, compute)
+        assert best is not None
+        total, k, load, compute = best
+        plan = FetchPlan(load_chunks=k, cached_chunks=usable, est_load_s=load, est_compute_s=compute,
+                         est_total_s=total, est_recompute_s=recompute)
+        log.info("fetch-or-recompute: %d tokens, %d cached chunks (levels %s): load %d, recompute %d "
+                 "tokens; est %.1f ms (load %.1f + compute %.1f) vs recompute-all %.1f ms",
+                 total_tokens, usable, _levels(tiers[:usable]), k, total_tokens - k * tokens_per_chunk,
+                 total * 1e3, load * 1e3, compute * 1e3, recompute * 1e3)
+        return plan
+
+    def _combine(self, load: float, compute: float) -> float:
+        if self.stages == 1:
+            return load + compute
+        return max(load, compute) + min(load, compute) / self.stages
+
+    # --- measured once, cached on disk ------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"links": [asdict(x) for x in self.links], "prefill": asdict(self.prefill),
+                           "stages": self.stages}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        try:
+            data = json.loads(text)
+            return cls(links=tuple(LinkCost(**x) for x in data["links"]), prefill=PrefillCost(**data["prefill"]),
+                       stages=int(data.get("stages", 1)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a cost model: {exc}") from exc
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temp file + replace), so a reader never sees half a file."""
+        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CostModel:
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+
+def _levels(tiers: Sequence[int]) -> str:
+    """Run-length text of tier levels: ``0x12,1x4``."""
+    out: list[str] = []
+    for level in tiers:
+        if out and out[-1].startswith(f"{level}x"):
+            out[-1] = f"{level}x{int(out[-1].split('x')[1]) + 1}"
+        else:
+            out.append(f"{level}x1")
+    return ",".join(out) or "-"

@@ -1,0 +1,240 @@
+"""The transformers integration on a tiny random Llama (fp32, CPU; CUDA too where present).
+
+Every check compares against a full recompute by the same model: logits of the suffix, the
+KV of the whole prompt, and greedy continuations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
+
+from kvtier.errors import IntegrationError  # noqa: E402
+from kvtier.hierarchy import ContextMemory  # noqa: E402
+from kvtier.integrations.hf import KVTierLM, calibrate_prefill, layout_for  # noqa: E402
+from kvtier.layout import KVLayout  # noqa: E402
+from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
+from kvtier.tiers.disk import DiskTier  # noqa: E402
+from kvtier.tiers.dram import DramTier  # noqa: E402
+
+C = 16  # tokens per chunk: small, so prompts of a few chunks stay fast on CPU
+VOCAB = 256
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tiny_llama(device: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      name_or_path="kvtier-test/tiny-random-llama")
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.float32).eval()
+    return model
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
+    return tiny_llama(request.param)
+
+
+@pytest.fixture
+def layout(model: LlamaForCausalLM) -> KVLayout:
+    return layout_for(model, tokens_per_chunk=C)
+
+
+def open_memory(layout: KVLayout, root: Path, *, dram_chunks: int = 64) -> ContextMemory:
+    tiers = [DramTier(layout, capacity_bytes=dram_chunks * layout.chunk_bytes),
+             DiskTier(layout, path=root, capacity_bytes=1 << 30, fsync=False)]
+    return ContextMemory(layout, tiers)
+
+
+@pytest.fixture
+def memory(layout: KVLayout, tmp_path: Path) -> Iterator[ContextMemory]:
+    mem = open_memory(layout, tmp_path)
+    yield mem
+    mem.close()
+
+
+def prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def reference(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+    out = model(input_ids=ids[None].to(model.device), past_key_values=DynamicCache(), use_cache=True)
+    return out.logits, out.past_key_values
+
+
+@torch.no_grad()
+def greedy_reference(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> list[int]:
+    logits, cache = reference(model, ids)
+    token = logits[0, -1].argmax()
+    tokens = [int(token)]
+    for _ in range(n - 1):
+        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+        token = out.logits[0, -1].argmax()
+        tokens.append(int(token))
+    return tokens
+
+
+def warm(lm: KVTierLM, ids: torch.Tensor) -> None:
+    """Put the prompt's full chunks into kvtier (a first request that recomputes everything)."""
+    with torch.no_grad():
+        first = lm.prefill(ids)
+    assert first.loaded_tokens == 0
+    lm.flush()
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_loaded_prefix_matches_recompute(model: LlamaForCausalLM, memory: ContextMemory, layerwise: bool) -> None:
+    shared = prompt(5 * C, seed=1)
+    with KVTierLM(model, memory, layerwise=layerwise) as lm:
+        warm(lm, torch.cat([shared, prompt(9, seed=2)]))  # 5 full chunks + a partial tail
+        ids = torch.cat([shared, prompt(23, seed=3)])  # same 5 chunks, another continuation
+        with torch.no_grad():
+            result = lm.prefill(ids)
+    assert result.loaded_tokens == 5 * C and result.computed_tokens == 23
+    ref_logits, ref_cache = reference(model, ids)
+    diff = (result.logits - ref_logits[:, 5 * C:]).abs().max().item()
+    assert diff < 1e-4, diff
+    for got, want in zip(result.cache.layers, ref_cache.layers, strict=True):
+        assert got.keys.shape == want.keys.shape
+        assert (got.keys - want.keys).abs().max().item() < 1e-4
+        assert (got.values - want.values).abs().max().item() < 1e-4
+
+
+def test_greedy_continuation_identical(model: LlamaForCausalLM, memory: ContextMemory) -> None:
+    ids = prompt(4 * C + 5, seed=4)
+    with KVTierLM(model, memory) as lm:
+        warm(lm, ids)
+        tokens, result = lm.generate(ids, max_new_tokens=12)
+    assert result.loaded_tokens == 4 * C
+    assert tokens == greedy_reference(model, ids, 12)
+
+
+def test_chunk_aligned_prompt_still_computes_a_token(model: LlamaForCausalLM, memory: ContextMemory) -> None:
+    ids = prompt(3 * C, seed=5)
+    with KVTierLM(model, memory) as lm:
+        warm(lm, ids)
+        with torch.no_grad():
+            result = lm.prefill(ids)
+    assert result.loaded_tokens == 2 * C and result.computed_tokens == C  # never load the whole prompt
+    ref_logits, _ = reference(model, ids)
+    assert (result.logits - ref_logits[:, 2 * C:]).abs().max().item() < 1e-4
+
+
+def test_stored_bytes_follow_the_layout(model: LlamaForCausalLM, memory: ContextMemory, layout: KVLayout) -> None:
+    """Chunk payloads are (layers, K/V, tokens, heads, head_dim), as kvtier.layout documents."""
+    ids = prompt(2 * C + 3, seed=6)
+    with KVTierLM(model, memory) as lm:
+        warm(lm, ids)
+    _, ref_cache = reference(model, ids)
+    keys = memory.keys_for(ids.numpy())
+    out = np.empty(layout.chunk_bytes, dtype=np.uint8)
+    assert memory.load(keys[1:2], [out]) == 1
+    chunk = torch.from_numpy(out.view(np.float32).reshape(layout.chunk_shape))
+    for layer_idx, layer in enumerate(ref_cache.layers):
+        for part, states in enumerate((layer.keys, layer.values)):
+            want = states[0, :, C:2 * C, :].permute(1, 0, 2).cpu()  # (tokens, heads, dim)
+            assert torch.equal(chunk[layer_idx, part], want)
+
+
+def test_disk_chunks_through_small_staging(model: LlamaForCausalLM, layout: KVLayout, tmp_path: Path) -> None:
+    """After a restart the chunks come from disk, several staging groups of 2 chunks each."""
+    ids = prompt(7 * C + 1, seed=7)
+    mem = open_memory(layout, tmp_path)
+    with KVTierLM(model, mem) as lm:
+        warm(lm, ids)
+    mem.close()
+    mem = open_memory(layout, tmp_path)  # empty DRAM, the disk tier rescans its files
+    try:
+        assert mem.lookup(mem.keys_for(ids.numpy())).tiers == (1,) * 7
+        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes) as lm, torch.no_grad():
+            result = lm.prefill(ids)
+        assert result.loaded_tokens == 7 * C
+        ref_logits, _ = reference(model, ids)
+        assert (result.logits - ref_logits[:, 7 * C:]).abs().max().item() < 1e-4
+        assert mem.tiers[0].stats.promotions == 7  # disk hits were promoted into DRAM
+    finally:
+        mem.close()
+
+
+def test_corrupt_chunk_on_disk_falls_back_to_recompute(model: LlamaForCausalLM, layout: KVLayout,
+                                                       tmp_path: Path) -> None:
+    ids = prompt(6 * C + 4, seed=8)
+    mem = open_memory(layout, tmp_path)
+    with KVTierLM(model, mem) as lm:
+        warm(lm, ids)
+    keys = mem.keys_for(ids.numpy())
+    mem.close()
+    disk = DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30)
+    path = disk.path_of(keys[3])
+    disk.close()
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # bit rot in the payload of chunk 3
+    path.write_bytes(bytes(data))
+
+    mem = open_memory(layout, tmp_path)
+    try:
+        with KVTierLM(model, mem) as lm:
+            tokens, result = lm.generate(ids, max_new_tokens=6)
+            lm.flush()
+        assert result.loaded_tokens == 3 * C  # chunks 0-2 loaded, 3 was bad: recomputed from there
+        assert mem.tiers[1].stats.corrupt == 1
+        assert tokens == greedy_reference(model, ids, 6)
+        with KVTierLM(model, mem, layerwise=False) as lm, torch.no_grad():
+            again = lm.prefill(ids)  # the recompute stored chunk 3 again
+        assert again.loaded_tokens == 6 * C
+        ref_logits, _ = reference(model, ids)
+        assert (again.logits - ref_logits[:, 6 * C:]).abs().max().item() < 1e-4
+    finally:
+        mem.close()
+
+
+def test_cost_model_decides_and_logs(model: LlamaForCausalLM, memory: ContextMemory, layout: KVLayout,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    ids = prompt(5 * C + 2, seed=9)
+    prefill = PrefillCost(per_token_s=1e-3)
+    slow = CostModel(links=(LinkCost(bandwidth_Bps=1.0), LinkCost(bandwidth_Bps=1.0)), prefill=prefill)
+    fast = CostModel(links=(LinkCost(bandwidth_Bps=1e12), LinkCost(bandwidth_Bps=1e12)), prefill=prefill)
+    ref_logits, _ = reference(model, ids)
+    with KVTierLM(model, memory, cost=slow) as lm:
+        warm(lm, ids)
+        with caplog.at_level(logging.INFO, logger="kvtier.policy.cost"), torch.no_grad():
+            result = lm.prefill(ids)
+        assert result.plan is not None and result.plan.load_chunks == 0 and result.loaded_tokens == 0
+        assert "fetch-or-recompute" in caplog.text and "load 0" in caplog.text
+        assert (result.logits - ref_logits).abs().max().item() < 1e-4
+        lm.cost = fast
+        with torch.no_grad():
+            result = lm.prefill(ids)
+        assert result.plan is not None and result.plan.load_chunks == 5 and result.loaded_tokens == 5 * C
+        assert (result.logits - ref_logits[:, 5 * C:]).abs().max().item() < 1e-4
+
+
+def test_calibrate_prefill_fits_positive_costs(model: LlamaForCausalLM) -> None:
+    cost = calibrate_prefill(model, points=((0, 16), (0, 64), (0, 128), (64, 32)), repeats=1)
+    assert cost.seconds(0, 256) > cost.seconds(0, 16) > 0
+
+
+def test_rejects_batches_and_empty_prompts(model: LlamaForCausalLM, memory: ContextMemory) -> None:
+    with KVTierLM(model, memory, store=False) as lm:
+        with pytest.raises(IntegrationError, match="batch size 1"):
+            lm.prefill(torch.zeros((2, 8), dtype=torch.long))
+        with pytest.raises(IntegrationError):
+            lm.prefill([])
+
+
+def test_layout_for_needs_a_model_id(model: LlamaForCausalLM) -> None:
+    assert layout_for(model, tokens_per_chunk=C).model == "kvtier-test/tiny-random-llama"
+    assert layout_for(model, model_id="x", tokens_per_chunk=C).num_kv_heads == 2
