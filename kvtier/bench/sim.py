@@ -1,0 +1,230 @@
+"""Simulate mode: replay a request stream through the real ``ContextMemory`` with no payloads.
+
+For each request, in arrival order, the simulator does what an engine with kvtier does::
+
+    keys = chunk keys of the request's full chunks         (chained block keys, see stream.py)
+    n    = memory.load(keys, ...)     # longest cached prefix; lower-tier hits are promoted
+    memory.store(keys[n:], ...)       # the recomputed chunks go into the top tier
+    memory.flush()                    # write-through to persistent tiers, kept deterministic
+
+over ``NullTier`` tiers (``kvtier/tiers/null.py``): the hierarchy's own index, eviction policy,
+demotion and promotion code runs unchanged, only the bytes are missing (one shared dummy array
+stands in for every payload).  Hits per tier, recomputed tokens and bytes per tier come from
+that run; the cost model turns them into a TTFT.  With ``replicas > 0`` requests also queue
+for ``replicas`` GPUs (first free), so TTFT includes waiting when the GPUs are saturated.
+
+Two references use the same chunk access sequence and cost model, without the hierarchy:
+``ideal`` (an infinite cache: every chunk seen before is a hit) and ``belady`` (Belady's MIN at
+a given capacity: evict the chunk whose next use is furthest, bypass one never used again).
+Because a chunk's prefix is used whenever the chunk is, MIN with ties broken towards the deeper
+chunk keeps the cache prefix-closed, so its hits are prefix hits and no online policy at the
+same capacity can hit more.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from kvtier.bench.costmodel import CostModel
+from kvtier.bench.workloads.stream import Request, block_keys
+from kvtier.hierarchy import ContextMemory
+from kvtier.keys import ChunkKey
+from kvtier.tiers.null import NullTier
+
+Progress = Callable[[int], None]  # called with the number of requests just finished
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A request stream cut into chunks: the input of every run."""
+
+    requests: tuple[Request, ...]
+    chunk_tokens: int
+    keys: tuple[tuple[int, ...], ...]  # full-chunk keys of each request (64-bit chained ints)
+
+    @property
+    def unique_chunks(self) -> int:
+        return len({k for ks in self.keys for k in ks})
+
+    @property
+    def total_chunk_accesses(self) -> int:
+        return sum(len(ks) for ks in self.keys)
+
+
+def prepare(requests: Sequence[Request], *, chunk_blocks: int = 1) -> Workload:
+    """Chunk keys for every request; a chunk is ``chunk_blocks`` blocks of the largest block size.
+
+    A chunk's key is the chained key of its last block (so it names the whole prefix).  Mixed
+    block sizes are fine as long as they divide the chunk size.
+    """
+    if not requests:
+        raise ValueError("empty request stream")
+    chunk_tokens = math.lcm(*{r.block_tokens for r in requests}) * chunk_blocks
+    keys = []
+    for r in requests:
+        per = chunk_tokens // r.block_tokens
+        n_full = min(len(r.hash_ids), r.input_tokens // r.block_tokens) // per
+        bk = block_keys(replace(r, hash_ids=r.hash_ids[:n_full * per]))
+        keys.append(tuple(bk[per - 1::per]))
+    return Workload(tuple(requests), chunk_tokens, tuple(keys))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierSpec:
+    name: str  # "hbm", "dram", "disk" or "remote": also picks the cost model's link
+    capacity_bytes: int
+    persistent: bool = False  # a write-through target (disk, remote)
+
+
+@dataclass
+class RunResult:
+    """Per-request outcome of one run (arrays aligned with the workload's requests)."""
+
+    label: str
+    policy: str  # "lru", "s3fifo", ..., or "ideal" / "belady"
+    tiers: tuple[TierSpec, ...]
+    context_tokens: np.ndarray  # (R,) input tokens
+    hit_tokens: np.ndarray  # (R, T) tokens served from each tier
+    ttft_s: np.ndarray  # (R,) loads + prefill (no queueing)
+    queued_ttft_s: np.ndarray | None = None  # (R,) with waiting for a GPU, when replicas > 0
+    tier_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> read/written...
+    wall_s: float = 0.0
+
+    @property
+    def hit_total(self) -> np.ndarray:
+        return np.asarray(self.hit_tokens.sum(axis=1))
+
+
+def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray) -> list[NullTier]:
+    return [NullTier.named(s.name, persistent=s.persistent)(layout, capacity_bytes=s.capacity_bytes, dummy=dummy)
+            for s in specs]
+
+
+def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, policy: str = "lru",
+             promotion: str = "always", write_through: bool = True, replicas: int = 0,
+             progress: Progress | None = None, label: str = "") -> RunResult:
+    """Replay ``work`` through a ContextMemory over payload-free tiers."""
+    layout = replace(cost.shape.layout, tokens_per_chunk=work.chunk_tokens)
+    dummy = np.zeros(layout.chunk_bytes, dtype=np.uint8)
+    memory = ContextMemory(layout, _tiers_for(specs, layout, dummy), eviction=policy, promotion=promotion,
+                           write_through=write_through)
+    n_req, n_tiers = len(work.requests), len(specs)
+    hits = np.zeros((n_req, n_tiers), dtype=np.int64)
+    tiers = memory.tiers
+    started = time.perf_counter()
+    try:
+        for i, ks in enumerate(work.keys):
+            keys = [ChunkKey(k.to_bytes(8, "little")) for k in ks]
+            before = [t.stats.hits for t in tiers]
+            n = memory.load(keys, [dummy] * len(keys)) if keys else 0
+            if n < len(keys):
+                memory.store(keys[n:], [dummy] * (len(keys) - n))
+                memory.flush()
+            for level, tier in enumerate(tiers):
+                hits[i, level] = tier.stats.hits - before[level]
+            if progress and i % 256 == 255:
+                progress(256)
+        if progress:
+            progress(n_req % 256)
+        tier_bytes = {t.name: {"bytes_read": t.stats.bytes_read, "bytes_written": t.stats.bytes_written,
+                               "evictions": t.stats.evictions, "demotions": t.stats.demotions,
+                               "promotions": t.stats.promotions} for t in tiers}
+    finally:
+        memory.close()
+    wall = time.perf_counter() - started
+    return _finish(work, cost, specs, hits * work.chunk_tokens, policy, label or policy, replicas, tier_bytes, wall)
+
+
+def ideal(work: Workload, cost: CostModel, *, replicas: int = 0) -> RunResult:
+    """An infinite cache: the longest prefix of chunks seen before is a hit (served from DRAM)."""
+    started = time.perf_counter()
+    seen: set[int] = set()
+    hits = np.zeros((len(work.requests), 1), dtype=np.int64)
+    for i, ks in enumerate(work.keys):
+        n = 0
+        while n < len(ks) and ks[n] in seen:
+            n += 1
+        seen.update(ks)
+        hits[i, 0] = n
+    spec = (TierSpec(name="dram", capacity_bytes=len(seen) * _chunk_bytes(work, cost)),)
+    return _finish(work, cost, spec, hits * work.chunk_tokens, "ideal", "ideal", replicas, {},
+                   time.perf_counter() - started)
+
+
+def belady(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: int = 0, label: str = "") -> RunResult:
+    """Belady's MIN over the chunk access sequence, ``capacity_bytes`` of cache (served from DRAM)."""
+    started = time.perf_counter()
+    slots = capacity_bytes // _chunk_bytes(work, cost)
+    flat = [k for ks in work.keys for k in ks]
+    never = len(flat)
+    next_use = [never] * len(flat)
+    last: dict[int, int] = {}
+    for pos in range(len(flat) - 1, -1, -1):
+        next_use[pos] = last.get(flat[pos], never)
+        last[flat[pos]] = pos
+    cache: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped lazily
+    hits = np.zeros((len(work.requests), 1), dtype=np.int64)
+    pos = 0
+    for i, ks in enumerate(work.keys):
+        prefix, in_prefix = 0, True
+        for key in ks:
+            nxt = next_use[pos]
+            pos += 1
+            if key in cache:
+                prefix += in_prefix
+            else:
+                in_prefix = False
+                if nxt == never or slots == 0:
+                    continue
+                if len(cache) >= slots:
+                    while -heap[0][0] != cache.get(heap[0][1]):
+                        heapq.heappop(heap)
+                    if -heap[0][0] <= nxt:  # everything cached is needed sooner: bypass
+                        continue
+                    del cache[heapq.heappop(heap)[1]]
+            if nxt == never:
+                del cache[key]
+            else:
+                cache[key] = nxt
+                heapq.heappush(heap, (-nxt, key))
+        hits[i, 0] = prefix
+    spec = (TierSpec(name="dram", capacity_bytes=capacity_bytes),)
+    return _finish(work, cost, spec, hits * work.chunk_tokens, "belady", label or "belady", replicas, {},
+                   time.perf_counter() - started)
+
+
+def _chunk_bytes(work: Workload, cost: CostModel) -> int:
+    return cost.shape.layout.bytes_per_token * work.chunk_tokens
+
+
+def _finish(work: Workload, cost: CostModel, specs: Sequence[TierSpec], hit_tokens: np.ndarray, policy: str,
+            label: str, replicas: int, tier_bytes: dict[str, dict[str, int]], wall: float) -> RunResult:
+    context = np.array([r.input_tokens for r in work.requests], dtype=np.int64)
+    hit_tokens = np.minimum(hit_tokens, context[:, None])
+    bpt = cost.shape.layout.bytes_per_token
+    ttft = np.empty(len(context))
+    for i in range(len(context)):
+        cached = int(hit_tokens[i].sum())
+        loads = {s.name: int(hit_tokens[i, lv]) * bpt for lv, s in enumerate(specs)}
+        ttft[i] = cost.ttft_s(cached=cached, new=int(context[i]) - cached, bytes_per_tier=loads)
+    queued = _queue(work, ttft, replicas) if replicas > 0 else None
+    return RunResult(label=label, policy=policy, tiers=tuple(specs), context_tokens=context, hit_tokens=hit_tokens,
+                     ttft_s=ttft, queued_ttft_s=queued, tier_bytes=tier_bytes, wall_s=wall)
+
+
+def _queue(work: Workload, service_s: np.ndarray, replicas: int) -> np.ndarray:
+    """TTFT with FIFO waiting for the first free of ``replicas`` GPUs (prefill occupies one)."""
+    free = [0.0] * replicas
+    out = np.empty(len(service_s))
+    for i, r in enumerate(work.requests):
+        start = max(r.time_s, heapq.heappop(free))
+        heapq.heappush(free, start + float(service_s[i]))
+        out[i] = start - r.time_s + float(service_s[i])
+    return out
