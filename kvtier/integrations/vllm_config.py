@@ -1,0 +1,77 @@
+"""The connector's configuration: ``kv_connector_extra_config`` -> typed, validated config.
+
+One place maps vLLM's untyped ``kv_connector_extra_config`` dict onto kvtier's typed config:
+
+* connector-only keys (``ConnectorOptions`` below: ``stats_file``, ``log_interval_s``,
+  ``model_id``, ``on_load_error``) are taken out first;
+* every other key is a ``KVTierConfig`` field (``chunk_tokens``, ``tiers``, ``dram``, ``disk``,
+  ``redis``, ...), applied over kvtier's usual sources (defaults < ``KVTIER_CONFIG`` file <
+  these keys < ``KVTIER_*`` environment) by ``kvtier.config.load_config``.
+
+Unknown keys, wrong types and a chunk size that is not a multiple of vLLM's block size are a
+``ConfigError`` raised when the connector is built, so vLLM fails at start-up with the message.
+No vLLM import here: this module is unit-tested without an engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kvtier.config import KVTierConfig, from_dict, load_config
+from kvtier.errors import ConfigError
+from kvtier.layout import KVLayout
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorOptions:
+    """Keys of ``kv_connector_extra_config`` that belong to the connector, not to kvtier's core."""
+
+    stats_file: Path | None = None  # worker rewrites this JSON (cumulative kvtier stats) after each step
+    log_interval_s: float = 10.0  # one-line stats summary at most this often (0 = never)
+    model_id: str | None = None  # names the weights in chunk keys; default: vLLM's model path/name
+    on_load_error: Literal["recompute", "fail"] = "recompute"  # sets vLLM's kv_load_failure_policy
+
+    def __post_init__(self) -> None:
+        if self.log_interval_s < 0:
+            raise ConfigError("log_interval_s must be >= 0")
+
+
+CONNECTOR_KEYS = frozenset(f.name for f in dataclasses.fields(ConnectorOptions))
+
+
+def parse_extra_config(extra: Mapping[str, Any] | None, *,
+                       env: Mapping[str, str] | None = None) -> tuple[KVTierConfig, ConnectorOptions]:
+    """Split and validate ``kv_connector_extra_config``; raises ConfigError naming the bad key."""
+    extra = dict(extra or {})
+    options_data = {k: extra.pop(k) for k in list(extra) if k in CONNECTOR_KEYS}
+    options: ConnectorOptions = from_dict(ConnectorOptions, options_data, "kv_connector_extra_config")
+    try:
+        config = load_config(overrides=extra, env=env)
+    except ConfigError as exc:
+        raise ConfigError(f"kv_connector_extra_config: {exc} (connector keys: {sorted(CONNECTOR_KEYS)})") from exc
+    return config, options
+
+
+@dataclass(frozen=True, slots=True)
+class PagedGeometry:
+    """How vLLM pages the KV cache of one worker, as far as the connector cares."""
+
+    num_layers: int
+    num_kv_heads: int  # heads on this worker (after tensor parallelism)
+    head_dim: int
+    dtype: str  # torch dtype name
+    block_size: int  # tokens per vLLM block
+
+
+def make_layout(geometry: PagedGeometry, *, chunk_tokens: int, model_id: str) -> KVLayout:
+    """The kvtier layout of a vLLM worker's KV cache; chunks must be whole vLLM blocks."""
+    if chunk_tokens % geometry.block_size:
+        raise ConfigError(f"chunk_tokens={chunk_tokens} must be a multiple of vLLM's block_size="
+                          f"{geometry.block_size} (a chunk is copied as whole blocks); "
+                          f"try chunk_tokens={max(1, chunk_tokens // geometry.block_size) * geometry.block_size}")
+    return KVLayout(model=model_id, num_layers=geometry.num_layers, num_kv_heads=geometry.num_kv_heads,
+                    head_dim=geometry.head_dim, dtype=geometry.dtype, tokens_per_chunk=chunk_tokens)

@@ -1,0 +1,40 @@
+"""Random-weight models for tests, benchmarks and the demo (no model hub, no downloads).
+
+``build_random_model`` writes a Qwen2-shaped ``config.json`` + ``model.safetensors`` with
+transformers' ``save_pretrained``; vLLM loads it like any local checkpoint (pass
+``skip_tokenizer_init=True`` and token ids: there is no tokenizer).  ``QWEN2_5_0_5B`` is the
+shape of Qwen/Qwen2.5-0.5B (24 layers, 2 KV heads of 64 dims), used by ``kvtier bench vllm``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+QWEN2_5_0_5B: dict[str, Any] = {
+    "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24,
+    "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
+}
+
+
+def build_random_model(path: str | Path, *, seed: int = 0, max_position_embeddings: int = 32768,
+                       initializer_range: float = 0.2, **shape: Any) -> Path:
+    """Write a random-weight Qwen2 model of the given shape into ``path``; returns ``path``.
+
+    Idempotent: if ``path/config.json`` exists it is reused.  ``initializer_range`` is large on
+    purpose: logits of a random model with the usual 0.02 are nearly flat, so greedy decoding
+    would hinge on float rounding; 0.2 gives clear winners.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(path)
+    if (out / "config.json").exists():
+        return out
+    config = Qwen2Config(max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+                         **shape)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

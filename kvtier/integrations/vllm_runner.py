@@ -1,0 +1,85 @@
+"""Run vLLM (offline ``LLM``) on a JSON spec in a fresh process; used by tests, benchmark, demo.
+
+A fresh process per engine keeps runs independent (vLLM start-up state, the KV cache, the
+connector's DRAM pool) and lets a "second process" share the first one's disk tier for real.
+::
+
+    python -m kvtier.integrations.vllm_runner SPEC.json OUT.json
+
+SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
+"prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
+"kv_cache_gib": float, "phases": [[[token ids], ...], ...], "stats_file": path | null}``.
+Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
+``max_tokens`` is 1).  OUT: ``{"startup_s": s, "phases": [{"outputs": [[ids]], "seconds": [s],
+"stats": {...} | null}]}``, stats being the connector's ``stats_file`` after that phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def kv_transfer_config(connector: str | None, extra: dict[str, Any] | None) -> Any:
+    from vllm.config import KVTransferConfig
+
+    if connector is None:
+        return None
+    if connector == "kvtier":
+        return KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.integrations.vllm",
+                                kv_role="kv_both", kv_connector_extra_config=extra or {})
+    if connector == "example":
+        return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
+                                kv_connector_extra_config=extra or {})
+    raise ValueError(f"unknown connector {connector!r}")
+
+
+def make_llm(spec: dict[str, Any]) -> Any:
+    extra = dict(spec.get("extra_config") or {})
+    if spec.get("stats_file") and spec.get("connector") == "kvtier":
+        extra["stats_file"] = spec["stats_file"]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
+    from vllm import LLM
+
+    return LLM(model=spec["model"], dtype="float32", skip_tokenizer_init=True, enforce_eager=True,
+               max_model_len=spec.get("max_model_len", 4096), block_size=spec.get("block_size", 128),
+               enable_prefix_caching=spec.get("prefix_caching", False), gpu_memory_utilization=0.3,
+               max_num_batched_tokens=spec.get("max_num_batched_tokens", spec.get("max_model_len", 4096)),
+               kv_transfer_config=kv_transfer_config(spec.get("connector"), extra),
+               seed=0)
+
+
+def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = make_llm(spec)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, detokenize=False,
+                            ignore_eos=True)
+    stats_file = spec.get("stats_file")
+    phases = []
+    for prompts in spec["phases"]:
+        outputs, seconds = [], []
+        for prompt in prompts:
+            t = time.perf_counter()
+            (result,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+            seconds.append(time.perf_counter() - t)
+            outputs.append(list(result.outputs[0].token_ids))
+        stats = json.loads(Path(stats_file).read_text()) if stats_file and Path(stats_file).exists() else None
+        phases.append({"outputs": outputs, "seconds": seconds, "stats": stats})
+    return {"startup_s": startup, "phases": phases}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    Path(argv[1]).write_text(json.dumps(run_spec(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
