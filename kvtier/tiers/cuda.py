@@ -19,6 +19,9 @@ stream per direction, never on the compute stream:
 * bulk load: runs of chunks in consecutive pool slots are one copy each (coalesced), one event
   for the whole load;
 * layer-wise load: layer 0 of every chunk, record event 0, layer 1 of every chunk, event 1, ...
+  Layer ``l`` of a run of consecutive pool slots is one strided ``cudaMemcpy2DAsync`` (rows of
+  ``layer_bytes`` at a pitch of ``chunk_bytes``; torch has no strided host-to-device copy
+  without a host temporary); without it, one copy per layer and chunk.
   A consumer of layer ``l`` makes the *compute stream* wait on event ``l`` (a device-side wait:
   the host never blocks), so layer ``l+1`` streams in while layer ``l`` computes.
 * store: per group of chunks, gather every layer's K and V into a ``(chunks, chunk_bytes)``
@@ -127,6 +130,42 @@ class HostPool:
         return torch.from_numpy(view)
 
 
+class Memcpy2D:
+    """``cudaMemcpy2DAsync`` (host to device) from the libcudart torch has loaded, via ctypes.
+
+    torch offers no strided host-to-device copy without a host-side temporary; a layer of
+    consecutive pool slots is exactly a 2-D copy (rows of ``layer_bytes``, pitch ``chunk_bytes``).
+    """
+
+    _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    @classmethod
+    def find(cls) -> Memcpy2D | None:
+        import ctypes
+
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+            if not paths:
+                return None
+            fn = ctypes.CDLL(sorted(paths)[0]).cudaMemcpy2DAsync
+        except (OSError, AttributeError):
+            return None
+        size = ctypes.c_size_t
+        fn.argtypes = [ctypes.c_void_p, size, ctypes.c_void_p, size, size, size, ctypes.c_int, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        return cls(fn)
+
+    def __call__(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+                 stream: Any) -> None:
+        err = self._fn(dst, dpitch, src, spitch, width, height, self._HOST_TO_DEVICE, stream.cuda_stream)
+        if err:
+            raise IntegrationError(f"cudaMemcpy2DAsync failed with CUDA error {err}")
+
+
 class KVLoad:
     """One in-flight load of ``num_chunks`` chunks into a device buffer; see the module docstring."""
 
@@ -169,14 +208,22 @@ class KVLoad:
         if not self.layerwise:
             self.copy_chunks(host, first)
             return
-        eng, lb, buf = self.engine, self.layout.layer_bytes, self._buf()
-        sources = [eng.host_pool.as_tensor(v) for v in host]
-        with eng.stream_ctx(eng.load_stream):
+        eng, lb, cb, buf = self.engine, self.layout.layer_bytes, self.layout.chunk_bytes, self._buf()
+        pool = eng.host_pool
+        slots = [pool.slot(v) for v in host] if eng.memcpy2d is not None else [None] * len(host)
+        runs = coalesce(slots)  # with cudaMemcpy2DAsync: one strided copy per layer and run
+        singles = [(i, pool.as_tensor(v)) for i, (v, s) in enumerate(zip(host, slots, strict=True)) if s is None]
+        stream = eng.load_stream
+        with eng.stream_ctx(stream):
             for layer in range(self.layout.num_layers):
                 lo = layer * lb
-                for i, src in enumerate(sources):
+                for run in runs:  # rows of layer_bytes, pitch chunk_bytes, on both sides
+                    assert eng.memcpy2d is not None and pool.tensor is not None
+                    eng.memcpy2d(buf[first + run.index].data_ptr() + lo, cb,
+                                 pool.tensor.data_ptr() + run.slot * cb + lo, cb, lb, run.length, stream)
+                for i, src in singles:
                     buf[first + i, lo:lo + lb].copy_(src[lo:lo + lb], non_blocking=True)
-                self._events[layer] = eng.record(eng.load_stream)
+                self._events[layer] = eng.record(stream)
 
     def finish(self) -> None:
         """Mark the end of the issued copies (call once, after the last copy_*)."""
@@ -212,7 +259,7 @@ class CopyEngine:
     """Streams, events and pinned staging for one layout on one device."""
 
     def __init__(self, layout: KVLayout, device: torch.device | str, *, pool: Any = None,
-                 staging_bytes: int = 256 << 20) -> None:
+                 staging_bytes: int = 256 << 20, copy2d: bool | None = None) -> None:
         self.layout = layout
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
@@ -225,6 +272,11 @@ class CopyEngine:
         nbytes = self.group_chunks * layout.chunk_bytes
         self.store_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self.load_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
+        # Strided host-to-device copies (one per layer per run of pool slots) when the CUDA
+        # runtime that torch loaded can be called; else one copy per layer per chunk.
+        self.memcpy2d = Memcpy2D.find() if self.is_cuda and copy2d is not False else None
+        if copy2d and self.memcpy2d is None:
+            raise IntegrationError("copy2d=True but cudaMemcpy2DAsync could not be found")
         if self.is_cuda:
             with torch.cuda.device(self.device):
                 self.load_stream: Any = torch.cuda.Stream(self.device)

@@ -75,10 +75,11 @@ def test_gather_writes_the_documented_byte_order(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layerwise", [True, False])
-def test_load_from_dram_pool_round_trips(device: str, layerwise: bool) -> None:
+@pytest.mark.parametrize(("layerwise", "copy2d"), [(True, None), (True, False), (False, None)])
+def test_load_from_dram_pool_round_trips(device: str, layerwise: bool, copy2d: bool | None) -> None:
+    """Byte-exact loads in every mode: per-layer 2-D copies, per-layer per-chunk copies, bulk."""
     dram = DramTier(LAYOUT, capacity_bytes=16 * LAYOUT.chunk_bytes)
-    engine = CopyEngine(LAYOUT, device, pool=dram.pool, staging_bytes=8 * LAYOUT.chunk_bytes)
+    engine = CopyEngine(LAYOUT, device, pool=dram.pool, staging_bytes=8 * LAYOUT.chunk_bytes, copy2d=copy2d)
     kv = random_kv(5 * LAYOUT.tokens_per_chunk, device, seed=1)
     keys = make_keys(LAYOUT, 5)
     views = engine.to_host(*engine.gather(kv, 0, 5))
