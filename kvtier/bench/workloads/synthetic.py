@@ -117,7 +117,8 @@ def _session(w: AgentWorkload, rng: np.random.Generator, ids: _Ids, ctx: _Contex
             t += _gap(rng, w)
         if ctx.tokens(w.block_tokens) > w.context_cap:  # compaction: shared prompt + a summary
             ctx = _Context(list(system_ids), 0, ids)
-            ctx.append(_size(rng, w.task_tokens * 2, w.size_sigma), w.block_tokens)
+            room = (w.context_cap - w.system_tokens) // 4
+            ctx.append(min(room, _size(rng, w.task_tokens * 2, w.size_sigma)), w.block_tokens)
         n_out = _size(rng, w.output_tokens, w.size_sigma)
         out.append(Request(time_s=t, session=name, scope=SCOPE, hash_ids=ctx.request_ids(),
                            block_tokens=w.block_tokens, input_tokens=ctx.tokens(w.block_tokens),
