@@ -114,7 +114,7 @@ class RedisTier(Tier):
         try:
             kw = self._client_kwargs()
             kw.pop("max_connections")  # RedisCluster sizes its node pools itself
-            cluster = RedisCluster.from_url(self.config.url, require_full_coverage=False, **kw)
+            cluster: RedisCluster = RedisCluster.from_url(self.config.url, require_full_coverage=False, **kw)
         except (*_SHARD_DOWN, redis.RedisError, RedisClusterException) as exc:
             self._cluster_breaker.record_failure()
             log.warning("Redis Cluster at %s unreachable: %s", self.config.url, exc)

@@ -1,0 +1,401 @@
+"""G4 on Mooncake Store: chunks in a cluster's pooled DRAM, found by every instance and node.
+
+Key: ``<key_prefix>:<layout fingerprint, 16 hex>:<chunk key, 32 hex>`` (a Mooncake object key).
+Value: the chunk format of ``kvtier.codec`` (64-byte header with checksums, then the payload).
+A value failing validation, or of the wrong size, is removed, counted in ``stats.corrupt`` and
+reported as a miss.
+
+Data path: the tier owns one staging arena of ``staging_bytes`` (whole slots of header + chunk),
+registered once with ``register_buffer`` so Mooncake's transfer engine moves bytes straight
+between the arena and the storage nodes (``batch_put_from`` / ``batch_get_into``: no copies
+inside Mooncake).  A put copies header + payload into a slot (the value must be contiguous); a
+get validates the slot and copies the payload out.  Batches larger than the arena go in rounds.
+
+Faults: the Mooncake client retries internally for seconds when the master is gone, and its
+``setup`` blocks for about 90 s, so every call runs on a small worker pool and the tier waits
+at most ``timeout_s`` for it.  A call that fails (RPC or transfer error) or overruns records a
+failure on the tier's ``CircuitBreaker``; while it is open every operation is a miss at once.
+A call that overran keeps its staging slots until it really ends, so late bytes never land in
+memory that was handed to someone else, and never in the caller's buffer.  Setup is retried
+the same way (the first request after the backoff), so a tier built while the master is down
+starts serving by itself when the master comes up.  Counted in ``stats.errors`` (keys whose
+operation failed) and ``stats.extra["short_circuited"]`` (keys answered by an open breaker).
+
+Memory: with ``global_segment_size=0`` an inference process only reads and writes; dedicated
+storage nodes (``mooncake_client`` or ``mooncake_store_service``) hold the chunks, so they
+outlive the processes that wrote them.  A master restart without HA loses every object: they
+are misses until written again.  ``keys()`` yields the chunks this process wrote or found
+(the client API has no listing); ``used_bytes`` counts those.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+
+from kvtier.codec import HEADER_BYTES, decode_chunk_into, encode_header
+from kvtier.config import MooncakeConfig
+from kvtier.errors import ChunkFormatError, TierUnavailableError
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.tiers.base import Tier
+from kvtier.tiers.breaker import BreakerMode, CircuitBreaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Mooncake Store error codes (mooncake-store/include/types.h) that matter here.
+OBJECT_NOT_FOUND = -704
+OBJECT_ALREADY_EXISTS = -705
+INVALID_PARAMS = -600  # on a get: the object is larger than the buffer, so not one of our chunks
+
+
+def is_server_failure(code: int) -> bool:
+    """Codes meaning the master or a storage node is unreachable or broken (they feed the breaker).
+
+    INTERNAL_ERROR (-1), TRANSFER_FAIL (-800), RPC_FAIL (-900), etcd/HA errors (-1000..-1011).
+    Anything else (not found, store full, lease held, bad size) is an ordinary miss or refusal.
+    """
+    return code == -1 or -1011 <= code <= -800
+
+
+class MooncakeTier(Tier):
+    name = "mooncake"
+    persistent = True
+    shared = True
+
+    def __init__(self, layout: KVLayout, config: MooncakeConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(layout)
+        self.config = config or MooncakeConfig()
+        self._prefix = f"{self.config.key_prefix}:{layout.fingerprint:016x}:"
+        self.slot_bytes = HEADER_BYTES + layout.chunk_bytes
+        self.num_slots = max(2, self.config.staging_bytes // self.slot_bytes)
+        self._arena = np.empty(self.num_slots * self.slot_bytes, dtype=np.uint8)  # (slots * slot_bytes,)
+        self._free = list(range(self.num_slots))
+        self._slots_cv = threading.Condition()
+        self._known: set[ChunkKey] = set()
+        self._lock = threading.Lock()  # guards _known and stats
+        self.breaker = CircuitBreaker(self.config.breaker, clock=clock)
+        self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-mooncake")
+        self._store: Any = None
+        self._setup: Future[Any] | None = None
+        self._closed = False
+        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0)
+        self._connect()
+
+    # --- connection ---------------------------------------------------------------------------
+    def _make_store(self) -> Any:
+        from mooncake.store import MooncakeDistributedStore
+
+        c = self.config
+        _check_reachable(c.master_address, c.timeout_s)  # setup itself blocks ~90 s on a dead master
+        store = MooncakeDistributedStore()
+        rc = store.setup(c.local_hostname, c.metadata_server, int(c.global_segment_size), int(c.local_buffer_size),
+                         c.protocol, c.device_name, c.master_address)
+        if rc != 0:
+            raise TierUnavailableError(f"Mooncake setup failed with code {rc} (master {c.master_address}, "
+                                       f"metadata {c.metadata_server})")
+        rc = store.register_buffer(self._arena.ctypes.data, self._arena.nbytes)
+        if rc != 0:
+            store.close()
+            raise TierUnavailableError(f"Mooncake register_buffer of {self._arena.nbytes} bytes failed: {rc}")
+        return store
+
+    def _connect(self) -> Any:
+        """The store, or None while set-up is under way or the breaker holds off another attempt.
+
+        Whoever starts a set-up attempt waits for it up to ``timeout_s``; calls meanwhile are
+        misses at once.  The attempt's outcome is recorded when it ends, however late.
+        """
+        if self._store is not None:
+            return self._store
+        with self._lock:
+            if self._setup is not None or self._closed or not self.breaker.allow():
+                return None
+            setup = self._setup = self._calls.submit(self._make_store)
+        setup.add_done_callback(self._setup_done)
+        wait([setup], timeout=self.config.timeout_s)
+        return self._store
+
+    def _setup_done(self, setup: Future[Any]) -> None:
+        exc = setup.exception()
+        with self._lock:
+            self._setup = None
+            store = None if exc is not None else setup.result()
+            if store is not None and not self._closed:
+                self._store, store = store, None
+        if exc is not None:
+            log.warning("Mooncake Store unavailable: %s", exc)
+            self._record_failure()
+            return
+        self.breaker.record_success()
+        if store is not None:  # closed meanwhile
+            store.close()
+
+    def _record_failure(self) -> None:
+        trips = self.breaker.num_trips
+        self.breaker.record_failure()
+        self._count(breaker_trips=self.breaker.num_trips - trips)
+
+    def _reachable(self, n: int) -> bool:
+        """Cheap check before taking staging slots: False (counted) when set-up or the breaker says no."""
+        if self._connect() is None or self.breaker.mode is BreakerMode.OPEN:
+            self._count(short_circuited=n)
+            return False
+        return True
+
+    def _submit(self, n: int, fn: Callable[[Any], T]) -> Future[T] | None:
+        """Start ``fn(store)`` on the worker pool, or None (counted) when the breaker or set-up says no."""
+        store = self._connect()
+        if store is None or not self.breaker.allow():
+            self._count(short_circuited=n)
+            return None
+        return self._calls.submit(fn, store)
+
+    def _wait(self, n: int, future: Future[T] | None) -> T | None:
+        """The call's result, or None when it raised or overran ``timeout_s`` (a breaker failure)."""
+        if future is None:
+            return None
+        try:
+            return future.result(timeout=self.config.timeout_s)
+        except FutureTimeout:
+            log.warning("Mooncake call overran %.1fs", self.config.timeout_s)
+        except Exception as exc:
+            log.warning("Mooncake call failed: %s", exc)
+        self._record_failure()
+        self._count(errors=n)
+        return None
+
+    def _call(self, n: int, fn: Callable[[Any], T]) -> T | None:
+        return self._wait(n, self._submit(n, fn))
+
+    def _release(self, future: Future[Any] | None, slots: list[int]) -> None:
+        """Free staging slots once the call using them has really ended (late bytes land there)."""
+        if future is None:
+            self._give_slots(slots)
+        else:
+            future.add_done_callback(lambda _f: self._give_slots(slots))
+
+    def _judge(self, codes: Sequence[int]) -> int:
+        """Feed a batch's return codes to the breaker; returns how many were server failures."""
+        failed = sum(1 for c in codes if c < 0 and is_server_failure(c))
+        if failed:
+            self._record_failure()
+            self._count(errors=failed)
+        else:
+            self.breaker.record_success()
+        return failed
+
+    def _count(self, *, errors: int = 0, short_circuited: int = 0, breaker_trips: int = 0, corrupt: int = 0) -> None:
+        with self._lock:
+            self.stats.errors += errors
+            self.stats.corrupt += corrupt
+            self.stats.extra["short_circuited"] += short_circuited
+            self.stats.extra["breaker_trips"] += breaker_trips
+
+    # --- staging slots ------------------------------------------------------------------------
+    def _take_slots(self, want: int) -> list[int]:
+        """Up to ``want`` free slots (at least one), waiting at most ``timeout_s``; [] if none."""
+        with self._slots_cv:
+            if not self._slots_cv.wait_for(lambda: self._free, timeout=self.config.timeout_s):
+                return []
+            got, self._free = self._free[:want], self._free[want:]
+            return got
+
+    def _give_slots(self, slots: list[int]) -> None:
+        with self._slots_cv:
+            self._free.extend(slots)
+            self._slots_cv.notify_all()
+
+    def _slot(self, s: int) -> np.ndarray:
+        return self._arena[s * self.slot_bytes:(s + 1) * self.slot_bytes]
+
+    def _ptr(self, s: int) -> int:
+        return int(self._arena.ctypes.data) + s * self.slot_bytes
+
+    # --- keys ---------------------------------------------------------------------------------
+    def object_key(self, key: ChunkKey) -> str:
+        return self._prefix + key.hex()
+
+    # --- Tier interface -----------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.config.capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._known) * self.layout.chunk_bytes
+
+    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
+        return self.put_many([key], [payload])[0]
+
+    def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
+        if len(keys) != len(payloads):
+            raise ValueError("put_many needs one payload per key")
+        for p in payloads:
+            self.layout.check_payload(p)
+        ok = [False] * len(keys)
+        if not self._reachable(len(keys)):
+            return ok
+        room = self.capacity_bytes - self.used_bytes
+        todo = []
+        for i, key in enumerate(keys):
+            if key in self._known or room >= payloads[i].nbytes:
+                room -= 0 if key in self._known else payloads[i].nbytes
+                todo.append(i)
+        while todo:
+            slots = self._take_slots(len(todo))
+            if not slots:
+                self._count(errors=len(todo))
+                break
+            batch, todo = todo[:len(slots)], todo[len(slots):]
+            for s, i in zip(slots, batch, strict=False):
+                view = self._slot(s)
+                view[:HEADER_BYTES] = np.frombuffer(encode_header(keys[i], self.layout.fingerprint, payloads[i]),
+                                                    dtype=np.uint8)
+                view[HEADER_BYTES:] = payloads[i]
+            names = [self.object_key(keys[i]) for i in batch]
+            ptrs = [self._ptr(s) for s in slots[:len(batch)]]
+            future = self._submit(len(batch), partial(_batch_put_from, names, ptrs, self.slot_bytes))
+            codes = self._wait(len(batch), future)
+            self._release(future, slots)
+            if codes is None:
+                continue
+            self._judge(codes)
+            with self._lock:
+                for i, code in zip(batch, codes, strict=True):
+                    if code == 0 or code == OBJECT_ALREADY_EXISTS:
+                        ok[i] = True
+                        self._known.add(keys[i])
+                        self.stats.bytes_written += payloads[i].nbytes
+        return ok
+
+    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
+        return self.get_many_into([key], [out])[0]
+
+    def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
+        if len(keys) != len(outs):
+            raise ValueError("get_many_into needs one buffer per key")
+        ok = [False] * len(keys)
+        if not self._reachable(len(keys)):
+            return ok
+        todo = list(range(len(keys)))
+        corrupt: list[ChunkKey] = []
+        while todo:
+            slots = self._take_slots(len(todo))
+            if not slots:
+                self._count(errors=len(todo))
+                break
+            batch, todo = todo[:len(slots)], todo[len(slots):]
+            names = [self.object_key(keys[i]) for i in batch]
+            ptrs = [self._ptr(s) for s in slots[:len(batch)]]
+            future = self._submit(len(batch), partial(_batch_get_into, names, ptrs, self.slot_bytes))
+            codes = self._wait(len(batch), future)
+            try:
+                if codes is not None:
+                    self._judge(codes)
+                    corrupt += self._unpack(keys, outs, ok, batch, slots, codes)
+            finally:
+                self._release(future, slots)
+        if corrupt:
+            self._count(corrupt=len(corrupt))
+            self.delete_many(corrupt)
+        return ok
+
+    def _unpack(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray], ok: list[bool], batch: list[int],
+                slots: list[int], codes: Sequence[int]) -> list[ChunkKey]:
+        """Validate fetched slots and copy payloads out; returns the keys whose values are bad."""
+        corrupt: list[ChunkKey] = []
+        for s, i, n in zip(slots, batch, codes, strict=False):
+            if n < 0:
+                if n == INVALID_PARAMS:  # larger than a chunk: not ours
+                    corrupt.append(keys[i])
+                elif n == OBJECT_NOT_FOUND:
+                    with self._lock:
+                        self._known.discard(keys[i])
+                continue
+            try:
+                got = decode_chunk_into(self._slot(s)[:n].data, outs[i], key=keys[i],
+                                        layout_fingerprint=self.layout.fingerprint)
+            except ChunkFormatError as exc:
+                log.warning("Mooncake chunk %s is not servable (%s): removing it", keys[i].hex(), exc)
+                corrupt.append(keys[i])
+                continue
+            ok[i] = True
+            with self._lock:
+                self._known.add(keys[i])
+                self.stats.bytes_read += got
+        return corrupt
+
+    def contains(self, key: ChunkKey) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys:
+            return []
+        names = [self.object_key(k) for k in keys]
+        codes = self._call(len(keys), lambda st: st.batch_is_exist(names))
+        if codes is None:
+            return [False] * len(keys)
+        self._judge(codes)
+        return [c == 1 for c in codes]
+
+    def delete(self, key: ChunkKey) -> bool:
+        return self.delete_many([key])[0]
+
+    def delete_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys:
+            return []
+        names = [self.object_key(k) for k in keys]
+        codes = self._call(len(keys), lambda st: st.batch_remove(names, True))  # force: ignore read leases
+        if codes is None:
+            return [False] * len(keys)
+        self._judge(codes)
+        with self._lock:
+            for key, code in zip(keys, codes, strict=True):
+                if code == 0 or code == OBJECT_NOT_FOUND:
+                    self._known.discard(key)
+        return [c == 0 for c in codes]
+
+    def keys(self) -> Iterator[ChunkKey]:
+        with self._lock:
+            known = list(self._known)
+        yield from known
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            store, self._store = self._store, None
+        self._calls.shutdown(wait=False, cancel_futures=True)
+        if store is not None:
+            try:
+                store.unregister_buffer(self._arena.ctypes.data)
+                store.close()
+            except Exception as exc:  # closing a client whose master is gone
+                log.info("Mooncake close: %s", exc)
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise TierUnavailableError(f"Mooncake master {address} unreachable: {exc}") from exc
+
+
+def _batch_put_from(names: list[str], ptrs: list[int], size: int, store: Any) -> list[int]:
+    return list(store.batch_put_from(names, ptrs, [size] * len(names)))
+
+
+def _batch_get_into(names: list[str], ptrs: list[int], size: int, store: Any) -> list[int]:
+    return list(store.batch_get_into(names, ptrs, [size] * len(names)))

@@ -1,0 +1,126 @@
+"""MooncakeTier against a real mooncake_master (HTTP metadata server built in) and a storage node."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvtier.bench.servers import MooncakeServers
+from kvtier.codec import encode_chunk
+from kvtier.layout import KVLayout
+from kvtier.tiers.breaker import BreakerMode
+from kvtier.tiers.mooncake import MooncakeTier
+from tests.conftest import make_keys, make_payloads
+from tests.tiers.conformance import TierConformance
+from tests.tiers.servers import mooncake_config, mooncake_servers  # noqa: F401
+
+
+def _buf(layout: KVLayout) -> np.ndarray:
+    return np.zeros(layout.chunk_bytes, dtype=np.uint8)
+
+
+def _raw_store(servers: MooncakeServers) -> Any:
+    from mooncake.store import MooncakeDistributedStore
+
+    store = MooncakeDistributedStore()
+    assert store.setup("127.0.0.1", servers.metadata_server, 0, 16 << 20, "tcp", "", servers.master_address) == 0
+    return store
+
+
+def _wait_for(predicate: Any, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class TestMooncake(TierConformance):
+    @pytest.fixture
+    def tier(self, layout: KVLayout, mooncake_servers: MooncakeServers) -> Iterator[MooncakeTier]:  # noqa: F811
+        t = MooncakeTier(layout, mooncake_config(mooncake_servers))
+        yield t
+        t.close()
+
+    def test_value_is_a_self_describing_chunk(self, tier: MooncakeTier, layout: KVLayout,
+                                              mooncake_servers: MooncakeServers) -> None:  # noqa: F811
+        (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
+        assert tier.put(key, payload)
+        raw = _raw_store(mooncake_servers)
+        name = f"{tier.config.key_prefix}:{layout.fingerprint:016x}:{key.hex()}"
+        assert tier.object_key(key) == name
+        assert raw.get(name) == encode_chunk(key, layout.fingerprint, payload)
+        raw.close()
+
+    @pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign_layout", "too_long"])
+    def test_bad_value_is_a_miss_removed_and_counted(self, tier: MooncakeTier, layout: KVLayout,
+                                                     mooncake_servers: MooncakeServers,  # noqa: F811
+                                                     damage: str) -> None:
+        (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
+        good = encode_chunk(key, layout.fingerprint, payload)
+        bad = {"bitflip": good[:-1] + bytes([good[-1] ^ 1]), "truncate": good[:-10],
+               "foreign_layout": encode_chunk(key, layout.fingerprint ^ 1, payload),
+               "too_long": good + b"trailing bytes"}[damage]
+        raw = _raw_store(mooncake_servers)
+        assert raw.put(tier.object_key(key), bad) == 0
+        out = np.full(layout.chunk_bytes, 7, dtype=np.uint8)
+        assert not tier.get_into(key, out)
+        assert (out == 7).all()
+        assert tier.stats.corrupt == 1
+        assert raw.is_exist(tier.object_key(key)) == 0
+        raw.close()
+
+    def test_batches_larger_than_the_staging_arena(self, layout: KVLayout,
+                                                   mooncake_servers: MooncakeServers) -> None:  # noqa: F811
+        tier = MooncakeTier(layout, mooncake_config(mooncake_servers, staging_bytes=3 * layout.chunk_bytes))
+        assert tier.num_slots == 2
+        keys, payloads = make_keys(layout, 7), make_payloads(layout, 7)
+        assert tier.put_many(keys, payloads) == [True] * 7
+        outs = [_buf(layout) for _ in keys]
+        assert tier.get_many_into(keys, outs) == [True] * 7
+        for o, p in zip(outs, payloads, strict=True):
+            np.testing.assert_array_equal(o, p)
+        tier.close()
+
+
+def test_master_down_is_misses_then_recovers(small_layout: KVLayout) -> None:
+    with MooncakeServers(segment_size="64MB") as servers:
+        tier = MooncakeTier(small_layout, mooncake_config(servers, timeout_s=1.0))
+        keys, payloads = make_keys(small_layout, 4), make_payloads(small_layout, 4)
+        assert all(tier.put_many(keys, payloads))
+        servers.kill_master()
+        outs = [_buf(small_layout) for _ in keys]
+        t0 = time.monotonic()
+        for _ in range(5):  # never raises; each call waits at most timeout_s, then the breaker opens
+            assert tier.get_many_into(keys, outs) == [False] * 4
+            assert tier.contains_many(keys) == [False] * 4
+            assert tier.put_many(keys, payloads) == [False] * 4
+        assert time.monotonic() - t0 < 2 * 1.0 + 2.0
+        assert tier.breaker.mode is not BreakerMode.CLOSED
+        assert tier.stats.errors >= 2 and tier.stats.extra["short_circuited"] > 0
+        servers.start_master()  # a fresh master: objects are gone, the storage node re-mounts
+        assert _wait_for(lambda: tier.put_many(keys, payloads) == [True] * 4)
+        assert tier.get_many_into(keys, outs) == [True] * 4
+        for o, p in zip(outs, payloads, strict=True):
+            np.testing.assert_array_equal(o, p)
+        assert tier.breaker.mode is BreakerMode.CLOSED
+        tier.close()
+
+
+def test_tier_built_while_master_is_down_connects_later(small_layout: KVLayout) -> None:
+    with MooncakeServers(segment_size="64MB") as servers:
+        servers.kill_master()
+        t0 = time.monotonic()
+        tier = MooncakeTier(small_layout, mooncake_config(servers, timeout_s=1.0))
+        (key,), (payload,) = make_keys(small_layout, 1), make_payloads(small_layout, 1)
+        assert not tier.put(key, payload) and not tier.contains(key)
+        assert time.monotonic() - t0 < 3.0
+        servers.start_master()
+        assert _wait_for(lambda: tier.put(key, payload))
+        assert tier.get_into(key, _buf(small_layout))
+        tier.close()
