@@ -78,7 +78,8 @@ class KVTierLM:
     """A transformers causal LM in front of a ``ContextMemory``; see the module docstring."""
 
     def __init__(self, model: Any, memory: ContextMemory, *, cost: CostModel | None = None,
-                 layerwise: bool = True, store: bool = True, staging_bytes: int = 256 << 20) -> None:
+                 layerwise: bool = True, store: bool = True, staging_bytes: int = 256 << 20,
+                 copy2d: bool | None = None) -> None:
         self.model = model
         self.memory = memory
         self.layout = memory.layout
@@ -91,7 +92,7 @@ class KVTierLM:
         top = memory.tiers[0]
         self._dram = top if isinstance(top, DramTier) else None
         self.engine = CopyEngine(self.layout, self.device, pool=self._dram.pool if self._dram else None,
-                                 staging_bytes=staging_bytes)
+                                 staging_bytes=staging_bytes, copy2d=copy2d)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-store")
         self._stores: list[Future[int]] = []
 

@@ -181,6 +181,9 @@ class KVLoad:
         self._released: set[int] = set()
         if engine.is_cuda:  # the buffer may be memory that queued compute kernels still use
             engine.load_stream.wait_stream(torch.cuda.current_stream(engine.device))
+            # and if it is freed early (an error mid-forward), the allocator must not hand it out
+            # again before the copies queued on the load stream are done
+            self.buffer.record_stream(engine.load_stream)
 
     def _buf(self) -> torch.Tensor:
         if self.buffer is None:
