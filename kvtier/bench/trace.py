@@ -167,6 +167,12 @@ def replay(requests: Sequence[Request], args: argparse.Namespace, *, title: str)
             if not args.no_belady:
                 runs.append(belady(work, cost, dram, replicas=args.replicas,
                                    label=f"belady G2={report.fmt_bytes(dram)}"))
+                if lower:  # the bound for hits from any tier: MIN over all the capacity there is
+                    everything = dram + sum(t.capacity_bytes for t in lower)
+                    run_all = belady(work, cost, everything, replicas=args.replicas,
+                                     label=f"belady all={report.fmt_bytes(everything)}")
+                    run_all.policy = "belady-all"
+                    runs.append(run_all)
             for policy in policies:
                 specs = [*upper, TierSpec(name="dram", capacity_bytes=dram), *lower]
                 runs.append(simulate(work, cost, specs, policy=policy, promotion=args.promotion,
@@ -200,7 +206,8 @@ def replay(requests: Sequence[Request], args: argparse.Namespace, *, title: str)
         print(f"wrote {args.json}")
     if args.plot_dir:
         args.plot_dir.mkdir(parents=True, exist_ok=True)
-        report.plot_hit_rate(args.plot_dir / "hit_rate_vs_g2.png", rows[2:], rows[1]["hit_rate_tokens"], title)
+        report.plot_hit_rate(args.plot_dir / "hit_rate_vs_g2.png", [m for m in rows[2:] if m["policy"] != "belady-all"],
+                             rows[1]["hit_rate_tokens"], title)
         mid = drams[len(drams) // 2]
         cdf_runs = [nocache, best, *(r for r in runs if r.tiers and any(
             t.name == "dram" and t.capacity_bytes == mid for t in r.tiers))]

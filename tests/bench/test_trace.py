@@ -23,7 +23,8 @@ def test_trace_cli_writes_json_and_plots(tiny_mooncake: Path, tmp_path: Path, ca
     assert doc["ideal"]["hit_rate_tokens"] == pytest.approx((1536 * 2 + 1024 + 512) / 9144)
     assert doc["baseline_no_cache"]["hit_rate_tokens"] == 0
     labels = [r["label"] for r in doc["runs"]]
-    assert len(labels) == 6 and sum(lb.startswith("belady") for lb in labels) == 2
+    assert len(labels) == 8 and sum(lb.startswith("belady G2") for lb in labels) == 2
+    assert sum(lb.startswith("belady all") for lb in labels) == 2
     for r in doc["runs"]:
         assert r["hit_rate_tokens"] <= doc["ideal"]["hit_rate_tokens"] + 1e-12
         assert "queued_ttft_p99_s" in r and r["ttft_p50_s"] > 0
