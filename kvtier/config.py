@@ -95,6 +95,7 @@ class RedisConfig:
     socket_timeout_s: float = 0.5
     connect_timeout_s: float = 0.5
     max_connections: int = 32  # per server, for this process
+    staging_bytes: ByteSize = ByteSize(128 << 20)  # put buffers kept for reuse (header + payload each)
     capacity: ByteSize = ByteSize(1 << 40)  # what this process may write; the server evicts too
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
