@@ -106,13 +106,15 @@ class TestRedisCluster(TestRedisStandalone):
 
 def test_acl_user_is_confined_to_its_prefix(redis_standalone: RedisServer, small_layout: KVLayout) -> None:  # noqa: F811
     raw = _raw(redis_standalone)
-    raw.execute_command("ACL", "SETUSER", "tenant-a", "on", ">secret-a", "~tenant-a:*", "+@all")
+    raw.execute_command("ACL", "SETUSER", "tenant-a", "on", ">secret-a", "~tenant-a:*",  # as in docs/sharing.md
+                        "+get", "+set", "+exists", "+del", "+scan", "+ping")
     ok = RedisTier(small_layout, redis_config(redis_standalone, username="tenant-a", password="secret-a",
                                               key_prefix="tenant-a"))
     denied = RedisTier(small_layout, redis_config(redis_standalone, username="tenant-a", password="secret-a",
                                                   key_prefix="tenant-b"))
     (key,), (payload,) = make_keys(small_layout, 1), make_payloads(small_layout, 1)
     assert ok.put(key, payload) and ok.get_into(key, _buf(small_layout))
+    assert ok.contains(key) and list(ok.keys()) == [key] and ok.delete(key)
     assert not denied.put(key, payload)  # NOPERM: refused, never raised
     assert not denied.get_into(key, _buf(small_layout))
     ok.close()
