@@ -1,0 +1,44 @@
+"""kv_connector_extra_config -> typed config: known keys applied, unknown keys and bad sizes refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier.errors import ConfigError
+from kvtier.integrations.vllm_config import PagedGeometry, make_layout, parse_extra_config
+
+GEOMETRY = PagedGeometry(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32", block_size=64)
+
+
+def test_keys_split_between_kvtier_and_connector(tmp_path: Path) -> None:
+    config, options = parse_extra_config(
+        {"chunk_tokens": 128, "tiers": ["dram", "disk"], "dram": {"capacity": "64MiB"},
+         "disk": {"path": str(tmp_path)}, "stats_file": str(tmp_path / "s.json"), "log_interval_s": 0}, env={})
+    assert config.chunk_tokens == 128 and config.dram.capacity == 64 << 20 and config.disk.path == tmp_path
+    assert options.stats_file == tmp_path / "s.json" and options.log_interval_s == 0
+    assert options.on_load_error == "recompute"
+
+
+def test_environment_still_applies() -> None:
+    config, _ = parse_extra_config({"chunk_tokens": 128}, env={"KVTIER_DRAM__CAPACITY": "1GiB"})
+    assert config.dram.capacity == 1 << 30
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"dram_size": "1GiB"}, r"unknown config key\(s\) \['dram_size'\]"),
+    ({"dram": {"capacity": "lots"}}, "cannot read 'lots' as a size"),
+    ({"on_load_error": "ignore"}, "is not one of"),
+    ({"log_interval_s": -1}, "log_interval_s"),
+    ({"tiers": ["dram", "dram"]}, "twice"),
+])
+def test_bad_keys_are_errors(extra: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_extra_config(extra, env={})
+
+
+def test_chunk_must_be_whole_blocks() -> None:
+    assert make_layout(GEOMETRY, chunk_tokens=256, model_id="m").tokens_per_chunk == 256
+    with pytest.raises(ConfigError, match="multiple of vLLM's block_size=64"):
+        make_layout(GEOMETRY, chunk_tokens=100, model_id="m")
