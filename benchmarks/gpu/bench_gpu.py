@@ -234,9 +234,13 @@ def main() -> int:
         peak_h2d = max((r["h2d_GBps"] for r in raw.values()), default=0.0) * 1e9
         console.print(raw)
 
-        # warm-up: kernels, cuBLAS handles, allocator
-        warm = prompts[min(prompts)]
-        model(input_ids=warm[None].to(device), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        # warm-up: kernels, cuBLAS handles, allocator, clocks (the first context is timed right after)
+        warm = prompts[min(prompts)][None].to(device)
+        for _ in range(3):
+            cache = DynamicCache()
+            model(input_ids=warm[:, :-suffix], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=warm[:, -suffix:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        del cache, warm
         sync(device)
 
         # --- 2. TTFT per context ----------------------------------------------------------------
@@ -263,7 +267,7 @@ def main() -> int:
 
             def suffix_only(cache: DynamicCache = prefix_cache, gpu_ids: torch.Tensor = gpu_ids, n: int = n) -> None:
                 model(input_ids=gpu_ids[:, n:], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache.crop(n)
+                cache.crop(-suffix)  # drop the suffix again (negative: tokens to remove)
 
             row["suffix_prefill_s"] = median_time(suffix_only, device, reps)
             del prefix_cache
@@ -372,7 +376,8 @@ def main() -> int:
                 g3_memory = ContextMemory(layout, [disk], write_through=False)
                 g3 = KVTierLM(model, g3_memory, store=True, layerwise=False)
                 st = os.statvfs(root)
-                result["g3_disk"] = {"root": root, "free_bytes": st.f_bavail * st.f_frsize, "fs": _fs_type(root)}
+                result["g3_disk"] = {"root": root, "free_bytes": st.f_bavail * st.f_frsize, "fs": _fs_type(root),
+                                 "io_threads": 4, "fsync": False, "page_cache": "evicted per file (fadvise DONTNEED)"}
                 g3_rows: list[dict[str, Any]] = []
                 link_samples: list[tuple[int, float]] = []
                 for n in g3_contexts:
@@ -388,6 +393,8 @@ def main() -> int:
                             input_ids=gpu_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1),
                             device, reps)
                     row["recompute_s"] = rec
+                    if not any(p == 0 and m == n + suffix for p, m, _ in prefill_samples):
+                        prefill_samples.append((0, n + suffix, rec))
                     cold, warm_t, load_cold = [], [], []
                     g3.cost = None  # force loading
                     for _ in range(reps):
@@ -403,8 +410,13 @@ def main() -> int:
                     row["g3_load_cold_GBps"] = row["kv_bytes"] / row["g3_load_only_cold_s"] / 1e9
                     link_samples.append((row["kv_bytes"], row["g3_load_only_cold_s"]))
                     g3_rows.append(row)
+                    result["g3"] = g3_rows
+                    checkpoint(result, args.json)
                     console.print(row)
                 g3_link = fit_link(link_samples)
+                prefill = PrefillCost.fit(prefill_samples)  # now with the longer contexts measured here
+                result["prefill_cost"] = {"fixed_s": prefill.fixed_s, "per_token_s": prefill.per_token_s,
+                                          "per_token_ctx_s": prefill.per_token_ctx_s, "samples": prefill_samples}
                 cost = CostModel(links=(g3_link,), prefill=prefill, stages=1)
                 result["g3_link"] = {"bandwidth_GBps": g3_link.bandwidth_Bps / 1e9, "latency_s": g3_link.latency_s}
                 g3.cost = cost
@@ -434,6 +446,8 @@ def main() -> int:
             result["g3_error"] = repr(exc)
         cost_all = CostModel(links=(g2, g3_link), prefill=prefill, stages=layout.num_layers)
         result["cost_model"] = json.loads(cost_all.to_json())
+        if args.json:  # the figures, measured once, as the integration loads them (CostModel.load)
+            cost_all.save(args.json.with_name(args.json.stem + "_cost_model.json"))
 
     report(result)
     if args.json:
@@ -491,7 +505,7 @@ def report(result: dict[str, Any]) -> None:
                 "logits max|d| / rel", "argmax ="):
         t.add_column(col)
     for r in result["ttft"]:
-        t.add_row(f"{r['cached_tokens'] // 1024}K+{r['new_tokens']}", f"{r['recompute_s'] * 1e3:.1f}",
+        t.add_row(f"{r['cached_tokens'] / 1024:g}K+{r['new_tokens']}", f"{r['recompute_s'] * 1e3:.1f}",
                   f"{r['hit_bulk_s'] * 1e3:.1f}", f"{r['hit_layerwise_s'] * 1e3:.1f}", f"{r['ideal_s'] * 1e3:.1f}",
                   f"{r['layerwise_over_ideal']:.2f}", f"{r['speedup_layerwise_vs_recompute']:.1f}x",
                   f"{r['hit_layerwise_logits_maxabs']:.3f} / {r['hit_layerwise_logits_rel_l2']:.4f}",
@@ -503,7 +517,7 @@ def report(result: dict[str, Any]) -> None:
                     "faster", "correct"):
             t.add_column(col)
         for r in result["g3"]:
-            t.add_row(f"{r['cached_tokens'] // 1024}K", f"{r['recompute_s'] * 1e3:.1f}",
+            t.add_row(f"{r['cached_tokens'] / 1024:g}K", f"{r['recompute_s'] * 1e3:.1f}",
                       f"{r['g3_hit_cold_s'] * 1e3:.1f}", f"{r['g3_hit_warm_pagecache_s'] * 1e3:.1f}",
                       f"{r['g3_load_cold_GBps']:.2f}", f"{r['auto_s'] * 1e3:.1f}", r["auto_choice"],
                       r["measured_faster"], str(r["choice_correct"]))
