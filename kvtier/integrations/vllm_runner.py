@@ -77,6 +77,28 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {"startup_s": startup, "phases": phases}
 
 
+class VllmRunFailed(RuntimeError):
+    """The vLLM process exited with an error; ``str(exc)`` holds its output."""
+
+
+def run_in_subprocess(spec: dict[str, Any], workdir: Path, name: str, timeout: float = 600,
+                      env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``spec`` in a fresh ``python -m kvtier.integrations.vllm_runner`` process; its result."""
+    import subprocess
+
+    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.get("kv_cache_gib", 1)),
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "kvtier.integrations.vllm_runner", str(spec_path), str(out_path)],
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise VllmRunFailed(proc.stdout + proc.stderr)
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    return result
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     Path(argv[1]).write_text(json.dumps(run_spec(spec)))

@@ -8,14 +8,13 @@ winners (no near-ties that would make the comparison with recompute flaky).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from kvtier.integrations.vllm_models import build_random_model
+from kvtier.integrations.vllm_runner import VllmRunFailed, run_in_subprocess
+
+__all__ = ["VllmRunFailed", "build_tiny_model", "run_vllm"]
 
 TINY = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
         "intermediate_size": 512, "vocab_size": 2048}
@@ -26,21 +25,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return build_random_model(path, seed=seed, **TINY)
 
 
+
 def run_vllm(spec: dict[str, Any], workdir: Path, name: str, timeout: float = 300) -> dict[str, Any]:
-    """Run ``kvtier.integrations.vllm_runner`` on ``spec`` in a fresh process; its JSON result.
-
-    Raises ``VllmRunFailed`` (with the process output) if the engine fails.
-    """
-    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "kvtier.integrations.vllm_runner", str(spec_path), str(out_path)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise VllmRunFailed(proc.stdout + proc.stderr)
-    result: dict[str, Any] = json.loads(out_path.read_text())
-    return result
-
-
-class VllmRunFailed(RuntimeError):
-    """The vLLM process exited with an error; ``str(exc)`` holds its output."""
+    """Run ``spec`` with ``kvtier.integrations.vllm_runner`` in a fresh process (see there)."""
+    return run_in_subprocess(spec, workdir, name, timeout=timeout)
