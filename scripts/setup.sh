@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # test certificates for Redis TLS
 for lib in libibverbs.so.1 librdmacm.so.1; do
   ldconfig -p | grep -q "$lib" || need_apt+=(libibverbs1 librdmacm1)
 done

@@ -112,3 +112,36 @@ def test_g4_down_at_start_is_a_cold_start_not_a_crash(tmp_path: Path, g4: str) -
          "global_segment_size": 0, "timeout_s": 0.5})
     got = _run_node("read", _node_config(tmp_path, "node-c", g4, section), seed=3)
     assert got["loaded"] == 0 and got["levels_before"] == []
+
+
+@pytest.mark.slow
+def test_second_vllm_on_another_node_starts_warm_from_g4(tmp_path: Path,
+                                                         redis_cluster: RedisClusterServers) -> None:  # noqa: F811
+    """vLLM + KVTierConnector on "node A" (its own disk dir) serves two prompts; a second vLLM
+    process on "node B" (another disk dir, empty) gets the same outputs, loading from Redis."""
+    pytest.importorskip("vllm")
+    from tests.integrations.vllm_helpers import build_tiny_model, run_vllm
+
+    model = build_tiny_model(tmp_path / "model")
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(1, 2000, size=n).tolist() for n in (300, 260)]
+    redis_section = {"url": redis_cluster.url, "cluster": True, "password": redis_cluster.password,
+                     "key_prefix": unique_prefix()}
+
+    def node(name: str) -> dict[str, Any]:
+        work = tmp_path / name
+        work.mkdir()
+        extra = {"chunk_tokens": 128, "tiers": ["dram", "disk", "redis"], "dram": {"capacity": "64MiB"},
+                 "disk": {"path": str(work / "disk"), "capacity": "256MiB", "fsync": False}, "redis": redis_section}
+        spec = {"model": str(model), "block_size": 64, "max_tokens": 6, "max_model_len": 2048, "phases": [prompts],
+                "connector": "kvtier", "extra_config": extra, "stats_file": str(work / "stats.json")}
+        return run_vllm(spec, work, name)
+
+    a = node("node-a")
+    counters_a = a["phases"][0]["stats"]["counters"]
+    assert counters_a.get("load_tokens", 0) == 0 and counters_a["save_chunks"] == 4  # 2 + 2 whole chunks
+    b = node("node-b")
+    assert b["phases"][0]["outputs"] == a["phases"][0]["outputs"]
+    counters_b = b["phases"][0]["stats"]["counters"]
+    assert counters_b["hit_tokens_redis"] == 4 * 128  # every whole chunk came from G4
+    assert counters_b.get("load_failed_chunks", 0) == 0

@@ -97,12 +97,37 @@ def redis_binaries() -> tuple[str, str]:
     return server, cli
 
 
+def make_test_certs(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 (server and client use), made with ``openssl``."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise RuntimeError("openssl not found: install Debian's openssl (scripts/setup.sh)")
+    d = directory
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+         "-days", "2", "-subj", "/CN=kvtier-test-ca"],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr",
+         "-subj", "/CN=127.0.0.1"],
+        [openssl, "x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "node.pem", "-days", "2", "-extfile", "ext.cnf"],
+    ]
+    for cmd in steps:
+        subprocess.run(cmd, cwd=d, check=True, capture_output=True, timeout=60)
+    return {"ca": d / "ca.pem", "cert": d / "node.pem", "key": d / "node.key"}
+
+
 class RedisServer(_Managed):
-    """One ``redis-server`` on a free loopback port with ``requirepass``; no persistence."""
+    """One ``redis-server`` on a free loopback port with ``requirepass``; no persistence.
+
+    ``tls=True``: TLS only (no plaintext port), client certificates required (mutual TLS); the
+    CA, certificate and key are in ``self.certs``.
+    """
 
     def __init__(self, *, password: str = "kvtier-test", port: int | None = None, cluster: bool = False,
-                 maxmemory: str = "2gb", workdir: Path | None = None) -> None:
+                 maxmemory: str = "2gb", workdir: Path | None = None, tls: bool = False) -> None:
         self.password = password
+        self.tls = tls
         self.port = port or free_port()
         self.cluster = cluster
         self.bus_port = free_port() if cluster else 0  # explicit: the default port+10000 may be taken
@@ -110,15 +135,21 @@ class RedisServer(_Managed):
         self._own_dir = workdir is None
         self.dir = workdir or Path(tempfile.mkdtemp(prefix=f"kvtier-redis-{self.port}-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.certs = make_test_certs(self.dir) if tls else {}
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self.port}/0"
 
     def start(self) -> None:
         server, _ = redis_binaries()
-        args = [server, "--port", str(self.port), "--bind", HOST, "--requirepass", self.password,
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.certs["cert"]),
+                     "--tls-key-file", str(self.certs["key"]), "--tls-ca-cert-file", str(self.certs["ca"]),
+                     "--tls-auth-clients", "yes"]
+        args = [server, *ports, "--bind", HOST, "--requirepass", self.password,
                 "--masterauth", self.password, "--dir", str(self.dir), "--save", "", "--appendonly", "no",
                 "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru",
                 "--proto-max-bulk-len", "1gb", "--client-query-buffer-limit", "1gb", "--daemonize", "no"]

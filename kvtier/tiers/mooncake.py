@@ -34,6 +34,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -203,6 +204,35 @@ class MooncakeTier(Tier):
             self.stats.extra["short_circuited"] += short_circuited
             self.stats.extra["breaker_trips"] += breaker_trips
 
+    def _pipelined(self, todo: list[int], start: Callable[[list[int], list[int]], Future[list[int]] | None],
+                   finish: Callable[[list[int], list[int], list[int]], None]) -> None:
+        """Move ``todo`` (indexes into the caller's lists) in rounds of at most half the arena.
+
+        ``start(batch, slots)`` fills slots if needed and submits the Mooncake call; while it is
+        in flight the next round is started, so copying and checksumming one round overlaps the
+        transfer of the other.  ``finish(batch, slots, codes)`` reads the results of a round
+        whose call succeeded; its slots are freed once the call has really ended.
+        """
+        per_round = max(1, self.num_slots // 2)
+        inflight: deque[tuple[list[int], list[int], Future[list[int]] | None]] = deque()
+        while todo or inflight:
+            if todo and len(inflight) < 2:
+                slots = self._take_slots(min(per_round, len(todo)))
+                if slots:
+                    batch, todo = todo[:len(slots)], todo[len(slots):]
+                    inflight.append((batch, slots, start(batch, slots)))
+                    continue
+                self._count(errors=len(todo))  # no staging memory within timeout_s: give up on the rest
+                todo = []
+                continue
+            batch, slots, future = inflight.popleft()
+            codes = self._wait(len(batch), future)
+            try:
+                if codes is not None:
+                    finish(batch, slots, codes)
+            finally:
+                self._release(future, slots)
+
     # --- staging slots ------------------------------------------------------------------------
     def _take_slots(self, want: int) -> list[int]:
         """Up to ``want`` free slots (at least one), waiting at most ``timeout_s``; [] if none."""
@@ -253,24 +283,17 @@ class MooncakeTier(Tier):
             if key in self._known or room >= payloads[i].nbytes:
                 room -= 0 if key in self._known else payloads[i].nbytes
                 todo.append(i)
-        while todo:
-            slots = self._take_slots(len(todo))
-            if not slots:
-                self._count(errors=len(todo))
-                break
-            batch, todo = todo[:len(slots)], todo[len(slots):]
-            for s, i in zip(slots, batch, strict=False):
+        def start(batch: list[int], slots: list[int]) -> Future[list[int]] | None:
+            for s, i in zip(slots, batch, strict=True):
                 view = self._slot(s)
                 view[:HEADER_BYTES] = np.frombuffer(encode_header(keys[i], self.layout.fingerprint, payloads[i]),
                                                     dtype=np.uint8)
                 view[HEADER_BYTES:] = payloads[i]
             names = [self.object_key(keys[i]) for i in batch]
-            ptrs = [self._ptr(s) for s in slots[:len(batch)]]
-            future = self._submit(len(batch), partial(_batch_put_from, names, ptrs, self.slot_bytes))
-            codes = self._wait(len(batch), future)
-            self._release(future, slots)
-            if codes is None:
-                continue
+            return self._submit(len(batch), partial(_batch_put_from, names, [self._ptr(s) for s in slots],
+                                                    self.slot_bytes))
+
+        def finish(batch: list[int], slots: list[int], codes: list[int]) -> None:
             self._judge(codes)
             with self._lock:
                 for i, code in zip(batch, codes, strict=True):
@@ -278,6 +301,8 @@ class MooncakeTier(Tier):
                         ok[i] = True
                         self._known.add(keys[i])
                         self.stats.bytes_written += payloads[i].nbytes
+
+        self._pipelined(todo, start, finish)
         return ok
 
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
@@ -289,24 +314,18 @@ class MooncakeTier(Tier):
         ok = [False] * len(keys)
         if not self._reachable(len(keys)):
             return ok
-        todo = list(range(len(keys)))
         corrupt: list[ChunkKey] = []
-        while todo:
-            slots = self._take_slots(len(todo))
-            if not slots:
-                self._count(errors=len(todo))
-                break
-            batch, todo = todo[:len(slots)], todo[len(slots):]
+
+        def start(batch: list[int], slots: list[int]) -> Future[list[int]] | None:
             names = [self.object_key(keys[i]) for i in batch]
-            ptrs = [self._ptr(s) for s in slots[:len(batch)]]
-            future = self._submit(len(batch), partial(_batch_get_into, names, ptrs, self.slot_bytes))
-            codes = self._wait(len(batch), future)
-            try:
-                if codes is not None:
-                    self._judge(codes)
-                    corrupt += self._unpack(keys, outs, ok, batch, slots, codes)
-            finally:
-                self._release(future, slots)
+            return self._submit(len(batch), partial(_batch_get_into, names, [self._ptr(s) for s in slots],
+                                                    self.slot_bytes))
+
+        def finish(batch: list[int], slots: list[int], codes: list[int]) -> None:
+            self._judge(codes)
+            corrupt.extend(self._unpack(keys, outs, ok, batch, slots, codes))
+
+        self._pipelined(list(range(len(keys))), start, finish)
         if corrupt:
             self._count(corrupt=len(corrupt))
             self.delete_many(corrupt)

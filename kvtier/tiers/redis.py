@@ -87,7 +87,7 @@ class RedisTier(Tier):
         self._values = _ValueBuffers(HEADER_BYTES + layout.chunk_bytes, keep_bytes=self.config.staging_bytes)
         self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0)
         if not self.config.cluster:
-            client = redis.Redis.from_url(self.config.url, **self._client_kwargs())
+            client = redis.Redis.from_url(self.url, **self._client_kwargs())
             self._shards["standalone"] = _Shard("standalone", client, CircuitBreaker(self.config.breaker, clock=clock))
 
     # --- connection set-up --------------------------------------------------------------------
@@ -101,10 +101,16 @@ class RedisTier(Tier):
         if c.password is not None:
             kw["password"] = c.password
         tls = {"ssl_ca_certs": c.tls_ca_file, "ssl_certfile": c.tls_cert_file, "ssl_keyfile": c.tls_key_file}
-        if any(tls.values()) or c.url.startswith("rediss://"):
-            kw["ssl"] = True
-            kw.update({k: v for k, v in tls.items() if v is not None})
+        kw.update({k: v for k, v in tls.items() if v is not None})  # the rediss:// scheme turns TLS on
         return kw
+
+    @property
+    def url(self) -> str:
+        """The server URL; ``rediss://`` (TLS) whenever a TLS file is configured."""
+        c = self.config
+        if (c.tls_ca_file or c.tls_cert_file or c.tls_key_file) and c.url.startswith("redis://"):
+            return "rediss://" + c.url[len("redis://"):]
+        return c.url
 
     def _cluster_client(self) -> RedisCluster | None:
         """The cluster client, built on first use (and retried after a backoff if that failed)."""
@@ -115,7 +121,7 @@ class RedisTier(Tier):
         try:
             kw = self._client_kwargs()
             kw.pop("max_connections")  # RedisCluster sizes its node pools itself
-            cluster: RedisCluster = RedisCluster.from_url(self.config.url, require_full_coverage=False, **kw)
+            cluster: RedisCluster = RedisCluster.from_url(self.url, require_full_coverage=False, **kw)
         except (*_SHARD_DOWN, redis.RedisError, RedisClusterException) as exc:
             self._cluster_breaker.record_failure()
             log.warning("Redis Cluster at %s unreachable: %s", self.config.url, exc)
@@ -252,25 +258,28 @@ class RedisTier(Tier):
     def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(payloads):
             raise ValueError("put_many needs one payload per key")
-        values: list[np.ndarray | None] = []
         room = self.capacity_bytes - self.used_bytes
-        for key, payload in zip(keys, payloads, strict=True):
+        todo: list[int] = []
+        for i, (key, payload) in enumerate(zip(keys, payloads, strict=True)):
             self.layout.check_payload(payload)
             if key not in self._known and room < payload.nbytes:
-                values.append(None)  # over this process's budget: refused, nothing sent
-                continue
+                continue  # over this process's budget: refused, nothing sent
             room -= 0 if key in self._known else payload.nbytes
-            values.append(self._values.encode(key, self.layout.fingerprint, payload))
+            todo.append(i)
         ttl = self.config.ttl_s
-        todo = [i for i, v in enumerate(values) if v is not None]
+        used: list[np.ndarray] = []  # value buffers to give back (list.append is atomic)
 
         def queue(pipe: Any, j: int, rkey: bytes) -> None:
-            pipe.set(rkey, values[todo[j]].data, ex=ttl)  # type: ignore[union-attr]
+            # Encoding here, in the shard's thread, overlaps it with the other shards' sends.
+            i = todo[j]
+            value = self._values.encode(keys[i], self.layout.fingerprint, payloads[i])
+            used.append(value)
+            pipe.set(rkey, value.data, ex=ttl)
 
         try:
             replies = self._batch([keys[i] for i in todo], queue)
         finally:
-            self._values.give([v for v in values if v is not None])
+            self._values.give(used)
         ok = [False] * len(keys)
         with self._lock:
             for i, reply in zip(todo, replies, strict=True):

@@ -121,6 +121,25 @@ def test_acl_user_is_confined_to_its_prefix(redis_standalone: RedisServer, small
     denied.close()
 
 
+def test_tls_options_pass_through(small_layout: KVLayout) -> None:
+    with RedisServer(tls=True) as server:
+        c = server.certs
+        tier = RedisTier(small_layout, redis_config(server, tls_ca_file=str(c["ca"]), tls_cert_file=str(c["cert"]),
+                                                    tls_key_file=str(c["key"])))
+        (key,), (payload,) = make_keys(small_layout, 1), make_payloads(small_layout, 1)
+        out = _buf(small_layout)
+        assert tier.put(key, payload) and tier.get_into(key, out)
+        np.testing.assert_array_equal(out, payload)
+        no_client_cert = RedisTier(small_layout, redis_config(server, tls_ca_file=str(c["ca"])))
+        assert not no_client_cert.put(key, payload)  # the server demands a client certificate: a miss
+        assert no_client_cert.stats.errors == 1
+        wrong_ca = RedisTier(small_layout, redis_config(server, tls_ca_file=str(c["cert"]),
+                                                        tls_cert_file=str(c["cert"]), tls_key_file=str(c["key"])))
+        assert not wrong_ca.get_into(key, out)  # the server's certificate does not verify
+        for t in (tier, no_client_cert, wrong_ca):
+            t.close()
+
+
 def _wait_for(predicate: object, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
