@@ -9,7 +9,8 @@ Data path: the tier owns one staging arena of ``staging_bytes`` (whole slots of 
 registered once with ``register_buffer`` so Mooncake's transfer engine moves bytes straight
 between the arena and the storage nodes (``batch_put_from`` / ``batch_get_into``: no copies
 inside Mooncake).  A put copies header + payload into a slot (the value must be contiguous); a
-get validates the slot and copies the payload out.  Batches larger than the arena go in rounds.
+get validates the slot and copies the payload out.  A batch goes in rounds of at most half the
+arena, two rounds in flight, so the copy and checksum of one round overlap the other's transfer.
 
 Faults: the Mooncake client retries internally for seconds when the master is gone, and its
 ``setup`` blocks for about 90 s, so every call runs on a small worker pool and the tier waits
