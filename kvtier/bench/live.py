@@ -14,8 +14,8 @@ unique to the request.  Ids are in ``[100, vocab)`` to stay clear of special tok
 
 Session ordering is the trace's: with ``--time-scale`` < 1 a turn may be sent before the
 previous one of its session has finished (the "original timing" replay of kv-cache-tester).
-If the server exposes vLLM's Prometheus counters (``/metrics``), the prefix-cache hit rate over
-the run is read from them.
+If the server exposes vLLM's Prometheus counters (``/metrics``), the hit rates over the run of
+its own prefix cache and of its KV connector (kvtier: "external" prefix cache) are read from them.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def prefix_cache_counters(endpoint: str) -> dict[str, float]:
     except (OSError, urllib.error.URLError):
         return {}
     out: dict[str, float] = {}
-    for name in ("prefix_cache_queries", "prefix_cache_hits"):
+    for name in ("prefix_cache_queries", "prefix_cache_hits",  # the engine's own (GPU) prefix cache
+                 "external_prefix_cache_queries", "external_prefix_cache_hits"):  # a KV connector's (kvtier)
         values = re.findall(rf"^vllm:{name}(?:_total)?(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
         if values:
             out[name] = sum(float(v) for v in values)
@@ -188,6 +189,8 @@ def run_live(requests: Sequence[Request], args: argparse.Namespace, *, title: st
     q = doc["engine_prefix_cache"]
     if q.get("prefix_cache_queries"):
         doc["engine_prefix_hit_rate"] = q.get("prefix_cache_hits", 0.0) / q["prefix_cache_queries"]
+    if q.get("external_prefix_cache_queries"):
+        doc["connector_hit_rate"] = q.get("external_prefix_cache_hits", 0.0) / q["external_prefix_cache_queries"]
     print(json.dumps({k: v for k, v in doc.items() if k != "ttft_by_context"}, indent=2, default=float))
     if args.json:
         doc["results"] = [asdict(r) for r in results]
