@@ -109,6 +109,11 @@ def miss_penalty(run: RunResult, cost: CostModel) -> dict[str, dict[str, float]]
     return out
 
 
+def _g2(per_tier: dict[str, Any]) -> Any:
+    """The G2 (DRAM) entry of a per-tier dict; the only entry for the reference runs."""
+    return per_tier.get("dram", next(iter(per_tier.values()), 0))
+
+
 def print_table(title: str, rows: Sequence[dict[str, Any]], baseline: dict[str, Any] | None = None) -> None:
     from rich.table import Table
 
@@ -119,9 +124,9 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], baseline: dict[str, 
     base_p50 = baseline["ttft_p50_s"] if baseline else float("nan")
     for m in rows:
         tiers = " ".join(f"{n}={v * 100:.1f}" for n, v in m["hit_rate_tokens_per_tier"].items())
-        g2 = next(iter(m["tier_bytes"].values()), None)
+        g2 = m["tier_bytes"].get("dram")
         moved = f"{fmt_bytes(g2['bytes_read'])} / {fmt_bytes(g2['bytes_written'])}" if g2 else "-"
-        cap = next(iter(m["capacity"].values()), 0)
+        cap = _g2(m["capacity"])
         table.add_row(m["label"], fmt_bytes(cap), f"{m['hit_rate_tokens'] * 100:.1f}", tiers,
                       f"{m['hit_rate_requests'] * 100:.1f}", f"{m['ttft_p50_s']:.3f}", f"{m['ttft_p90_s']:.3f}",
                       f"{m['ttft_p99_s']:.3f}", f"{base_p50 / m['ttft_p50_s']:.2f}x", moved, f"{m['sim_wall_s']:.2f}")
@@ -166,11 +171,11 @@ def plot_hit_rate(path: str | Path, rows: Sequence[dict[str, Any]], ideal: float
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for policy in dict.fromkeys(m["policy"] for m in rows):
-        pts = sorted((next(iter(m["capacity"].values())), m) for m in rows if m["policy"] == policy)
+        pts = sorted(((_g2(m["capacity"]), m) for m in rows if m["policy"] == policy), key=lambda p: p[0])
         xs = [p[0] / 2**30 for p in pts]
         line = ax.plot(xs, [p[1]["hit_rate_tokens"] * 100 for p in pts], marker="o", label=policy)[0]
         if len(pts[0][1]["capacity"]) > 1:
-            g2 = [next(iter(p[1]["hit_rate_tokens_per_tier"].values())) * 100 for p in pts]
+            g2 = [_g2(p[1]["hit_rate_tokens_per_tier"]) * 100 for p in pts]
             ax.plot(xs, g2, linestyle="--", color=line.get_color(), label=f"{policy} (G2 only)")
     ax.axhline(ideal * 100, color="black", linestyle=":", label="infinite cache")
     ax.set_xscale("log")

@@ -44,6 +44,14 @@ def test_agentic_cli(tmp_path: Path) -> None:
     assert doc["workload"]["requests"] >= 18 and doc["chunk_tokens"] == 256
     assert doc["runs"][0]["capacity"] == {"dram": 1 << 30}
     assert doc["ideal"]["hit_rate_tokens"] > 0.5  # shared system prompt + growing contexts
+    rc = main(["bench", "agentic", "--sessions", "3", "--turns", "6", "--system-tokens", "3000", "--hbm", "16GiB",
+               "--dram", "16GiB", "--policy", "lru", "--json", str(out), "--plot-dir", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    run = doc["runs"][1]
+    assert list(run["capacity"]) == ["hbm", "dram"] and run["hit_rate_tokens_per_tier"]["hbm"] > 0
+    assert doc["working_set_bytes"] < 16 << 30
+    assert run["hit_rate_tokens"] == pytest.approx(doc["ideal"]["hit_rate_tokens"])  # 32 GiB holds it all
 
 
 def test_helpers_and_errors(tiny_mooncake: Path, tmp_path: Path) -> None:
