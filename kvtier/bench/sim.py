@@ -33,6 +33,7 @@ import numpy as np
 
 from kvtier.bench.costmodel import CostModel
 from kvtier.bench.workloads.stream import Request, block_keys
+from kvtier.errors import ConfigError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
 from kvtier.tiers.null import NullTier
@@ -64,7 +65,9 @@ def prepare(requests: Sequence[Request], *, chunk_blocks: int = 1) -> Workload:
     block sizes are fine as long as they divide the chunk size.
     """
     if not requests:
-        raise ValueError("empty request stream")
+        raise ConfigError("empty request stream: nothing to replay")
+    if chunk_blocks < 1:
+        raise ConfigError(f"chunk_blocks must be >= 1, got {chunk_blocks}")
     chunk_tokens = math.lcm(*{r.block_tokens for r in requests}) * chunk_blocks
     keys = []
     for r in requests:

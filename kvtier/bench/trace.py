@@ -109,6 +109,8 @@ def repeat(requests: Sequence[Request], times: int) -> list[Request]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat must be >= 1, got {args.repeat}")
     requests = repeat(load_paths(args.paths, args.format, limit=args.limit, stagger_s=args.stagger), args.repeat)
     return replay(requests, args, title=", ".join(p.name for p in args.paths))
 
@@ -133,6 +135,8 @@ def capacity(spec: str, working_set: int) -> int:
 
 
 def replay(requests: Sequence[Request], args: argparse.Namespace, *, title: str) -> int:
+    if args.time_scale <= 0 or args.replicas < 0 or args.concurrency < 1 or args.max_output < 1:
+        raise ConfigError("--time-scale must be > 0, --replicas >= 0, --concurrency and --max-output >= 1")
     if args.time_scale != 1.0:
         requests = [dataclasses.replace(r, time_s=r.time_s * args.time_scale) for r in requests]
     if args.mode == "live":

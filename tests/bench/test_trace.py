@@ -61,5 +61,11 @@ def test_helpers_and_errors(tiny_mooncake: Path, tmp_path: Path) -> None:
     assert len(twice) == 12 and twice[6].time_s > twice[5].time_s and twice[6].scope != twice[0].scope
     with pytest.raises(ConfigError):
         load_paths([tmp_path / "missing.jsonl"])
-    with pytest.raises(ConfigError):
-        main(["bench", "trace", str(tiny_mooncake), "--policy", "fifo", "--no-progress"])
+    for bad in (["--policy", "fifo"], ["--chunk-blocks", "0"], ["--time-scale", "0"], ["--repeat", "0"],
+                ["--dram", "lots"]):
+        with pytest.raises(ConfigError):
+            main(["bench", "trace", str(tiny_mooncake), "--no-progress", *bad])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        main(["bench", "trace", str(empty), "--no-progress"])
