@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # argparse's REMAINDER does not take options ("--turns 3") before a positional
+        return int(importlib.import_module("kvtier.demo").main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "config":

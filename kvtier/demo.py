@@ -45,6 +45,8 @@ def _converse(llm: Any, turns: list[list[int]], system: list[int], answer_tokens
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=answer_tokens, temperature=0.0, detokenize=False, ignore_eos=True)
+    warmup = [7 + i % 1000 for i in range(len(system))]  # one unrelated request: first-request overheads
+    llm.generate([{"prompt_token_ids": warmup}], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
     task = progress.add_task(label, total=len(turns))
     history = list(system)
     rows = []

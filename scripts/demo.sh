@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# kvtier's main job on its embedded default hierarchy (DRAM + disk, no server).
+# kvtier's main job: a multi-turn conversation in vLLM with kvtier embedded (DRAM + disk, no server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/kvtier bench tiers --quick "$@"
+exec .venv/bin/kvtier demo "$@"

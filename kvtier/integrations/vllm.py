@@ -188,7 +188,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self._missing.update(job.keys[loaded:])
             logger.warning("kvtier: request %s: %d of %d planned chunks could not be loaded; vLLM recomputes "
                            "%d blocks", job.req_id, len(job.keys) - loaded, len(job.keys), len(failed))
-        tokens = sum(1 for b in job.block_ids[:loaded * m] if b >= 0) * paged.geometry.block_size
+        tokens = max(0, min(job.end, job.first_token + loaded * self.layout.tokens_per_chunk) - job.start)
         per_tier = {f"hit_tokens_{t.name}": (t.stats.hits - before) * self.layout.tokens_per_chunk
                     for t, before in zip(memory.tiers, hits_before, strict=True)}
         self._count(load_chunks=loaded, load_tokens=tokens, load_bytes=loaded * self.layout.chunk_bytes,

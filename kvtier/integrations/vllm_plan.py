@@ -16,11 +16,12 @@ answer costs time, never correctness; the worker also sends the failed keys back
 
 Plans, per request (``RequestState``):
 
-* load: in ``get_num_new_matched_tokens`` the longest kvtier prefix is capped to whole vLLM
-  blocks and to ``num_tokens - 1`` (vLLM must compute at least one token); tokens beyond what
-  vLLM's own prefix cache computed are loaded, as whole chunks read from kvtier with only the
-  blocks past ``num_computed_tokens`` written (a chunk may be partly covered by vLLM's cache,
-  and the capped last chunk is written only up to the cap).
+* load: in ``get_num_new_matched_tokens`` the longest kvtier prefix is capped to
+  ``num_tokens - 1`` (vLLM must compute at least one token to sample from); the tokens beyond
+  what vLLM's own prefix cache computed (a whole number of blocks) are loaded, as whole chunks
+  read from kvtier with only the blocks overlapping ``[num_computed_tokens, cap)`` written.  The
+  last written block may extend past the cap: its extra slots get the right KV anyway (same
+  prefix) and the forward overwrites them, so a full hit recomputes one token, not one block.
 * save: in ``build_connector_meta``, every chunk that becomes complete in this step (all its
   tokens computed: prompt *and* generated tokens, so a conversation's next turn hits on the
   answer too) and that kvtier does not already hold is saved by the worker at the end of the
@@ -45,6 +46,9 @@ from kvtier.tiers.base import Tier
 @dataclass(frozen=True, slots=True)
 class LoadJob:
     req_id: str
+    first_token: int  # token index where keys[0] starts (a multiple of tokens_per_chunk)
+    start: int  # tokens [start, end) are the ones vLLM takes from this load
+    end: int
     keys: tuple[ChunkKey, ...]  # chunks to read, in prefix order
     block_ids: tuple[int, ...]  # blocks_per_chunk ids per chunk; -1 = vLLM computed it already, skip
 
@@ -142,8 +146,8 @@ class Planner:
         state = self.requests.get(request.request_id)
         if state is None or state.request is not request:
             state = self.requests[request.request_id] = RequestState(request)
-        limit = (request.num_tokens - 1) // self.block_size * self.block_size
-        keys = self._keys(state, limit + self.chunk - 1)  # chunks overlapping [0, limit)
+        limit = request.num_tokens - 1
+        keys = self._keys(state, request.num_tokens)  # full chunks; the one holding the last token is capped
         hit = min(self.directory.longest_prefix(keys) * self.chunk, limit)
         state.load = (num_computed_tokens, hit) if hit > num_computed_tokens else None
         return hit - num_computed_tokens if state.load else 0
@@ -192,8 +196,8 @@ class Planner:
             keys = self._keys(state, last * c)[first:]
             table = state.block_ids[first * m:last * m]
             table += [-1] * (len(keys) * m - len(table))  # blocks past `end` may be unallocated: never written
-            ids = [b if start <= j * bs < end else -1 for j, b in enumerate(table, start=first * m)]
-            loads.append(LoadJob(state.request.request_id, tuple(keys), tuple(ids)))
+            ids = [b if j * bs < end and (j + 1) * bs > start else -1 for j, b in enumerate(table, start=first * m)]
+            loads.append(LoadJob(state.request.request_id, first * c, start, end, tuple(keys), tuple(ids)))
         # tokens whose KV exists after this step and whose ids are known (async scheduling: not yet)
         ready = min(computed_after_step, state.request.num_tokens)
         keys = self._keys(state, ready)

@@ -40,7 +40,7 @@ HITS: list[tuple[str, int]] = [
     ("all chunks shared, partial last chunk", 256),  # A[:300]: chunks 0-1 (256 tokens) + 44 computed
     ("4 of 5 chunks shared", 512),  # A[:650]: chunks 0-3 saved by A[:520]
     ("nothing shared", 0),  # C
-    ("prompt = 2 whole chunks: last one capped", 192),  # A[:256]: at least 1 token must be computed
+    ("prompt = 2 whole chunks: last one capped", 255),  # A[:256]: at least 1 token must be computed
     ("diverges inside chunk 1", 128),  # A[:130] + D
     ("shares a chunk holding generated tokens", 128),  # E + E's first 4 answer tokens + F
 ]

@@ -76,10 +76,10 @@ def test_last_chunk_is_capped_so_one_token_is_computed() -> None:
     tokens = list(range(1, 17))
     planner.directory.add(chunk_keys(tokens, tokens_per_chunk=8, namespace=NS))
     req = Req("c", tokens)  # 16 tokens = 2 whole chunks, but the last token must be computed
-    assert planner.match(req, 0) == 12
-    planner.allocated(req, 12)
-    loads, _ = planner.build(Out([NewReq("c", ([5, 6, 7, 8],), 0)], {"c": 4}))
-    assert loads[0].block_ids == (5, 6, 7, -1)
+    assert planner.match(req, 0) == 15
+    planner.allocated(req, 15)
+    loads, _ = planner.build(Out([NewReq("c", ([5, 6, 7, 8],), 0)], {"c": 1}))
+    assert loads[0].block_ids == (5, 6, 7, 8) and (loads[0].start, loads[0].end) == (0, 15)
 
 
 def test_generated_tokens_fill_chunks_that_are_saved() -> None:
