@@ -434,7 +434,9 @@ def main() -> int:
                     chosen = "load" if plan is not None and plan.load_chunks > 0 else "recompute"
                     row.update({"auto_s": seconds, "auto_choice": chosen, "auto_loaded_tokens": res.loaded_tokens,
                                 "measured_faster": faster, "choice_correct": chosen == faster,
-                                "est_load_total_s": plan.est_total_s if plan else None,
+                                "est_load_all_s": cost.links[0].seconds(n * layout.bytes_per_token)
+                            + prefill.seconds(n, suffix),
+                            "est_chosen_s": plan.est_total_s if plan else None,
                                 "est_recompute_s": plan.est_recompute_s if plan else None})
                     del res
                     free(device)

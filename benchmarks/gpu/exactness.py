@@ -65,11 +65,18 @@ def check(model: Any, lm: KVTierLM, ids: torch.Tensor, n: int, steps: int) -> di
     result = {"cached_tokens": n, "loaded_tokens": hit.loaded_tokens, "kv_bitwise_equal": bitwise,
               "hit_vs_floor": diff(hit.logits[0, -1], floor), "hit_vs_recompute": diff(hit.logits[0, -1], ref),
               "floor_vs_recompute": diff(floor, ref)}
+    result["suffix_kv_bitwise_equal_hit_vs_floor"] = all(
+        torch.equal(h.keys, f.keys) and torch.equal(h.values, f.values)
+        for h, f in zip(hit.cache.layers, floor_cache.layers, strict=True))
+    floor_copy = DynamicCache()  # the same cache twice: is decoding itself deterministic?
+    for layer_idx, layer in enumerate(floor_cache.layers):
+        floor_copy.update(layer.keys.clone(), layer.values.clone(), layer_idx)
     g_hit = greedy(model, hit.cache, hit.logits[0, -1].argmax(), steps)
     g_floor = greedy(model, floor_cache, floor.argmax(), steps)
+    g_floor2 = greedy(model, floor_copy, floor.argmax(), steps)
     g_ref = greedy(model, full, ref.argmax(), steps)
     result["greedy"] = {"steps": steps, "hit_equals_floor": g_hit == g_floor, "hit_equals_recompute": g_hit == g_ref,
-                        "floor_equals_recompute": g_floor == g_ref,
+                        "floor_equals_recompute": g_floor == g_ref, "floor_equals_floor_repeat": g_floor == g_floor2,
                         "first_divergence_hit_vs_recompute": next(
                             (i for i, (a, b) in enumerate(zip(g_hit, g_ref, strict=True)) if a != b), None),
                         "hit": g_hit, "floor": g_floor, "recompute": g_ref}
