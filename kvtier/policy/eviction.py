@@ -67,6 +67,52 @@ class LRUPolicy(EvictionPolicy):
         return len(self._order)
 
 
+class PrefixLRUPolicy(LRUPolicy):
+    """LRU that, within one request's prefix, evicts the deepest chunk first.
+
+    The hierarchy reads a hit prefix root to leaf (chunk 0 first), so plain LRU leaves the
+    *root* as the oldest chunk of a conversation and evicts it first, which strands every
+    deeper chunk (a prefix lookup stops at the first miss).  Here a burst of consecutive reads
+    (no insert, removal or eviction in between, and no key read twice) is reordered when it
+    ends: last read oldest, first read newest, so a conversation shrinks from its tail and
+    keeps a reusable prefix.  Engines order their own free block queues the same way.
+    """
+
+    name = "lru-prefix"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._burst: list[ChunkKey] = []  # keys read since the burst began, in read order
+        self._in_burst: set[ChunkKey] = set()
+
+    def access(self, key: ChunkKey) -> None:
+        if key in self._order:
+            if key in self._in_burst:  # a key read again: a new request's prefix began
+                self._end_burst()
+            self._order.move_to_end(key)
+            self._burst.append(key)
+            self._in_burst.add(key)
+
+    def _end_burst(self) -> None:
+        for key in reversed(self._burst):
+            if key in self._order:
+                self._order.move_to_end(key)
+        self._burst.clear()
+        self._in_burst.clear()
+
+    def insert(self, key: ChunkKey, size: int) -> None:
+        self._end_burst()
+        super().insert(key, size)
+
+    def remove(self, key: ChunkKey) -> None:
+        self._end_burst()
+        super().remove(key)
+
+    def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
+        self._end_burst()
+        return super().pop_victim(evictable)
+
+
 class S3FIFOPolicy(EvictionPolicy):
     """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO, a ghost FIFO.
 
@@ -141,6 +187,7 @@ class S3FIFOPolicy(EvictionPolicy):
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRUPolicy,
+    "lru-prefix": PrefixLRUPolicy,
     "s3fifo": S3FIFOPolicy,
 }
 
