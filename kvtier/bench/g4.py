@@ -150,8 +150,8 @@ def bench_redis(engine: str, url: str, password: str | None, cluster: bool, w: W
             for name in names[b]:
                 pipe.get(name)
             values = pipe.execute()
-            if any(v is None for v in values):
-                raise RuntimeError(f"{engine}: raw GET missed")
+            if any(not isinstance(v, bytes) or len(v) != w.layout.chunk_bytes for v in values):
+                raise RuntimeError(f"{engine}: raw GET missed or returned a wrong size")
 
     def raw_delete(names: list[str]) -> None:
         pipe = raw.pipeline(transaction=False) if not cluster else raw.pipeline()

@@ -293,7 +293,7 @@ class MooncakeServers(_Managed):
             [master, f"--rpc_port={self.rpc_port}", f"--rpc_address={HOST}", "--enable_http_metadata_server=true",
              f"--http_metadata_server_host={HOST}", f"--http_metadata_server_port={self.http_port}",
              f"--metrics_port={self.metrics_port}", "--metrics_host=127.0.0.1", "--rpc_thread_num=4",
-             "--default_kv_lease_ttl=500", "--logtostderr=true"],
+             "--logtostderr=true"],
             stdout=log.open("ab"), stderr=subprocess.STDOUT)
         _wait_port(self.rpc_port, self.master, 15.0, "mooncake_master", log)
         _wait_port(self.http_port, self.master, 15.0, "mooncake_master HTTP metadata server", log)
