@@ -173,7 +173,8 @@ def plot_hit_rate(path: str | Path, rows: Sequence[dict[str, Any]], ideal: float
     for policy in dict.fromkeys(m["policy"] for m in rows):
         pts = sorted(((_g2(m["capacity"]), m) for m in rows if m["policy"] == policy), key=lambda p: p[0])
         xs = [p[0] / 2**30 for p in pts]
-        line = ax.plot(xs, [p[1]["hit_rate_tokens"] * 100 for p in pts], marker="o", label=policy)[0]
+        name = "Belady MIN at G2 capacity" if policy == "belady" else policy
+        line = ax.plot(xs, [p[1]["hit_rate_tokens"] * 100 for p in pts], marker="o", label=name)[0]
         if len(pts[0][1]["capacity"]) > 1:
             g2 = [_g2(p[1]["hit_rate_tokens_per_tier"]) * 100 for p in pts]
             ax.plot(xs, g2, linestyle="--", color=line.get_color(), label=f"{policy} (G2 only)")
