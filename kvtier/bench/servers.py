@@ -168,7 +168,18 @@ class RedisServer(_Managed):
             self.proc.kill()
             self.proc.wait(5)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections stay open, nothing answers) until ``resume``."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
         _stop(self.proc)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -314,12 +325,22 @@ class MooncakeServers(_Managed):
             self.master.kill()
             self.master.wait(5)
 
+    def pause_master(self) -> None:
+        """SIGSTOP: the master hangs (connections open, no answers) until ``resume_master``."""
+        if self.master is not None:
+            self.master.send_signal(signal.SIGSTOP)
+
+    def resume_master(self) -> None:
+        if self.master is not None:
+            self.master.send_signal(signal.SIGCONT)
+
     def restart_master(self) -> None:
         """A fresh master on the same ports (its metadata, and so every object, is gone)."""
         self.kill_master()
         self.start_master()
 
     def stop(self) -> None:
+        self.resume_master()
         _stop(self.storage)
         _stop(self.master)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -124,3 +124,27 @@ def test_tier_built_while_master_is_down_connects_later(small_layout: KVLayout) 
         assert _wait_for(lambda: tier.put(key, payload))
         assert tier.get_into(key, _buf(small_layout))
         tier.close()
+
+
+def test_hung_master_costs_bounded_waits_then_answers_at_once(small_layout: KVLayout) -> None:
+    with MooncakeServers(segment_size="64MB") as servers:
+        tier = MooncakeTier(small_layout, mooncake_config(servers, timeout_s=0.5))
+        keys, payloads = make_keys(small_layout, 3), make_payloads(small_layout, 3)
+        assert all(tier.put_many(keys, payloads))
+        servers.pause_master()
+        try:
+            outs = [_buf(small_layout) for _ in keys]
+            waits = []
+            for _ in range(6):
+                t0 = time.monotonic()
+                assert tier.get_many_into(keys, outs) == [False] * 3
+                waits.append(time.monotonic() - t0)
+            assert max(waits) < 0.5 + 0.3  # never longer than timeout_s (+ scheduling slack)
+            assert all(w < 0.05 for w in waits[2:])  # open breaker after 2 overruns: at once
+            assert tier.stats.errors >= 2 * 3
+        finally:
+            servers.resume_master()
+        assert _wait_for(lambda: tier.get_many_into(keys, outs) == [True] * 3)  # same master: data kept
+        for o, p in zip(outs, payloads, strict=True):
+            np.testing.assert_array_equal(o, p)
+        tier.close()

@@ -197,3 +197,33 @@ def test_cluster_shard_killed_mid_run_then_restarted(small_layout: KVLayout) -> 
         for o, p in zip(outs, payloads, strict=True):
             np.testing.assert_array_equal(o, p)
         tier.close()
+
+
+def test_hung_server_costs_two_timeouts_then_answers_at_once(small_layout: KVLayout) -> None:
+    with RedisServer() as server:
+        tier = RedisTier(small_layout, redis_config(server, socket_timeout_s=0.3))
+        keys, payloads = make_keys(small_layout, 3), make_payloads(small_layout, 3)
+        assert all(tier.put_many(keys, payloads))
+        server.pause()
+        try:
+            waits = []
+            for _ in range(6):
+                t0 = time.monotonic()
+                assert tier.contains_many(keys) == [False] * 3
+                waits.append(time.monotonic() - t0)
+            assert all(w >= 0.25 for w in waits[:2])  # failure_threshold=2 socket timeouts...
+            assert all(w < 0.05 for w in waits[2:])  # ...then the open breaker answers at once
+        finally:
+            server.resume()
+        assert _wait_for(lambda: tier.contains_many(keys) == [True] * 3)  # recovers by itself
+        tier.close()
+
+
+def test_capacity_is_this_process_budget(small_layout: KVLayout, redis_standalone: RedisServer) -> None:  # noqa: F811
+    tier = RedisTier(small_layout, redis_config(redis_standalone, capacity=2 * small_layout.chunk_bytes))
+    keys, payloads = make_keys(small_layout, 3), make_payloads(small_layout, 3)
+    assert tier.put_many(keys, payloads) == [True, True, False]
+    assert tier.put(keys[0], payloads[0])  # an overwrite needs no room
+    assert tier.contains_many(keys) == [True, True, False]
+    assert tier.delete(keys[0]) and tier.put(keys[2], payloads[2])
+    tier.close()
