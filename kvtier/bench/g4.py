@@ -117,8 +117,8 @@ def _measure(engine: str, w: Workload, repeat: int, tier: Tier,
     rows = []
     for op in ("put", "get"):
         kv, raw = statistics.median(times[("kvtier", op)]), statistics.median(times[("raw", op)])
-        rows.append({"tier": engine, "op": op, "chunk_bytes": w.layout.chunk_bytes, "chunks": w.n,
-                     "batch_chunks": w.batch, "gbps": nbytes / kv / 1e9, "baseline": baseline,
+        rows.append({"tier": engine, "op": op, "shape": w.layout.model, "chunk_bytes": w.layout.chunk_bytes,
+                     "chunks": w.n, "batch_chunks": w.batch, "gbps": nbytes / kv / 1e9, "baseline": baseline,
                      "baseline_gbps": nbytes / raw / 1e9, "ratio": raw / kv})
     return rows
 
