@@ -111,11 +111,13 @@ class KVTierLM:
             plan, want = None, min(hit.num_chunks, (len(ids) - 1) // c)
         with contextlib.ExitStack() as borrows:
             load, loaded = self._fetch(keys[:want], hit.tiers[:want], borrows) if want else (None, 0)
-            cache = LoadedCache(load, loaded * c) if load is not None else DynamicCache()
-            suffix = ids[loaded * c:].to(self.device)[None, :]
-            out = self.model(input_ids=suffix, past_key_values=cache, use_cache=True, **forward_kwargs)
-            if load is not None:
-                load.wait_host()  # the DRAM borrows end here: copies must have read them
+            try:
+                cache = LoadedCache(load, loaded * c) if load is not None else DynamicCache()
+                suffix = ids[loaded * c:].to(self.device)[None, :]
+                out = self.model(input_ids=suffix, past_key_values=cache, use_cache=True, **forward_kwargs)
+            finally:
+                if load is not None:
+                    load.wait_host()  # the DRAM borrows end here: copies must have read them
         if loaded < want:
             log.warning("kvtier: loaded %d of %d planned chunks (a chunk failed to load); "
                         "recomputed the rest", loaded, want)
