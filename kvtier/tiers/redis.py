@@ -21,8 +21,8 @@ caller.  redis-py's own retries are turned off: the breaker is the retry policy.
 moved (MOVED/ASK after a failover or resharding) is a miss and refreshes the slot map.
 
 Consistency: same key means same bytes, so racing writers are harmless.  ``used_bytes`` counts
-the chunks this process wrote or found (the server may evict or expire more).  ``keys()`` scans
-the server (``SCAN MATCH`` on every primary).
+the chunks this process wrote or found (the server may evict or expire more); ``keys()`` yields
+those, ``scan_keys()`` the whole server (``SCAN MATCH`` on every primary).
 """
 
 from __future__ import annotations
@@ -338,7 +338,19 @@ class RedisTier(Tier):
         return [isinstance(r, int) and r > 0 for r in replies]
 
     def keys(self) -> Iterator[ChunkKey]:
-        """Every chunk of this layout on the server(s); a shard that is down is skipped."""
+        """The chunks this process wrote or found.
+
+        Not a server scan on purpose: ``ContextMemory`` indexes ``keys()`` at start-up, and
+        indexing a shared store would make every engine start with a full SCAN of the cluster
+        and let its eviction policy delete other instances' chunks.  Chunks written elsewhere
+        are found by ``contains_many`` probes instead.  ``scan_keys()`` lists the server.
+        """
+        with self._lock:
+            known = list(self._known)
+        yield from known
+
+    def scan_keys(self) -> Iterator[ChunkKey]:
+        """Every chunk of this layout and prefix on the server(s) (``SCAN``); shards down are skipped."""
         if self.config.cluster:
             cluster = self._cluster_client()
             clients = [] if cluster is None else [cluster.get_redis_connection(n) for n in cluster.get_primaries()]

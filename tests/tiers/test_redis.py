@@ -102,6 +102,9 @@ class TestRedisCluster(TestRedisStandalone):
         assert all(tier.put_many(keys, payloads))
         assert len(tier.breakers()) == 3  # every shard was written to
         assert set(tier.keys()) == set(keys)
+        other = RedisTier(layout, tier.config)  # another process, same deployment: finds them by SCAN
+        assert set(other.scan_keys()) == set(keys) and set(other.keys()) == set()
+        other.close()
 
 
 def test_acl_user_is_confined_to_its_prefix(redis_standalone: RedisServer, small_layout: KVLayout) -> None:  # noqa: F811
