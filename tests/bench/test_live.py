@@ -2,8 +2,8 @@
 
 The server is ours (stdlib ``http.server``): it checks what we send and streams chunks with a
 set delay, so these tests check the client's request format, token synthesis, TTFT
-measurement and error handling.  It is not an engine; see docs/benchmarks.md for what was run
-against a real one.
+measurement and error handling.  It is not an engine: test_live_vllm.py replays
+against a real vLLM server.
 """
 
 from __future__ import annotations
