@@ -6,8 +6,9 @@ the chunk format of ``kvtier.codec`` (64-byte header with checksums, then the pa
 with ``SET`` (``EX ttl_s`` when a TTL is configured).  A value failing validation (truncated,
 bit rot, another layout) is deleted, counted in ``stats.corrupt`` and reported as a miss.
 
-Batches go out as one pipeline per shard (``transaction=False``), the shards' pipelines in
-parallel threads, so a batch costs about one round trip per shard.  In Cluster mode the tier
+Batches go out as one pipeline per shard (``transaction=False``): every shard's commands are
+sent before any reply is read, so the shards work in parallel and a batch costs about one
+round trip.  In Cluster mode the tier
 routes keys itself from the cluster's slot map (``RedisCluster.get_node_from_key``) rather than
 through ``RedisCluster``'s own pipeline, so that each shard has its own circuit breaker: when a
 shard dies only its keys turn into misses, and the shards left keep serving.
@@ -31,7 +32,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,6 @@ class RedisTier(Tier):
         self._cluster: RedisCluster | None = None
         self._cluster_breaker = CircuitBreaker(self.config.breaker, clock=clock)  # for (re)building the slot map
         self._last_refresh = -_TOPOLOGY_REFRESH_S
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kvtier-redis")
         self._values = _ValueBuffers(HEADER_BYTES + layout.chunk_bytes, keep_bytes=self.config.staging_bytes)
         self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0)
         if not self.config.cluster:
@@ -197,25 +196,35 @@ class RedisTier(Tier):
         if unrouted:
             self._count(errors=unrouted)
 
-        def run(shard: _Shard, idxs: list[int]) -> None:
+        # Scatter, then gather: send every shard's pipeline before reading any reply, so all
+        # shards work at once from one thread (threads per shard measured slower: GIL churn).
+        sent: list[tuple[_Shard, list[int], Any, Any]] = []  # (shard, idxs, pipeline, connection)
+        for shard, idxs in groups.values():
             if not shard.breaker.allow():
                 self._count(short_circuited=len(idxs))
-                return
+                continue
+            pipe = shard.client.pipeline(transaction=False)
+            for i in idxs:
+                queue(pipe, i, self.redis_key(keys[i]))
+            conn = None
             try:
-                pipe = shard.client.pipeline(transaction=False)
-                for i in idxs:
-                    queue(pipe, i, self.redis_key(keys[i]))
-                replies = pipe.execute(raise_on_error=False)
+                conn = shard.client.connection_pool.get_connection()
+                conn.send_packed_command(conn.pack_commands([args for args, _ in pipe.command_stack]))
             except BaseException as exc:
-                trips = shard.breaker.num_trips
-                shard.breaker.record_failure()
-                self._count(errors=len(idxs), breaker_trips=shard.breaker.num_trips - trips)
+                self._shard_failed(shard, len(idxs), conn, exc)
+                continue
+            sent.append((shard, idxs, pipe, conn))
+        for n, (shard, idxs, pipe, conn) in enumerate(sent):
+            try:
+                replies = [_reply(pipe, conn, args[0], options) for args, options in pipe.command_stack]
+            except BaseException as exc:
+                self._shard_failed(shard, len(idxs), conn, exc)
                 if not isinstance(exc, (*_SHARD_DOWN, redis.RedisError)):
+                    for other_shard, other_idxs, _, other_conn in sent[n + 1:]:  # do not leak them
+                        self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
                     raise
-                log.debug("Redis shard %s failed: %s", shard.name, exc)
-                if self.config.cluster:
-                    self._refresh_topology()
-                return
+                continue
+            shard.client.connection_pool.release(conn)
             shard.breaker.record_success()
             moved = 0
             for i, reply in zip(idxs, replies, strict=True):
@@ -226,14 +235,21 @@ class RedisTier(Tier):
             if moved:
                 self._count(errors=moved)
                 self._refresh_topology()
-
-        work = list(groups.values())
-        if len(work) == 1:
-            run(*work[0])
-        else:
-            for f in [self._pool.submit(run, shard, idxs) for shard, idxs in work]:
-                f.result()
         return results
+
+    def _shard_failed(self, shard: _Shard, n: int, conn: Any, exc: BaseException) -> None:
+        """A request to ``shard`` failed: drop its connection, feed its breaker, count ``n`` errors."""
+        if conn is not None:
+            conn.disconnect()  # replies may be half read: never reuse this connection
+            shard.client.connection_pool.release(conn)
+        trips = shard.breaker.num_trips
+        shard.breaker.record_failure()
+        self._count(errors=n, breaker_trips=shard.breaker.num_trips - trips)
+        if not isinstance(exc, (*_SHARD_DOWN, redis.RedisError)):
+            return  # the caller re-raises (a bug, not a server fault)
+        log.debug("Redis shard %s failed: %s", shard.name, exc)
+        if self.config.cluster:
+            self._refresh_topology()
 
     def _count(self, *, errors: int = 0, short_circuited: int = 0, breaker_trips: int = 0,
                corrupt: int = 0) -> None:
@@ -270,7 +286,6 @@ class RedisTier(Tier):
         used: list[np.ndarray] = []  # value buffers to give back (list.append is atomic)
 
         def queue(pipe: Any, j: int, rkey: bytes) -> None:
-            # Encoding here, in the shard's thread, overlaps it with the other shards' sends.
             i = todo[j]
             value = self._values.encode(keys[i], self.layout.fingerprint, payloads[i])
             used.append(value)
@@ -369,7 +384,6 @@ class RedisTier(Tier):
                     yield key
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         for shard in self._shards.values():
             if not self.config.cluster:
                 shard.client.close()
@@ -411,3 +425,11 @@ class _ValueBuffers:
         buf[:HEADER_BYTES] = np.frombuffer(encode_header(key, fingerprint, payload), dtype=np.uint8)
         buf[HEADER_BYTES:] = payload
         return buf
+
+
+def _reply(pipe: Any, conn: Any, command: Any, options: dict[str, Any]) -> Any:
+    """One pipelined reply, with redis-py's response callbacks; an error reply is returned, not raised."""
+    try:
+        return pipe.parse_response(conn, command, **options)
+    except redis.ResponseError as exc:
+        return exc
