@@ -3,7 +3,7 @@
 ``ConnectorCounters`` is plain data (ints and floats by name) kept by the worker side:
 
     load_chunks / load_tokens / load_bytes / load_s   chunks read from kvtier into vLLM blocks
-    hit_tokens_<tier>                                 of those tokens, how many each tier served
+    hit_tokens_<tier>                                 tokens read from each tier (whole chunks)
     load_failed_chunks                                planned loads that missed or were corrupt
     save_chunks / save_bytes / save_s                 chunks copied out of vLLM blocks into kvtier
     corrupt_<tier>                                    chunks a tier found corrupt (never served)
