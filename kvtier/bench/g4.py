@@ -8,7 +8,8 @@ For 2 MiB and 32 MiB chunks (Llama-3.1-8B KV: 16 and 256 tokens a chunk), each e
   (``RedisCluster.pipeline()`` in cluster mode), or Mooncake ``batch_put_from`` /
   ``batch_get_into`` from and into registered buffers (Mooncake's fastest path).
 
-Rounds alternate raw and kvtier (``--repeat``; medians reported) so a noisy machine moves both;
+Rounds alternate raw and kvtier, each going first in every other round (``--repeat``; medians
+reported), so a noisy machine moves both;
 every round writes fresh keys and deletes them afterwards (untimed).  ``ratio`` = kvtier / raw
 throughput (target >= 0.8).  Redis Cluster runs with 1 and with 3 shards to show scaling.
 
@@ -89,8 +90,8 @@ def _measure(engine: str, w: Workload, repeat: int, tier: Tier,
              raw_put: Callable[[list[str]], None], raw_get: Callable[[list[str]], None],
              raw_delete: Callable[[list[str]], None], name_of: Callable[[Any], str], baseline: str) -> list[Row]:
     times: dict[tuple[str, str], list[float]] = {}
-    for _ in range(repeat):
-        for who in ("raw", "kvtier"):
+    for r in range(repeat):
+        for who in (("raw", "kvtier") if r % 2 == 0 else ("kvtier", "raw")):  # neither always goes first
             keys = w.fresh_keys()
             names = [name_of(k) for k in keys]
             if who == "raw":
