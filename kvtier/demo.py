@@ -20,6 +20,7 @@ import argparse
 import gc
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def main(argv: list[str]) -> int:
 
     console = Console()
     model_dir = args.model_dir or default_cache_dir() / "models" / "demo-random"
+    temporary = args.work_dir is None
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kvtier-demo-"))
     with console.status("building a small random-weight Qwen2 model (once, no download)"):
         build_random_model(model_dir, **DEMO_MODEL)
@@ -120,5 +122,7 @@ def main(argv: list[str]) -> int:
                       f"{a['ttft_s'] / b['ttft_s']:.1f}x", f"{b['cached_tokens']:,}")
     console.print(table)
     same = all(a["answer"] == b["answer"] for a, b in zip(plain, tiered, strict=True))
-    console.print(f"answers identical with and without kvtier: {same}  (kvtier disk tier: {work / 'disk'})")
+    console.print(f"answers identical with and without kvtier: {same}")
+    if temporary:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if same else 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model_dir or default_cache_dir() / "models" / "qwen2.5-0.5b-random"
     with console.status("building the random Qwen2.5-0.5B-shaped model (once)"):
         build_random_model(model_dir, **QWEN2_5_0_5B)
+    temporary = args.work_dir is None
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kvtier-bench-vllm-"))
     work.mkdir(parents=True, exist_ok=True)
     prompts = _prompts(sizes, seed=1)
@@ -112,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"first tokens identical to recompute: {same}; disk-run hits per tier: "
                   f"{ {k: v for k, v in disk_stats.items() if k.startswith('hit_tokens_')} }; logs in {work}")
+    if temporary:  # keep the logs, drop the stored KV (hundreds of MB at 16K)
+        for sub in ("disk", "example"):
+            shutil.rmtree(work / sub, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "outputs_match_recompute": same, "sizes": sizes,
                                          "chunk_tokens": args.chunk_tokens, "model": "qwen2.5-0.5b-shape random fp32",
