@@ -120,7 +120,7 @@ class MooncakeConfig:
 class KVTierConfig:
     chunk_tokens: int = 256
     tiers: tuple[str, ...] = ("dram", "disk")  # top (fastest) first
-    eviction: Literal["lru", "s3fifo"] = "lru"
+    eviction: Literal["lru", "lru-prefix", "s3fifo"] = "lru-prefix"  # see kvtier/policy/eviction.py
     promotion: Literal["always", "never"] = "always"  # copy lower-tier hits into the top tier
     write_through: bool = True  # also write new chunks to persistent/shared tiers, in background
     tenant: str = ""  # salt: different tenants never share chunks

@@ -181,7 +181,7 @@ class HierarchyMachine(RuleBasedStateMachine):
 
     @initialize(dram=st.integers(0, 4), disk=st.sampled_from([3, 6, 1000]),
                 write_through=st.booleans(), promotion=st.sampled_from(["always", "never"]),
-                eviction=st.sampled_from(["lru", "s3fifo"]))
+                eviction=st.sampled_from(["lru", "lru-prefix", "s3fifo"]))
     def setup(self, dram: int, disk: int, write_through: bool, promotion: str, eviction: str) -> None:
         self.disk_chunks = disk
         self.mem = _memory(Path(self._tmp.name), dram, disk, write_through=write_through,
