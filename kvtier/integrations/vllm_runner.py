@@ -8,10 +8,13 @@ connector's DRAM pool) and lets a "second process" share the first one's disk ti
 
 SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
-"kv_cache_gib": float, "reset_prefix_cache": bool, "phases": [[[token ids], ...], ...], "stats_file": path | null}``.
+"kv_cache_gib": float, "num_gpu_blocks": int | null, "batch": bool, "reset_prefix_cache": bool,
+"phases": [[[token ids], ...], ...], "stats_file": path | null}``.
 Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
-``max_tokens`` is 1).  OUT: ``{"startup_s": s, "phases": [{"outputs": [[ids]], "seconds": [s],
-"stats": {...} | null}]}``, stats being the connector's ``stats_file`` after that phase.
+``max_tokens`` is 1), or all in one ``generate`` call with ``batch`` (one time for the phase).
+``num_gpu_blocks`` caps vLLM's KV blocks (to force preemption).
+OUT: ``{"startup_s": s, "phases": [{"outputs": [[ids]], "seconds": [s], "stats": {...} | null}]}``,
+stats being the connector's ``stats_file`` after that phase.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def make_llm(spec: dict[str, Any]) -> Any:
                enable_prefix_caching=spec.get("prefix_caching", False), gpu_memory_utilization=0.3,
                max_num_batched_tokens=spec.get("max_num_batched_tokens", spec.get("max_model_len", 4096)),
                kv_transfer_config=kv_transfer_config(spec.get("connector"), extra),
-               seed=0)
+               num_gpu_blocks_override=spec.get("num_gpu_blocks"), seed=0)
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -67,11 +70,11 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         if i and spec.get("reset_prefix_cache"):
             llm.reset_prefix_cache()  # later phases cannot hit in vLLM's own cache
         outputs, seconds = [], []
-        for prompt in prompts:
+        for batch in [prompts] if spec.get("batch") else [[p] for p in prompts]:
             t = time.perf_counter()
-            (result,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+            results = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
             seconds.append(time.perf_counter() - t)
-            outputs.append(list(result.outputs[0].token_ids))
+            outputs += [list(r.outputs[0].token_ids) for r in results]
         stats = json.loads(Path(stats_file).read_text()) if stats_file and Path(stats_file).exists() else None
         phases.append({"outputs": outputs, "seconds": seconds, "stats": stats})
     return {"startup_s": startup, "phases": phases}

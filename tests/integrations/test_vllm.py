@@ -122,6 +122,20 @@ def test_warm_start_and_corrupt_chunk(tiny_model: Path, tmp_path: Path, referenc
     assert counters["load_failed_chunks"] == 1
 
 
+def test_preemption(tiny_model: Path, tmp_path: Path) -> None:
+    """Too few KV blocks for the batch: vLLM preempts a running request, which on resuming
+    loads the chunks it saved before (prompt and answer) instead of recomputing them."""
+    prompts = [_tokens(20 + i, 300) for i in range(4)]  # 300 + 100 tokens: 7 blocks each; 11 usable
+    tight = {"max_model_len": 640, "num_gpu_blocks": 12, "batch": True, "max_tokens": 100}
+    want = run_vllm(_spec(tiny_model, [prompts], **tight), _mkdir(tmp_path / "ref"), "ref")
+    got = run_vllm(_spec(tiny_model, [prompts], **tight, **_kvtier(tmp_path, tmp_path / "disk")), tmp_path, "kvtier")
+    assert got["phases"][0]["outputs"] == want["phases"][0]["outputs"]
+    counters = got["phases"][0]["stats"]["counters"]
+    # the prompts share nothing: every loaded token is a preempted request's own saved work
+    assert counters["load_tokens"] >= CHUNK
+    assert counters.get("load_failed_chunks", 0) == 0
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
