@@ -14,6 +14,10 @@ Follow a chunk:
   tiers when a copy fails (a corrupt chunk is a miss: never served), and **promotes** lower-tier
   hits into the top tier (``promotion="always"``).
 * ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing).
+* ``store_in_place(keys)`` is ``store`` for a producer that writes the bytes itself (a GPU
+  copy engine): it makes room exactly as ``store`` does (victims demoted), reserves top-tier
+  DRAM slots and hands out writable views of them; ``commit()`` publishes the chunks and starts
+  the write-through.  No staging buffer, no host memcpy.
 
 Threading: index state (``TierIndex``, ``PinSet``) changes under one lock; payload bytes move
 outside it.  A chunk being written is *pending*: lookups do not report it until its bytes are in.
@@ -35,6 +39,7 @@ from kvtier.policy.eviction import make_policy
 from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
+from kvtier.tiers.dram import DramTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,58 @@ class PrefixHit:
         for level in self.tiers:
             counts[level] += 1
         return counts
+
+
+class InPlaceStore:
+    """Chunks being written in place by the caller; from ``ContextMemory.store_in_place``.
+
+    ``views[i]`` is where chunk ``keys[i]``'s bytes go: a reserved slot of the top DRAM tier
+    (written in place, published by ``commit``), a plain host buffer (stored through the
+    ordinary ``store`` path at commit: the top tier is not DRAM, or full of pinned or borrowed
+    chunks), or None (the hierarchy holds the chunk already: write nothing).  Either ``commit``
+    once every write is done, or ``abort``; as a ``with`` block it commits on a normal exit and
+    aborts on an exception.  The views must not be used after either.
+    """
+
+    def __init__(self, memory: ContextMemory, keys: list[ChunkKey], views: list[np.ndarray | None],
+                 reserved: list[ChunkKey], copies: list[int], present: list[ChunkKey]) -> None:
+        self.memory = memory
+        self.keys = keys
+        self.views = views
+        self._reserved = reserved  # keys with a reserved top-tier slot
+        self._copies = copies  # positions whose view is a plain buffer: store() at commit
+        self._present = present  # held already (or duplicates): counted as stored, nothing to write
+        self.stored: int | None = None  # chunks stored, once committed
+        self._open = True
+
+    @property
+    def num_in_place(self) -> int:
+        """How many chunks are written straight into top-tier slots."""
+        return len(self._reserved)
+
+    def commit(self) -> int:
+        """Publish the chunks (their bytes must all be written); returns how many were stored."""
+        if not self._open:
+            raise RuntimeError("this in-place store was committed or aborted already")
+        self._open = False
+        self.stored = self.memory._commit_in_place(self)
+        return self.stored
+
+    def abort(self) -> None:
+        """Drop the reservations: nothing is stored (victims demoted to make room stay demoted)."""
+        if self._open:
+            self._open = False
+            self.memory._abort_in_place(self)
+
+    def __enter__(self) -> InPlaceStore:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            if self._open:
+                self.commit()
+        else:
+            self.abort()
 
 
 class ContextMemory:
@@ -183,7 +240,7 @@ class ContextMemory:
                 if not ok[i]:
                     n = i
                     break
-        self._account_load(keys, served_from[:n], miss_at=n if n < len(keys) else None)
+        self.account_load(keys, served_from[:n], miss_at=n if n < len(keys) else None)
         if self.promotion == "always":
             for i in range(n):
                 if served_from[i] > 0:
@@ -211,7 +268,13 @@ class ContextMemory:
                     self.indexes[level].discard(key)
         return False, failed_level
 
-    def _account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None) -> None:
+    def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
+        """Count hits (and misses) and refresh eviction order for chunks an engine read itself.
+
+        ``load`` calls this; an engine that reads chunks without it (zero-copy ``borrow`` of DRAM
+        slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
+        ``levels[i]``; ``miss_at`` (if not None) says the lookup missed after the served prefix.
+        """
         with self._lock:
             for key, level in zip(keys, levels, strict=False):
                 self.tiers[level].stats.hits += 1
@@ -243,11 +306,99 @@ class ContextMemory:
             if self._insert(0, key, payload):
                 stored.append(key)
         if self.write_through and stored:
-            targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
-            if targets:
-                self._inflight = [f for f in self._inflight if not f.done()]
-                self._inflight.append(self._background.submit(self._write_through, stored, targets))
+            self._write_through_async(stored)
         return len(stored)
+
+    def store_in_place(self, keys: Sequence[ChunkKey]) -> InPlaceStore:
+        """Reserve room for chunks whose bytes the caller writes itself; see ``InPlaceStore``.
+
+        Room is made as ``store`` makes it (the top tier's policy picks victims, which are
+        demoted, never dropped; pinned and pending chunks are never victims), then one slot per
+        chunk is reserved in the top tier when it is a ``DramTier``.  Reserved chunks are
+        *pending*: ``lookup`` does not report them, nor does the tier serve them, until
+        ``commit()``; then the write-through to persistent tiers starts, as after ``store``.
+        """
+        keys = list(keys)
+        size = self.layout.chunk_bytes
+        index, top = self.indexes[0], self.tiers[0]
+        dram = top if isinstance(top, DramTier) else None
+        views: list[np.ndarray | None] = [None] * len(keys)
+        planned: list[int] = []  # positions with room made in the top tier's index
+        copies: list[int] = []  # positions for the ordinary store path, at commit
+        present: list[ChunkKey] = []
+        victims: list[ChunkKey] = []
+        seen: set[ChunkKey] = set()
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key in index or key in seen:  # as store: held (or being written) already
+                    if key in index:
+                        index.touch(key)
+                    present.append(key)
+                    continue
+                seen.add(key)
+                room = None if dram is None else index.plan_room(
+                    size, lambda k: k not in self.pins and (0, k) not in self._pending)
+                if room is None:  # not DRAM, or everything evictable is pinned or pending
+                    copies.append(i)
+                    continue
+                index.add(key, size)  # reserve the space; pending until commit
+                self._pending.add((0, key))
+                self._leaving.update((0, v) for v in room)
+                victims += room
+                planned.append(i)
+        for victim in victims:
+            self._demote(0, victim)
+        if planned:
+            assert dram is not None
+            slots = dram.reserve([keys[i] for i in planned])
+            if slots is None:  # some freed slots are still borrowed: chunk by chunk, as put would
+                got = {i: dram.reserve([keys[i]]) for i in planned}
+                refused = [i for i in planned if got[i] is None]
+                with self._lock:
+                    for i in refused:
+                        self._pending.discard((0, keys[i]))
+                        index.discard(keys[i])
+                copies = sorted(copies + refused)
+                planned = [i for i in planned if got[i] is not None]
+                slots = [view[0] for i in planned if (view := got[i]) is not None]
+            for i, slot in zip(planned, slots, strict=True):
+                views[i] = slot
+        for i in copies:
+            views[i] = np.empty(size, dtype=np.uint8)
+        return InPlaceStore(self, keys, views, [keys[i] for i in planned], copies, present)
+
+    def _commit_in_place(self, op: InPlaceStore) -> int:
+        top = self.tiers[0]
+        if op._reserved:
+            assert isinstance(top, DramTier)
+            top.commit(op._reserved)
+            with self._lock:
+                self._pending.difference_update((0, k) for k in op._reserved)
+        stored = op._reserved + op._present
+        for i in op._copies:  # the ordinary path: make room again, or go below
+            view = op.views[i]
+            assert view is not None
+            if self._insert(0, op.keys[i], view):
+                stored.append(op.keys[i])
+        if self.write_through and stored:
+            self._write_through_async(stored)
+        return len(stored)
+
+    def _abort_in_place(self, op: InPlaceStore) -> None:
+        if op._reserved:
+            top = self.tiers[0]
+            assert isinstance(top, DramTier)
+            top.abort(op._reserved)
+            with self._lock:
+                for key in op._reserved:
+                    self._pending.discard((0, key))
+                    self.indexes[0].discard(key)
+
+    def _write_through_async(self, keys: list[ChunkKey]) -> None:
+        targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
+        if targets:
+            self._inflight = [f for f in self._inflight if not f.done()]
+            self._inflight.append(self._background.submit(self._write_through, keys, targets))
 
     def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
         for key in keys:

@@ -194,6 +194,20 @@ class HierarchyMachine(RuleBasedStateMachine):
         for i in idx:
             self.model[self.pool[i]] = self.payloads[i]
 
+    @rule(lo=st.integers(0, 23), n=st.integers(1, 6), abort=st.booleans())
+    def store_in_place(self, lo: int, n: int, abort: bool) -> None:
+        idx = list(range(lo, min(24, lo + n)))
+        op = self.mem.store_in_place([self.pool[i] for i in idx])
+        for i, view in zip(idx, op.views, strict=True):
+            if view is not None:
+                view[:] = self.payloads[i]
+        if abort:
+            op.abort()
+            return
+        op.commit()
+        for i in idx:
+            self.model[self.pool[i]] = self.payloads[i]
+
     @rule(lo=st.integers(0, 23), n=st.integers(1, 8))
     def load(self, lo: int, n: int) -> None:
         keys = self.pool[lo:lo + n]

@@ -13,8 +13,9 @@ Follow one request through ``KVTierLM.prefill(input_ids)``:
 4. **copy**: the copy engine streams the bytes to the model's device, layer by layer
    (``layerwise=True``: layer ``l`` computes as soon as *its* bytes are in) or in bulk;
 5. **compute**: the model runs on the uncached suffix with a ``LoadedCache``;
-6. **store**: the suffix's new full chunks are gathered on the device and written to kvtier
-   by a background thread (``flush()`` waits), off the request's critical path.
+6. **store**: the suffix's new full chunks are gathered on the device and copied by a
+   background thread (``flush()`` waits), off the request's critical path, straight into DRAM
+   slots that kvtier reserved for them (``ContextMemory.store_in_place``), then committed.
 
 One request at a time per ``KVTierLM`` (batch size 1); the model's KV dtype must be the
 layout's.  Standard attention only (K and V per layer): MLA models are not supported here.
@@ -35,7 +36,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvtier.errors import IntegrationError
-from kvtier.hierarchy import ContextMemory
+from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.hf_cache import LoadedCache
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
@@ -156,7 +157,7 @@ class KVTierLM:
                 dram_views.append(view)
             if dram_views:
                 # Count the hits and refresh LRU order, as ContextMemory.load would have.
-                self.memory._account_load(keys[:len(dram_views)], [0] * len(dram_views), None)
+                self.memory.account_load(keys[:len(dram_views)], [0] * len(dram_views))
         n = len(dram_views)
         n += self._fetch_lower(load, keys[n:], first=n)  # whole chunks, host-synchronous reads
         if n == 0:
@@ -193,22 +194,53 @@ class KVTierLM:
 
     def _store(self, keys: list[ChunkKey], first_chunk: int,
                kv: list[tuple[torch.Tensor, torch.Tensor]], ready: Any) -> int:
-        c, stored = self.layout.tokens_per_chunk, 0
+        """Gather group after group on the device and copy each into kvtier; returns chunks stored.
+
+        With a DRAM top tier the copies land in reserved pool slots (``store_in_place``) and
+        the next group is queued before the previous one is waited for and committed, so the
+        copy engine stays busy; otherwise through pinned staging and ``store``.
+        """
+        c, stored, group_chunks = self.layout.tokens_per_chunk, 0, self.engine.group_chunks
         ctx = torch.cuda.device(self.device) if self.engine.is_cuda else contextlib.nullcontext()
+        inflight: list[tuple[InPlaceStore, Any]] = []  # at most one group waits while the next is queued
         with ctx, torch.no_grad():
-            for start in range(0, len(keys), self.engine.group_chunks):
-                group = keys[start:start + self.engine.group_chunks]
-                chunks, gathered = self.engine.gather(kv, (first_chunk + start) * c, len(group), after=ready)
-                views = self.engine.to_host(chunks, gathered)
-                del chunks
-                stored += self.memory.store(group, views)
+            try:
+                for start in range(0, len(keys), group_chunks):
+                    group = keys[start:start + group_chunks]
+                    chunks, gathered = self.engine.gather(kv, (first_chunk + start) * c, len(group), after=ready)
+                    if self._dram is None:
+                        stored += self.memory.store(group, self.engine.to_host(chunks, gathered))
+                        continue
+                    op = self.memory.store_in_place(group)
+                    try:
+                        done = self.engine.copy_to_host(chunks, gathered, op.views)
+                    except BaseException:
+                        op.abort()  # nothing was queued into its slots (the copy failed to start)
+                        raise
+                    del chunks  # freed in stream order, after the copy
+                    inflight.append((op, done))
+                    if len(inflight) > 1:
+                        stored += self._commit(inflight)
+                while inflight:
+                    stored += self._commit(inflight)
+            finally:
+                for op, done in inflight:  # an error: slots may be reused only once their copies are done
+                    self.engine.wait(done)  # (if even this fails, the slots stay reserved: never reused)
+                    op.abort()
         return stored
 
+    def _commit(self, inflight: list[tuple[InPlaceStore, Any]]) -> int:
+        """Wait for the oldest group's copies, then publish it."""
+        op, done = inflight[0]
+        self.engine.wait(done)
+        inflight.pop(0)
+        return op.commit()
+
     def flush(self) -> None:
-        """Wait for every background store; re-raises a store's error."""
-        for future in self._stores:
+        """Wait for every background store; re-raises a store's error (once)."""
+        stores, self._stores = self._stores, []
+        for future in stores:
             future.result()
-        self._stores = []
 
     def close(self) -> None:
         self.flush()

@@ -25,8 +25,10 @@ stream per direction, never on the compute stream:
   A consumer of layer ``l`` makes the *compute stream* wait on event ``l`` (a device-side wait:
   the host never blocks), so layer ``l+1`` streams in while layer ``l`` computes.
 * store: per group of chunks, gather every layer's K and V into a ``(chunks, chunk_bytes)``
-  device buffer (one small kernel per layer and part), then one device-to-host copy into pinned
-  staging.
+  device buffer (one small kernel per layer and part), then device-to-host copies straight into
+  the DRAM slots that ``DramTier.reserve`` handed out (one copy per run of consecutive slots;
+  ``copy_to_host``), committed once the copy's event has completed: no staging, no host memcpy.
+  Without a DRAM top tier, one copy into pinned staging (``to_host``), then ``store``.
 
 Before its first copy the side stream waits for the compute stream, because the caching
 allocator may hand the load a block that queued compute kernels still use.  Host buffers must
@@ -275,6 +277,7 @@ class CopyEngine:
         nbytes = self.group_chunks * layout.chunk_bytes
         self.store_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self.load_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
+        self._staging_pool = HostPool(self.store_staging, layout.chunk_bytes)  # views of it stay pinned
         # Strided host-to-device copies (one per layer per run of pool slots) when the CUDA
         # runtime that torch loaded can be called; else one copy per layer per chunk.
         self.memcpy2d = Memcpy2D.find() if self.is_cuda and copy2d is not False else None
@@ -340,11 +343,45 @@ class CopyEngine:
                     chunks[:, layer, part].copy_(src.view(h, num_chunks, c, d).permute(1, 2, 0, 3))
             return out, self.record(self.store_stream)
 
+    def copy_to_host(self, device_chunks: torch.Tensor, after: Any,
+                     dests: Sequence[np.ndarray | None]) -> Any:
+        """Queue the device-to-host copies of gathered chunks into ``dests``; returns the done event.
+
+        ``dests[i]`` receives chunk ``i`` (``None``: skip it).  Destinations in the DRAM pool (the
+        slots of ``DramTier.reserve``) are written in place, runs of consecutive slots by one
+        copy each; others (staging, plain buffers) one copy per chunk.  Copies run on the store
+        stream after event ``after``.  The destinations must not be read, nor freed, before the
+        returned event has completed (``wait``); on CPU the copies are done on return (None).
+        """
+        n, cb = device_chunks.shape[0], self.layout.chunk_bytes
+        if len(dests) != n:
+            raise IntegrationError(f"{n} chunks but {len(dests)} destinations")
+        pool = self.host_pool
+        slots = [pool.slot(v) if v is not None else None for v in dests]
+        src = device_chunks.view(n, cb)
+        with self.stream_ctx(self.store_stream):
+            if after is not None:
+                self.store_stream.wait_event(after)
+            for run in coalesce(slots):
+                pool.slots_tensor(run.slot, run.length).copy_(src[run.index:run.index + run.length].view(-1),
+                                                              non_blocking=self.is_cuda)
+            for i, (view, slot) in enumerate(zip(dests, slots, strict=True)):
+                if view is not None and slot is None:
+                    self._staging_pool.as_tensor(view).copy_(src[i], non_blocking=self.is_cuda)
+            return self.record(self.store_stream)
+
+    @staticmethod
+    def wait(event: Any) -> None:
+        """Block the calling thread until ``event`` (from ``copy_to_host``) completes (None: at once)."""
+        if event is not None:
+            event.synchronize()
+
     def to_host(self, device_chunks: torch.Tensor, after: Any) -> list[np.ndarray]:
         """Copy gathered chunks into the store staging (one coalesced copy); blocks until done.
 
         Only one thread may store at a time: the views alias ``store_staging`` and are valid
-        until the next ``to_host``.
+        until the next ``to_host``.  ``copy_to_host`` into ``DramTier.reserve`` slots avoids
+        the staging and the host copy after it.
         """
         n = device_chunks.shape[0]
         if n > self.group_chunks:
@@ -355,8 +392,7 @@ class CopyEngine:
                 self.store_stream.wait_event(after)
             dst.copy_(device_chunks.view(-1), non_blocking=self.is_cuda)
             done = self.record(self.store_stream)
-        if done is not None:
-            done.synchronize()
+        self.wait(done)
         return self.views(self.store_staging, n)
 
     def record_now(self) -> Any:

@@ -11,13 +11,19 @@ borrowed the slot is not reused: a delete during a borrow frees the slot when th
 ends.  This is what makes zero-copy safe for asynchronous writers (disk write-through, GPU
 copies).
 
+In-place writes: ``reserve(keys)`` hands out writable views of free slots, *invisible* to
+``get_into``/``contains``/``keys``/``borrow`` until ``commit(keys)`` publishes them (``abort``
+returns them to the free list).  A producer (the GPU copy engine) writes each chunk straight
+into its slot: no staging buffer, no host memcpy.  Like ``put``, a reserve that does not fit is
+refused (None): the tier never picks victims.
+
 Not persistent: a restart starts empty (the disk tier below is the persistent copy).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,6 +63,7 @@ class DramTier(Tier):
         self._slots: dict[ChunkKey, int] = {}
         self._borrows: dict[int, int] = {}  # slot -> number of live views
         self._dead: set[int] = set()  # deleted while borrowed: freed by the last view
+        self._reserved: dict[ChunkKey, int] = {}  # slots being written in place: invisible
         self._lock = threading.Lock()
 
     @property
@@ -93,6 +100,67 @@ class DramTier(Tier):
             self._slots[key] = index
         self.stats.bytes_written += payload.nbytes
         return True
+
+    # --- in-place writes: reserve, write into the slot, commit (or abort) -----------------------
+    def reserve(self, keys: Sequence[ChunkKey]) -> list[np.ndarray] | None:
+        """Writable views of one free slot per key, or None (nothing reserved) if they do not fit.
+
+        The slots stay invisible to readers until ``commit``; ``abort`` frees them.  Slots are
+        handed out in ascending order, so fresh ones tend to be consecutive (one device copy per
+        run).  A key may be reserved once at a time; reserving a key that is already stored is
+        allowed (the commit replaces it, as ``put`` would).
+        """
+        keys = list(keys)
+        if len(set(keys)) != len(keys):
+            raise ValueError("reserve: duplicate keys")
+        with self._lock:
+            if any(key in self._reserved for key in keys):
+                raise ValueError("reserve: a key is already reserved and not yet committed")
+            if len(keys) > len(self._free):
+                return None
+            slots = sorted(self._free.pop() for _ in keys)
+            self._reserved.update(zip(keys, slots, strict=True))
+        return [self._slot(index) for index in slots]
+
+    def commit(self, keys: Sequence[ChunkKey]) -> None:
+        """Publish reserved slots (their bytes must be written); replaces older copies of a key."""
+        with self._lock:
+            indexes = [self._reserved[key] for key in keys]  # KeyError: not reserved, nothing changes
+            for key, index in zip(keys, indexes, strict=True):
+                del self._reserved[key]
+                old = self._slots.get(key)
+                if old is not None:  # stored meanwhile (put): same key = same bytes; keep the newest slot
+                    self._release(old)
+                self._slots[key] = index
+        self.stats.bytes_written += len(indexes) * self._slot_bytes
+
+    def abort(self, keys: Sequence[ChunkKey]) -> None:
+        """Give reserved slots back to the free list, unpublished (unknown keys are ignored)."""
+        with self._lock:
+            for key in keys:
+                index = self._reserved.pop(key, None)
+                if index is not None:
+                    self._free.append(index)
+
+    @contextmanager
+    def reserving(self, keys: Sequence[ChunkKey]) -> Iterator[list[np.ndarray] | None]:
+        """``reserve`` as a block: commit when it ends normally, abort when it raises."""
+        views = self.reserve(keys)
+        try:
+            yield views
+        except BaseException:
+            if views is not None:
+                self.abort(keys)
+            raise
+        if views is not None:
+            self.commit(keys)
+
+    def _release(self, index: int) -> None:
+        """Free a slot no key points to any more (later, if a view still reads it). Under the lock."""
+        if self._borrows.get(index):
+            self._dead.add(index)
+        else:
+            self._free.append(index)
 
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
         with self.borrow(key) as view:
@@ -134,10 +202,7 @@ class DramTier(Tier):
             index = self._slots.pop(key, None)
             if index is None:
                 return False
-            if self._borrows.get(index):
-                self._dead.add(index)
-            else:
-                self._free.append(index)
+            self._release(index)
             return True
 
     def keys(self) -> Iterator[ChunkKey]:

@@ -1,0 +1,182 @@
+"""ContextMemory.store_in_place: the caller writes chunk bytes straight into top-tier slots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvtier.hierarchy import ContextMemory
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.dram import DramTier
+from tests.conftest import make_keys, make_payloads
+from tests.test_hierarchy import LAYOUT, _memory, _outs
+
+
+def _fill(op_views: list[np.ndarray | None], payloads: list[np.ndarray]) -> None:
+    for view, payload in zip(op_views, payloads, strict=True):
+        if view is not None:
+            view[:] = payload
+
+
+def test_in_place_chunks_appear_only_at_commit(tmp_path: Path) -> None:
+    with _memory(tmp_path, 4, 100, write_through=False) as mem:
+        dram = mem.tiers[0]
+        assert isinstance(dram, DramTier)
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        op = mem.store_in_place(keys)
+        assert op.num_in_place == 3
+        assert all(v is not None and np.shares_memory(v, np.asarray(dram.pool)) for v in op.views)
+        _fill(op.views, payloads)
+        assert mem.lookup(keys).num_chunks == 0  # pending: not reported, not served
+        assert mem.load(keys, _outs(3)) == 0
+        assert op.commit() == 3 and op.stored == 3
+        assert mem.lookup(keys).tiers == (0, 0, 0)
+        outs = _outs(3)
+        assert mem.load(keys, outs) == 3
+        for out, payload in zip(outs, payloads, strict=True):
+            np.testing.assert_array_equal(out, payload)
+        assert dram.stats.bytes_written == 3 * LAYOUT.chunk_bytes and dram.stats.hits == 3
+        assert mem.usage()["dram"][0] == 3 * LAYOUT.chunk_bytes == dram.used_bytes
+        with pytest.raises(RuntimeError):
+            op.commit()
+
+
+def test_in_place_store_demotes_victims(tmp_path: Path) -> None:
+    """Same outcome as store: the oldest chunks go down to disk to make room, none is lost."""
+    with _memory(tmp_path, 2, 100, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
+        mem.store(keys[:2], payloads[:2])
+        with mem.store_in_place(keys[2:4]) as op:
+            assert op.num_in_place == 2
+            _fill(op.views, payloads[2:4])
+        assert op.stored == 2
+        stats = mem.stats()
+        assert stats["dram"].evictions == 2 and stats["dram"].demotions == 2
+        assert mem.lookup(keys[:4]).tiers == (1, 1, 0, 0)
+        with mem.store_in_place(keys[4:]) as op:  # one more: evicts the least recently used
+            _fill(op.views, payloads[4:])
+        assert mem.lookup(keys).tiers == (1, 1, 1, 0, 0)
+        outs = _outs(5)
+        assert mem.load(keys, outs) == 5
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+
+
+def test_more_chunks_than_the_top_tier_end_as_with_store(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
+    with _memory(tmp_path / "a", 2, 100, write_through=False) as mem:
+        mem.store(keys, payloads)
+        want = mem.lookup(keys).tiers
+    with _memory(tmp_path / "b", 2, 100, write_through=False) as mem, mem.store_in_place(keys) as op:
+        _fill(op.views, payloads)
+    assert op.stored == 5
+    assert mem.lookup(keys).tiers == want == (1, 1, 1, 0, 0)
+
+
+def test_write_through_starts_at_commit(tmp_path: Path) -> None:
+    with _memory(tmp_path, 4, 100, write_through=True) as mem:
+        disk = mem.tiers[1]
+        keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+        op = mem.store_in_place(keys)
+        _fill(op.views, payloads)
+        mem.flush()
+        assert not any(disk.contains(k) for k in keys)  # nothing persisted before the commit
+        op.commit()
+        mem.flush()
+        assert all(disk.contains(k) for k in keys)
+        out = np.empty(LAYOUT.chunk_bytes, np.uint8)
+        assert disk.get_into(keys[1], out)
+        np.testing.assert_array_equal(out, payloads[1])
+    with _memory(tmp_path, 4, 100) as mem:  # a restart finds them on disk
+        assert mem.lookup(keys).tiers == (1, 1)
+
+
+def test_abort_stores_nothing(tmp_path: Path) -> None:
+    with _memory(tmp_path, 2, 100, write_through=True) as mem:
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        mem.store(keys[:1], payloads[:1])
+        mem.flush()
+        with pytest.raises(RuntimeError), mem.store_in_place(keys[1:]) as op:
+            _fill(op.views, payloads[1:])
+            raise RuntimeError("the device copy failed")
+        mem.flush()
+        assert mem.lookup(keys[1:2]).num_chunks == 0 and mem.lookup(keys[2:]).num_chunks == 0
+        assert mem.lookup(keys[:1]).num_chunks == 1  # the victim was demoted, not lost
+        assert mem.tiers[0].used_bytes == 0 and mem.usage()["dram"][0] == 0
+        assert not mem.tiers[1].contains(keys[1])
+        op.abort()  # twice: harmless
+
+
+def test_chunks_held_already_need_no_bytes(tmp_path: Path) -> None:
+    with _memory(tmp_path, 4, 100, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+        mem.store(keys[:1], payloads[:1])
+        with mem.store_in_place([keys[0], keys[1], keys[1]]) as op:
+            assert op.views[0] is None and op.views[2] is None and op.num_in_place == 1
+            _fill(op.views, [payloads[0], payloads[1], payloads[1]])
+        assert op.stored == 3  # as store counts them
+        assert mem.tiers[0].stats.bytes_written == 2 * LAYOUT.chunk_bytes
+
+
+def test_pinned_top_tier_falls_back_to_the_copy_path(tmp_path: Path) -> None:
+    with _memory(tmp_path, 2, 100, write_through=False) as mem:
+        dram = mem.tiers[0]
+        assert isinstance(dram, DramTier)
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        mem.store(keys[:2], payloads[:2])
+        mem.pin(keys[:2])
+        with mem.store_in_place(keys[2:]) as op:
+            view = op.views[0]
+            assert view is not None and not np.shares_memory(view, np.asarray(dram.pool))
+            assert op.num_in_place == 0
+            _fill(op.views, payloads[2:])
+        assert op.stored == 1
+        assert mem.lookup(keys).tiers == (0, 0, 1)  # as store: it went below the pinned tier
+        out = _outs(1)
+        assert mem.load(keys[2:], out) == 1
+        np.testing.assert_array_equal(out[0], payloads[2])
+
+
+def test_victim_still_borrowed_falls_back_to_the_copy_path(tmp_path: Path) -> None:
+    """Room made in the index but the freed slot is still read: the tier refuses, as put would."""
+    with _memory(tmp_path, 1, 100, write_through=False, promotion="never") as mem:
+        dram = mem.tiers[0]
+        assert isinstance(dram, DramTier)
+        keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+        mem.store(keys[:1], payloads[:1])
+        with dram.borrow(keys[0]) as reading:
+            assert reading is not None
+            with mem.store_in_place(keys[1:]) as op:  # evicts keys[0] (demoted), but its slot is busy
+                assert op.num_in_place == 0 and op.views[0] is not None
+                _fill(op.views, payloads[1:])
+            np.testing.assert_array_equal(reading, payloads[0])
+        assert op.stored == 1
+        assert mem.lookup(keys).tiers == (1, 1)
+        outs = _outs(2)
+        assert mem.load(keys, outs) == 2
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+        assert not mem._pending and not dram._reserved
+
+
+def test_top_tier_not_dram_uses_the_copy_path(tmp_path: Path) -> None:
+    disk = DiskTier(LAYOUT, path=tmp_path, capacity_bytes=10 * LAYOUT.chunk_bytes, fsync=False)
+    with ContextMemory(LAYOUT, [disk]) as mem:
+        keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+        with mem.store_in_place(keys) as op:
+            assert op.num_in_place == 0 and all(v is not None for v in op.views)
+            _fill(op.views, payloads)
+        assert op.stored == 2
+        outs = _outs(2)
+        assert mem.load(keys, outs) == 2
+        np.testing.assert_array_equal(outs[0], payloads[0])
+
+
+def test_account_load_counts_hits_and_refreshes_order(tmp_path: Path) -> None:
+    with _memory(tmp_path, 2, 100, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        mem.store(keys[:2], payloads[:2])
+        mem.account_load(keys[:1], [0])  # an engine read keys[0] itself (a zero-copy borrow)
+        assert mem.stats()["dram"].hits == 1
+        mem.store(keys[2:], payloads[2:])
+        assert mem.lookup(keys).tiers == (0, 1, 0)  # keys[0] was touched: keys[1] went down
