@@ -1,7 +1,9 @@
 """GPU benchmark of kvtier's G1 path, all in one run, against raw baselines measured in that run.
 
 1. Raw pinned ``torch`` copy bandwidth (H2D, D2H) at the transfer sizes kvtier uses, vs
-   kvtier's G2->G1 load (bulk, layer-wise) and G1->G2 store.
+   kvtier's G2->G1 load (bulk, layer-wise) and G1->G2 store end to end (device KV -> chunk
+   committed in the DRAM tier): in place (``store_in_place``, what ``KVTierLM`` does) and the
+   former path (pinned staging + ``DramTier.put``), both in the same run.
 2. TTFT for each cached context + ``--suffix`` new tokens: recompute, kvtier G2 hit (bulk),
    kvtier G2 hit (layer-wise), and the ideal ``max(KV bytes / peak H2D, suffix prefill)``.
    Hit logits are checked against recompute (bf16 tolerance) and greedy continuations compared.
@@ -11,6 +13,7 @@
 Model: a Llama-3.1-8B-shaped random-weight model in bf16, built from a config (no downloads).
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python benchmarks/gpu/bench_gpu.py --json $OUT/gpu.json
+    PYTHONPATH=. python benchmarks/gpu/bench_gpu.py --only copy --json $OUT/copy.json   # section 1 alone
     PYTHONPATH=. python benchmarks/gpu/bench_gpu.py --model tiny --device cpu --contexts 512,1024 \
         --g3-contexts 512,1024 --json /tmp/cpu.json        # a quick CPU dry run of the script
 """
@@ -154,6 +157,70 @@ def load_only(lm: KVTierLM, ids: torch.Tensor, reps: int = 1) -> tuple[float, in
     return statistics.median(timed(run, lm.device)[0] for _ in range(reps)), n
 
 
+def store_staging_put(lm: KVTierLM, keys: list[Any], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The former store path, for comparison: D2H into pinned staging, then ``store`` (host memcpy)."""
+    eng, c, stored = lm.engine, lm.layout.tokens_per_chunk, 0
+    for start in range(0, len(keys), eng.group_chunks):
+        group = keys[start:start + eng.group_chunks]
+        chunks, gathered = eng.gather(kv, start * c, len(group))
+        stored += lm.memory.store(group, eng.to_host(chunks, gathered))
+    return stored
+
+
+def store_bandwidth(model: Any, writer: KVTierLM, memory: ContextMemory, ids: torch.Tensor, n: int,
+                    device: torch.device, reps: int) -> dict[str, Any]:
+    """G1 -> G2 store of ``n`` tokens' KV: D2H into staging alone, and end to end by both paths.
+
+    End to end = gather on the device + device-to-host + the chunks committed in the DRAM tier
+    (visible to ``lookup``), timed from the first gather to the last commit; the chunks are
+    deleted before each repetition, so every one is a fresh store into free slots.
+    """
+    c = writer.layout.tokens_per_chunk
+    cache = DynamicCache()
+    model(input_ids=ids[None, :n].to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    keys = memory.keys_for(ids.numpy())[:n // c]
+    nbytes = len(keys) * writer.layout.chunk_bytes
+    eng = writer.engine
+    memory.delete(keys)
+
+    def d2h_only() -> float:
+        seconds = 0.0
+        for start in range(0, len(keys), eng.group_chunks):
+            count = min(eng.group_chunks, len(keys) - start)
+            chunks, _ = eng.gather(kv, start * c, count)
+            sync(device)
+            seconds += timed(lambda chunks=chunks: eng.to_host(chunks, None), device)[0]
+            del chunks
+        return seconds
+
+    paths = {"in_place": lambda: writer._store(list(keys), 0, kv, None),
+             "staging_put": lambda: store_staging_put(writer, list(keys), kv)}
+    times: dict[str, list[float]] = {"d2h_only": [], **{name: [] for name in paths}}
+    stored: dict[str, int] = {}
+    for rep in range(reps + 1):  # the first round is a warm-up
+        t = d2h_only()
+        if rep:
+            times["d2h_only"].append(t)
+        for name, fn in paths.items():
+            memory.delete(keys)
+            seconds, stored[name] = timed(fn, device)
+            assert memory.lookup(keys).num_chunks == len(keys), f"{name}: not every chunk is visible"
+            if rep:
+                times[name].append(seconds)
+    out: dict[str, Any] = {"tokens": n, "chunks": len(keys), "bytes": nbytes, "reps": reps,
+                           "group_chunks": eng.group_chunks, "stored": stored,
+                           "d2h_only_GBps": nbytes / statistics.median(times["d2h_only"]) / 1e9,
+                           "end_to_end_GBps": nbytes / statistics.median(times["in_place"]) / 1e9,
+                           "staging_put_GBps": nbytes / statistics.median(times["staging_put"]) / 1e9,
+                           "seconds": times,
+                           "end_to_end_note": "gather on device + D2H straight into reserved DRAM slots + commit "
+                                              "(ContextMemory.store_in_place, as KVTierLM stores)",
+                           "staging_put_note": "gather + D2H into pinned staging + ContextMemory.store "
+                                               "(DramTier.put host memcpy): the path before run 5"}
+    return out
+
+
 def ttft(lm: KVTierLM, ids: torch.Tensor) -> tuple[float, Any]:
     return timed(lambda: lm.prefill(ids, logits_to_keep=1), lm.device)
 
@@ -197,6 +264,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", choices=["all", "copy"], default="all",
+                    help="copy: section 1 alone (raw bandwidth, G2->G1 load and G1->G2 store at one context)")
     args = ap.parse_args()
     device = torch.device(args.device)
     contexts = [int(x) for x in args.contexts.split(",") if x]
@@ -238,6 +307,25 @@ def main() -> int:
         result["raw_bandwidth"] = raw
         peak_h2d = max((r["h2d_GBps"] for r in raw.values()), default=0.0) * 1e9
         console.print(raw)
+        n_store = max(x for x in contexts if x <= 32768) if any(x <= 32768 for x in contexts) else min(contexts)
+
+        if args.only == "copy":  # section 1 alone: store, then load what was stored
+            result["store"] = store_bandwidth(model, writer, memory, prompts[n_store], n_store, device, reps)
+            free(device)
+            console.print({k: v for k, v in result["store"].items() if k != "seconds"})
+            row: dict[str, Any] = {"cached_tokens": n_store}
+            for mode, lm in lms.items():
+                seconds, chunks = load_only(lm, prompts[n_store], reps)
+                row[f"load_only_{mode}_s"] = seconds
+                row[f"load_only_{mode}_GBps"] = chunks * layout.chunk_bytes / seconds / 1e9
+            result["ttft"] = [row]
+            console.print(row)
+            for lm in [*lms.values(), writer]:
+                lm.close()
+            memory.close()
+            report(result)
+            checkpoint(result, args.json)
+            return 0
 
         # warm-up: kernels, cuBLAS handles, allocator, clocks (the first context is timed right after)
         warm = prompts[min(prompts)][None].to(device)
@@ -316,30 +404,10 @@ def main() -> int:
         result["ttft"] = rows
 
         # --- G1 -> G2 store bandwidth (synchronous, for the number) ----------------------------
-        n = max(x for x in contexts if x <= 32768) if any(x <= 32768 for x in contexts) else min(contexts)
-        ids = prompts[n]
-        cache = DynamicCache()
-        model(input_ids=ids[None, :n].to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        keys = memory.keys_for(ids.numpy())[:n // C]
-        eng = writer.engine
-        d2h = 0.0
-        for start in range(0, len(keys), eng.group_chunks):
-            count = min(eng.group_chunks, len(keys) - start)
-            chunks, _ = eng.gather(kv, start * C, count)
-            sync(device)
-            d2h += timed(lambda chunks=chunks: eng.to_host(chunks, None), device)[0]
-            del chunks
-        memory.delete(keys)
-        store_s, stored = timed(lambda kv=kv: writer._store(list(keys), 0, kv, None), device)
-        nbytes = len(keys) * layout.chunk_bytes
-        result["store"] = {"tokens": n, "chunks": len(keys), "stored": stored, "bytes": nbytes,
-                           "d2h_only_GBps": nbytes / d2h / 1e9,
-                           "end_to_end_GBps": nbytes / store_s / 1e9,
-                           "end_to_end_note": "gather on device + D2H to pinned staging + DramTier.put (host memcpy)"}
-        console.print(result["store"])
-        del kv, cache
+        result["store"] = store_bandwidth(model, writer, memory, prompts[n_store], n_store, device, reps)
         free(device)
+        console.print({k: v for k, v in result["store"].items() if k != "seconds"})
+        checkpoint(result, args.json)
 
         # greedy continuation: kvtier hit vs recompute, bf16
         ids = prompts[min(contexts)]
@@ -504,9 +572,14 @@ def report(result: dict[str, Any]) -> None:
         s = result["store"]
         t.add_row(f"kvtier G1->G2 D2H into staging ({s['tokens'] // 1024}K)", "", "",
                   f"{s['d2h_only_GBps']:.1f} ({s['d2h_only_GBps'] / peak_d2h:.2f}x)")
-        t.add_row("kvtier G1->G2 end to end (+ DRAM put)", "", "",
+        t.add_row("kvtier G1->G2 end to end, in place (committed in DRAM)", "", "",
                   f"{s['end_to_end_GBps']:.1f} ({s['end_to_end_GBps'] / peak_d2h:.2f}x)")
+        if "staging_put_GBps" in s:
+            t.add_row("kvtier G1->G2 end to end, staging + DramTier.put (former)", "", "",
+                      f"{s['staging_put_GBps']:.1f} ({s['staging_put_GBps'] / peak_d2h:.2f}x)")
         console.print(t)
+    if "recompute_s" not in (result["ttft"] or [{}])[0]:
+        return
     t = Table(title="2. TTFT (ms), cached context + new tokens")
     for col in ("cached", "recompute", "hit bulk", "hit layer-wise", "ideal", "lw/ideal", "speedup lw",
                 "logits max|d| / rel", "argmax ="):
