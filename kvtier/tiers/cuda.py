@@ -25,7 +25,8 @@ stream per direction, never on the compute stream:
   A consumer of layer ``l`` makes the *compute stream* wait on event ``l`` (a device-side wait:
   the host never blocks), so layer ``l+1`` streams in while layer ``l`` computes.
 * store: per group of chunks, gather every layer's K and V into a ``(chunks, chunk_bytes)``
-  device buffer (one small kernel per layer and part), then device-to-host copies straight into
+  device buffer (one small kernel per layer and part, on a gather stream, so the next group's
+  gather overlaps this group's copy), then device-to-host copies straight into
   the DRAM slots that ``DramTier.reserve`` handed out (one copy per run of consecutive slots;
   ``copy_to_host``), committed once the copy's event has completed: no staging, no host memcpy.
   Without a DRAM top tier, one copy into pinned staging (``to_host``), then ``store``.
@@ -287,8 +288,11 @@ class CopyEngine:
             with torch.cuda.device(self.device):
                 self.load_stream: Any = torch.cuda.Stream(self.device)
                 self.store_stream: Any = torch.cuda.Stream(self.device)
+                # gathers run beside the store stream's copies: the next group's gather (SMs,
+                # device memory) overlaps the previous group's device-to-host copy (copy engine)
+                self.gather_stream: Any = torch.cuda.Stream(self.device)
         else:
-            self.load_stream = self.store_stream = None
+            self.load_stream = self.store_stream = self.gather_stream = None
 
     # --- small helpers ------------------------------------------------------------------------
     def stream_ctx(self, stream: Any) -> Any:
@@ -320,7 +324,7 @@ class CopyEngine:
 
         ``kv[l]`` is layer ``l``'s ``(K, V)``, each ``(1, heads, tokens, head_dim)`` (the
         transformers layout).  Returns a ``(num_chunks, chunk_bytes)`` uint8 device tensor and
-        the event after which it is complete (None on CPU).  Runs on the store stream, after
+        the event after which it is complete (None on CPU).  Runs on the gather stream, after
         event ``after`` (recorded where ``kv`` was produced), or after the work queued on the
         current stream when ``after`` is None.
         """
@@ -329,10 +333,10 @@ class CopyEngine:
         if len(kv) != lay.num_layers:
             raise IntegrationError(f"cache has {len(kv)} layers, layout {lay.describe()} has {lay.num_layers}")
         if after is not None:
-            self.store_stream.wait_event(after)
+            self.gather_stream.wait_event(after)
         elif self.is_cuda:
-            self.store_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with self.stream_ctx(self.store_stream):
+            self.gather_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self.stream_ctx(self.gather_stream):
             out = torch.empty((num_chunks, lay.chunk_bytes), dtype=torch.uint8, device=self.device)
             chunks = out.view(torch_dtype(lay)).view(num_chunks, lay.num_layers, lay.num_kv_parts, c, h, d)
             end = first_token + num_chunks * c
@@ -341,7 +345,7 @@ class CopyEngine:
                     src = parts[part][0, :, first_token:end, :]  # (H, T, D)
                     # (H, n, C, D) -> (n, C, H, D): the chunk's (tokens, heads, dim) order
                     chunks[:, layer, part].copy_(src.view(h, num_chunks, c, d).permute(1, 2, 0, 3))
-            return out, self.record(self.store_stream)
+            return out, self.record(self.gather_stream)
 
     def copy_to_host(self, device_chunks: torch.Tensor, after: Any,
                      dests: Sequence[np.ndarray | None]) -> Any:
@@ -359,9 +363,10 @@ class CopyEngine:
         pool = self.host_pool
         slots = [pool.slot(v) if v is not None else None for v in dests]
         src = device_chunks.view(n, cb)
+        if self.is_cuda:  # the caller may drop the chunks at once: free them only after the copies
+            device_chunks.record_stream(self.store_stream)
         with self.stream_ctx(self.store_stream):
-            if after is not None:
-                self.store_stream.wait_event(after)
+            self._after_gather(after)
             for run in coalesce(slots):
                 pool.slots_tensor(run.slot, run.length).copy_(src[run.index:run.index + run.length].view(-1),
                                                               non_blocking=self.is_cuda)
@@ -369,6 +374,13 @@ class CopyEngine:
                 if view is not None and slot is None:
                     self._staging_pool.as_tensor(view).copy_(src[i], non_blocking=self.is_cuda)
             return self.record(self.store_stream)
+
+    def _after_gather(self, after: Any) -> None:
+        """Make the store stream wait for event ``after`` (None: for everything gathered so far)."""
+        if after is not None:
+            self.store_stream.wait_event(after)
+        elif self.is_cuda:
+            self.store_stream.wait_stream(self.gather_stream)
 
     @staticmethod
     def wait(event: Any) -> None:
@@ -388,8 +400,7 @@ class CopyEngine:
             raise IntegrationError(f"{n} chunks exceed the staging buffer of {self.group_chunks}")
         dst = self.store_staging[:n * self.layout.chunk_bytes]
         with self.stream_ctx(self.store_stream):
-            if after is not None:
-                self.store_stream.wait_event(after)
+            self._after_gather(after)
             dst.copy_(device_chunks.view(-1), non_blocking=self.is_cuda)
             done = self.record(self.store_stream)
         self.wait(done)
