@@ -11,7 +11,9 @@ For 2 MiB and 32 MiB chunks (Llama-3.1-8B KV: 16 and 256 tokens a chunk), each e
 Rounds alternate raw and kvtier, each going first in every other round (``--repeat``; medians
 reported), so a noisy machine moves both;
 every round writes fresh keys and deletes them afterwards (untimed).  ``ratio`` = kvtier / raw
-throughput (target >= 0.8).  Redis Cluster runs with 1 and with 3 shards to show scaling.
+throughput (target >= 0.8); ``paired`` = the median over rounds of raw time / kvtier time in the
+same round, steadier when other work on the machine comes and goes.  Redis Cluster runs with 1
+and with 3 shards to show scaling.
 
 Servers: started on loopback for the run (``kvtier.bench.servers``) unless ``--redis-url`` /
 ``--redis-cluster-url`` / ``--mooncake-master`` point at existing ones.  Everything shares
@@ -118,9 +120,12 @@ def _measure(engine: str, w: Workload, repeat: int, tier: Tier,
     rows = []
     for op in ("put", "get"):
         kv, raw = statistics.median(times[("kvtier", op)]), statistics.median(times[("raw", op)])
+        # raw / kvtier within each round (the two ran back to back): steadier than the ratio of
+        # medians when the machine's load drifts between rounds
+        paired = statistics.median(r / k for r, k in zip(times[("raw", op)], times[("kvtier", op)], strict=True))
         rows.append({"tier": engine, "op": op, "shape": w.layout.model, "chunk_bytes": w.layout.chunk_bytes,
                      "chunks": w.n, "batch_chunks": w.batch, "gbps": nbytes / kv / 1e9, "baseline": baseline,
-                     "baseline_gbps": nbytes / raw / 1e9, "ratio": raw / kv})
+                     "baseline_gbps": nbytes / raw / 1e9, "ratio": raw / kv, "paired_ratio": paired})
     return rows
 
 
@@ -281,13 +286,14 @@ def run(args: argparse.Namespace) -> int:
     console = Console(width=150)
     result = rows(args)
     table = Table(title="kvtier G4 tiers vs raw clients (same run, medians)")
-    for col in ("tier", "op", "chunk", "batch", "kvtier GB/s", "baseline", "baseline GB/s", "ratio"):
-        table.add_column(col, justify="right" if "GB" in col or col in ("ratio", "chunk", "batch") else "left")
+    for col in ("tier", "op", "chunk", "batch", "kvtier GB/s", "baseline", "baseline GB/s", "ratio", "paired"):
+        table.add_column(col, justify="right" if "GB" in col or col in ("ratio", "paired", "chunk", "batch")
+                         else "left")
     for r in result:
         colour = "green" if r["ratio"] >= 0.8 else "red"
         table.add_row(r["tier"], r["op"], f"{r['chunk_bytes'] / 2**20:.0f} MiB", str(r["batch_chunks"]),
                       f"{r['gbps']:.2f}", r["baseline"], f"{r['baseline_gbps']:.2f}",
-                      f"[{colour}]{r['ratio']:.2f}x[/{colour}]")
+                      f"[{colour}]{r['ratio']:.2f}x[/{colour}]", f"{r['paired_ratio']:.2f}x")
     console.print(table)
     scaling = {(r["op"], r["chunk_bytes"]): r for r in result if r["tier"] == "redis-cluster-1"}
     for r in result:

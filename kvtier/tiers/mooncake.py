@@ -7,10 +7,20 @@ reported as a miss.
 
 Data path: the tier owns one staging arena of ``staging_bytes`` (whole slots of header + chunk),
 registered once with ``register_buffer`` so Mooncake's transfer engine moves bytes straight
-between the arena and the storage nodes (``batch_put_from`` / ``batch_get_into``: no copies
-inside Mooncake).  A put copies header + payload into a slot (the value must be contiguous); a
-get validates the slot and copies the payload out.  A batch larger than the arena goes in
-rounds (``rounds_in_flight`` of them at once).
+between the arena and the storage nodes (no copies inside Mooncake).  A get lands in a slot
+(``batch_get_into``), is validated there and only then copied into the caller's buffer, so a
+bad value never touches it.  A put checksums the caller's payload, writes the 64-byte header
+into a slot and sends header and payload as the two parts of one object
+(``batch_put_from_multi_buffers``) straight from the caller's memory when that memory is
+registered; otherwise it copies the payload behind the header in the slot first.  Caller memory
+gets registered once per allocation (the top-level array a payload is a view of, e.g. a DRAM
+pool), when that allocation holds at least two chunks (``zero_copy_min_bytes``): registering is
+~0.5 ms, more than copying one small chunk.  It happens on a worker; puts copy until it is done.
+The registration ends when that array is freed or the tier closes.  A call keeps its payload
+arrays referenced until it really ends; one that overran may still be reading the caller's
+payload after ``put`` returned False: if the caller rewrites it meanwhile, the stored value
+fails its checksum on the next read (a counted miss, deleted), as any torn value does.  A batch
+larger than the arena goes in rounds (``rounds_in_flight`` of them at once).
 
 Faults: the Mooncake client retries internally for seconds when the master is gone, and its
 ``setup`` blocks for about 90 s, so every call runs on a small worker pool and the tier waits
@@ -20,7 +30,8 @@ A call that overran keeps its staging slots until it really ends, so late bytes 
 memory that was handed to someone else, and never in the caller's buffer.  Setup is retried
 the same way (the first request after the backoff), so a tier built while the master is down
 starts serving by itself when the master comes up.  Counted in ``stats.errors`` (keys whose
-operation failed) and ``stats.extra["short_circuited"]`` (keys answered by an open breaker).
+operation failed) and ``stats.extra["short_circuited"]`` (keys answered by an open breaker);
+``stats.extra["zero_copy_puts"]`` counts chunks sent straight from the caller's memory.
 
 Memory: with ``global_segment_size=0`` an inference process only reads and writes; dedicated
 storage nodes (``mooncake_client`` or ``mooncake_store_service``) hold the chunks, so they
@@ -35,6 +46,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -74,6 +86,10 @@ class MooncakeTier(Tier):
     name = "mooncake"
     persistent = True
     shared = True
+    # Caller allocations smaller than this are copied into staging rather than registered
+    # (0 = twice the chunk size: a registration costs more than copying one small chunk).
+    zero_copy_min_bytes = 0
+    max_registered = 64  # caller allocations registered at once; the rest are copied
     # Rounds of one batch in flight at once.  2 overlaps one round's copy and checksum with the
     # other's transfer, which measured slower on a 2-core box (gets of 32 MiB chunks: 0.5x vs 0.8x
     # of raw); raise it where the client has cores to spare.
@@ -96,7 +112,13 @@ class MooncakeTier(Tier):
         self._store: Any = None
         self._setup: Future[Any] | None = None
         self._closed = False
-        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0)
+        # Caller allocations registered for zero-copy puts: id(root array) -> (address, finalizer);
+        # allocations that cannot be registered (overlap another registration, ...) -> weakref.
+        self._regs: dict[int, tuple[int, weakref.finalize]] = {}
+        self._unregistrable: dict[int, weakref.ReferenceType[np.ndarray]] = {}
+        self._registering: dict[int, Future[None]] = {}  # registrations under way
+        self._reg_lock = threading.RLock()  # finalizers run in whichever thread drops the array
+        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0, zero_copy_puts=0.0)
         self._connect()
 
     # --- connection ---------------------------------------------------------------------------
@@ -259,6 +281,51 @@ class MooncakeTier(Tier):
     def _ptr(self, s: int) -> int:
         return int(self._arena.ctypes.data) + s * self.slot_bytes
 
+    # --- caller memory for zero-copy puts -----------------------------------------------------
+    def _registered(self, payload: np.ndarray) -> bool:
+        """True when ``payload`` lies in caller memory registered with the store; False means copy it.
+
+        An unregistered allocation worth registering is registered on a worker, never waited for
+        (on a hung master that could take seconds): this batch copies, later ones go zero-copy.
+        """
+        root = payload
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        rid = id(root)
+        with self._reg_lock:
+            if rid in self._regs:
+                return True
+            if (rid in self._unregistrable or rid in self._registering or self._closed
+                    or not root.flags.c_contiguous
+                    or root.nbytes < (self.zero_copy_min_bytes or 2 * self.layout.chunk_bytes)
+                    or len(self._regs) + len(self._registering) >= self.max_registered
+                    or self._store is None or self.breaker.mode is not BreakerMode.CLOSED):
+                return False
+            self._registering[rid] = self._calls.submit(self._register, self._store, root)
+        return False
+
+    def _register(self, store: Any, root: np.ndarray) -> None:
+        """On a worker: register ``root``'s memory; unregistered again when ``root`` is freed."""
+        rid, ptr = id(root), int(root.ctypes.data)
+        try:
+            rc = int(store.register_buffer(ptr, root.nbytes))
+        except Exception as exc:  # a client torn down meanwhile
+            log.info("Mooncake register_buffer: %s", exc)
+            rc = None
+        with self._reg_lock:  # one critical section: the root is never seen neither pending nor done
+            self._registering.pop(rid, None)
+            if rc == 0 and not self._closed:
+                finalizer = weakref.finalize(root, _forget_registration, weakref.ref(self), store, rid, ptr)
+                finalizer.atexit = False  # at exit the client tears itself down
+                self._regs[rid] = (ptr, finalizer)
+                return
+            if rc == INVALID_PARAMS:  # overlaps another registration: never worth retrying
+                self._unregistrable[rid] = weakref.ref(root, lambda _r: self._unregistrable.pop(rid, None))
+        if rc == 0:  # closed meanwhile
+            store.unregister_buffer(ptr)
+        elif rc is not None and rc != INVALID_PARAMS:  # e.g. the metadata server is down: try again later
+            log.info("Mooncake register_buffer of %d bytes failed: %s", root.nbytes, rc)
+
     # --- keys ---------------------------------------------------------------------------------
     def object_key(self, key: ChunkKey) -> str:
         return self._prefix + key.hex()
@@ -290,14 +357,25 @@ class MooncakeTier(Tier):
                 room -= 0 if key in self._known else payloads[i].nbytes
                 todo.append(i)
         def start(batch: list[int], slots: list[int]) -> Future[list[int]] | None:
+            parts: list[list[int]] = []
+            sizes: list[list[int]] = []
             for s, i in zip(slots, batch, strict=True):
-                view = self._slot(s)
-                view[:HEADER_BYTES] = np.frombuffer(encode_header(keys[i], self.layout.fingerprint, payloads[i]),
+                payload, view = payloads[i], self._slot(s)
+                view[:HEADER_BYTES] = np.frombuffer(encode_header(keys[i], self.layout.fingerprint, payload),
                                                     dtype=np.uint8)
-                view[HEADER_BYTES:] = payloads[i]
+                if self._registered(payload):
+                    parts.append([self._ptr(s), payload.ctypes.data])
+                    sizes.append([HEADER_BYTES, payload.nbytes])
+                else:
+                    view[HEADER_BYTES:] = payload
+                    parts.append([self._ptr(s)])
+                    sizes.append([self.slot_bytes])
+            with self._lock:
+                self.stats.extra["zero_copy_puts"] += sum(len(p) == 2 for p in parts)
             names = [self.object_key(keys[i]) for i in batch]
-            return self._submit(len(batch), partial(_batch_put_from, names, [self._ptr(s) for s in slots],
-                                                    self.slot_bytes))
+            # the payloads ride along so that their memory outlives a call that overran
+            return self._submit(len(batch), partial(_batch_put_parts, names, parts, sizes,
+                                                    [payloads[i] for i in batch]))
 
         def finish(batch: list[int], slots: list[int], codes: list[int]) -> None:
             self._judge(codes)
@@ -402,6 +480,15 @@ class MooncakeTier(Tier):
             self._closed = True
             store, self._store = self._store, None
         self._calls.shutdown(wait=False, cancel_futures=True)
+        with self._reg_lock:
+            regs, self._regs = list(self._regs.values()), {}
+        for ptr, finalizer in regs:
+            finalizer.detach()
+            if store is not None:
+                try:
+                    store.unregister_buffer(ptr)
+                except Exception as exc:
+                    log.info("Mooncake unregister_buffer: %s", exc)
         if store is not None:
             try:
                 store.unregister_buffer(self._arena.ctypes.data)
@@ -418,8 +505,24 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         raise TierUnavailableError(f"Mooncake master {address} unreachable: {exc}") from exc
 
 
-def _batch_put_from(names: list[str], ptrs: list[int], size: int, store: Any) -> list[int]:
-    return list(store.batch_put_from(names, ptrs, [size] * len(names)))
+def _forget_registration(tier_ref: weakref.ReferenceType[MooncakeTier], store: Any, rid: int, ptr: int) -> None:
+    """Finalizer of a registered caller array: unregister its memory before it is freed."""
+    tier = tier_ref()
+    if tier is not None:
+        with tier._reg_lock:
+            if tier._regs.pop(rid, None) is None:
+                return  # closed: close() unregistered it
+    try:
+        store.unregister_buffer(ptr)
+    except Exception as exc:
+        log.info("Mooncake unregister_buffer: %s", exc)
+
+
+def _batch_put_parts(names: list[str], parts: list[list[int]], sizes: list[list[int]],
+                     keep: list[np.ndarray], store: Any) -> list[int]:
+    """Each object is the concatenation of its parts (header slot, then payload)."""
+    del keep  # referenced until here, so the payload memory outlives the call
+    return list(store.batch_put_from_multi_buffers(names, parts, sizes))
 
 
 def _batch_get_into(names: list[str], ptrs: list[int], size: int, store: Any) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -148,3 +149,57 @@ def test_hung_master_costs_bounded_waits_then_answers_at_once(small_layout: KVLa
         for o, p in zip(outs, payloads, strict=True):
             np.testing.assert_array_equal(o, p)
         tier.close()
+
+
+def test_puts_from_a_pool_go_zero_copy(small_layout: KVLayout,
+                                       mooncake_servers: MooncakeServers) -> None:  # noqa: F811
+    """Payloads that are views of one large allocation (a DRAM pool) are sent without a copy once
+    the pool is registered; the stored values are the same self-describing chunks."""
+    layout = small_layout
+    cb = layout.chunk_bytes
+    tier = MooncakeTier(layout, mooncake_config(mooncake_servers))
+    pool = np.concatenate(make_payloads(layout, 8, seed=3))
+    views = [pool[i * cb:(i + 1) * cb] for i in range(8)]
+    keys = make_keys(layout, 8, seed=3)
+    assert tier.put_many(keys[:2], views[:2]) == [True] * 2  # copied; registers the pool meanwhile
+    assert _wait_for(lambda: len(tier._regs) == 1)
+    assert tier.stats.extra["zero_copy_puts"] == 0
+    assert tier.put_many(keys[2:], [v.view() for v in views[2:]]) == [True] * 6  # views of views: same pool
+    assert tier.stats.extra["zero_copy_puts"] == 6
+    raw = _raw_store(mooncake_servers)
+    for key, view in zip(keys, views, strict=True):
+        assert raw.get(tier.object_key(key)) == encode_chunk(key, layout.fingerprint, view)
+    raw.close()
+    outs = [_buf(layout) for _ in keys]
+    assert tier.get_many_into(keys, outs) == [True] * 8
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out, views[i])
+    del pool, views, view
+    gc.collect()
+    assert tier._regs == {}  # freeing the pool unregistered it
+    tier.close()
+
+
+def test_memory_that_cannot_be_registered_is_copied(small_layout: KVLayout,
+                                                   mooncake_servers: MooncakeServers) -> None:  # noqa: F811
+    """A second array over memory already registered (overlap) falls back to the staging copy."""
+    layout = small_layout
+    cb = layout.chunk_bytes
+    tier = MooncakeTier(layout, mooncake_config(mooncake_servers))
+    pool = np.concatenate(make_payloads(layout, 4, seed=5))
+    keys = make_keys(layout, 8, seed=5)
+    assert tier.put_many(keys[:4], [pool[i * cb:(i + 1) * cb] for i in range(4)]) == [True] * 4
+    assert _wait_for(lambda: len(tier._regs) == 1)
+    alias = np.frombuffer(memoryview(pool), dtype=np.uint8)  # another root array, same memory
+    assert alias.base is not pool and not isinstance(alias.base, np.ndarray)
+    views = [alias[i * cb:(i + 1) * cb] for i in range(4)]
+    assert tier.put_many(keys[4:5], views[:1]) == [True]
+    assert _wait_for(lambda: id(alias) in tier._unregistrable)
+    assert tier.put_many(keys[5:], views[1:]) == [True] * 3
+    assert tier.stats.extra["zero_copy_puts"] == 0
+    outs = [_buf(layout) for _ in keys]
+    assert tier.get_many_into(keys, outs) == [True] * 8
+    for o, v in zip(outs, [*(pool[i * cb:(i + 1) * cb] for i in range(4)), *views], strict=True):
+        np.testing.assert_array_equal(o, v)
+    tier.close()
+    assert tier._regs == {}
