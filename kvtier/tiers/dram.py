@@ -2,8 +2,8 @@
 
 Bytes: one contiguous buffer of ``num_slots * layout.chunk_bytes`` allocated once at start
 (page-locked ``torch`` memory when CUDA is available, so GPU copies run at full PCIe speed and
-need no staging; plain memory otherwise).  A chunk occupies one slot; a free list hands slots
-out, so the hot path never calls ``malloc``.  Payloads are stored bare (no header): they never
+need no staging; plain memory otherwise).  A chunk occupies one slot; a free list (lowest slot
+first) hands slots out, so the hot path never calls ``malloc``.  Payloads are stored bare (no header): they never
 leave the process.
 
 Views: ``borrow(key)`` yields a read-only view of a slot without copying.  While a view is
@@ -22,6 +22,7 @@ Not persistent: a restart starts empty (the disk tier below is the persistent co
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -59,7 +60,9 @@ class DramTier(Tier):
         self._num_slots = capacity_bytes // self._slot_bytes
         self._pool, self._owner = _allocate(self._num_slots * self._slot_bytes, pin_memory)
         self.pinned = self._owner is not self._pool
-        self._free = list(range(self._num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        # free slots as a min-heap: the lowest free slot goes first, so chunks stored together
+        # land in consecutive slots (one device copy per run) also after evictions freed others
+        self._free = list(range(self._num_slots))
         self._slots: dict[ChunkKey, int] = {}
         self._borrows: dict[int, int] = {}  # slot -> number of live views
         self._dead: set[int] = set()  # deleted while borrowed: freed by the last view
@@ -93,7 +96,7 @@ class DramTier(Tier):
             if index is None:
                 if not self._free:
                     return False
-                index = self._free.pop()
+                index = heapq.heappop(self._free)
             elif self._borrows.get(index):
                 return True  # same key = same prefix = same bytes: a reader holds them already
             np.copyto(self._slot(index), payload)
@@ -106,8 +109,8 @@ class DramTier(Tier):
         """Writable views of one free slot per key, or None (nothing reserved) if they do not fit.
 
         The slots stay invisible to readers until ``commit``; ``abort`` frees them.  Slots are
-        handed out in ascending order, so fresh ones tend to be consecutive (one device copy per
-        run).  A key may be reserved once at a time; reserving a key that is already stored is
+        the lowest free ones, in ascending order, so they tend to be consecutive (one device copy
+        per run).  A key may be reserved once at a time; reserving a key that is already stored is
         allowed (the commit replaces it, as ``put`` would).
         """
         keys = list(keys)
@@ -118,7 +121,7 @@ class DramTier(Tier):
                 raise ValueError("reserve: a key is already reserved and not yet committed")
             if len(keys) > len(self._free):
                 return None
-            slots = sorted(self._free.pop() for _ in keys)
+            slots = [heapq.heappop(self._free) for _ in keys]  # ascending
             self._reserved.update(zip(keys, slots, strict=True))
         return [self._slot(index) for index in slots]
 
@@ -140,7 +143,7 @@ class DramTier(Tier):
             for key in keys:
                 index = self._reserved.pop(key, None)
                 if index is not None:
-                    self._free.append(index)
+                    heapq.heappush(self._free, index)
 
     @contextmanager
     def reserving(self, keys: Sequence[ChunkKey]) -> Iterator[list[np.ndarray] | None]:
@@ -160,7 +163,7 @@ class DramTier(Tier):
         if self._borrows.get(index):
             self._dead.add(index)
         else:
-            self._free.append(index)
+            heapq.heappush(self._free, index)
 
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
         with self.borrow(key) as view:
@@ -192,7 +195,7 @@ class DramTier(Tier):
                         del self._borrows[index]
                         if index in self._dead:
                             self._dead.discard(index)
-                            self._free.append(index)
+                            heapq.heappush(self._free, index)
 
     def contains(self, key: ChunkKey) -> bool:
         return key in self._slots

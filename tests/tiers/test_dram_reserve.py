@@ -50,6 +50,11 @@ def test_fresh_slots_are_consecutive(small_layout: KVLayout) -> None:
     assert tier.reserve(more) is not None
     tier.commit(more)
     assert [tier.slot_of(k) for k in more] == [0, 2]  # ascending, whatever order they were freed in
+    for key in [*keys[1:2], *keys[3:], *more]:
+        tier.delete(key)
+    payloads = make_payloads(small_layout, 4)
+    assert all(tier.put(k, p) for k, p in zip(keys, payloads, strict=True))  # put, too: lowest free first
+    assert [tier.slot_of(k) for k in keys] == [0, 1, 2, 3]
 
 
 def test_abort_frees_the_slots(small_layout: KVLayout) -> None:
