@@ -271,6 +271,10 @@ class ContextMemory:
     def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
         """Count hits (and misses) and refresh eviction order for chunks an engine read itself.
 
+        A hit refreshes the chunk in every tier that holds it, not only the one that served it:
+        otherwise a lower tier's LRU would evict the write-through copies of the hottest chunks
+        (they are always served from above, so below they look cold).
+
         ``load`` calls this; an engine that reads chunks without it (zero-copy ``borrow`` of DRAM
         slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
         ``levels[i]``; ``miss_at`` (if not None) says the lookup missed after the served prefix.
@@ -285,6 +289,9 @@ class ContextMemory:
                     index.touch(key)
                 elif index.used_bytes + self.layout.chunk_bytes <= index.capacity_bytes:
                     index.add(key, self.layout.chunk_bytes)  # another process wrote it: adopt
+                for lower in self.indexes[level + 1:]:  # write-through copies below are just as hot
+                    if key in lower:
+                        lower.touch(key)
             if miss_at is not None:
                 for tier in self.tiers:
                     tier.stats.misses += 1

@@ -69,6 +69,17 @@ def test_eviction_demotes_instead_of_dropping(tmp_path: Path) -> None:
         assert stats["dram"].promotions == 3
 
 
+def test_hit_above_keeps_the_write_through_copy_below_hot(tmp_path: Path) -> None:
+    with _memory(tmp_path, 4, 3, eviction="lru") as mem:
+        keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
+        mem.store(keys[:3], payloads[:3])
+        mem.flush()  # disk (3 chunks) is full of write-through copies
+        assert mem.load(keys[:1], _outs(1)) == 1  # served by DRAM
+        mem.store(keys[3:], payloads[3:])
+        mem.flush()  # the disk evicts its coldest copy: keys[1], not the just-read keys[0]
+        assert keys[0] in mem.indexes[1] and keys[1] not in mem.indexes[1]
+
+
 def test_lowest_tier_drops_when_full(tmp_path: Path) -> None:
     with _memory(tmp_path, 1, 2, write_through=False) as mem:
         keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
