@@ -271,9 +271,9 @@ class ContextMemory:
     def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
         """Count hits (and misses) and refresh eviction order for chunks an engine read itself.
 
-        A hit refreshes the chunk in every tier that holds it, not only the one that served it:
-        otherwise a lower tier's LRU would evict the write-through copies of the hottest chunks
-        (they are always served from above, so below they look cold).
+        Tiers below the one that served a chunk and holding a copy of it are told too
+        (``EvictionPolicy.access_above``): otherwise a lower tier's LRU would evict the
+        write-through copies of the hottest chunks (always served from above, they look cold).
 
         ``load`` calls this; an engine that reads chunks without it (zero-copy ``borrow`` of DRAM
         slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
@@ -289,9 +289,9 @@ class ContextMemory:
                     index.touch(key)
                 elif index.used_bytes + self.layout.chunk_bytes <= index.capacity_bytes:
                     index.add(key, self.layout.chunk_bytes)  # another process wrote it: adopt
-                for lower in self.indexes[level + 1:]:  # write-through copies below are just as hot
+                for lower in self.indexes[level + 1:]:  # write-through copies below
                     if key in lower:
-                        lower.touch(key)
+                        lower.touch_copy(key)
             if miss_at is not None:
                 for tier in self.tiers:
                     tier.stats.misses += 1

@@ -70,7 +70,7 @@ def test_eviction_demotes_instead_of_dropping(tmp_path: Path) -> None:
 
 
 def test_hit_above_keeps_the_write_through_copy_below_hot(tmp_path: Path) -> None:
-    with _memory(tmp_path, 4, 3, eviction="lru") as mem:
+    with _memory(tmp_path, 4, 3, eviction="lru") as mem:  # recency policies; s3fifo ignores reads above
         keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
         mem.store(keys[:3], payloads[:3])
         mem.flush()  # disk (3 chunks) is full of write-through copies

@@ -43,6 +43,10 @@ class TierIndex:
     def touch(self, key: ChunkKey) -> None:
         self.policy.access(key)
 
+    def touch_copy(self, key: ChunkKey) -> None:
+        """A tier above served this chunk; this tier holds a copy (see ``EvictionPolicy.access_above``)."""
+        self.policy.access_above(key)
+
     def discard(self, key: ChunkKey) -> None:
         size = self.sizes.pop(key, None)
         if size is not None:

@@ -20,6 +20,16 @@ def test_lru_order_and_access() -> None:
     assert p.pop_victim(lambda _: True) is None
 
 
+def test_reads_above_refresh_recency_not_frequency() -> None:
+    lru, s3 = LRUPolicy(), S3FIFOPolicy()
+    for policy in (lru, s3):
+        for i in range(3):
+            policy.insert(k(i), 1)
+        policy.access_above(k(0))
+    assert lru.pop_victim(lambda _: True) == k(1)  # k(0)'s copy was refreshed
+    assert s3.pop_victim(lambda _: True) == k(0)  # still a one-off in this tier: first out
+
+
 def test_victims_skip_unevictable() -> None:
     for policy in (LRUPolicy(), S3FIFOPolicy()):
         for i in range(5):
