@@ -163,7 +163,7 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
 
 
 def plot_hit_rate(path: str | Path, rows: Sequence[dict[str, Any]], ideal: float, title: str) -> None:
-    """Hit rate (tokens) vs G2 capacity, one line per policy (G2 only dashed, all tiers solid)."""
+    """Hit rate (tokens) vs G2 capacity, one line per policy (G2's share dashed, all tiers solid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +177,7 @@ def plot_hit_rate(path: str | Path, rows: Sequence[dict[str, Any]], ideal: float
         line = ax.plot(xs, [p[1]["hit_rate_tokens"] * 100 for p in pts], marker="o", label=name)[0]
         if len(pts[0][1]["capacity"]) > 1:
             g2 = [_g2(p[1]["hit_rate_tokens_per_tier"]) * 100 for p in pts]
-            ax.plot(xs, g2, linestyle="--", color=line.get_color(), label=f"{policy} (G2 only)")
+            ax.plot(xs, g2, linestyle="--", color=line.get_color(), label=f"{policy}: served by G2")
     ax.axhline(ideal * 100, color="black", linestyle=":", label="infinite cache")
     ax.set_xscale("log")
     ax.set_xlabel("G2 (DRAM) capacity, GiB")
