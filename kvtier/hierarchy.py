@@ -13,7 +13,9 @@ Follow a chunk:
 * ``load(keys, outs)`` copies the longest available prefix into caller buffers, trying lower
   tiers when a copy fails (a corrupt chunk is a miss: never served), and **promotes** lower-tier
   hits into the top tier (``promotion="always"``).
-* ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing).
+* ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing);
+  ``pin(keys, persist=True)`` records the pin in the disk tier, so it survives restarts and
+  binds every process sharing that disk root.
 * ``store_in_place(keys)`` is ``store`` for a producer that writes the bytes itself (a GPU
   copy engine): it makes room exactly as ``store`` does (victims demoted), reserves top-tier
   DRAM slots and hands out writable views of them; ``commit()`` publishes the chunks and starts
@@ -33,12 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvtier.config import KVTierConfig, load_config
+from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.policy.eviction import make_policy
 from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
+from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 
 
@@ -129,7 +133,9 @@ class ContextMemory:
         self.promotion = promotion
         self.write_through = write_through
         self.indexes = [TierIndex(t.name, t.capacity_bytes, make_policy(eviction)) for t in self.tiers]
-        self.pins = PinSet()
+        self.pins = PinSet()  # this process's pins
+        disks = [t for t in self.tiers if isinstance(t, DiskTier)]
+        self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
         self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
         self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
         self._lock = threading.RLock()
@@ -344,7 +350,7 @@ class ContextMemory:
                     continue
                 seen.add(key)
                 room = None if dram is None else index.plan_room(
-                    size, lambda k: k not in self.pins and (0, k) not in self._pending)
+                    size, lambda k: self._evictable(0, k))
                 if room is None:  # not DRAM, or everything evictable is pinned or pending
                     copies.append(i)
                     continue
@@ -421,6 +427,12 @@ class ContextMemory:
             future.result()
         self._inflight = []
 
+    def _evictable(self, level: int, key: ChunkKey) -> bool:
+        """May ``key`` be a victim in tier ``level``?  Not when pinned (here or on disk) or pending."""
+        if key in self.pins or (level, key) in self._pending:
+            return False
+        return self.pin_files is None or key not in self.pin_files
+
     def _insert(self, level: int, key: ChunkKey, payload: np.ndarray) -> bool:
         """Put a chunk into tier ``level``, demoting victims; falls through to lower tiers."""
         index, tier = self.indexes[level], self.tiers[level]
@@ -429,8 +441,7 @@ class ContextMemory:
             if key in index:
                 index.touch(key)
                 return True
-            victims = index.plan_room(
-                size, lambda k: k not in self.pins and (level, k) not in self._pending)
+            victims = index.plan_room(size, lambda k: self._evictable(level, k))
             if victims is not None:
                 index.add(key, size)  # reserve the space; pending until the bytes are in
                 self._pending.add((level, key))
@@ -464,14 +475,37 @@ class ContextMemory:
             self._leaving.discard((level, key))
 
     # --- pinning ----------------------------------------------------------------------------
-    def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> None:
-        """Never evict these chunks (from any tier) until unpinned or ``ttl_s`` passes."""
+    def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None, *, persist: bool = False) -> None:
+        """Never evict these chunks (from any tier) until unpinned or ``ttl_s`` passes.
+
+        In-process pins are counted (nested pins need as many unpins).  ``persist=True`` also
+        writes a pin record to the disk tier (``PinFiles``): it survives restarts, every process
+        sharing the disk root honours it, and one ``unpin`` removes it.  Keys may be pinned
+        before their chunks are stored.  Shared G4 stores keep their own retention rules.
+        """
+        keys = list(keys)
+        if persist:  # the record alone protects the chunk (``_evictable``), here and elsewhere
+            if self.pin_files is None:
+                raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
+            self.pin_files.pin(keys, ttl_s)
+            return
         with self._lock:
             self.pins.pin(keys, ttl_s)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        """Drop one in-process pin of each key, and its persistent pin record if any."""
+        keys = list(keys)
         with self._lock:
             self.pins.unpin(keys)
+        if self.pin_files is not None:
+            self.pin_files.unpin(keys)
+
+    def pinned(self, key: ChunkKey) -> bool:
+        """Is ``key`` pinned, by this process or by a persistent record?"""
+        with self._lock:
+            if key in self.pins:
+                return True
+        return self.pin_files is not None and key in self.pin_files
 
     # --- maintenance ------------------------------------------------------------------------
     def delete(self, keys: Sequence[ChunkKey]) -> None:

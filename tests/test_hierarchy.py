@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvtier.config import DiskConfig, DramConfig, KVTierConfig
+from kvtier.errors import ConfigError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
@@ -272,3 +273,33 @@ class HierarchyMachine(RuleBasedStateMachine):
 
 HierarchyMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestHierarchyMachine = HierarchyMachine.TestCase
+
+
+def test_persistent_pins_outlive_the_process_and_bind_others(tmp_path: Path) -> None:
+    """Token warehousing: a pinned prefix survives a restart and eviction pressure from another process."""
+    keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+    others = make_keys(LAYOUT, 6, seed=9), make_payloads(LAYOUT, 6, seed=9)
+    with _memory(tmp_path, 1, 3) as mem:
+        mem.pin(keys, persist=True)
+        assert mem.pinned(keys[0]) and keys[0] not in mem.pins  # the record alone pins it
+        mem.store(keys, payloads)
+        mem.flush()
+    with _memory(tmp_path, 1, 3) as second:  # a restart (or another process on the node)
+        assert second.pinned(keys[1])
+        second.store(*others)  # disk holds 3 chunks: only unpinned ones may go
+        second.flush()
+        assert second.lookup(keys).num_chunks == 2
+        outs = _outs(2)
+        assert second.load(keys, outs) == 2
+        assert all(np.array_equal(o, p) for o, p in zip(outs, payloads, strict=True))
+        second.unpin(keys)
+        assert not second.pinned(keys[0])
+        second.store(*(make_keys(LAYOUT, 6, seed=10), make_payloads(LAYOUT, 6, seed=10)))
+        second.flush()
+        assert second.lookup(keys).num_chunks < 2  # unpinned: evictable again
+
+
+def test_persistent_pin_needs_a_disk_tier() -> None:
+    mem = ContextMemory(LAYOUT, [DramTier(LAYOUT, capacity_bytes=2 * LAYOUT.chunk_bytes)])
+    with mem, pytest.raises(ConfigError, match="disk tier"):
+        mem.pin(make_keys(LAYOUT, 1), persist=True)

@@ -46,7 +46,7 @@ from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations.vllm_config import PagedGeometry, make_layout, parse_extra_config
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
-from kvtier.integrations.vllm_plan import ChunkDirectory, LoadJob, Planner, SaveJob
+from kvtier.integrations.vllm_plan import ChunkDirectory, LoadJob, PinJob, Planner, SaveJob
 from kvtier.integrations.vllm_stats import ConnectorCounters, KVTierConnectorStats
 from kvtier.keys import ChunkKey, namespace_key
 from kvtier.tiers import make_tier
@@ -71,6 +71,7 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    pins: list[PinJob] = field(default_factory=list)
 
 
 @dataclass
@@ -146,8 +147,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._planner is not None
-        loads, saves = self._planner.build(scheduler_output)
-        return KVTierConnectorMetadata(loads=loads, saves=saves)
+        loads, saves, pins = self._planner.build(scheduler_output)
+        return KVTierConnectorMetadata(loads=loads, saves=saves, pins=pins)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -213,7 +214,23 @@ class KVTierConnector(KVConnectorBase_V1):
             stored = self._memory.store(keys, self._paged.payloads(stage))
             self._count(save_chunks=stored, save_bytes=stored * self.layout.chunk_bytes,
                         save_s=time.perf_counter() - t0)
+        for pin in meta.pins:
+            self._pin(pin)
         self._report()
+
+    def _pin(self, job: PinJob) -> None:
+        """Token warehousing: pin (persistently when there is a disk tier) or unpin a prompt."""
+        assert self._memory is not None
+        memory = self._memory
+        try:
+            if job.unpin:
+                memory.unpin(job.keys)
+            else:
+                memory.pin(job.keys, job.ttl_s, persist=memory.pin_files is not None)
+        except OSError as exc:  # a full or read-only disk: the chunks stay cached, just not pinned
+            logger.warning("kvtier: request %s: pin records not written (%s)", job.req_id, exc)
+            return
+        self._count(**{"unpinned_chunks" if job.unpin else "pinned_chunks": len(job.keys)})
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

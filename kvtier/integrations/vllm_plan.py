@@ -30,10 +30,18 @@ Plans, per request (``RequestState``):
   chunk is never saved (``kvtier.keys``).
 * preemption: a resumed request gets a new block table (taken from the scheduler output) and
   a fresh lookup; chunks saved before preemption are loaded back instead of recomputed.
+* pins (token warehousing): a request whose ``kv_transfer_params`` carry
+  ``{"kvtier": {"pin": true, "ttl_s": 3600}}`` (``ttl_s`` optional) gets the full chunks of its
+  prompt pinned when it is first scheduled (``PinJob``); the worker pins them before or after
+  they are stored (a pin may precede its chunk), persistently when there is a disk tier.
+  ``{"kvtier": {"unpin": true}}`` removes those pins.  A malformed value is logged and ignored:
+  one bad request must not stop the engine.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +49,8 @@ from typing import Any
 
 from kvtier.keys import ChunkKey, chunk_keys
 from kvtier.tiers.base import Tier
+
+logger = logging.getLogger("vllm.kvtier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,45 @@ class SaveJob:
     req_id: str
     keys: tuple[ChunkKey, ...]
     block_ids: tuple[int, ...]  # blocks_per_chunk ids per chunk, all valid
+
+
+@dataclass(frozen=True, slots=True)
+class PinJob:
+    req_id: str
+    keys: tuple[ChunkKey, ...]  # the full chunks of the prompt
+    unpin: bool = False
+    ttl_s: float | None = None  # None: until unpinned
+
+
+@dataclass(frozen=True, slots=True)
+class PinRequest:
+    unpin: bool = False
+    ttl_s: float | None = None
+
+
+def parse_pin_request(params: Any) -> PinRequest | None:
+    """The ``kvtier`` entry of a request's ``kv_transfer_params``; ValueError when malformed."""
+    if not isinstance(params, dict) or "kvtier" not in params:
+        return None
+    spec = params["kvtier"]
+    if not isinstance(spec, dict):
+        raise ValueError(f"kv_transfer_params['kvtier'] must be an object, got {type(spec).__name__}")
+    unknown = set(spec) - {"pin", "unpin", "ttl_s"}
+    if unknown:
+        raise ValueError(f"unknown kv_transfer_params['kvtier'] keys {sorted(unknown)}; known: pin, unpin, ttl_s")
+    pin, unpin, ttl = spec.get("pin", False), spec.get("unpin", False), spec.get("ttl_s")
+    if not isinstance(pin, bool) or not isinstance(unpin, bool):
+        raise ValueError("kv_transfer_params['kvtier']: 'pin' and 'unpin' must be true or false")
+    if pin and unpin:
+        raise ValueError("kv_transfer_params['kvtier']: 'pin' and 'unpin' together")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
+                            or not math.isfinite(ttl) or ttl <= 0):
+        raise ValueError(f"kv_transfer_params['kvtier']['ttl_s'] must be a positive number of seconds, got {ttl!r}")
+    if unpin and ttl is not None:
+        raise ValueError("kv_transfer_params['kvtier']: 'ttl_s' goes with 'pin', not 'unpin'")
+    if not pin and not unpin:
+        return None
+    return PinRequest(unpin=unpin, ttl_s=None if ttl is None else float(ttl))
 
 
 class ChunkDirectory:
@@ -116,6 +165,7 @@ class RequestState:
     block_ids: list[int] = field(default_factory=list)  # the request's block table (group 0)
     next_save: int = 0  # first chunk not yet saved (or skipped because kvtier has it)
     load: tuple[int, int] | None = None  # token range [start, end) to load in the next step
+    pin_planned: bool = False  # the request's pin/unpin (if any) was sent to the worker
 
 
 class Planner:
@@ -163,15 +213,17 @@ class Planner:
         state.load = (start, start + num_external_tokens)
 
     # --- per step ---------------------------------------------------------------------------
-    def build(self, scheduler_output: Any) -> tuple[list[LoadJob], list[SaveJob]]:
+    def build(self, scheduler_output: Any) -> tuple[list[LoadJob], list[SaveJob], list[PinJob]]:
         loads: list[LoadJob] = []
         saves: list[SaveJob] = []
+        pins: list[PinJob] = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self.requests.get(new.req_id)
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
+            self._plan_pin(state, pins)
             self._plan(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), loads, saves)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -184,7 +236,23 @@ class Planner:
             elif new_ids is not None:
                 state.block_ids += new_ids[0]
             self._plan(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), loads, saves)
-        return loads, saves
+        return loads, saves, pins
+
+    def _plan_pin(self, state: RequestState, pins: list[PinJob]) -> None:
+        if state.pin_planned:
+            return
+        state.pin_planned = True
+        request = state.request
+        try:
+            wanted = parse_pin_request(getattr(request, "kv_transfer_params", None))
+        except ValueError as exc:
+            logger.warning("kvtier: request %s: %s; not pinned", request.request_id, exc)
+            return
+        if wanted is None:
+            return
+        keys = self._keys(state, request.num_prompt_tokens)
+        if keys:
+            pins.append(PinJob(request.request_id, tuple(keys), unpin=wanted.unpin, ttl_s=wanted.ttl_s))
 
     def _plan(self, state: RequestState, computed_after_step: int, loads: list[LoadJob],
               saves: list[SaveJob]) -> None:

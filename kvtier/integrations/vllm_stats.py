@@ -7,6 +7,7 @@
     load_failed_chunks                                planned loads that missed or were corrupt
     save_chunks / save_bytes / save_s                 chunks copied out of vLLM blocks into kvtier
     corrupt_<tier>                                    chunks a tier found corrupt (never served)
+    pinned_chunks / unpinned_chunks                   prompt chunks pinned/unpinned on request
 
 vLLM collects ``KVTierConnectorStats`` from the worker after each step, sums them
 (``aggregate``) in the engine and logs them with its own stats when ``log_stats`` is on; the

@@ -19,6 +19,10 @@ it knows about.
 
 I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file
 reads (which release the GIL) overlap checksum work on another core.
+
+Persistent pins (token warehousing): ``<root>/<layout fp>/pins/<key hex>.pin`` marks a chunk that
+no process sharing the root may evict, across restarts (``PinFiles``).  One small text file per
+pinned chunk, so another process checks a candidate victim with one ``stat``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import errno
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import xxhash
@@ -42,6 +48,7 @@ from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
 
 SUFFIX = ".kvc"
+PIN_SUFFIX = ".pin"
 TMP_PREFIX = ".tmp."
 _READ_SEGMENT = 8 << 20  # read in 8 MiB pieces so hashing one overlaps reading the next
 
@@ -54,6 +61,17 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _remove_stray_file(full: str, name: str) -> None:
+    """Remove a temp file ``.tmp.<pid>.<random>`` whose writer is gone (not this process)."""
+    try:
+        pid = int(name.split(".")[2])
+    except (IndexError, ValueError):
+        pid = -1
+    if pid != os.getpid() and (pid <= 0 or not _pid_alive(pid)):
+        with contextlib.suppress(OSError):
+            os.unlink(full)
 
 
 class DiskTier(Tier):
@@ -73,6 +91,7 @@ class DiskTier(Tier):
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvtier-disk")
         self.recovered = self._scan()
+        self.pin_files = PinFiles(self.root / "pins", fsync=fsync)
 
     # --- paths ------------------------------------------------------------------------------
     def path_of(self, key: ChunkKey) -> Path:
@@ -87,7 +106,7 @@ class DiskTier(Tier):
             for name in files:
                 full = os.path.join(dirpath, name)
                 if name.startswith(TMP_PREFIX):
-                    self._remove_stray(full, name)
+                    _remove_stray_file(full, name)
                     continue
                 if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
                     continue
@@ -110,15 +129,6 @@ class DiskTier(Tier):
             self._sizes[key] = size
             self._used += size
         return [(key, mtime) for key, mtime, _size in found]
-
-    def _remove_stray(self, full: str, name: str) -> None:
-        try:
-            pid = int(name.split(".")[2])
-        except (IndexError, ValueError):
-            pid = -1
-        if pid != os.getpid() and (pid <= 0 or not _pid_alive(pid)):
-            with contextlib.suppress(OSError):
-                os.unlink(full)
 
     def _drop_corrupt(self, full: str | Path) -> None:
         self.stats.corrupt += 1
@@ -281,3 +291,97 @@ class DiskTier(Tier):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class PinFiles:
+    """Pins that outlive the process and are seen by every process sharing a disk root.
+
+    ``<dir>/<key hex>.pin`` holds one line: ``never`` or the wall-clock expiry (Unix seconds).
+    A record is written crash-safely (temp file + rename); an expired one is removed when read.
+    A record that cannot be parsed counts as pinned with no expiry: a damaged record must not
+    lose a warehoused chunk (``unpin`` removes it).  Unlike in-process pins, records are not
+    counted: pinning twice keeps the later expiry (``never`` wins), one unpin removes it.
+    """
+
+    def __init__(self, directory: Path, *, fsync: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.dir = directory
+        self._fsync = fsync
+        self._clock = clock
+
+    def _path(self, key: ChunkKey) -> Path:
+        return self.dir / (key.hex() + PIN_SUFFIX)
+
+    def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> None:
+        """Record pins (``ttl_s`` None: until unpinned).  OSError (full disk) propagates."""
+        if not keys:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        expires = None if ttl_s is None else self._clock() + ttl_s
+        for key in keys:
+            if expires is not None:
+                current = self.expiry(key)
+                if current is not False and (current is None or current >= expires):
+                    continue  # already pinned at least as long
+            tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
+            tmp.write_text("never\n" if expires is None else f"{expires!r}\n")
+            os.replace(tmp, self._path(key))
+        if self._fsync:
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(key))
+
+    def expiry(self, key: ChunkKey) -> float | Literal[False] | None:
+        """False: not pinned; None: pinned until unpinned; else the expiry (Unix seconds)."""
+        path = self._path(key)
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None  # unreadable: keep the chunk
+        if text == "never":
+            return None
+        try:
+            expires = float(text)
+        except ValueError:
+            return None
+        if expires <= self._clock():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return False
+        return expires
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        if not os.path.exists(self._path(key)):  # the common case: one stat
+            return False
+        return self.expiry(key) is not False
+
+    def records(self) -> dict[ChunkKey, float | None]:
+        """Every live pin: key -> expiry (None = until unpinned); expired records are removed."""
+        found: dict[ChunkKey, float | None] = {}
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return found
+        for name in names:
+            if name.startswith(TMP_PREFIX):
+                _remove_stray_file(os.path.join(self.dir, name), name)
+                continue
+            if not name.endswith(PIN_SUFFIX) or len(name) != 2 * KEY_BYTES + len(PIN_SUFFIX):
+                continue
+            try:
+                key = ChunkKey(bytes.fromhex(name[:-len(PIN_SUFFIX)]))
+            except ValueError:
+                continue
+            expires = self.expiry(key)
+            if expires is not False:
+                found[key] = expires
+        return found

@@ -202,3 +202,57 @@ def test_disk_full_is_a_refused_put_not_a_crash(small_layout: KVLayout, tmp_path
     assert res.stdout.strip() == "OK"
     assert not [p for p in tmp_path.rglob(".tmp.*")], "temp file left behind"
     assert os.path.isdir(tmp_path)
+
+
+# --- persistent pins (PinFiles) -------------------------------------------------------------
+def test_pin_records_survive_reopen_and_are_shared(small_layout: KVLayout, tmp_path: Path) -> None:
+    keys = make_keys(small_layout, 3)
+    a = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=True)
+    b = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=False)  # another process, same root
+    try:
+        a.pin_files.pin(keys[:2])
+        assert keys[0] in b.pin_files and keys[2] not in b.pin_files
+        b.pin_files.unpin(keys[1:2])
+        assert keys[1] not in a.pin_files
+    finally:
+        a.close()
+        b.close()
+    c = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20)
+    try:
+        assert c.pin_files.records() == {keys[0]: None}
+        assert list(c.keys()) == []  # pin records are not chunks
+    finally:
+        c.close()
+
+
+def test_pin_records_expire_and_keep_the_longest(small_layout: KVLayout, tmp_path: Path) -> None:
+    now = [1000.0]
+    tier = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=False)
+    pins = tier.pin_files
+    pins._clock = lambda: now[0]
+    keys = make_keys(small_layout, 2)
+    try:
+        pins.pin(keys[:1], ttl_s=10)
+        pins.pin(keys[:1], ttl_s=5)  # shorter: the longer pin stays
+        assert pins.expiry(keys[0]) == 1010.0
+        pins.pin(keys[1:], ttl_s=5)
+        pins.pin(keys[1:])  # no expiry wins
+        now[0] = 1020.0
+        assert keys[0] not in pins and keys[1] in pins
+        assert pins.records() == {keys[1]: None}
+        assert not pins._path(keys[0]).exists()  # the expired record was removed
+    finally:
+        tier.close()
+
+
+def test_a_damaged_pin_record_still_pins(small_layout: KVLayout, tmp_path: Path) -> None:
+    tier = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=False)
+    key = make_keys(small_layout, 1)[0]
+    try:
+        tier.pin_files.pin([key])
+        tier.pin_files._path(key).write_text("\x00garbage")
+        assert key in tier.pin_files  # losing a warehoused chunk is worse than keeping one
+        tier.pin_files.unpin([key])
+        assert key not in tier.pin_files
+    finally:
+        tier.close()
