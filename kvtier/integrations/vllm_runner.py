@@ -9,7 +9,9 @@ connector's DRAM pool) and lets a "second process" share the first one's disk ti
 SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
 "kv_cache_gib": float, "num_gpu_blocks": int | null, "batch": bool, "reset_prefix_cache": bool,
-"phases": [[[token ids], ...], ...], "stats_file": path | null}``.
+"phases": [[prompt, ...], ...], "stats_file": path | null}``, a prompt being ``[token ids]`` or
+``{"tokens": [token ids], "kv_transfer_params": {...}}`` (per-request connector parameters, e.g.
+kvtier's ``{"kvtier": {"pin": true}}``).
 Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
 ``max_tokens`` is 1), or all in one ``generate`` call with ``batch`` (one time for the phase).
 ``num_gpu_blocks`` caps vLLM's KV blocks (to force preemption).
@@ -71,13 +73,24 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             llm.reset_prefix_cache()  # later phases cannot hit in vLLM's own cache
         outputs, seconds = [], []
         for batch in [prompts] if spec.get("batch") else [[p] for p in prompts]:
+            inputs = [{"prompt_token_ids": p["tokens"] if isinstance(p, dict) else p} for p in batch]
+            per_prompt = [_with_transfer_params(params, p.get("kv_transfer_params")) if isinstance(p, dict)
+                          else params for p in batch]
             t = time.perf_counter()
-            results = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+            results = llm.generate(inputs, per_prompt, use_tqdm=False)
             seconds.append(time.perf_counter() - t)
             outputs += [list(r.outputs[0].token_ids) for r in results]
         stats = json.loads(Path(stats_file).read_text()) if stats_file and Path(stats_file).exists() else None
         phases.append({"outputs": outputs, "seconds": seconds, "stats": stats})
     return {"startup_s": startup, "phases": phases}
+
+
+def _with_transfer_params(params: Any, transfer: dict[str, Any] | None) -> Any:
+    if transfer is None:
+        return params
+    clone = params.clone()
+    clone.extra_args = {**(clone.extra_args or {}), "kv_transfer_params": transfer}
+    return clone
 
 
 class VllmRunFailed(RuntimeError):

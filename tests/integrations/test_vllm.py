@@ -147,3 +147,33 @@ def test_bad_extra_config_fails_at_startup(tiny_model: Path, tmp_path: Path) -> 
         run_vllm(spec, tmp_path, "bad", timeout=240)
     assert "unknown config key(s) ['dram_size']" in str(err.value)
 
+
+
+def test_pinned_prompt_survives_eviction_and_restart(tiny_model: Path, tmp_path: Path) -> None:
+    """Token warehousing through vLLM: a request asks for its prompt to be pinned; a flood of other
+    prompts then overfills the tiers, yet a fresh process still loads the pinned prompt (and not
+    an unpinned one stored alongside it); an unpin request removes the pin records."""
+    disk = tmp_path / "shared-disk"
+    tiny = {"dram": {"capacity": "512KiB"}, "disk": {"path": str(disk), "capacity": "1MiB", "fsync": False}}
+    P, Q = _tokens(30, 300), _tokens(31, 300)  # 2 chunks (256 KiB each) + 44-token tails
+    flood = [_tokens(40 + i, 300) for i in range(6)]  # 12 chunks: 6x the DRAM, 3x the disk
+    pin = {"tokens": P, "kv_transfer_params": {"kvtier": {"pin": True}}}
+
+    def kvtier(name: str) -> dict[str, Any]:
+        spec = _kvtier(tmp_path / name, disk)
+        spec["extra_config"].update(tiny)
+        return spec
+
+    first = run_vllm(_spec(tiny_model, [[pin, Q], flood], **kvtier("a")), _mkdir(tmp_path / "a"), "a")
+    counters = first["phases"][-1]["stats"]["counters"]
+    assert counters["pinned_chunks"] == 2
+    pin_dir = next(disk.glob("*/pins"))
+    assert len(list(pin_dir.glob("*.pin"))) == 2
+
+    unpin = {"tokens": P, "kv_transfer_params": {"kvtier": {"unpin": True}}}
+    second = run_vllm(_spec(tiny_model, [[P, Q], [unpin]], **kvtier("b")), _mkdir(tmp_path / "b"), "b")
+    assert second["phases"][0]["outputs"] == first["phases"][0]["outputs"]
+    counters = second["phases"][0]["stats"]["counters"]
+    assert counters["hit_tokens_disk"] == 256  # all of P's chunks; Q's were evicted by the flood
+    assert second["phases"][1]["stats"]["counters"]["unpinned_chunks"] == 2
+    assert list(pin_dir.glob("*.pin")) == []
