@@ -56,6 +56,7 @@ def default_cache_dir() -> Path:
 class DramConfig:
     capacity: ByteSize = ByteSize(2 * GiB)
     pin_memory: bool | None = None  # None: pinned when CUDA is available
+    prefault: bool = True  # populate the pool's pages at start (no page faults on the hot path)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kvtier.errors import IntegrationError
+from kvtier.hostmem import populated
 from kvtier.integrations.vllm_config import PagedGeometry
 
 
@@ -56,15 +57,17 @@ class PagedKV:
         # (num_blocks, heads, 2, block_size, head_dim) views, in layer order
         self.layers = [t.view(t.shape[0], g.num_kv_heads, 2, g.block_size, g.head_dim) for t in kv_caches.values()]
         self.dtype = self.layers[0].dtype
-        self._staging = torch.empty(0, dtype=self.dtype)
+        self._itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        self._staging = torch.empty(0, dtype=self.dtype)  # grown on demand, populated (kvtier.hostmem)
 
     def _stage(self, num_chunks: int) -> torch.Tensor:
         """(n, layers, 2, m, block_size, heads, head_dim): chunk i's payload is ``[i]``, contiguous."""
         g = self.geometry
         shape = (num_chunks, g.num_layers, 2, self.blocks_per_chunk, g.block_size, g.num_kv_heads, g.head_dim)
         need = int(np.prod(shape))
-        if self._staging.numel() < need:
-            self._staging = torch.empty(need, dtype=self.dtype)
+        if self._staging.numel() < need:  # grow by half again at least: few (page-faulting) reallocations
+            grown = max(need, self._staging.numel() * 3 // 2)
+            self._staging = torch.frombuffer(populated(grown * self._itemsize), dtype=self.dtype)
         return self._staging[:need].view(shape)
 
     @staticmethod

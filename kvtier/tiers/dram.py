@@ -2,9 +2,10 @@
 
 Bytes: one contiguous buffer of ``num_slots * layout.chunk_bytes`` allocated once at start
 (page-locked ``torch`` memory when CUDA is available, so GPU copies run at full PCIe speed and
-need no staging; plain memory otherwise).  A chunk occupies one slot; a free list (lowest slot
-first) hands slots out, so the hot path never calls ``malloc``.  Payloads are stored bare (no header): they never
-leave the process.
+need no staging; otherwise plain memory, populated up front by the kernel -- ``kvtier.hostmem``:
+first-touch page faults would otherwise land on the first store or promotion into each slot).
+A chunk occupies one slot; a free list (lowest slot first) hands slots out, so the hot path
+never calls ``malloc``.  Payloads are stored bare (no header): they never leave the process.
 
 Views: ``borrow(key)`` yields a read-only view of a slot without copying.  While a view is
 borrowed the slot is not reused: a delete during a borrow frees the slot when the last borrow
@@ -30,13 +31,15 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.hostmem import populated
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
 
 
-def _allocate(nbytes: int, pin: bool | None) -> tuple[np.ndarray, Any]:
-    """Return (numpy view, owner). Pinned through torch when asked for or when CUDA is up."""
+def _allocate(nbytes: int, pin: bool | None, prefault: bool = True) -> tuple[np.ndarray, Any]:
+    """Return (numpy view, owner). Pinned through torch when asked for or when CUDA is up;
+    otherwise populated up front (``kvtier.hostmem``) unless ``prefault`` is False."""
     if pin is not False:
         try:
             import torch
@@ -47,18 +50,19 @@ def _allocate(nbytes: int, pin: bool | None) -> tuple[np.ndarray, Any]:
         except (ImportError, RuntimeError):
             if pin:
                 raise
-    array = np.empty(nbytes, dtype=np.uint8)
+    array = populated(nbytes) if prefault else np.empty(nbytes, dtype=np.uint8)
     return array, array
 
 
 class DramTier(Tier):
     name = "dram"
 
-    def __init__(self, layout: KVLayout, *, capacity_bytes: int, pin_memory: bool | None = None) -> None:
+    def __init__(self, layout: KVLayout, *, capacity_bytes: int, pin_memory: bool | None = None,
+                 prefault: bool = True) -> None:
         super().__init__(layout)
         self._slot_bytes = layout.chunk_bytes
         self._num_slots = capacity_bytes // self._slot_bytes
-        self._pool, self._owner = _allocate(self._num_slots * self._slot_bytes, pin_memory)
+        self._pool, self._owner = _allocate(self._num_slots * self._slot_bytes, pin_memory, prefault)
         self.pinned = self._owner is not self._pool
         # free slots as a min-heap: the lowest free slot goes first, so chunks stored together
         # land in consecutive slots (one device copy per run) also after evictions freed others

@@ -10,7 +10,8 @@ from kvtier.tiers.base import Tier
 def make_dram(config: KVTierConfig, layout: KVLayout) -> Tier:
     from kvtier.tiers.dram import DramTier
 
-    return DramTier(layout, capacity_bytes=config.dram.capacity, pin_memory=config.dram.pin_memory)
+    return DramTier(layout, capacity_bytes=config.dram.capacity, pin_memory=config.dram.pin_memory,
+                    prefault=config.dram.prefault)
 
 
 def make_disk(config: KVTierConfig, layout: KVLayout) -> Tier:
