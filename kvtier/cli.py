@@ -4,6 +4,7 @@
     kvtier bench tiers          tier put/get throughput vs raw baselines
     kvtier bench <name> ...     every module kvtier.bench.<name> with add_arguments() and run()
     kvtier config               print the effective configuration
+    kvtier pins [--clear]       the disk tier's persistent pins (token warehouse), per model layout
 
 Each benchmark module defines ``add_arguments(parser)`` and ``run(args) -> int``; the CLI finds
 them by name, so adding a benchmark needs no change here.
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the effective configuration as JSON")
     cfg.add_argument("--file", type=Path, default=None, help="TOML or YAML config file")
 
+    pins = sub.add_parser("pins", help="list (or --clear) the persistent pins of the configured disk tier")
+    pins.add_argument("--file", type=Path, default=None, help="TOML or YAML config file")
+    pins.add_argument("--clear", action="store_true", help="remove every pin record (chunks stay cached)")
+
     demo = sub.add_parser("demo", help="run the main end-to-end demo")
     demo.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -62,10 +67,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.file)
         print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
         return 0
+    if args.command == "pins":
+        from kvtier.config import load_config
+
+        return _pins(load_config(args.file).disk.path, clear=args.clear)
     if args.command == "demo":
         demo = importlib.import_module("kvtier.demo")
         return int(demo.main(args.args))
     return int(args._run(args))
+
+
+def _pins(root: Path, *, clear: bool) -> int:
+    """One line per model layout under the disk root: pinned chunks, how many are on disk, bytes."""
+    import time
+
+    from kvtier.tiers.disk import PinFiles, chunk_path
+
+    root = root.expanduser()
+    layouts = sorted(p.parent for p in root.glob("*/pins") if p.is_dir())
+    if not layouts:
+        print(f"no pins under {root}")
+        return 0
+    now = time.time()
+    for layout_dir in layouts:
+        pins = PinFiles(layout_dir / "pins")
+        records = pins.records()
+        sizes = [path.stat().st_size for key in records if (path := chunk_path(layout_dir, key)).exists()]
+        lapse = [t for t in records.values() if t is not None]
+        until = f", {len(lapse)} lapse within {max(lapse) - now:.0f} s" if lapse else ""
+        print(f"{root}/{layout_dir.name}: {len(records)} pinned chunks, {len(sizes)} on disk "
+              f"({sum(sizes) / 2**20:.1f} MiB){until}")
+        if clear:
+            pins.unpin(list(records))
+            print(f"  cleared {len(records)} pin records")
+    return 0
 
 
 if __name__ == "__main__":

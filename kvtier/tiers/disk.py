@@ -63,6 +63,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def chunk_path(layout_root: Path, key: ChunkKey) -> Path:
+    """Where chunk ``key`` lives under one layout's subtree (``<root>/<layout fp hex>``)."""
+    h = key.hex()
+    return layout_root / h[:2] / h[2:4] / (h + SUFFIX)
+
+
 def _remove_stray_file(full: str, name: str) -> None:
     """Remove a temp file ``.tmp.<pid>.<random>`` whose writer is gone (not this process)."""
     try:
@@ -95,8 +101,7 @@ class DiskTier(Tier):
 
     # --- paths ------------------------------------------------------------------------------
     def path_of(self, key: ChunkKey) -> Path:
-        h = key.hex()
-        return self.root / h[:2] / h[2:4] / (h + SUFFIX)
+        return chunk_path(self.root, key)
 
     # --- restart ----------------------------------------------------------------------------
     def _scan(self) -> list[tuple[ChunkKey, float]]:
