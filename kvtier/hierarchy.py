@@ -13,6 +13,9 @@ Follow a chunk:
 * ``load(keys, outs)`` copies the longest available prefix into caller buffers, trying lower
   tiers when a copy fails (a corrupt chunk is a miss: never served), and **promotes** lower-tier
   hits into the top tier (``promotion="always"``).
+* ``borrow_prefix(keys)`` is ``load`` without the copies, for an engine that reads host chunks
+  itself: read-only views of top-tier DRAM slots, lower-tier hits read straight into reserved
+  slots (promotion in place).
 * ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing);
   ``pin(keys, persist=True)`` records the pin in the disk tier, so it survives restarts and
   binds every process sharing that disk root.
@@ -27,8 +30,9 @@ outside it.  A chunk being written is *pending*: lookups do not report it until 
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -95,11 +99,21 @@ class InPlaceStore:
         """How many chunks are written straight into top-tier slots."""
         return len(self._reserved)
 
-    def commit(self) -> int:
-        """Publish the chunks (their bytes must all be written); returns how many were stored."""
+    def commit(self, upto: int | None = None) -> int:
+        """Publish the chunks (their bytes must all be written); returns how many were stored.
+
+        ``upto``: publish only ``keys[:upto]`` (the rest were not written: dropped, as ``abort``).
+        """
         if not self._open:
             raise RuntimeError("this in-place store was committed or aborted already")
         self._open = False
+        if upto is not None and upto < len(self.keys):
+            kept = set(self.keys[:upto])
+            dropped = [k for k in self._reserved if k not in kept]
+            self._reserved = [k for k in self._reserved if k in kept]
+            self._copies = [i for i in self._copies if i < upto]
+            self._present = [k for k in self._present if k in kept]
+            self.memory._abort_in_place(dropped)
         self.stored = self.memory._commit_in_place(self)
         return self.stored
 
@@ -107,7 +121,7 @@ class InPlaceStore:
         """Drop the reservations: nothing is stored (victims demoted to make room stay demoted)."""
         if self._open:
             self._open = False
-            self.memory._abort_in_place(self)
+            self.memory._abort_in_place(self._reserved)
 
     def __enter__(self) -> InPlaceStore:
         return self
@@ -260,6 +274,86 @@ class ContextMemory:
         """
         return self._loader.submit(self.load, keys, outs)
 
+    @contextlib.contextmanager
+    def borrow_prefix(self, keys: Sequence[ChunkKey]) -> Iterator[list[np.ndarray]]:
+        """Read-only views of a loadable prefix of ``keys``, each in a top-tier DRAM slot.
+
+        ``load`` without its copies, for an engine that copies host chunks into its own memory
+        (vLLM's paged blocks): DRAM hits are borrowed zero-copy; a run of lower-tier hits is read
+        straight into DRAM slots reserved for it (``store_in_place``: promotion in place, no
+        staging, no second copy), then borrowed.  Checksums, corrupt-chunk fallback to lower
+        copies, stats and eviction order are as in ``load``.  The views stay valid (their slots
+        are not reused) until the block ends.
+
+        The prefix may be shorter than ``load``'s: it stops at a miss, and also where a chunk
+        gets no DRAM slot (the top tier is full of pinned or borrowed chunks); the caller loads
+        the rest with ``load``, which also counts the miss.  Yields ``[]`` when the top tier is
+        not DRAM or promotion is off.
+        """
+        top = self.tiers[0]
+        views: list[np.ndarray] = []
+        with contextlib.ExitStack() as borrows:
+            if isinstance(top, DramTier) and self.promotion == "always":
+                hit = self.lookup(keys)
+                i, n = 0, hit.num_chunks
+                while i < n:
+                    if hit.tiers[i] == 0:
+                        view = borrows.enter_context(top.borrow(keys[i]))
+                        if view is None:  # evicted since the lookup
+                            break
+                        self.account_load(keys[i:i + 1], [0])
+                        views.append(view)
+                        i += 1
+                        continue
+                    j = i
+                    while j < n and hit.tiers[j] != 0:
+                        j += 1
+                    got = self._promote_in_place(keys[i:j], hit.tiers[i:j], borrows, views)
+                    if got < j - i:
+                        break
+                    i = j
+            yield views
+
+    def _promote_in_place(self, keys: Sequence[ChunkKey], levels: Sequence[int],
+                          borrows: contextlib.ExitStack, views: list[np.ndarray]) -> int:
+        """Read lower-tier chunks into reserved top-tier slots, publish and borrow them."""
+        top = self.tiers[0]
+        assert isinstance(top, DramTier)
+        op = self.store_in_place(keys)
+        served = list(levels)
+        n = len(keys)
+        targets = [(i, view) for i, view in enumerate(op.views) if view is not None]
+        by_level: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, view in targets:
+            by_level.setdefault(levels[i], []).append((i, view))
+        ok = [True] * n
+        for level, items in sorted(by_level.items()):
+            results = self.tiers[level].get_many_into([keys[i] for i, _ in items], [v for _, v in items])
+            for (i, view), good in zip(items, results, strict=True):
+                if not good:  # corrupt or vanished: try the tiers below, as load does
+                    ok[i], served[i] = self._load_below(keys[i], view, levels[i])
+        n = next((i for i in range(n) if not ok[i]), n)
+        op.commit(upto=n)
+        plain = set(op._copies)  # got no slot: went through store(); our buffer holds the bytes
+        got = 0
+        for i in range(n):
+            out: np.ndarray | None = op.views[i]
+            if out is None:
+                served[i] = 0  # in the top tier already (promoted meanwhile)
+            if i not in plain:  # now (or already) in a slot: borrow it
+                out = borrows.enter_context(top.borrow(keys[i]))
+                if out is None:
+                    break
+            assert out is not None
+            views.append(out)
+            got += 1
+        if got:
+            self.account_load(keys[:got], served[:got])
+            promoted = sum(1 for i in range(got) if op.views[i] is not None)
+            with self._lock:
+                top.stats.promotions += promoted
+        return got
+
     def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
         with self._lock:
             self.indexes[failed_level].discard(key)
@@ -397,13 +491,13 @@ class ContextMemory:
             self._write_through_async(stored)
         return len(stored)
 
-    def _abort_in_place(self, op: InPlaceStore) -> None:
-        if op._reserved:
+    def _abort_in_place(self, reserved: list[ChunkKey]) -> None:
+        if reserved:
             top = self.tiers[0]
             assert isinstance(top, DramTier)
-            top.abort(op._reserved)
+            top.abort(reserved)
             with self._lock:
-                for key in op._reserved:
+                for key in reserved:
                     self._pending.discard((0, key))
                     self.indexes[0].discard(key)
 

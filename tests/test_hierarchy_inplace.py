@@ -180,3 +180,72 @@ def test_account_load_counts_hits_and_refreshes_order(tmp_path: Path) -> None:
         assert mem.stats()["dram"].hits == 1
         mem.store(keys[2:], payloads[2:])
         assert mem.lookup(keys).tiers == (0, 1, 0)  # keys[0] was touched: keys[1] went down
+
+
+# --- borrow_prefix: loads without copies ------------------------------------------------------
+def _stored_on_disk(tmp: Path, n: int) -> tuple[list, list[np.ndarray]]:
+    keys, payloads = make_keys(LAYOUT, n), make_payloads(LAYOUT, n)
+    with _memory(tmp, n, 100) as mem:
+        mem.store(keys, payloads)
+    return keys, payloads  # a restart finds them on disk only
+
+
+def test_borrow_prefix_borrows_dram_hits_and_promotes_disk_hits_in_place(tmp_path: Path) -> None:
+    keys, payloads = _stored_on_disk(tmp_path, 5)
+    with _memory(tmp_path, 8, 100) as mem:
+        dram = mem.tiers[0]
+        assert isinstance(dram, DramTier)
+        assert mem.load(keys[:2], _outs(2)) == 2  # chunks 0-1 promoted: DRAM, 2-4: disk
+        assert mem.lookup(keys).tiers == (0, 0, 1, 1, 1)
+        hits_before = [t.stats.hits for t in mem.tiers]
+        with mem.borrow_prefix(keys) as views:
+            assert len(views) == 5
+            for view, payload in zip(views, payloads, strict=True):
+                np.testing.assert_array_equal(view, payload)
+                assert np.shares_memory(view, np.asarray(dram.pool)) and not view.flags.writeable
+        assert mem.lookup(keys).tiers == (0,) * 5  # promoted, in place
+        assert [t.stats.hits - b for t, b in zip(mem.tiers, hits_before, strict=True)] == [2, 3]
+        assert dram.stats.promotions == 2 + 3
+        assert dram.used_bytes == mem.indexes[0].used_bytes == 5 * LAYOUT.chunk_bytes
+
+
+def test_borrowed_slots_are_not_reused_until_the_block_ends(tmp_path: Path) -> None:
+    keys, payloads = _stored_on_disk(tmp_path, 2)
+    with _memory(tmp_path, 2, 100) as mem:
+        with mem.borrow_prefix(keys) as views:
+            flood, flood_payloads = make_keys(LAYOUT, 4, seed=3), make_payloads(LAYOUT, 4, seed=3)
+            mem.store(flood, flood_payloads)  # evicts both (demoted), but their slots are borrowed
+            for view, payload in zip(views, payloads, strict=True):
+                np.testing.assert_array_equal(view, payload)
+        outs = _outs(4)
+        assert mem.load(flood, outs) == 4
+        for out, payload in zip(outs, flood_payloads, strict=True):
+            np.testing.assert_array_equal(out, payload)
+
+
+def test_borrow_prefix_stops_at_a_corrupt_chunk_and_keeps_no_slot_for_it(tmp_path: Path) -> None:
+    keys, payloads = _stored_on_disk(tmp_path, 4)
+    with _memory(tmp_path, 8, 100) as mem:
+        disk = mem.tiers[1]
+        assert isinstance(disk, DiskTier)
+        path = disk.path_of(keys[2])
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        with mem.borrow_prefix(keys) as views:
+            assert len(views) == 2
+            for view, payload in zip(views, payloads[:2], strict=True):
+                np.testing.assert_array_equal(view, payload)
+        assert disk.stats.corrupt == 1
+        assert mem.lookup(keys).tiers == (0, 0)  # chunk 3 (past the corrupt one) was not promoted
+        assert mem.tiers[0].used_bytes == mem.indexes[0].used_bytes == 2 * LAYOUT.chunk_bytes
+        assert mem.load(keys, _outs(4)) == 2  # the caller's fallback finds the same prefix
+
+
+def test_borrow_prefix_needs_a_dram_top_tier_and_promotion(tmp_path: Path) -> None:
+    keys, _ = _stored_on_disk(tmp_path, 2)
+    disk_only = ContextMemory(LAYOUT, [DiskTier(LAYOUT, path=tmp_path, capacity_bytes=1 << 20, fsync=False)])
+    with disk_only, disk_only.borrow_prefix(keys) as views:
+        assert views == []
+    with _memory(tmp_path, 4, 100, promotion="never") as mem, mem.borrow_prefix(keys) as views:
+        assert views == []

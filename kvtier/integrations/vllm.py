@@ -180,9 +180,15 @@ class KVTierConnector(KVConnectorBase_V1):
         memory, paged, m = self._memory, self._paged, self._paged.blocks_per_chunk
         t0 = time.perf_counter()
         hits_before = [t.stats.hits for t in memory.tiers]
-        stage = paged._stage(len(job.keys))
-        loaded = memory.load(job.keys, paged.payloads(stage))
-        paged.scatter(stage[:loaded], job.block_ids[:loaded * m])
+        # DRAM hits are read in place, lower-tier hits promoted into DRAM slots and read there
+        with memory.borrow_prefix(job.keys) as views:
+            paged.scatter_from(views, job.block_ids[:len(views) * m])
+            loaded = len(views)
+        if loaded < len(job.keys):  # no DRAM slot for the rest, no DRAM tier, or a miss: via staging
+            stage = paged._stage(len(job.keys) - loaded)
+            got = memory.load(job.keys[loaded:], paged.payloads(stage))
+            paged.scatter(stage[:got], job.block_ids[loaded * m:(loaded + got) * m])
+            loaded += got
         failed = [b for b in job.block_ids[loaded * m:] if b >= 0]
         if failed:
             self._failed_blocks.update(failed)
@@ -210,8 +216,9 @@ class KVTierConnector(KVConnectorBase_V1):
             assert self._memory is not None and self._paged is not None
             t0 = time.perf_counter()
             keys = [k for job in meta.saves for k in job.keys]
-            stage = self._paged.gather([b for job in meta.saves for b in job.block_ids])
-            stored = self._memory.store(keys, self._paged.payloads(stage))
+            with self._memory.store_in_place(keys) as op:  # straight into DRAM slots, no staging
+                self._paged.gather_into(op.views, [b for job in meta.saves for b in job.block_ids])
+            stored = op.stored or 0
             self._count(save_chunks=stored, save_bytes=stored * self.layout.chunk_bytes,
                         save_s=time.perf_counter() - t0)
         for pin in meta.pins:

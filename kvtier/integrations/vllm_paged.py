@@ -13,10 +13,15 @@ A kvtier chunk of ``C = m * block_size`` tokens is ``(layers, 2, C, heads, head_
 blocks plus one permuting copy into a staging tensor ``(n, layers, 2, m, block_size, heads,
 head_dim)`` whose ``[i]`` is chunk i's payload, byte for byte.  Scattering is the reverse: one
 permuting copy and one ``index_copy_`` per layer.  Staging tensors are reused between steps.
+
+With a DRAM top tier no staging is needed: ``gather_into`` / ``scatter_from`` take the chunk
+buffers themselves (reserved or borrowed DRAM slots), treating each run of adjacent buffers
+(consecutive slots, the common case) as one staging tensor.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,15 +83,52 @@ class PagedKV:
 
     def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
         """Copy chunks out of vLLM blocks; ``block_ids`` has ``m`` ids per chunk, in order."""
-        m = self.blocks_per_chunk
-        n = len(block_ids) // m
-        stage = self._stage(n)
+        stage = self._stage(len(block_ids) // self.blocks_per_chunk)
+        self._gather(stage, block_ids)
+        return stage
+
+    def _gather(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
+        m, n = self.blocks_per_chunk, stage.shape[0]
         ids = torch.as_tensor(block_ids, dtype=torch.long)
         for layer, kv in enumerate(self.layers):
             blocks = kv.index_select(0, ids)  # (n*m, heads, 2, bs, hd)
             blocks = blocks.view(n, m, *blocks.shape[1:])  # (n, m, heads, 2, bs, hd)
             stage[:, layer].copy_(blocks.permute(0, 3, 1, 4, 2, 5))  # (n, 2, m, bs, heads, hd)
-        return stage
+
+    def gather_into(self, views: Sequence[np.ndarray | None], block_ids: Sequence[int]) -> None:
+        """``gather`` into the given chunk buffers (None: skip that chunk's ``m`` blocks)."""
+        m = self.blocks_per_chunk
+        for first, stage in self._runs(views):
+            self._gather(stage, block_ids[first * m:(first + stage.shape[0]) * m])
+
+    def scatter_from(self, views: Sequence[np.ndarray], block_ids: Sequence[int]) -> None:
+        """``scatter`` from the given chunk buffers (read-only views are fine: only read)."""
+        m = self.blocks_per_chunk
+        for first, stage in self._runs(views):
+            self.scatter(stage, block_ids[first * m:(first + stage.shape[0]) * m])
+
+    def _runs(self, views: Sequence[np.ndarray | None]) -> list[tuple[int, torch.Tensor]]:
+        """(index of the first chunk, staging-shaped tensor) per run of adjacent buffers."""
+        g = self.geometry
+        runs: list[tuple[int, torch.Tensor]] = []
+        i = 0
+        while i < len(views):
+            head = views[i]
+            if head is None:
+                i += 1
+                continue
+            j, end = i + 1, head.ctypes.data + head.nbytes
+            while j < len(views) and (nxt := views[j]) is not None and nxt.ctypes.data == end:
+                end += nxt.nbytes
+                j += 1
+            span = np.lib.stride_tricks.as_strided(head, shape=(end - head.ctypes.data,), strides=(1,))
+            with warnings.catch_warnings():  # borrowed slots are read-only views; scatter only reads them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tensor = torch.from_numpy(span).view(self.dtype)
+            shape = (j - i, g.num_layers, 2, self.blocks_per_chunk, g.block_size, g.num_kv_heads, g.head_dim)
+            runs.append((i, tensor.view(shape)))
+            i = j
+        return runs
 
     def scatter(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
         """Copy staged chunks into vLLM blocks; ``block_ids[j] < 0`` leaves block slot j alone."""

@@ -59,6 +59,37 @@ def test_scatter_roundtrip_and_skip() -> None:
         assert not dst[name][11].any()  # untouched
 
 
+def test_gather_into_and_scatter_from_chunk_buffers_in_runs() -> None:
+    """Chunk buffers as DRAM slots hand them out: two adjacent (one run), one elsewhere, one None."""
+    import numpy as np
+
+    src = _caches()
+    paged = PagedKV(src, geometry_of(src, BS), tokens_per_chunk=2 * BS)
+    chunk_bytes = LAYERS * 2 * 2 * BS * HEADS * HD * 4
+    pool = np.zeros(6 * chunk_bytes, np.uint8)
+    slot = [pool[k * chunk_bytes:(k + 1) * chunk_bytes] for k in range(6)]
+    views = [slot[2], slot[3], None, slot[0]]
+    assert [(first, t.shape[0]) for first, t in paged._runs(views)] == [(0, 2), (3, 1)]
+    block_ids = [1, 3, 4, 6, 8, 9, 10, 11]
+    paged.gather_into(views, block_ids)
+    reference = PagedKV.payloads(paged.gather(block_ids).clone())
+    for view, want in zip(views, reference, strict=True):
+        if view is not None:
+            assert np.array_equal(view, want)
+    assert not slot[1].any() and not slot[4].any()  # nothing written outside the views
+
+    dst = {name: torch.zeros_like(t) for name, t in src.items()}
+    paged_dst = PagedKV(dst, geometry_of(dst, BS), tokens_per_chunk=2 * BS)
+    read_only = [v.view() for v in (slot[2], slot[3], slot[0])]
+    for v in read_only:
+        v.flags.writeable = False
+    paged_dst.scatter_from(read_only, [12, 13, 14, 15, 2, -1])
+    for name in src:
+        assert torch.equal(dst[name][12], src[name][1]) and torch.equal(dst[name][15], src[name][6])
+        assert torch.equal(dst[name][2], src[name][10])
+        assert not dst[name][3].any()
+
+
 def test_unsupported_layout_is_refused() -> None:
     from kvtier.errors import IntegrationError
 
