@@ -7,8 +7,9 @@ our 2-core VM: copying 400 MB into fresh memory 0.93 s, into populated memory 0.
 the hot path -- the first store or promotion into each DRAM slot, the first load through a
 staging buffer -- unless the pages are populated up front, in bulk, by the kernel.
 
-``populated(nbytes)`` maps anonymous memory with ``MAP_POPULATE`` (Linux); elsewhere it falls
-back to ``np.empty``.  Pinned (CUDA) memory needs none of this: the driver locks every page.
+``populated(nbytes)`` maps anonymous memory with ``MAP_POPULATE`` (Linux); elsewhere, or when
+the request exceeds the memory available now (populating it would invite the OOM killer), it
+falls back to ``np.empty``.  Pinned (CUDA) memory needs none of this: the driver locks every page.
 """
 
 from __future__ import annotations
@@ -26,10 +27,22 @@ def populated(nbytes: int) -> np.ndarray:
     The mapping lives as long as the array (or any view of it) does.
     """
     flags = getattr(mmap, "MAP_POPULATE", 0)
-    if nbytes <= 0 or not flags:
+    if nbytes <= 0 or not flags or nbytes > _available_bytes():
         return np.empty(max(nbytes, 0), dtype=np.uint8)
     try:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
     except OSError:  # no memory for all of it now: let the pages come lazily instead
         return np.empty(nbytes, dtype=np.uint8)
     return np.frombuffer(region, dtype=np.uint8)
+
+
+def _available_bytes() -> int:
+    """``MemAvailable`` from /proc/meminfo (no limit known: a very large number)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62

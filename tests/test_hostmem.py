@@ -29,3 +29,12 @@ def test_populated_pages_are_resident_before_the_first_write() -> None:
     buf = populated(64 << 20)
     assert _resident_bytes() - before >= 60 << 20  # a plain np.empty would add ~nothing here
     del buf
+
+
+def test_more_than_is_available_is_not_populated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvtier.hostmem
+
+    monkeypatch.setattr(kvtier.hostmem, "_available_bytes", lambda: 1 << 20)
+    before = _resident_bytes()
+    buf = populated(64 << 20)  # lazily backed instead: no OOM risk
+    assert buf.size == 64 << 20 and _resident_bytes() - before < 32 << 20
