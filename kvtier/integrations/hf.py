@@ -7,9 +7,11 @@ Follow one request through ``KVTierLM.prefill(input_ids)``:
 2. **decide**: ``CostModel.plan`` picks how many leading chunks to load; the rest is
    recomputed (without a cost model: load every usable chunk).  At least one token is always
    computed, so the model produces logits;
-3. **fetch**: leading DRAM chunks are borrowed zero-copy from the pinned pool; chunks of lower
-   tiers go through ``ContextMemory.load`` (checksums, corrupt = miss, promotion) into pinned
-   staging.  A chunk that fails to load ends the prefix there: those tokens are recomputed;
+3. **fetch**: ``ContextMemory.borrow_prefix``: DRAM chunks are borrowed zero-copy from the
+   pinned pool, chunks of lower tiers are read (checksums, corrupt = miss) straight into pinned
+   DRAM slots reserved for them -- the promotion is the read.  Without a DRAM tier (or with
+   no room in it) chunks go through ``ContextMemory.load`` into pinned staging.  A chunk that
+   fails to load ends the prefix there: those tokens are recomputed;
 4. **copy**: the copy engine streams the bytes to the model's device, layer by layer
    (``layerwise=True``: layer ``l`` computes as soon as *its* bytes are in) or in bulk;
 5. **compute**: the model runs on the uncached suffix with a ``LoadedCache``;
@@ -111,7 +113,7 @@ class KVTierLM:
         else:
             plan, want = None, min(hit.num_chunks, (len(ids) - 1) // c)
         with contextlib.ExitStack() as borrows:
-            load, loaded = self._fetch(keys[:want], hit.tiers[:want], borrows) if want else (None, 0)
+            load, loaded = self._fetch(keys[:want], borrows) if want else (None, 0)
             try:
                 cache = LoadedCache(load, loaded * c) if load is not None else DynamicCache()
                 suffix = ids[loaded * c:].to(self.device)[None, :]
@@ -142,22 +144,14 @@ class KVTierLM:
         return tokens, result
 
     # --- fetch: host bytes -> device ------------------------------------------------------------
-    def _fetch(self, keys: Sequence[ChunkKey], levels: Sequence[int],
-               borrows: contextlib.ExitStack) -> tuple[KVLoad | None, int]:
+    def _fetch(self, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack) -> tuple[KVLoad | None, int]:
         """Start copying the longest loadable prefix of ``keys``; returns (load, chunks)."""
         load = self.engine.start_load(len(keys), layerwise=self.layerwise)
         dram_views: list[np.ndarray] = []
-        if self._dram is not None:  # leading DRAM chunks: zero-copy from the pinned pool
-            for key, level in zip(keys, levels, strict=True):
-                if level != 0:
-                    break
-                view = borrows.enter_context(self._dram.borrow(key))
-                if view is None:  # evicted since the lookup: the hierarchy path below tries again
-                    break
-                dram_views.append(view)
-            if dram_views:
-                # Count the hits and refresh LRU order, as ContextMemory.load would have.
-                self.memory.account_load(keys[:len(dram_views)], [0] * len(dram_views))
+        if self._dram is not None:
+            # DRAM chunks zero-copy from the pinned pool; lower-tier chunks read straight into
+            # pinned DRAM slots (promotion in place), then copied to the device from there.
+            dram_views = borrows.enter_context(self.memory.borrow_prefix(keys))
         n = len(dram_views)
         n += self._fetch_lower(load, keys[n:], first=n)  # whole chunks, host-synchronous reads
         if n == 0:

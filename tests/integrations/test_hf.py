@@ -52,10 +52,10 @@ def layout(model: LlamaForCausalLM) -> KVLayout:
     return layout_for(model, tokens_per_chunk=C)
 
 
-def open_memory(layout: KVLayout, root: Path, *, dram_chunks: int = 64) -> ContextMemory:
+def open_memory(layout: KVLayout, root: Path, *, dram_chunks: int = 64, promotion: str = "always") -> ContextMemory:
     tiers = [DramTier(layout, capacity_bytes=dram_chunks * layout.chunk_bytes),
              DiskTier(layout, path=root, capacity_bytes=1 << 30, fsync=False)]
-    return ContextMemory(layout, tiers)
+    return ContextMemory(layout, tiers, promotion=promotion)
 
 
 @pytest.fixture
@@ -152,14 +152,17 @@ def test_stored_bytes_follow_the_layout(model: LlamaForCausalLM, memory: Context
             assert torch.equal(chunk[layer_idx, part], want)
 
 
-def test_disk_chunks_through_small_staging(model: LlamaForCausalLM, layout: KVLayout, tmp_path: Path) -> None:
-    """After a restart the chunks come from disk, several staging groups of 2 chunks each."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_disk_chunks_after_a_restart(model: LlamaForCausalLM, layout: KVLayout, tmp_path: Path,
+                                     in_place: bool) -> None:
+    """After a restart the chunks come from disk: read straight into DRAM slots (promotion in
+    place), or -- promotion off -- through staging in several groups of 2 chunks each."""
     ids = prompt(7 * C + 1, seed=7)
     mem = open_memory(layout, tmp_path)
     with KVTierLM(model, mem) as lm:
         warm(lm, ids)
     mem.close()
-    mem = open_memory(layout, tmp_path)  # empty DRAM, the disk tier rescans its files
+    mem = open_memory(layout, tmp_path, promotion="always" if in_place else "never")  # empty DRAM
     try:
         assert mem.lookup(mem.keys_for(ids.numpy())).tiers == (1,) * 7
         with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes) as lm, torch.no_grad():
@@ -167,7 +170,9 @@ def test_disk_chunks_through_small_staging(model: LlamaForCausalLM, layout: KVLa
         assert result.loaded_tokens == 7 * C
         ref_logits, _ = reference(model, ids)
         assert (result.logits - ref_logits[:, 7 * C:]).abs().max().item() < 1e-4
-        assert mem.tiers[0].stats.promotions == 7  # disk hits were promoted into DRAM
+        assert mem.tiers[1].stats.hits == 7
+        assert mem.tiers[0].stats.promotions == (7 if in_place else 0)
+        assert mem.lookup(mem.keys_for(ids.numpy())).tiers == ((0,) if in_place else (1,)) * 7
     finally:
         mem.close()
 
