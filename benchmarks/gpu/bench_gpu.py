@@ -146,7 +146,7 @@ def load_only(lm: KVTierLM, ids: torch.Tensor, reps: int = 1) -> tuple[float, in
 
     def run() -> int:
         with contextlib.ExitStack() as borrows:
-            load, n = lm._fetch(keys[:hit.num_chunks], hit.tiers, borrows)
+            load, n = lm._fetch(keys[:hit.num_chunks], borrows)
             if load is not None:
                 load.wait_host()
         return n
