@@ -66,6 +66,10 @@ def _converse(llm: Any, turns: list[list[int]], system: list[int], answer_tokens
 def _engine(model: Path, kv_transfer_config: Any, max_len: int) -> Any:
     from vllm import LLM
 
+    from kvtier.integrations.vllm_runner import quiet_chat_warmup
+
+    quiet_chat_warmup()
+
     return LLM(model=str(model), dtype="float32", skip_tokenizer_init=True, enforce_eager=True,
                max_model_len=max_len, max_num_batched_tokens=max_len, enable_prefix_caching=False,
                gpu_memory_utilization=0.3, disable_log_stats=False, kv_transfer_config=kv_transfer_config, seed=0)

@@ -22,6 +22,7 @@ stats being the connector's ``stats_file`` after that phase.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -43,7 +44,23 @@ def kv_transfer_config(connector: str | None, extra: dict[str, Any] | None) -> A
     raise ValueError(f"unknown connector {connector!r}")
 
 
+class _NoChatWarmupNoise(logging.Filter):
+    """vLLM warms up chat templates at start-up and logs a traceback when there is no tokenizer
+    (``skip_tokenizer_init=True``, as with our random-weight models): expected here, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+def quiet_chat_warmup() -> None:
+    """Drop vLLM's start-up traceback about chat templates of tokenizer-less models (idempotent)."""
+    logger = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _NoChatWarmupNoise) for f in logger.filters):
+        logger.addFilter(_NoChatWarmupNoise())
+
+
 def make_llm(spec: dict[str, Any]) -> Any:
+    quiet_chat_warmup()
     extra = dict(spec.get("extra_config") or {})
     if spec.get("stats_file") and spec.get("connector") == "kvtier":
         extra["stats_file"] = spec["stats_file"]
