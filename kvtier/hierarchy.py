@@ -572,10 +572,11 @@ class ContextMemory:
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None, *, persist: bool = False) -> None:
         """Never evict these chunks (from any tier) until unpinned or ``ttl_s`` passes.
 
-        In-process pins are counted (nested pins need as many unpins).  ``persist=True`` also
-        writes a pin record to the disk tier (``PinFiles``): it survives restarts, every process
-        sharing the disk root honours it, and one ``unpin`` removes it.  Keys may be pinned
-        before their chunks are stored.  Shared G4 stores keep their own retention rules.
+        In-process pins are counted (nested pins need as many unpins).  ``persist=True`` writes
+        a pin record to the disk tier instead (``PinFiles``): it survives restarts, every process
+        sharing the disk root honours it (within ``PinFiles.recheck_s``), and one ``unpin``
+        removes it.  Keys may be pinned before their chunks are stored.  Shared G4 stores keep
+        their own retention rules.
         """
         keys = list(keys)
         if persist:  # the record alone protects the chunk (``_evictable``), here and elsewhere

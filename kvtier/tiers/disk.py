@@ -308,11 +308,17 @@ class PinFiles:
     counted: pinning twice keeps the later expiry (``never`` wins), one unpin removes it.
     """
 
-    def __init__(self, directory: Path, *, fsync: bool = True,
+    def __init__(self, directory: Path, *, fsync: bool = True, recheck_s: float = 1.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.dir = directory
         self._fsync = fsync
         self._clock = clock
+        # ``in`` answers are cached for ``recheck_s``: eviction asks about every candidate victim,
+        # and a warehouse of thousands of pinned chunks must not cost thousands of stats per
+        # eviction.  This process's own pins and unpins update the cache at once; another
+        # process's are seen within ``recheck_s``.
+        self.recheck_s = recheck_s
+        self._seen: dict[ChunkKey, tuple[float | Literal[False] | None, float]] = {}  # (expiry(), when)
 
     def _path(self, key: ChunkKey) -> Path:
         return self.dir / (key.hex() + PIN_SUFFIX)
@@ -331,6 +337,7 @@ class PinFiles:
             tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
             tmp.write_text("never\n" if expires is None else f"{expires!r}\n")
             os.replace(tmp, self._path(key))
+            self._seen[key] = (expires, time.monotonic())
         if self._fsync:
             dfd = os.open(self.dir, os.O_RDONLY)
             try:
@@ -342,6 +349,7 @@ class PinFiles:
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(key))
+            self._seen[key] = (False, time.monotonic())
 
     def expiry(self, key: ChunkKey) -> float | Literal[False] | None:
         """False: not pinned; None: pinned until unpinned; else the expiry (Unix seconds)."""
@@ -365,9 +373,16 @@ class PinFiles:
         return expires
 
     def __contains__(self, key: ChunkKey) -> bool:
-        if not os.path.exists(self._path(key)):  # the common case: one stat
-            return False
-        return self.expiry(key) is not False
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[1] < self.recheck_s:
+            expires = seen[0]
+        else:  # the common case is one stat of a missing file
+            expires = self.expiry(key) if os.path.exists(self._path(key)) else False
+            if len(self._seen) >= 1 << 20:
+                self._seen.clear()
+            self._seen[key] = (expires, now)
+        return expires is None or (expires is not False and expires > self._clock())
 
     def records(self) -> dict[ChunkKey, float | None]:
         """Every live pin: key -> expiry (None = until unpinned); expired records are removed."""
