@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -24,3 +26,10 @@ def make_keys(layout: KVLayout, n: int, seed: int = 0, tenant: str = "") -> list
 def make_payloads(layout: KVLayout, n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed + 1000)
     return [rng.integers(0, 256, size=layout.chunk_bytes, dtype=np.uint8) for _ in range(n)]
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt a stored chunk file in place: invert the byte at ``offset`` (negative: from the end)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

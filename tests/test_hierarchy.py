@@ -15,7 +15,7 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
-from tests.conftest import make_keys, make_payloads
+from tests.conftest import flip_byte, make_keys, make_payloads
 
 LAYOUT = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", tokens_per_chunk=4)
 
@@ -134,9 +134,7 @@ def test_corrupt_chunk_is_a_miss_never_served(tmp_path: Path) -> None:
         disk = mem.tiers[1]
         assert isinstance(disk, DiskTier)
         path = disk.path_of(keys[0])
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0xFF
-        path.write_bytes(bytes(data))
+        flip_byte(path, -1)
         outs = _outs(2)
         assert mem.load(keys, outs) == 0  # chunk 0 is gone (corrupt): no prefix
         assert disk.stats.corrupt == 1  # (bytes of outs past the returned prefix are unspecified)

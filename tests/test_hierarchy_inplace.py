@@ -10,7 +10,7 @@ import pytest
 from kvtier.hierarchy import ContextMemory
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
-from tests.conftest import make_keys, make_payloads
+from tests.conftest import flip_byte, make_keys, make_payloads
 from tests.test_hierarchy import LAYOUT, _memory, _outs
 
 
@@ -228,10 +228,7 @@ def test_borrow_prefix_stops_at_a_corrupt_chunk_and_keeps_no_slot_for_it(tmp_pat
     with _memory(tmp_path, 8, 100) as mem:
         disk = mem.tiers[1]
         assert isinstance(disk, DiskTier)
-        path = disk.path_of(keys[2])
-        raw = bytearray(path.read_bytes())
-        raw[-1] ^= 0xFF
-        path.write_bytes(bytes(raw))
+        flip_byte(disk.path_of(keys[2]), -1)
         with mem.borrow_prefix(keys) as views:
             assert len(views) == 2
             for view, payload in zip(views, payloads[:2], strict=True):

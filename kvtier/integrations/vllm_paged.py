@@ -62,7 +62,6 @@ class PagedKV:
         # (num_blocks, heads, 2, block_size, head_dim) views, in layer order
         self.layers = [t.view(t.shape[0], g.num_kv_heads, 2, g.block_size, g.head_dim) for t in kv_caches.values()]
         self.dtype = self.layers[0].dtype
-        self._itemsize = torch.empty(0, dtype=self.dtype).element_size()
         self._staging = torch.empty(0, dtype=self.dtype)  # grown on demand, populated (kvtier.hostmem)
 
     def _stage(self, num_chunks: int) -> torch.Tensor:
@@ -72,7 +71,7 @@ class PagedKV:
         need = int(np.prod(shape))
         if self._staging.numel() < need:  # grow by half again at least: few (page-faulting) reallocations
             grown = max(need, self._staging.numel() * 3 // 2)
-            self._staging = torch.frombuffer(populated(grown * self._itemsize), dtype=self.dtype)
+            self._staging = torch.frombuffer(populated(grown * self.layers[0].element_size()), dtype=self.dtype)
         return self._staging[:need].view(shape)
 
     @staticmethod

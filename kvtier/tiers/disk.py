@@ -22,7 +22,7 @@ reads (which release the GIL) overlap checksum work on another core.
 
 Persistent pins (token warehousing): ``<root>/<layout fp>/pins/<key hex>.pin`` marks a chunk that
 no process sharing the root may evict, across restarts (``PinFiles``).  One small text file per
-pinned chunk, so another process checks a candidate victim with one ``stat``.
+pinned chunk, so another process checks a candidate victim by opening one small file.
 """
 
 from __future__ import annotations
@@ -61,6 +61,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames inside a directory durable."""
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def chunk_path(layout_root: Path, key: ChunkKey) -> Path:
@@ -206,11 +215,7 @@ class DiskTier(Tier):
                 os.unlink(tmp)
             raise
         if self._fsync:  # make the rename itself durable
-            dfd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(final.parent)
 
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
         path = self.path_of(key)
@@ -314,7 +319,7 @@ class PinFiles:
         self._fsync = fsync
         self._clock = clock
         # ``in`` answers are cached for ``recheck_s``: eviction asks about every candidate victim,
-        # and a warehouse of thousands of pinned chunks must not cost thousands of stats per
+        # and a warehouse of thousands of pinned chunks must not cost thousands of file opens per
         # eviction.  This process's own pins and unpins update the cache at once; another
         # process's are seen within ``recheck_s``.
         self.recheck_s = recheck_s
@@ -339,11 +344,7 @@ class PinFiles:
             os.replace(tmp, self._path(key))
             self._seen[key] = (expires, time.monotonic())
         if self._fsync:
-            dfd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(self.dir)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         for key in keys:
@@ -377,8 +378,8 @@ class PinFiles:
         seen = self._seen.get(key)
         if seen is not None and now - seen[1] < self.recheck_s:
             expires = seen[0]
-        else:  # the common case is one stat of a missing file
-            expires = self.expiry(key) if os.path.exists(self._path(key)) else False
+        else:  # the common case: one failed open of a missing file
+            expires = self.expiry(key)
             if len(self._seen) >= 1 << 20:
                 self._seen.clear()
             self._seen[key] = (expires, now)

@@ -26,6 +26,7 @@ from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
 from kvtier.tiers.dram import DramTier  # noqa: E402
+from tests.conftest import flip_byte  # noqa: E402
 
 C = 16  # tokens per chunk: small, so prompts of a few chunks stay fast on CPU
 VOCAB = 256
@@ -188,9 +189,7 @@ def test_corrupt_chunk_on_disk_falls_back_to_recompute(model: LlamaForCausalLM, 
     disk = DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30)
     path = disk.path_of(keys[3])
     disk.close()
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF  # bit rot in the payload of chunk 3
-    path.write_bytes(bytes(data))
+    flip_byte(path, -5)  # bit rot in the payload of chunk 3
 
     mem = open_memory(layout, tmp_path)
     try:

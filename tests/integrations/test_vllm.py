@@ -19,6 +19,7 @@ from kvtier.codec import HEADER_BYTES
 from kvtier.integrations.vllm_config import PagedGeometry, make_layout
 from kvtier.keys import chunk_keys, namespace_key
 from kvtier.tiers.disk import DiskTier
+from tests.conftest import flip_byte
 from tests.integrations.vllm_helpers import VllmRunFailed, run_vllm
 
 pytestmark = pytest.mark.slow
@@ -110,9 +111,7 @@ def test_warm_start_and_corrupt_chunk(tiny_model: Path, tmp_path: Path, referenc
     first = run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "a", disk)), _mkdir(tmp_path / "a"), "a")
     assert first["phases"][0]["outputs"] == want
     victim = _disk_path(tiny_model, disk, H, chunk=1)
-    raw = bytearray(victim.read_bytes())
-    raw[HEADER_BYTES + 1000] ^= 0xFF  # one flipped payload byte
-    victim.write_bytes(bytes(raw))
+    flip_byte(victim, HEADER_BYTES + 1000)  # one flipped payload byte
 
     second = run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "b", disk)), _mkdir(tmp_path / "b"), "b")
     assert second["phases"][0]["outputs"] == want
