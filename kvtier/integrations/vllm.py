@@ -264,6 +264,14 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierConnectorStats | None:
         return KVTierConnectorStats(data=dict(data or {}))
 
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        """kvtier's counters on vLLM's Prometheus ``/metrics`` (``kvtier.integrations.vllm_stats``)."""
+        from kvtier.integrations.vllm_stats import build_prom_metrics
+
+        return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def _count(self, **deltas: float) -> None:
         self._interval.add(**deltas)
         self._total.add(**deltas)

@@ -74,3 +74,9 @@ class KVTierConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+def build_prom_metrics(vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                       per_engine_labelvalues: dict[int, list[object]]) -> Any:
+    """Placeholder: implemented by the metrics work (returns None: no Prometheus metrics yet)."""
+    return None
