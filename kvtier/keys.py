@@ -9,6 +9,11 @@ so a key names a whole prefix, not just a chunk's own tokens: equal keys mean eq
 (up to a 128-bit collision), and two tenants or two models never share a chunk.  xxh3 is
 deterministic across processes, machines and Python versions (unlike ``hash()``).
 
+A chunk whose KV depends on more than its tokens (an image behind placeholder tokens) takes an
+*extra*, appended after the fixed-size token bytes: ``key[i] = xxh3_128(key[i-1] || tokens ||
+extra[i])``.  An empty extra hashes exactly as no extra, so keys without extras are unchanged; a
+non-empty one should itself be a digest (fixed length), so no two extras can run together.
+
 The last partial chunk (fewer than C tokens) gets no key: it is never stored and always
 recomputed, so at most C-1 tokens per request are recomputed on a full hit.  Storing partial
 chunks would need a key per length and rewrites as the chunk fills; engines (vLLM, SGLang) make
@@ -17,7 +22,7 @@ the same choice for their own block hashes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NewType
 
 import numpy as np
@@ -48,12 +53,14 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
 
 
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, *, tokens_per_chunk: int,
-               namespace: ChunkKey, start: int = 0, parent: ChunkKey | None = None) -> list[ChunkKey]:
+               namespace: ChunkKey, start: int = 0, parent: ChunkKey | None = None,
+               extras: Callable[[int], bytes] | None = None) -> list[ChunkKey]:
     """Keys of every *full* chunk of ``token_ids``.
 
     ``parent`` and ``start`` extend an existing chain: pass the key of the last chunk already
     hashed and the index of the first token not yet hashed (a multiple of tokens_per_chunk), so
-    a growing conversation hashes each chunk once.
+    a growing conversation hashes each chunk once.  ``extras(i)`` is folded into the key of the
+    chunk of ``token_ids[i*C:(i+1)*C]`` (see the module docstring); ``b""`` adds nothing.
     """
     if start % tokens_per_chunk:
         raise ValueError("start must be a multiple of tokens_per_chunk")
@@ -63,6 +70,7 @@ def chunk_keys(token_ids: Sequence[int] | np.ndarray, *, tokens_per_chunk: int,
     keys: list[ChunkKey] = []
     digest = xxhash.xxh3_128_digest
     for off in range(4 * start, len(data) - step + 1, step):
-        prev = digest(prev + data[off:off + step].tobytes())
+        extra = extras(off // step) if extras is not None else b""
+        prev = digest(prev + data[off:off + step].tobytes() + extra)
         keys.append(ChunkKey(prev))
     return keys
