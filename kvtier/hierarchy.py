@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -178,6 +178,19 @@ class ContextMemory:
             raise
         return cls(layout, tiers, eviction=config.eviction, promotion=config.promotion,
                    write_through=config.write_through, tenant=config.tenant)
+
+    def listen(self, callback: Callable[[str, ChunkKey, bool], None]) -> None:
+        """Call ``callback(tier name, key, added)`` for every chunk held now and each change after.
+
+        Called under the hierarchy's lock, from whichever thread changes the index: keep it cheap
+        (append to a list).  A chunk is reported when its space is reserved, before its bytes are
+        in; a reader that acts on the report waits for the store itself (the vLLM worker does).
+        """
+        with self._lock:
+            for index in self.indexes:
+                for key in list(index.sizes):
+                    callback(index.name, key, True)
+                index.on_change = callback
 
     # --- keys -------------------------------------------------------------------------------
     def keys_for(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:

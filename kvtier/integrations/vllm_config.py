@@ -34,10 +34,14 @@ class ConnectorOptions:
     log_interval_s: float = 10.0  # one-line stats summary at most this often (0 = never)
     model_id: str | None = None  # names the weights in chunk keys; default: vLLM's model path/name
     on_load_error: Literal["recompute", "fail"] = "recompute"  # sets vLLM's kv_load_failure_policy
+    async_loads: Literal["auto", "always", "never"] = "auto"  # auto: hits below DRAM load off the step
+    probe_deadline_s: float = 0.02  # longest a scheduler lookup waits for a Redis/Mooncake probe
 
     def __post_init__(self) -> None:
         if self.log_interval_s < 0:
             raise ConfigError("log_interval_s must be >= 0")
+        if self.probe_deadline_s < 0:
+            raise ConfigError("probe_deadline_s must be >= 0")
 
 
 CONNECTOR_KEYS = frozenset(f.name for f in dataclasses.fields(ConnectorOptions))

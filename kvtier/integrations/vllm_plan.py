@@ -42,13 +42,19 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey, chunk_keys
 from kvtier.tiers.base import Tier
+from kvtier.tiers.disk import chunk_path
 
 logger = logging.getLogger("vllm.kvtier")
 
@@ -61,6 +67,7 @@ class LoadJob:
     end: int
     keys: tuple[ChunkKey, ...]  # chunks to read, in prefix order
     block_ids: tuple[int, ...]  # blocks_per_chunk ids per chunk; -1 = vLLM computed it already, skip
+    async_load: bool = False  # on the worker's mover thread, reported through get_finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,122 +116,308 @@ def parse_pin_request(params: Any) -> PinRequest | None:
     return PinRequest(unpin=unpin, ttl_s=None if ttl is None else float(ttl))
 
 
-class ChunkDirectory:
-    """Which chunks the engine's kvtier holds, as far as the scheduler can tell (no payloads)."""
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The longest prefix of a request's chunks the engine's kvtier can load."""
 
-    def __init__(self, probe_tiers: Sequence[Tier], max_keys: int = 1 << 20) -> None:
-        self.probe_tiers = [t for t in probe_tiers if t.shared]
-        self._known: OrderedDict[ChunkKey, None] = OrderedDict()
-        self._max_keys = max_keys
+    chunks: int
+    below_dram: bool  # some of them are not in the worker's DRAM: an I/O-bound, asynchronous load
+
+
+class ChunkDirectory:
+    """Which chunks the engine's kvtier holds, as far as the scheduler can tell (no payloads).
+
+    The worker owns the hierarchy; this is its mirror, one step late at most:
+
+    * ``apply(changes)``: every chunk entering or leaving a tier of a worker (``WorkerReport``:
+      (rank, tier, key, added), including the start-up scan of the disk), so an eviction is
+      seen at the next step, never planned against;
+    * ``planned``: saves sent to the worker whose report has not come back yet (the worker
+      runs jobs in order, so a load planned after them finds them);
+    * a ``stat`` of the chunk's file on the shared disk root (another engine on this node may
+      have written it; no in-memory index, so never stale);
+    * a batched ``contains`` on the remote tiers (Redis, Mooncake), on a background thread: a
+      lookup waits for it at most ``probe_deadline_s``; a late answer is cached for the next
+      lookups (positive and negative, for ``probe_ttl_s``) and a hung server costs the scheduler
+      loop at most one deadline per probe, not one per request per step.
+
+    With tensor parallelism each rank stores its own shard of heads: a chunk is held only where
+    every rank holds it.
+    """
+
+    def __init__(self, tiers: Sequence[str], *, world_size: int = 1, disk_roots: Sequence[Path] = (),
+                 remote: Sequence[Sequence[Tier]] = (), probe_deadline_s: float = 0.02,
+                 probe_ttl_s: float = 2.0, max_planned: int = 1 << 16,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tiers = list(tiers)  # names, top first
+        self.full = (1 << world_size) - 1
+        self.disk_roots = list(disk_roots)  # one per rank
+        self.remote = [list(r) for r in remote]  # per rank: shared tiers to probe
+        self.held: dict[ChunkKey, dict[str, int]] = {}  # key -> tier name -> bitmask of ranks
+        self.planned: OrderedDict[ChunkKey, None] = OrderedDict()
+        self._max_planned = max_planned
+        self._deadline = probe_deadline_s
+        self._ttl = probe_ttl_s
+        self._clock = clock
+        self._remote_seen: dict[ChunkKey, tuple[bool, float]] = {}  # key -> (found, until)
+        self._seen_lock = threading.Lock()  # the prober thread writes _remote_seen
+        self._probe: Future[list[bool]] | None = None
+        self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-probe") if self.remote else None
+
+    # --- what the worker reports --------------------------------------------------------------
+    def apply(self, changes: Sequence[tuple[int, str, ChunkKey, bool]]) -> None:
+        for rank, tier, key, added in changes:
+            bit = 1 << rank
+            where = self.held.get(key)
+            if added:
+                if where is None:
+                    where = self.held[key] = {}
+                where[tier] = where.get(tier, 0) | bit
+                self.planned.pop(key, None)
+            elif where is not None:
+                mask = where.get(tier, 0) & ~bit
+                if mask:
+                    where[tier] = mask
+                else:
+                    where.pop(tier, None)
+                    if not where:
+                        del self.held[key]
+
+    def forget(self, keys: Iterable[ChunkKey]) -> None:
+        """Chunks a worker could not load or store: plan no more loads of them."""
+        with self._seen_lock:
+            for key in keys:
+                self.planned.pop(key, None)
+                self._remote_seen.pop(key, None)
+
+    def plan_save(self, keys: Sequence[ChunkKey]) -> None:
+        for key in keys:
+            self.planned[key] = None
+        while len(self.planned) > self._max_planned:
+            self.planned.popitem(last=False)
 
     def __contains__(self, key: ChunkKey) -> bool:
-        return key in self._known
+        return key in self.planned or self._level(key) is not None
 
-    def add(self, keys: Sequence[ChunkKey]) -> None:
-        for key in keys:
-            self._known[key] = None
-            self._known.move_to_end(key)
-        while len(self._known) > self._max_keys:
-            self._known.popitem(last=False)
+    def _level(self, key: ChunkKey) -> int | None:
+        where = self.held.get(key)
+        if where:
+            for level, tier in enumerate(self.tiers):
+                if where.get(tier) == self.full:
+                    return level
+        return None
 
-    def forget(self, keys: Sequence[ChunkKey]) -> None:
-        for key in keys:
-            self._known.pop(key, None)
-
-    def longest_prefix(self, keys: Sequence[ChunkKey]) -> int:
-        """Number of leading ``keys`` held: known ones first, then one probe of the shared tiers."""
-        n = 0
-        while n < len(keys) and keys[n] in self._known:
-            self._known.move_to_end(keys[n])
-            n += 1
-        if n == len(keys) or not self.probe_tiers:
-            return n
-        rest = list(keys[n:])
-        found = [False] * len(rest)
-        for tier in self.probe_tiers:
-            todo = [i for i, f in enumerate(found) if not f]
-            if not todo:
+    # --- lookups ------------------------------------------------------------------------------
+    def longest_prefix(self, keys: Sequence[ChunkKey]) -> Match:
+        """Leading ``keys`` held: the worker's mirror first, then the shared disk, then remote tiers."""
+        n, below = 0, False
+        while n < len(keys):
+            key = keys[n]
+            if key in self.planned:
+                n += 1
+                continue
+            level = self._level(key)
+            if level is None:
                 break
-            for i, hit in zip(todo, tier.contains_many([rest[i] for i in todo]), strict=True):
-                found[i] = hit
+            below = below or level > 0
+            n += 1
+        while n < len(keys) and self.disk_roots and all(chunk_path(r, keys[n]).exists() for r in self.disk_roots):
+            n, below = n + 1, True
+        if n < len(keys) and self.remote:
+            found = self._remote_prefix(keys[n:])
+            n, below = n + found, below or found > 0
+        return Match(n, below)
+
+    def _remote_prefix(self, keys: Sequence[ChunkKey], batch: int = 64) -> int:
+        now = self._clock()
+        n = 0
+        with self._seen_lock:
+            while n < len(keys):
+                seen = self._remote_seen.get(keys[n])
+                if seen is None or seen[1] < now:
+                    break
+                if not seen[0]:
+                    return n
+                n += 1
+        if n == len(keys):
+            return n
+        if self._probe is not None and not self._probe.done():
+            return n  # a probe is still out (a slow or hung server): do not wait behind it
+        window = list(keys[n:n + batch])
+        assert self._prober is not None
+        probe = self._probe = self._prober.submit(self._contains, window)
+        probe.add_done_callback(lambda f: self._remember(window, f))
+        try:
+            found = probe.result(timeout=self._deadline)
+        except Exception:  # late (answered later, remembered for the next lookups) or failed
+            return n
         extra = 0
-        while extra < len(rest) and found[extra]:
+        while extra < len(found) and found[extra]:
             extra += 1
-        self.add(rest[:extra])
         return n + extra
 
+    def _contains(self, keys: list[ChunkKey]) -> list[bool]:
+        """Per key: does every rank's shard sit in some remote tier?"""
+        found = [True] * len(keys)
+        for tiers in self.remote:
+            rank_found = [False] * len(keys)
+            for tier in tiers:
+                todo = [i for i, f in enumerate(rank_found) if not f and found[i]]
+                if not todo:
+                    break
+                for i, hit in zip(todo, tier.contains_many([keys[i] for i in todo]), strict=True):
+                    rank_found[i] = hit
+            found = [a and b for a, b in zip(found, rank_found, strict=True)]
+        return found
+
+    def _remember(self, keys: list[ChunkKey], probe: Future[list[bool]]) -> None:
+        if probe.exception() is not None:
+            return
+        now = self._clock()
+        with self._seen_lock:
+            for key, hit in zip(keys, probe.result(), strict=True):
+                self._remote_seen[key] = (hit, now + self._ttl)
+            if len(self._remote_seen) > 1 << 16:  # drop the expired ones
+                self._remote_seen = {k: v for k, v in self._remote_seen.items() if v[1] >= now}
+
     def close(self) -> None:
-        for tier in self.probe_tiers:
-            tier.close()
+        if self._prober is not None:
+            self._prober.shutdown(wait=False, cancel_futures=True)
+        for tiers in self.remote:
+            for tier in tiers:
+                tier.close()
+
+
+Keyer = Callable[[int], list[ChunkKey]]  # num_tokens -> keys of the full chunks among them
+
+
+def token_keyer(request: Any, namespace: ChunkKey, tokens_per_chunk: int) -> Keyer | str:
+    """Keys from token ids alone (requests without adapters, media or salts)."""
+    keys: list[ChunkKey] = []
+
+    def keyer(num_tokens: int) -> list[ChunkKey]:
+        want = num_tokens // tokens_per_chunk
+        if len(keys) < want:
+            tokens = request.all_token_ids[len(keys) * tokens_per_chunk:want * tokens_per_chunk]
+            keys.extend(chunk_keys(tokens, tokens_per_chunk=tokens_per_chunk, namespace=namespace,
+                                   parent=keys[-1] if keys else None))
+        return keys[:want]
+
+    return keyer
+
+
+KeyerFactory = Callable[[Any, ChunkKey, int], "Keyer | str"]  # (request, namespace, chunk) -> keyer or why not
+
+
+def request_keyer(request: Any, namespace: ChunkKey, tokens_per_chunk: int) -> Keyer | str:
+    """Keys that fold in LoRA, multimodal inputs, prompt embeddings and cache_salt (``vllm_keys``)."""
+    keyer = RequestKeyer.for_request(request, namespace=namespace, tokens_per_chunk=tokens_per_chunk)
+    return keyer if isinstance(keyer, str) else keyer.keys
 
 
 @dataclass
 class RequestState:
-    request: Any  # vllm.v1.request.Request (read: request_id, all_token_ids, num_tokens)
-    keys: list[ChunkKey] = field(default_factory=list)  # keys of the full chunks hashed so far
+    request: Any  # vllm.v1.request.Request (read: request_id, all_token_ids, num_tokens, status)
+    keys: Keyer | None  # None: this request is not cached (it cannot be keyed safely)
     block_ids: list[int] = field(default_factory=list)  # the request's block table (group 0)
     next_save: int = 0  # first chunk not yet saved (or skipped because kvtier has it)
-    load: tuple[int, int] | None = None  # token range [start, end) to load in the next step
+    load: tuple[int, int] | None = None  # token range [start, end) matched, to load once allocated
+    load_async: bool = False
     pin_planned: bool = False  # the request's pin/unpin (if any) was sent to the worker
+    saved: bool = False  # saves were planned: the worker may still read its blocks
+
+
+@dataclass
+class StepPlan:
+    """What the worker does this step (the connector metadata, without vLLM's base class)."""
+
+    loads: list[LoadJob] = field(default_factory=list)
+    saves: list[SaveJob] = field(default_factory=list)
+    pins: list[PinJob] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)  # requests whose blocks vLLM reuses: wait for their jobs
+    held: set[str] = field(default_factory=set)  # finished requests whose blocks wait for the worker
+    uncacheable: int = 0  # requests not cached since the last step (counted by the worker)
 
 
 class Planner:
-    """Turns vLLM's scheduler callbacks into LoadJobs and SaveJobs."""
+    """Turns vLLM's scheduler callbacks into the worker's jobs."""
 
     def __init__(self, *, namespace: ChunkKey, tokens_per_chunk: int, block_size: int,
-                 directory: ChunkDirectory) -> None:
+                 directory: ChunkDirectory, keyer: KeyerFactory = request_keyer,
+                 async_loads: str = "auto") -> None:
         self.namespace = namespace
         self.chunk = tokens_per_chunk
         self.block_size = block_size
         self.blocks_per_chunk = tokens_per_chunk // block_size
         self.directory = directory
+        self.keyer = keyer
+        self.async_loads = async_loads  # auto: when a hit is below DRAM; always; never
         self.requests: dict[str, RequestState] = {}
+        self._next = StepPlan()
 
-    def _keys(self, state: RequestState, num_tokens: int) -> list[ChunkKey]:
-        """Keys of the full chunks among the first ``num_tokens`` tokens (hashed once each)."""
-        want = num_tokens // self.chunk
-        if len(state.keys) < want:
-            done = len(state.keys) * self.chunk
-            tokens = state.request.all_token_ids[done:want * self.chunk]
-            state.keys += chunk_keys(tokens, tokens_per_chunk=self.chunk, namespace=self.namespace,
-                                     parent=state.keys[-1] if state.keys else None)
-        return state.keys[:want]
-
-    # --- lookups ----------------------------------------------------------------------------
-    def match(self, request: Any, num_computed_tokens: int) -> int:
-        """Tokens kvtier can add beyond ``num_computed_tokens`` (0 if none); remembers the plan."""
+    def _state(self, request: Any) -> RequestState:
         state = self.requests.get(request.request_id)
         if state is None or state.request is not request:
-            state = self.requests[request.request_id] = RequestState(request)
-        limit = request.num_tokens - 1
-        keys = self._keys(state, request.num_tokens)  # full chunks; the one holding the last token is capped
-        hit = min(self.directory.longest_prefix(keys) * self.chunk, limit)
-        state.load = (num_computed_tokens, hit) if hit > num_computed_tokens else None
-        return hit - num_computed_tokens if state.load else 0
+            keys = self.keyer(request, self.namespace, self.chunk)
+            if isinstance(keys, str):
+                logger.info("kvtier: request %s is not cached: %s", request.request_id, keys)
+                self._next.uncacheable += 1
+                state = RequestState(request, None)
+            else:
+                state = RequestState(request, keys)
+            self.requests[request.request_id] = state
+        return state
 
-    def allocated(self, request: Any, num_external_tokens: int) -> None:
+    # --- lookups ----------------------------------------------------------------------------
+    def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """(tokens kvtier can add beyond ``num_computed_tokens``, load asynchronously?)."""
+        state = self._state(request)
+        state.load = None
+        if state.keys is None:
+            return 0, False
+        limit = request.num_tokens - 1  # vLLM must compute at least one token to sample from
+        found = self.directory.longest_prefix(state.keys(request.num_tokens))
+        hit = min(found.chunks * self.chunk, limit)
+        if hit <= num_computed_tokens:
+            return 0, False
+        state.load = (num_computed_tokens, hit)
+        state.load_async = self.async_loads == "always" or (self.async_loads == "auto" and found.below_dram)
+        return hit - num_computed_tokens, state.load_async
+
+    def allocated(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        """Blocks are allocated: plan the matched load (vLLM may load fewer tokens than matched)."""
         state = self.requests.get(request.request_id)
-        if state is None:
-            return
-        if num_external_tokens == 0 or state.load is None:
-            state.load = None
+        if state is None or state.load is None or state.keys is None:
             return
         start, _ = state.load
-        state.load = (start, start + num_external_tokens)
+        state.load = None
+        if num_external_tokens == 0:
+            return
+        state.block_ids = list(block_ids)
+        self._next.loads.append(self._load_job(state, start, start + num_external_tokens))
+
+    def _load_job(self, state: RequestState, start: int, end: int) -> LoadJob:
+        m, c, bs = self.blocks_per_chunk, self.chunk, self.block_size
+        assert state.keys is not None
+        first, last = start // c, (end + c - 1) // c  # chunks overlapping [start, end)
+        keys = state.keys(last * c)[first:]
+        table = state.block_ids[first * m:last * m]
+        table += [-1] * (len(keys) * m - len(table))  # blocks past `end` may be unallocated: never written
+        ids = [b if j * bs < end and (j + 1) * bs > start else -1 for j, b in enumerate(table, start=first * m)]
+        return LoadJob(state.request.request_id, first * c, start, end, tuple(keys), tuple(ids),
+                       state.load_async)
 
     # --- per step ---------------------------------------------------------------------------
-    def build(self, scheduler_output: Any) -> tuple[list[LoadJob], list[SaveJob], list[PinJob]]:
-        loads: list[LoadJob] = []
-        saves: list[SaveJob] = []
-        pins: list[PinJob] = []
+    def build(self, scheduler_output: Any) -> StepPlan:
+        plan, self._next = self._next, StepPlan()
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self.requests.get(new.req_id)
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
-            self._plan_pin(state, pins)
-            self._plan(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), loads, saves)
+            self._plan_pin(state, plan.pins)
+            self._plan_saves(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), plan.saves)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests.get(req_id)
@@ -235,11 +428,12 @@ class Planner:
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
             elif new_ids is not None:
                 state.block_ids += new_ids[0]
-            self._plan(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), loads, saves)
-        return loads, saves, pins
+            self._plan_saves(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan.saves)
+        plan.preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        return plan
 
     def _plan_pin(self, state: RequestState, pins: list[PinJob]) -> None:
-        if state.pin_planned:
+        if state.pin_planned or state.keys is None:
             return
         state.pin_planned = True
         request = state.request
@@ -250,33 +444,48 @@ class Planner:
             return
         if wanted is None:
             return
-        keys = self._keys(state, request.num_prompt_tokens)
+        keys = state.keys(request.num_prompt_tokens)
         if keys:
             pins.append(PinJob(request.request_id, tuple(keys), unpin=wanted.unpin, ttl_s=wanted.ttl_s))
 
-    def _plan(self, state: RequestState, computed_after_step: int, loads: list[LoadJob],
-              saves: list[SaveJob]) -> None:
-        m, c, bs = self.blocks_per_chunk, self.chunk, self.block_size
-        if state.load is not None:
-            start, end = state.load
-            state.load = None
-            first, last = start // c, (end + c - 1) // c  # chunks overlapping [start, end)
-            keys = self._keys(state, last * c)[first:]
-            table = state.block_ids[first * m:last * m]
-            table += [-1] * (len(keys) * m - len(table))  # blocks past `end` may be unallocated: never written
-            ids = [b if j * bs < end and (j + 1) * bs > start else -1 for j, b in enumerate(table, start=first * m)]
-            loads.append(LoadJob(state.request.request_id, first * c, start, end, tuple(keys), tuple(ids)))
+    def _plan_saves(self, state: RequestState, computed_after_step: int, saves: list[SaveJob]) -> None:
+        if state.keys is None:
+            return
+        m = self.blocks_per_chunk
         # tokens whose KV exists after this step and whose ids are known (async scheduling: not yet)
         ready = min(computed_after_step, state.request.num_tokens)
-        keys = self._keys(state, ready)
+        keys = state.keys(ready)
         todo = [i for i in range(state.next_save, len(keys)) if keys[i] not in self.directory]
         state.next_save = max(state.next_save, len(keys))
         todo = [i for i in todo if (i + 1) * m <= len(state.block_ids)]
         if todo:
             save_keys = [keys[i] for i in todo]
-            self.directory.add(save_keys)
+            self.directory.plan_save(save_keys)
             ids = [b for i in todo for b in state.block_ids[i * m:(i + 1) * m]]
             saves.append(SaveJob(state.request.request_id, tuple(save_keys), tuple(ids)))
+            state.saved = True
 
-    def finished(self, req_id: str) -> None:
-        self.requests.pop(req_id, None)
+    # --- what the worker reports --------------------------------------------------------------
+    def worker_report(self, changes: Sequence[tuple[int, str, ChunkKey, bool]], missing: set[ChunkKey]) -> None:
+        self.directory.apply(changes)
+        if not missing:
+            return
+        self.directory.forget(missing)
+        for state in self.requests.values():  # a failed load is recomputed: save those chunks again
+            if state.keys is None or not state.next_save:
+                continue
+            keys = state.keys(state.next_save * self.chunk)
+            for i, key in enumerate(keys):
+                if key in missing:
+                    state.next_save = i
+                    break
+
+    def finished(self, request: Any) -> bool:
+        """The request is done; True if vLLM must keep its blocks until the worker reports it."""
+        state = self.requests.pop(request.request_id, None)
+        if state is None or not state.saved:
+            return False
+        if getattr(request.status, "name", "") == "WAITING_FOR_REMOTE_KVS":
+            return False  # vLLM itself holds the blocks of a request whose load is in flight
+        self._next.held.add(request.request_id)
+        return True

@@ -25,6 +25,9 @@ class TierIndex:
         self.policy = policy
         self.sizes: dict[ChunkKey, int] = {}
         self.used_bytes = 0
+        # told of every key entering (True) or leaving (False) the index: an engine's scheduler
+        # mirrors the worker's hierarchy from these (kvtier.integrations.vllm_worker)
+        self.on_change: Callable[[str, ChunkKey, bool], None] | None = None
 
     def __contains__(self, key: ChunkKey) -> bool:
         return key in self.sizes
@@ -39,6 +42,8 @@ class TierIndex:
         self.sizes[key] = size
         self.used_bytes += size
         self.policy.insert(key, size)
+        if self.on_change is not None:
+            self.on_change(self.name, key, True)
 
     def touch(self, key: ChunkKey) -> None:
         self.policy.access(key)
@@ -52,6 +57,8 @@ class TierIndex:
         if size is not None:
             self.used_bytes -= size
             self.policy.remove(key)
+            if self.on_change is not None:
+                self.on_change(self.name, key, False)
 
     def plan_room(self, size: int, evictable: Callable[[ChunkKey], bool]) -> list[ChunkKey] | None:
         """Victims to evict so ``size`` more bytes fit, removed from the index; None if impossible.
@@ -72,6 +79,8 @@ class TierIndex:
             freed += self.sizes[key]
         for key in victims:
             self.used_bytes -= self.sizes.pop(key)
+            if self.on_change is not None:
+                self.on_change(self.name, key, False)
         return victims
 
 

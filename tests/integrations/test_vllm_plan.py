@@ -6,14 +6,19 @@ fields the planner reads; the end-to-end behaviour is tested in real vLLM (test_
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvtier.integrations.vllm_plan import ChunkDirectory, PinRequest, Planner, parse_pin_request
-from kvtier.keys import chunk_keys, namespace_key
+from kvtier.integrations.vllm_plan import ChunkDirectory, Match, PinRequest, Planner, parse_pin_request
+from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
+from kvtier.tiers.base import Tier
 
 LAYOUT = KVLayout(model="t", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", tokens_per_chunk=8)
 NS = namespace_key(LAYOUT)
@@ -25,6 +30,13 @@ class Req:
     all_token_ids: list[int]
     kv_transfer_params: dict[str, Any] | None = None
     num_prompt_tokens: int = -1  # -1: all tokens are prompt
+    status: Any = None
+    # what RequestKeyer reads besides tokens (tested on real vLLM requests in test_vllm_keys.py)
+    mm_features: Any = None
+    cache_salt: str | None = None
+    lora_request: Any = None
+    prompt_embeds: Any = None
+    num_computed_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -57,49 +69,139 @@ class Out:
     scheduled_cached_reqs: Cached = field(default_factory=Cached)
 
 
-def _planner() -> Planner:
-    return Planner(namespace=NS, tokens_per_chunk=8, block_size=4, directory=ChunkDirectory([]))
+def _planner(**kw: Any) -> Planner:
+    return Planner(namespace=NS, tokens_per_chunk=8, block_size=4, directory=ChunkDirectory(["dram", "disk"]), **kw)
+
+
+def _keys(tokens: list[int]) -> list[ChunkKey]:
+    return chunk_keys(tokens, tokens_per_chunk=8, namespace=NS)
 
 
 def test_saves_whole_chunks_once_and_loads_them_back() -> None:
     planner = _planner()
     tokens = list(range(1, 21))  # 20 tokens: chunks 0, 1 full, 4 tokens of tail
     first = Req("a", tokens)
-    assert planner.match(first, 0) == 0
-    loads, saves, _ = planner.build(Out([NewReq("a", ([10, 11, 12, 13, 14],), 0)], {"a": 20}))
-    assert loads == [] and len(saves) == 1
-    assert saves[0].keys == tuple(chunk_keys(tokens, tokens_per_chunk=8, namespace=NS))
-    assert saves[0].block_ids == (10, 11, 12, 13)  # the tail block 14 is never saved
-    planner.finished("a")
+    assert planner.match(first, 0) == (0, False)
+    plan = planner.build(Out([NewReq("a", ([10, 11, 12, 13, 14],), 0)], {"a": 20}))
+    assert plan.loads == [] and len(plan.saves) == 1
+    assert plan.saves[0].keys == tuple(_keys(tokens))
+    assert plan.saves[0].block_ids == (10, 11, 12, 13)  # the tail block 14 is never saved
+    assert planner.finished(first)  # saves were planned: vLLM holds the blocks until the worker says
+    assert planner.build(Out([], {})).held == {"a"}
 
     second = Req("b", [*tokens[:16], 99])  # 17 tokens: both chunks hit, limit = 16
-    assert planner.match(second, 4) == 12  # vLLM's own cache had the first block
-    planner.allocated(second, 12)
-    loads, saves, _ = planner.build(Out([NewReq("b", ([20, 21, 22, 23, 24],), 4)], {"b": 13}))
-    assert saves == [] and len(loads) == 1
-    assert loads[0].block_ids == (-1, 21, 22, 23)  # block 20 was computed by vLLM: left alone
+    assert planner.match(second, 4) == (12, False)  # vLLM's own cache had the first block; planned = DRAM
+    planner.allocated(second, [20, 21, 22, 23, 24], 12)
+    plan = planner.build(Out([NewReq("b", ([20, 21, 22, 23, 24],), 4)], {"b": 13}))
+    assert plan.saves == [] and len(plan.loads) == 1
+    assert plan.loads[0].block_ids == (-1, 21, 22, 23)  # block 20 was computed by vLLM: left alone
+    assert not plan.loads[0].async_load
+    assert not planner.finished(second)  # nothing saved: blocks are freed at once
 
 
 def test_last_chunk_is_capped_so_one_token_is_computed() -> None:
     planner = _planner()
     tokens = list(range(1, 17))
-    planner.directory.add(chunk_keys(tokens, tokens_per_chunk=8, namespace=NS))
+    planner.directory.apply([(0, "dram", k, True) for k in _keys(tokens)])
     req = Req("c", tokens)  # 16 tokens = 2 whole chunks, but the last token must be computed
-    assert planner.match(req, 0) == 15
-    planner.allocated(req, 15)
-    loads, _, _ = planner.build(Out([NewReq("c", ([5, 6, 7, 8],), 0)], {"c": 1}))
-    assert loads[0].block_ids == (5, 6, 7, 8) and (loads[0].start, loads[0].end) == (0, 15)
+    assert planner.match(req, 0) == (15, False)
+    planner.allocated(req, [5, 6, 7, 8], 15)
+    plan = planner.build(Out([NewReq("c", ([5, 6, 7, 8],), 0)], {"c": 1}))
+    assert plan.loads[0].block_ids == (5, 6, 7, 8) and (plan.loads[0].start, plan.loads[0].end) == (0, 15)
+
+
+def test_hits_below_dram_load_asynchronously_into_the_allocated_blocks() -> None:
+    planner = _planner()
+    tokens = list(range(1, 18))
+    keys = _keys(tokens)
+    planner.directory.apply([(0, "dram", keys[0], True), (0, "disk", keys[1], True)])
+    req = Req("x", tokens)
+    assert planner.match(req, 0) == (16, True)
+    planner.allocated(req, [7, 8, 9, 10, 11], 16)  # WAITING_FOR_REMOTE_KVS: not in the scheduler output
+    plan = planner.build(Out([], {}))
+    assert len(plan.loads) == 1 and plan.loads[0].async_load and plan.loads[0].block_ids == (7, 8, 9, 10)
+    never = _planner(async_loads="never")
+    never.directory.apply([(0, "disk", k, True) for k in keys])
+    assert never.match(Req("y", tokens), 0) == (16, False)
+    always = _planner(async_loads="always")
+    always.directory.apply([(0, "dram", k, True) for k in keys])
+    assert always.match(Req("z", tokens), 0) == (16, True)
+
+
+def test_an_evicted_chunk_is_recomputed_once_saved_again_and_hit_next_time() -> None:
+    """The stale-index scenario: the worker evicts a chunk below the scheduler's feet."""
+    planner = _planner()
+    tokens = list(range(1, 18))
+    keys = _keys(tokens)
+    planner.directory.apply([(0, "disk", k, True) for k in keys])  # the worker's start-up scan
+    planner.directory.apply([(0, "disk", keys[1], False)])  # evicted by the worker
+    req = Req("e", tokens)
+    assert planner.match(req, 0) == (8, True)  # only the first chunk is left
+    planner.allocated(req, [1, 2, 3, 4, 5], 8)
+    planner.build(Out([], {}))
+    plan = planner.build(Out([NewReq("e", ([1, 2, 3, 4, 5],), 8)], {"e": 9}))
+    assert [s.keys for s in plan.saves] == [(keys[1],)]  # recomputed, so saved again
+    planner.directory.apply([(0, "dram", keys[1], True)])
+    planner.finished(req)
+    assert planner.match(Req("f", tokens), 0)[0] == 16
+
+
+def test_a_failed_load_is_forgotten_and_its_chunk_saved_again() -> None:
+    planner = _planner()
+    tokens = list(range(1, 26))
+    keys = _keys(tokens)
+    planner.directory.apply([(0, "dram", k, True) for k in keys])
+    req = Req("g", tokens)
+    assert planner.match(req, 0) == (24, False)
+    planner.allocated(req, list(range(7)), 24)
+    plan = planner.build(Out([NewReq("g", (list(range(7)),), 0)], {"g": 25}))
+    assert plan.saves == []  # held already
+    planner.worker_report([], {keys[1], keys[2]})  # the worker found them corrupt (and deleted them)
+    planner.directory.apply([(0, "dram", keys[1], False), (0, "dram", keys[2], False)])
+    req.all_token_ids.append(7)
+    plan = planner.build(Out([], {"g": 1}, Cached(["g"], set(), [None], [25])))
+    assert [s.keys for s in plan.saves] == [(keys[1], keys[2])]
+
+
+def test_tensor_parallel_chunks_count_only_when_every_rank_holds_them() -> None:
+    directory = ChunkDirectory(["dram"], world_size=2)
+    key = _keys(list(range(8)))[0]
+    directory.apply([(0, "dram", key, True)])
+    assert key not in directory
+    directory.apply([(1, "dram", key, True)])
+    assert key in directory
+    directory.apply([(1, "dram", key, False)])
+    assert key not in directory and directory.held
+
+
+def test_a_salted_request_never_matches_another_salt() -> None:
+    planner = _planner()
+    tokens = list(range(1, 18))
+    a = Req("s1", tokens, cache_salt="tenant-a")
+    planner.match(a, 0)
+    saved = planner.build(Out([NewReq("s1", ([1, 2, 3, 4, 5],), 0)], {"s1": 17})).saves[0].keys
+    assert saved != tuple(_keys(tokens))
+    assert planner.match(Req("s2", tokens, cache_salt="tenant-b"), 0) == (0, False)
+    assert planner.match(Req("s3", tokens, cache_salt="tenant-a"), 0) == (16, False)
+    assert planner.match(Req("s4", tokens), 0) == (0, False)
+
+
+def test_preempted_requests_are_named_for_the_worker() -> None:
+    planner = _planner()
+    out = Out([], {})
+    out.preempted_req_ids = {"p1"}  # type: ignore[attr-defined]
+    assert planner.build(out).preempted == {"p1"}
 
 
 def test_generated_tokens_fill_chunks_that_are_saved() -> None:
     planner = _planner()
     req = Req("d", list(range(1, 7)))  # 6 prompt tokens
     planner.match(req, 0)
-    _, saves, _ = planner.build(Out([NewReq("d", ([1, 2],), 0)], {"d": 6}))
-    assert saves == []
+    plan = planner.build(Out([NewReq("d", ([1, 2],), 0)], {"d": 6}))
+    assert plan.saves == []
     req.all_token_ids += [50, 51]  # two generated tokens: the second is being computed now
-    _, saves, _ = planner.build(Out([], {"d": 1}, Cached(["d"], set(), [None], [7])))
-    assert len(saves) == 1 and saves[0].block_ids == (1, 2)
+    plan = planner.build(Out([], {"d": 1}, Cached(["d"], set(), [None], [7])))
+    assert len(plan.saves) == 1 and plan.saves[0].block_ids == (1, 2)
 
 
 def test_a_pin_request_pins_the_prompts_full_chunks_once() -> None:
@@ -107,13 +209,12 @@ def test_a_pin_request_pins_the_prompts_full_chunks_once() -> None:
     tokens = list(range(1, 21))  # 2 full chunks + a 4-token tail
     req = Req("p", tokens, kv_transfer_params={"kvtier": {"pin": True, "ttl_s": 60}})
     planner.match(req, 0)
-    _, _, pins = planner.build(Out([NewReq("p", ([1, 2, 3, 4, 5],), 0)], {"p": 20}))
+    pins = planner.build(Out([NewReq("p", ([1, 2, 3, 4, 5],), 0)], {"p": 20})).pins
     assert len(pins) == 1
-    assert pins[0].keys == tuple(chunk_keys(tokens, tokens_per_chunk=8, namespace=NS))
+    assert pins[0].keys == tuple(_keys(tokens))
     assert pins[0].ttl_s == 60.0 and not pins[0].unpin
     req.all_token_ids.append(99)  # a decode step: no second pin job
-    _, _, pins = planner.build(Out([], {"p": 1}, Cached(["p"], set(), [None], [20])))
-    assert pins == []
+    assert planner.build(Out([], {"p": 1}, Cached(["p"], set(), [None], [20]))).pins == []
 
 
 def test_unpin_and_no_pin() -> None:
@@ -121,16 +222,105 @@ def test_unpin_and_no_pin() -> None:
     tokens = list(range(1, 17))
     for rid, params in (("u", {"kvtier": {"unpin": True}}), ("n", None), ("o", {"other": 1})):
         planner.match(Req(rid, tokens, kv_transfer_params=params), 0)
-    _, _, pins = planner.build(Out([NewReq(r, ([1, 2, 3, 4],), 0) for r in "uno"], {r: 16 for r in "uno"}))
+    pins = planner.build(Out([NewReq(r, ([1, 2, 3, 4],), 0) for r in "uno"], {r: 16 for r in "uno"})).pins
     assert [(p.req_id, p.unpin) for p in pins] == [("u", True)]
 
 
 def test_a_malformed_pin_request_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
     planner = _planner()
     planner.match(Req("m", list(range(16)), kv_transfer_params={"kvtier": {"pin": "yes"}}), 0)
-    _, _, pins = planner.build(Out([NewReq("m", ([1, 2, 3, 4],), 0)], {"m": 16}))
-    assert pins == []
+    assert planner.build(Out([NewReq("m", ([1, 2, 3, 4],), 0)], {"m": 16})).pins == []
     assert "not pinned" in caplog.text
+
+
+class HungTier(Tier):
+    """A remote tier whose server stopped answering (SIGSTOP): contains blocks until released."""
+
+    name = "redis"
+    shared = True
+
+    def __init__(self) -> None:
+        super().__init__(LAYOUT)
+        self.release = threading.Event()
+        self.calls = 0
+        self.present: set[ChunkKey] = set()
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        self.calls += 1
+        self.release.wait(5)
+        return [k in self.present for k in keys]
+
+    def put(self, key: ChunkKey, payload: Any) -> bool:
+        raise NotImplementedError
+
+    def get_into(self, key: ChunkKey, out: Any) -> bool:
+        raise NotImplementedError
+
+    def contains(self, key: ChunkKey) -> bool:
+        return self.contains_many([key])[0]
+
+    def delete(self, key: ChunkKey) -> bool:
+        raise NotImplementedError
+
+    def keys(self) -> Iterator[ChunkKey]:
+        return iter(())
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0
+
+    @property
+    def used_bytes(self) -> int:
+        return 0
+
+
+def test_a_hung_remote_tier_costs_the_scheduler_one_deadline_not_one_per_lookup() -> None:
+    tier = HungTier()
+    keys = _keys(list(range(32)))
+    tier.present.update(keys)
+    directory = ChunkDirectory(["dram", "redis"], remote=[[tier]], probe_deadline_s=0.05)
+    t0 = time.perf_counter()
+    assert directory.longest_prefix(keys).chunks == 0  # waits one deadline, then a miss
+    for _ in range(50):  # the probe is still out: later lookups do not wait behind it
+        assert directory.longest_prefix(keys).chunks == 0
+    assert time.perf_counter() - t0 < 0.5 and tier.calls == 1
+    tier.release.set()  # the server is back (SIGCONT): the late answer serves the next lookups
+    deadline = time.monotonic() + 5
+    while directory.longest_prefix(keys).chunks < len(keys) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    match = directory.longest_prefix(keys)
+    assert match.chunks == len(keys) and match.below_dram
+    directory.close()
+
+
+def test_remote_misses_are_cached_for_a_while() -> None:
+    tier = HungTier()
+    tier.release.set()
+    now = [0.0]
+    directory = ChunkDirectory(["dram", "redis"], remote=[[tier]], probe_deadline_s=1.0, probe_ttl_s=2.0,
+                               clock=lambda: now[0])
+    keys = _keys(list(range(16)))
+    assert directory.longest_prefix(keys).chunks == 0 and tier.calls == 1
+    assert directory.longest_prefix(keys).chunks == 0 and tier.calls == 1  # negative cache
+    tier.present.update(keys)
+    now[0] = 3.0  # expired: asked again
+    assert directory.longest_prefix(keys).chunks == 2 and tier.calls == 2
+    directory.close()
+
+
+def test_disk_hits_come_from_the_files_not_a_start_up_index(tmp_path: Path) -> None:
+    from kvtier.tiers.disk import chunk_path
+
+    directory = ChunkDirectory(["dram", "disk"], disk_roots=[tmp_path])
+    keys = _keys(list(range(16)))
+    assert directory.longest_prefix(keys).chunks == 0
+    for key in keys:  # another engine on this node wrote them
+        path = chunk_path(tmp_path, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert directory.longest_prefix(keys) == Match(2, True)
+    chunk_path(tmp_path, keys[1]).unlink()  # evicted by whoever owns it
+    assert directory.longest_prefix(keys) == Match(1, True)
 
 
 @pytest.mark.parametrize(("params", "expected"), [

@@ -1,0 +1,264 @@
+"""Worker side of the vLLM connector: moves bytes between vLLM's paged KV and kvtier, off the step.
+
+No vLLM import: the connector (``kvtier.integrations.vllm``) forwards vLLM's worker hooks here,
+and a harness can drive this class the same way on a machine without vLLM.
+
+One *mover* thread runs every job in the order the scheduler planned them, so a load planned
+after a save of the same chunk finds it:
+
+* **save** (``save``, from ``wait_for_save``): gather the chunks' blocks straight into reserved
+  DRAM slots and commit them; demotion and write-through continue on the hierarchy's own
+  threads.  The step does not wait.  The blocks stay readable because vLLM does not reuse them
+  before we say so: a finished request's blocks are held (``request_finished`` returned True)
+  until ``finished`` reports it; a preempted request's are freed at once, so ``flush`` waits for
+  its jobs in ``handle_preemptions``, before the next forward can overwrite them.
+* **async load** (``load_async``): for hits below DRAM (disk, Redis, Mooncake): read into DRAM
+  slots (promotion in place) and scatter into the request's new blocks while vLLM keeps
+  stepping the other requests; ``finished`` reports the request as received.
+* **sync load** (``load_now``): DRAM hits, scattered before the forward on the caller's thread
+  (it first waits for any in-flight save of the same chunks).
+* **pin** (token warehousing): on the mover too, so pin records never cost the step.
+
+Failed loads (evicted, corrupt, server down) are reported by block id (vLLM recomputes them) and
+by key.  Every change of the hierarchy's index (``ContextMemory.listen``) is queued and sent to
+the scheduler once per step (``take_report``), so the scheduler's ``ChunkDirectory`` is the
+worker's view, one step late at most: it never plans from a private, stale index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from kvtier.hierarchy import ContextMemory
+from kvtier.integrations.vllm_paged import PagedKV
+from kvtier.integrations.vllm_plan import LoadJob, PinJob, SaveJob
+from kvtier.integrations.vllm_stats import ConnectorCounters
+from kvtier.keys import ChunkKey
+
+logger = logging.getLogger("vllm.kvtier")
+
+
+@dataclass
+class WorkerReport:
+    """Worker -> scheduler, once per step (summed over TP ranks by ``merge``)."""
+
+    changes: list[tuple[int, str, ChunkKey, bool]] = field(default_factory=list)  # (rank, tier, key, added)
+    missing: set[ChunkKey] = field(default_factory=set)  # planned chunks that could not be loaded/stored
+
+    def merge(self, other: WorkerReport) -> WorkerReport:
+        self.changes += other.changes
+        self.missing |= other.missing
+        return self
+
+
+class WorkerCore:
+    """The byte-moving half of the connector, for one worker (one TP rank)."""
+
+    def __init__(self, memory: ContextMemory, paged: PagedKV, *, rank: int = 0) -> None:
+        self.memory = memory
+        self.paged = paged
+        self.rank = rank
+        self.tokens_per_chunk = memory.layout.tokens_per_chunk
+        self.counters = ConnectorCounters()  # totals since the last take_counters
+        self._lock = threading.Lock()  # guards everything below, shared with the mover thread
+        self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+        self._jobs: dict[str, list[Future[None]]] = defaultdict(list)  # req id -> its unfinished jobs
+        self._saving: dict[ChunkKey, Future[None]] = {}  # chunks being saved
+        self._held: set[str] = set()  # finished requests whose blocks vLLM holds until we report them
+        self._received: set[str] = set()  # async loads done since the last ``finished``
+        self._failed_blocks: set[int] = set()
+        self._missing: set[ChunkKey] = set()
+        self._changes: list[tuple[int, str, ChunkKey, bool]] = []
+        memory.listen(self._on_change)
+
+    def _on_change(self, tier: str, key: ChunkKey, added: bool) -> None:
+        self._changes.append((self.rank, tier, key, added))  # list.append is atomic; swapped in take_report
+
+    # --- jobs ---------------------------------------------------------------------------------
+    def _submit(self, req_ids: Iterable[str], fn: Callable[..., None], *args: object) -> Future[None]:
+        ids = tuple(set(req_ids))
+        future: Future[None] = self._mover.submit(self._run, fn, *args)
+        with self._lock:
+            for req_id in ids:
+                self._jobs[req_id].append(future)
+        future.add_done_callback(partial(self._done, ids))
+        return future
+
+    @staticmethod
+    def _run(fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a bug must not wedge the engine: the job's chunks are misses
+            logger.exception("kvtier: background job failed")
+            raise
+
+    def _done(self, req_ids: tuple[str, ...], future: Future[None]) -> None:
+        with self._lock:
+            for req_id in req_ids:
+                jobs = self._jobs.get(req_id)
+                if jobs is not None:
+                    jobs.remove(future)
+                    if not jobs:
+                        del self._jobs[req_id]
+
+    def save(self, jobs: Sequence[SaveJob]) -> None:
+        """Copy out the chunks of this step's saves, in the background (see the module doc)."""
+        if not jobs:
+            return
+        keys = [k for job in jobs for k in job.keys]
+        future = self._submit([job.req_id for job in jobs], self._save, keys,
+                              [b for job in jobs for b in job.block_ids])
+        with self._lock:
+            for key in keys:
+                self._saving[key] = future
+        future.add_done_callback(lambda f: self._saved(keys, f))
+
+    def _save(self, keys: list[ChunkKey], block_ids: list[int]) -> None:
+        t0 = time.perf_counter()
+        stored = 0
+        try:
+            with self.memory.store_in_place(keys) as op:  # straight into DRAM slots, no staging
+                self.paged.gather_into(op.views, block_ids)
+            stored = op.stored or 0
+        finally:
+            if stored < len(keys):  # no room (all pinned), or failed: the scheduler must not plan loads
+                lost = [k for k in keys if not self.memory.lookup([k]).num_chunks]
+                with self._lock:
+                    self._missing.update(lost)
+            self.count(save_chunks=stored, save_bytes=stored * self.memory.layout.chunk_bytes,
+                       save_s=time.perf_counter() - t0)
+
+    def _saved(self, keys: list[ChunkKey], future: Future[None]) -> None:
+        with self._lock:
+            for key in keys:
+                if self._saving.get(key) is future:
+                    del self._saving[key]
+
+    def load_now(self, job: LoadJob) -> None:
+        """Scatter a DRAM hit into vLLM's blocks before this step's forward."""
+        with self._lock:
+            waits = {f for k in job.keys if (f := self._saving.get(k)) is not None}
+        for future in waits:  # the chunk is being saved by an earlier step: its bytes come first
+            _wait_quietly(future)
+        self._load(job)
+
+    def load_async(self, job: LoadJob) -> None:
+        """Load a lower-tier hit on the mover; ``finished`` reports the request when done."""
+        future = self._submit([job.req_id], self._load, job)
+        future.add_done_callback(partial(self._received_one, job.req_id))
+        self.count(async_loads=1)
+
+    def _received_one(self, req_id: str, future: Future[None]) -> None:
+        with self._lock:
+            self._received.add(req_id)
+
+    def _load(self, job: LoadJob) -> None:
+        memory, paged, m = self.memory, self.paged, self.paged.blocks_per_chunk
+        t0 = time.perf_counter()
+        loaded = 0
+        hits_before = [t.stats.hits for t in memory.tiers]
+        try:
+            # DRAM hits are read in place, lower-tier hits promoted into DRAM slots and read there
+            with memory.borrow_prefix(job.keys) as views:
+                paged.scatter_from(views, job.block_ids[:len(views) * m])
+                loaded = len(views)
+            if loaded < len(job.keys):  # no DRAM slot for the rest, no DRAM tier, or a miss: via staging
+                stage = paged._stage(len(job.keys) - loaded)
+                got = memory.load(job.keys[loaded:], paged.payloads(stage))
+                paged.scatter(stage[:got], job.block_ids[loaded * m:(loaded + got) * m])
+                loaded += got
+        finally:  # whatever was not loaded (a miss, or an error) is recomputed by vLLM
+            failed = [b for b in job.block_ids[loaded * m:] if b >= 0]
+            with self._lock:
+                self._failed_blocks.update(failed)
+                self._missing.update(job.keys[loaded:])
+            if failed:
+                logger.warning("kvtier: request %s: %d of %d planned chunks could not be loaded; vLLM "
+                               "recomputes %d blocks", job.req_id, len(job.keys) - loaded, len(job.keys),
+                               len(failed))
+            tokens = max(0, min(job.end, job.first_token + loaded * self.tokens_per_chunk) - job.start)
+            per_tier = {f"hit_tokens_{t.name}": (t.stats.hits - before) * self.tokens_per_chunk
+                        for t, before in zip(memory.tiers, hits_before, strict=True)}
+            self.count(load_chunks=loaded, load_tokens=tokens, load_bytes=loaded * memory.layout.chunk_bytes,
+                       load_s=time.perf_counter() - t0, load_failed_chunks=len(job.keys) - loaded, **per_tier)
+
+    def pin(self, jobs: Sequence[PinJob]) -> None:
+        for job in jobs:
+            self._submit([job.req_id], self._pin, job)
+
+    def _pin(self, job: PinJob) -> None:
+        memory = self.memory
+        try:
+            if job.unpin:
+                memory.unpin(job.keys)
+            else:
+                memory.pin(job.keys, job.ttl_s, persist=memory.pin_files is not None)
+        except OSError as exc:  # a full or read-only disk: the chunks stay cached, just not pinned
+            logger.warning("kvtier: request %s: pin records not written (%s)", job.req_id, exc)
+            return
+        self.count(**{"unpinned_chunks" if job.unpin else "pinned_chunks": len(job.keys)})
+
+    # --- request lifetimes ----------------------------------------------------------------------
+    def flush(self, req_ids: Iterable[str]) -> None:
+        """Wait for the jobs of these requests (preempted: vLLM reuses their blocks next)."""
+        with self._lock:
+            futures = [f for r in req_ids for f in self._jobs.get(r, ())]
+        for future in futures:
+            _wait_quietly(future)
+
+    def hold(self, req_ids: Iterable[str]) -> None:
+        """Finished requests whose blocks vLLM keeps until ``finished`` reports them."""
+        with self._lock:
+            self._held.update(req_ids)
+
+    def finished(self) -> tuple[set[str], set[str]]:
+        """(held requests whose jobs are all done, requests whose async load is done)."""
+        with self._lock:
+            sending = {r for r in self._held if r not in self._jobs}
+            self._held -= sending
+            received, self._received = self._received, set()
+        return sending, received
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def take_report(self) -> WorkerReport | None:
+        with self._lock:
+            changes, self._changes = self._changes, []
+            missing, self._missing = self._missing, set()
+        if not changes and not missing:
+            return None
+        return WorkerReport(changes=changes, missing=missing)
+
+    def inflight(self) -> int:
+        with self._lock:
+            return len({id(f) for jobs in self._jobs.values() for f in jobs})
+
+    def count(self, **deltas: float) -> None:
+        with self._lock:
+            self.counters.add(**deltas)
+
+    def take_counters(self) -> ConnectorCounters:
+        with self._lock:
+            counters, self.counters = self.counters, ConnectorCounters()
+        return counters
+
+    def close(self) -> None:
+        """Finish every job, then close the hierarchy (flushes write-through)."""
+        self._mover.shutdown(wait=True)
+        self.memory.close()
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    with contextlib.suppress(Exception):  # logged by the job itself; its chunks are misses
+        future.result()
