@@ -288,12 +288,17 @@ class KVTierConnector(KVConnectorBase_V1):
         self._total.values["inflight_jobs"] = step.values["inflight_jobs"]
         for name, s in worker.memory.stats().items():  # cumulative already: assign, not add
             self._total.values[f"corrupt_{name}"] = s.corrupt
+            if s.corrupt:  # a running total (vllm_stats exports its growth)
+                self._interval.values[f"corrupt_{name}"] = s.corrupt
         snapshot: dict[str, float] = dict(self._total.values)
         if snapshot == self._logged_total:
             return
-        if self.options.stats_file is not None:
+        if self.options.stats_file is not None:  # one file per TP rank: <name>.rank<r><suffix> past rank 0
+            path = self.options.stats_file
+            if worker.rank:
+                path = path.with_name(f"{path.stem}.rank{worker.rank}{path.suffix}")
             tiers = {name: s.as_dict() for name, s in worker.memory.stats().items()}
-            self._total.write_json(self.options.stats_file, {"tiers": tiers, "layout": self.layout.describe()})
+            self._total.write_json(path, {"tiers": tiers, "layout": worker.memory.layout.describe()})
         now = time.monotonic()
         if self.options.log_interval_s and now - self._last_log >= self.options.log_interval_s:
             logger.info("%s", self._total.summary())

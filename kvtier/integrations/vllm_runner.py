@@ -9,9 +9,13 @@ connector's DRAM pool) and lets a "second process" share the first one's disk ti
 SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
 "kv_cache_gib": float, "num_gpu_blocks": int | null, "batch": bool, "reset_prefix_cache": bool,
+"tensor_parallel_size": int, "handshake_dir": path | null (before each phase after the first: write
+``phase-N.ready`` there and wait for ``phase-N.go``),
 "phases": [[prompt, ...], ...], "stats_file": path | null}``, a prompt being ``[token ids]`` or
-``{"tokens": [token ids], "kv_transfer_params": {...}}`` (per-request connector parameters, e.g.
-kvtier's ``{"kvtier": {"pin": true}}``).
+``{"tokens": [token ids], "kv_transfer_params": {...}, "cache_salt": str, "abort_after_steps": int}``
+(per-request connector parameters, e.g. kvtier's ``{"kvtier": {"pin": true}}``; vLLM's per-tenant
+cache salt; in a ``batch`` phase, abort the request after that many engine steps: its output is
+``[]``).
 Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
 ``max_tokens`` is 1), or all in one ``generate`` call with ``batch`` (one time for the phase).
 ``num_gpu_blocks`` caps vLLM's KV blocks (to force preemption).
@@ -72,7 +76,8 @@ def make_llm(spec: dict[str, Any]) -> Any:
                enable_prefix_caching=spec.get("prefix_caching", False), gpu_memory_utilization=0.3,
                max_num_batched_tokens=spec.get("max_num_batched_tokens", spec.get("max_model_len", 4096)),
                kv_transfer_config=kv_transfer_config(spec.get("connector"), extra),
-               num_gpu_blocks_override=spec.get("num_gpu_blocks"), seed=0)
+               num_gpu_blocks_override=spec.get("num_gpu_blocks"), seed=0,
+               tensor_parallel_size=spec.get("tensor_parallel_size", 1))
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -86,20 +91,66 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     stats_file = spec.get("stats_file")
     phases = []
     for i, prompts in enumerate(spec["phases"]):
+        if i and spec.get("handshake_dir"):  # let the caller act between phases (e.g. stop a server)
+            _handshake(Path(spec["handshake_dir"]), i)
         if i and spec.get("reset_prefix_cache"):
             llm.reset_prefix_cache()  # later phases cannot hit in vLLM's own cache
         outputs, seconds = [], []
         for batch in [prompts] if spec.get("batch") else [[p] for p in prompts]:
-            inputs = [{"prompt_token_ids": p["tokens"] if isinstance(p, dict) else p} for p in batch]
+            inputs = [_engine_input(p) for p in batch]
             per_prompt = [_with_transfer_params(params, p.get("kv_transfer_params")) if isinstance(p, dict)
                           else params for p in batch]
+            aborts = [p.get("abort_after_steps") if isinstance(p, dict) else None for p in batch]
             t = time.perf_counter()
-            results = llm.generate(inputs, per_prompt, use_tqdm=False)
+            if any(a is not None for a in aborts):
+                outputs += _generate_with_aborts(llm, inputs, per_prompt, aborts)
+            else:
+                results = llm.generate(inputs, per_prompt, use_tqdm=False)
+                outputs += [list(r.outputs[0].token_ids) for r in results]
             seconds.append(time.perf_counter() - t)
-            outputs += [list(r.outputs[0].token_ids) for r in results]
         stats = json.loads(Path(stats_file).read_text()) if stats_file and Path(stats_file).exists() else None
         phases.append({"outputs": outputs, "seconds": seconds, "stats": stats})
     return {"startup_s": startup, "phases": phases}
+
+
+def _handshake(directory: Path, phase: int, timeout_s: float = 120) -> None:
+    """Write ``phase-N.ready``, wait for the caller's ``phase-N.go``."""
+    (directory / f"phase-{phase}.ready").touch()
+    deadline = time.monotonic() + timeout_s
+    while not (directory / f"phase-{phase}.go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no phase-{phase}.go in {directory} after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def _engine_input(prompt: Any) -> dict[str, Any]:
+    if not isinstance(prompt, dict):
+        return {"prompt_token_ids": prompt}
+    data: dict[str, Any] = {"prompt_token_ids": prompt["tokens"]}
+    if prompt.get("cache_salt") is not None:
+        data["cache_salt"] = prompt["cache_salt"]
+    return data
+
+
+def _generate_with_aborts(llm: Any, inputs: list[dict[str, Any]], params: list[Any],
+                          aborts: list[int | None]) -> list[list[int]]:
+    """Step the engine by hand, aborting requests after their number of steps (output ``[]``)."""
+    engine = llm.llm_engine
+    ids = [f"r{i}-{time.monotonic_ns()}" for i in range(len(inputs))]
+    for rid, prompt, p in zip(ids, inputs, params, strict=True):
+        engine.add_request(rid, prompt, p)
+    done: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        due = [rid for rid, n in zip(ids, aborts, strict=True) if n is not None and n == steps and rid not in done]
+        if due:
+            engine.abort_request(due)
+            done.update({rid: [] for rid in due})
+    return [done.get(rid, []) for rid in ids]
 
 
 def _with_transfer_params(params: Any, transfer: dict[str, Any] | None) -> Any:
