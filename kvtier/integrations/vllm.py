@@ -106,11 +106,12 @@ def _geometry_from_config(vllm_config: VllmConfig, kv_cache_config: KVCacheConfi
     spec: Any = groups[0].kv_cache_spec  # an AttentionSpec for the models we support
     if not hasattr(spec, "num_kv_heads"):
         raise IntegrationError(f"KVTierConnector supports attention KV caches, got {type(spec).__name__}")
-    if getattr(spec, "head_size_v", spec.head_size) != spec.head_size:
+    mla = type(spec).__name__.startswith("MLA")  # one latent per token (MLAAttentionSpec)
+    if not mla and getattr(spec, "head_size_v", spec.head_size) != spec.head_size:
         raise IntegrationError("KVTierConnector needs equal K and V head sizes")
-    return PagedGeometry(num_layers=len(groups[0].layer_names), num_kv_heads=spec.num_kv_heads,
+    return PagedGeometry(num_layers=len(groups[0].layer_names), num_kv_heads=1 if mla else spec.num_kv_heads,
                          head_dim=spec.head_size, dtype=str(spec.dtype).removeprefix("torch."),
-                         block_size=spec.block_size)
+                         block_size=spec.block_size, parts=1 if mla else 2)
 
 
 def _model_id(vllm_config: VllmConfig) -> str:
@@ -195,7 +196,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ==== worker side ========================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        geometry = geometry_of(kv_caches, self.geometry.block_size)
+        geometry = geometry_of(kv_caches, self.geometry.block_size, parts=self.geometry.parts)
         if geometry != self.geometry:
             raise IntegrationError(f"registered KV tensors {geometry} differ from the KV cache spec {self.geometry}")
         rank = 0
@@ -219,11 +220,12 @@ class KVTierConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         plan = self._plan()
+        after = self._worker.paged.record() if plan.loads else None  # CUDA: after vLLM's block zeroing
         for job in plan.loads:
             if job.async_load:
-                self._worker.load_async(job)
+                self._worker.load_async(job, after)
             else:
-                self._worker.load_now(job)
+                self._worker.load_now(job, after)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # synchronous loads completed in start_load_kv, before the forward
@@ -235,7 +237,8 @@ class KVTierConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata() or self._worker is None:
             return
         plan = self._plan()
-        self._worker.save(plan.saves)  # submitted, not awaited: the blocks are held (module doc)
+        after = self._worker.paged.record() if plan.saves else None  # CUDA: after this step's forward
+        self._worker.save(plan.saves, after)  # submitted, not awaited: the blocks are held (module doc)
         self._worker.pin(plan.pins)
         self._worker.hold(plan.held)
         if plan.uncacheable:

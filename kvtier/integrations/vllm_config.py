@@ -69,6 +69,7 @@ class PagedGeometry:
     head_dim: int
     dtype: str  # torch dtype name
     block_size: int  # tokens per vLLM block
+    parts: int = 2  # 2: K and V; 1: one MLA latent per token
 
 
 def make_layout(geometry: PagedGeometry, *, chunk_tokens: int, model_id: str) -> KVLayout:
@@ -78,4 +79,5 @@ def make_layout(geometry: PagedGeometry, *, chunk_tokens: int, model_id: str) ->
                           f"{geometry.block_size} (a chunk is copied as whole blocks); "
                           f"try chunk_tokens={max(1, chunk_tokens // geometry.block_size) * geometry.block_size}")
     return KVLayout(model=model_id, num_layers=geometry.num_layers, num_kv_heads=geometry.num_kv_heads,
-                    head_dim=geometry.head_dim, dtype=geometry.dtype, tokens_per_chunk=chunk_tokens)
+                    head_dim=geometry.head_dim, dtype=geometry.dtype, tokens_per_chunk=chunk_tokens,
+                    num_kv_parts=geometry.parts)

@@ -1,28 +1,47 @@
 """Copies between vLLM's paged KV blocks and kvtier chunk payloads (batched, no per-token loops).
 
-vLLM's CPU attention backend gives each layer one tensor (layout ``LBHNC``)::
+What vLLM 0.32 registers with a connector (``register_kv_caches``): one tensor per layer, its
+first dimension the block id.  Two ways of holding a block, read off vLLM's source:
 
-    kv_cache[layer]: (num_blocks, num_kv_heads, block_size, 2 * head_dim)
+* ``cpu`` — the CPU attention backend (``vllm/v1/attention/backends/cpu_attn.py``,
+  ``forward``: ``kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)``):
+  ``(num_blocks, num_kv_heads, block_size, 2 * head_dim)``, contiguous, whose memory per block
+  and head is ``block_size`` K rows then ``block_size`` V rows.  Native block view here:
+  ``(num_blocks, heads, parts=2, block_size, head_dim)``.
+* ``packed`` — every CUDA backend (FlashAttention ``flash_attn.py``: "(B, H, N, 2*D) ->
+  ((B, N, H, D), (B, N, H, D))" by ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``;
+  FlashInfer ``flashinfer.py``: "other dtypes pack K/V in the content dim"; Triton
+  ``triton_attn.py``: ``kv_cache.split(head_size, dim=-1)``; MLA: one latent of
+  ``kv_lora_rank + qk_rope_head_dim`` per token, ``H = 1``): the logical shape is
+  ``(B, H, N, C)`` with ``C = parts * head_dim`` (K then V, or one MLA latent), and the
+  *physical* order is any of ``vllm/v1/kv_cache_layout.py``'s ``KVCacheLayout`` stride
+  permutations — ``LBHNC`` (HND), ``LBNHC`` (NHD), and the cross-layer ``BL..`` layouts, where the
+  per-layer tensor is a strided view into one allocation spanning all layers.  The copies here
+  use the tensor's own strides, so every such order is handled by the same code.  Native block
+  view: ``(num_blocks, heads, block_size, parts, head_dim)``.
 
-whose memory, per block and head, is ``block_size`` K rows followed by ``block_size`` V rows
-(the backend views it as ``(num_blocks, heads, 2 * block_size, head_dim)`` and splits dim 2).
-So the *native block view* used here is ``(num_blocks, heads, 2, block_size, head_dim)``.
-
-A kvtier chunk of ``C = m * block_size`` tokens is ``(layers, 2, C, heads, head_dim)``
+A kvtier chunk of ``C = m * block_size`` tokens is ``(layers, parts, C, heads, head_dim)``
 (``kvtier.layout``).  Gathering ``n`` chunks is, per layer, one ``index_select`` of ``n * m``
-blocks plus one permuting copy into a staging tensor ``(n, layers, 2, m, block_size, heads,
+blocks plus one permuting copy into a staging tensor ``(n, layers, parts, m, block_size, heads,
 head_dim)`` whose ``[i]`` is chunk i's payload, byte for byte.  Scattering is the reverse: one
-permuting copy and one ``index_copy_`` per layer.  Staging tensors are reused between steps.
+permuting copy and one ``index_copy_`` per layer.
 
-With a DRAM top tier no staging is needed: ``gather_into`` / ``scatter_from`` take the chunk
-buffers themselves (reserved or borrowed DRAM slots), treating each run of adjacent buffers
-(consecutive slots, the common case) as one staging tensor.
+On CPU the staging tensor *is* the host chunk buffers (DRAM slots handed out by the hierarchy):
+``gather_into`` / ``scatter_from`` treat each run of adjacent buffers as one staging tensor.
+On CUDA, chunks move in groups through two device staging buffers on two side streams, so one
+group's gather/scatter (HBM, ~100x faster than PCIe) overlaps the next group's DMA to or from the
+pinned DRAM slots; the compute stream is never used and never waits: a save's side stream waits
+for an event recorded on the compute stream after the forward that wrote the blocks, a load's
+after vLLM's own work on the newly allocated blocks (``after``).  The calls return once their
+copies are done (they run on the connector's mover thread, or before a forward that needs them).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,84 +50,164 @@ from kvtier.errors import IntegrationError
 from kvtier.hostmem import populated
 from kvtier.integrations.vllm_config import PagedGeometry
 
+# staging (n, parts, m, bs, H, D)  <->  the selected blocks in their native view, per format
+_TO_CHUNK = {"cpu": (0, 3, 1, 4, 2, 5),  # (n, m, H, P, bs, D) -> (n, P, m, bs, H, D)
+             "packed": (0, 4, 1, 3, 2, 5)}  # (n, m, H, bs, P, D) -> (n, P, m, bs, H, D)
+_FROM_CHUNK = {fmt: tuple(int(i) for i in np.argsort(perm)) for fmt, perm in _TO_CHUNK.items()}
 
-def geometry_of(kv_caches: dict[str, torch.Tensor], block_size: int) -> PagedGeometry:
+
+def geometry_of(kv_caches: dict[str, torch.Tensor], block_size: int, *, parts: int = 2) -> PagedGeometry:
     """Read the paged geometry off the tensors vLLM registers; error on layouts we cannot copy."""
     if not kv_caches:
         raise IntegrationError("vLLM registered no KV cache tensors")
     shapes = {tuple(t.shape) for t in kv_caches.values()}
     dtypes = {t.dtype for t in kv_caches.values()}
-    if len(shapes) != 1 or len(dtypes) != 1:
-        raise IntegrationError(f"KVTierConnector needs one KV shape/dtype for all layers, got {shapes} {dtypes}")
-    (shape,), (dtype,) = shapes, dtypes
-    if len(shape) != 4 or shape[2] != block_size or shape[3] % 2:
+    devices = {t.device for t in kv_caches.values()}
+    if len(shapes) != 1 or len(dtypes) != 1 or len(devices) != 1:
+        raise IntegrationError(f"KVTierConnector needs one KV shape/dtype/device for all layers, got "
+                               f"{shapes} {dtypes} {devices}")
+    (shape,), (dtype,), (device,) = shapes, dtypes, devices
+    if device.type not in ("cpu", "cuda"):
+        raise IntegrationError(f"KVTierConnector copies KV on CPU or CUDA, not {device.type}")
+    if len(shape) == 3 and parts == 1:  # MLA: (num_blocks, block_size, latent)
+        shape = (shape[0], 1, shape[1], shape[2])
+    if len(shape) != 4 or shape[2] != block_size or shape[3] % parts:
         raise IntegrationError(
-            f"unsupported KV cache tensor shape {shape}: KVTierConnector supports vLLM's CPU attention "
-            f"layout (num_blocks, num_kv_heads, block_size={block_size}, 2 * head_dim)")
+            f"unsupported KV cache tensor shape {shape}: KVTierConnector supports vLLM's per-layer "
+            f"(num_blocks, num_kv_heads, block_size={block_size}, {parts} * head_dim) layouts")
     for name, t in kv_caches.items():
-        if not t.is_contiguous() or t.device.type != "cpu":
+        if device.type == "cpu" and not t.is_contiguous():
             raise IntegrationError(f"KV cache of {name} must be a contiguous CPU tensor")
-    return PagedGeometry(num_layers=len(kv_caches), num_kv_heads=shape[1], head_dim=shape[3] // 2,
-                         dtype=str(dtype).removeprefix("torch."), block_size=block_size)
+        if t.stride(-1) != 1:
+            raise IntegrationError(f"KV cache of {name}: the content dimension must be contiguous")
+    return PagedGeometry(num_layers=len(kv_caches), num_kv_heads=shape[1], head_dim=shape[3] // parts,
+                         dtype=str(dtype).removeprefix("torch."), block_size=block_size, parts=parts)
 
 
 class PagedKV:
     """The registered KV tensors of one worker, with chunk gather/scatter."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], geometry: PagedGeometry, tokens_per_chunk: int) -> None:
+    def __init__(self, kv_caches: dict[str, torch.Tensor], geometry: PagedGeometry, tokens_per_chunk: int,
+                 *, group_chunks: int = 8, fmt: str | None = None) -> None:
         g = geometry
         self.geometry = g
         self.blocks_per_chunk = tokens_per_chunk // g.block_size
-        # (num_blocks, heads, 2, block_size, head_dim) views, in layer order
-        self.layers = [t.view(t.shape[0], g.num_kv_heads, 2, g.block_size, g.head_dim) for t in kv_caches.values()]
-        self.dtype = self.layers[0].dtype
-        self._staging = torch.empty(0, dtype=self.dtype)  # grown on demand, populated (kvtier.hostmem)
+        first = next(iter(kv_caches.values()))
+        self.device = first.device
+        self.fmt = fmt or ("cpu" if self.device.type == "cpu" else "packed")  # CUDA backends pack K|V
+        self.layers = [self._native(t) for t in kv_caches.values()]
+        self.dtype = first.dtype
+        self.chunk_elems = g.num_layers * g.parts * tokens_per_chunk * g.num_kv_heads * g.head_dim
+        self._staging = torch.empty(0, dtype=self.dtype)  # CPU: grown on demand, populated (kvtier.hostmem)
+        self._group = group_chunks
+        self._cuda_paths: dict[int, _CudaPath] = {}  # per calling thread: own streams and buffers
+        self._lock = threading.Lock()
+
+    @property
+    def _cuda(self) -> _CudaPath | None:
+        """The calling thread's CUDA path (the mover and the step's thread copy concurrently)."""
+        if self.device.type != "cuda":
+            return None
+        me = threading.get_ident()
+        path = self._cuda_paths.get(me)
+        if path is None:
+            with self._lock:
+                path = self._cuda_paths[me] = _CudaPath(self, self._group)
+        return path
+
+    def _native(self, t: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        if t.dim() == 3:  # MLA
+            t = t.unsqueeze(1)
+        if self.fmt == "cpu":  # (nb, H, bs, 2D) whose memory is (nb, H, 2, bs, D)
+            return t.view(t.shape[0], g.num_kv_heads, g.parts, g.block_size, g.head_dim)
+        return t.unflatten(-1, (g.parts, g.head_dim))  # (nb, H, bs, P, D): a strided view, no copy
+
+    def _shape(self, num_chunks: int) -> tuple[int, ...]:
+        g = self.geometry
+        return (num_chunks, g.num_layers, g.parts, self.blocks_per_chunk, g.block_size, g.num_kv_heads, g.head_dim)
 
     def _stage(self, num_chunks: int) -> torch.Tensor:
-        """(n, layers, 2, m, block_size, heads, head_dim): chunk i's payload is ``[i]``, contiguous."""
-        g = self.geometry
-        shape = (num_chunks, g.num_layers, 2, self.blocks_per_chunk, g.block_size, g.num_kv_heads, g.head_dim)
-        need = int(np.prod(shape))
+        """Host (n, layers, parts, m, block_size, heads, head_dim): chunk i's payload is ``[i]``."""
+        need = num_chunks * self.chunk_elems
         if self._staging.numel() < need:  # grow by half again at least: few (page-faulting) reallocations
             grown = max(need, self._staging.numel() * 3 // 2)
-            self._staging = torch.frombuffer(populated(grown * self.layers[0].element_size()), dtype=self.dtype)
-        return self._staging[:need].view(shape)
+            if self.device.type == "cuda":
+                self._staging = torch.empty(grown, dtype=self.dtype, pin_memory=True)
+            else:
+                self._staging = torch.frombuffer(populated(grown * self.dtype.itemsize), dtype=self.dtype)
+        return self._staging[:need].view(self._shape(num_chunks))
 
     @staticmethod
     def payloads(stage: torch.Tensor) -> list[np.ndarray]:
-        """Zero-copy uint8 views of each chunk in a staging tensor."""
+        """Zero-copy uint8 views of each chunk in a host staging tensor."""
         flat = stage.reshape(stage.shape[0], -1).view(torch.uint8).numpy()
         return [flat[i] for i in range(stage.shape[0])]
 
-    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Copy chunks out of vLLM blocks; ``block_ids`` has ``m`` ids per chunk, in order."""
-        stage = self._stage(len(block_ids) // self.blocks_per_chunk)
-        self._gather(stage, block_ids)
-        return stage
-
+    # --- the two copies, on tensors of the KV's device ------------------------------------------
     def _gather(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
         m, n = self.blocks_per_chunk, stage.shape[0]
-        ids = torch.as_tensor(block_ids, dtype=torch.long)
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        perm = _TO_CHUNK[self.fmt]
         for layer, kv in enumerate(self.layers):
-            blocks = kv.index_select(0, ids)  # (n*m, heads, 2, bs, hd)
-            blocks = blocks.view(n, m, *blocks.shape[1:])  # (n, m, heads, 2, bs, hd)
-            stage[:, layer].copy_(blocks.permute(0, 3, 1, 4, 2, 5))  # (n, 2, m, bs, heads, hd)
+            blocks = kv.index_select(0, ids)  # (n*m, native block dims)
+            stage[:, layer].copy_(blocks.view(n, m, *blocks.shape[1:]).permute(*perm))
 
-    def gather_into(self, views: Sequence[np.ndarray | None], block_ids: Sequence[int]) -> None:
-        """``gather`` into the given chunk buffers (None: skip that chunk's ``m`` blocks)."""
+    def _scatter(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
+        """``block_ids[j] < 0`` leaves block slot j alone."""
+        ids = torch.as_tensor(block_ids, dtype=torch.long)
+        keep = (ids >= 0).nonzero().flatten()
+        if keep.numel() == 0:
+            return
+        whole = keep.numel() == ids.numel()
+        dst = ids.index_select(0, keep).to(self.device)
+        keep = keep.to(self.device)
+        perm = _FROM_CHUNK[self.fmt]
+        for layer, kv in enumerate(self.layers):
+            src = stage[:, layer].permute(*perm)  # (n, m, native block dims)
+            src = src.reshape(-1, *kv.shape[1:])  # (n*m, ...) contiguous copy
+            if not whole:
+                src = src.index_select(0, keep)
+            kv.index_copy_(0, dst, src)
+
+    # --- chunk buffers in host memory -------------------------------------------------------------
+    def gather(self, block_ids: Sequence[int], after: Any = None) -> torch.Tensor:
+        """Copy chunks out of vLLM blocks into host staging; ``block_ids``: ``m`` ids per chunk."""
+        stage = self._stage(len(block_ids) // self.blocks_per_chunk)
+        self.gather_into(self.payloads(stage), block_ids, after)
+        return stage
+
+    def gather_into(self, views: Sequence[np.ndarray | None], block_ids: Sequence[int], after: Any = None) -> None:
+        """``gather`` into the given chunk buffers (None: skip that chunk's ``m`` blocks).
+
+        ``after``: a CUDA event the copies wait for (the forward that wrote the blocks)."""
         m = self.blocks_per_chunk
-        for first, stage in self._runs(views):
-            self._gather(stage, block_ids[first * m:(first + stage.shape[0]) * m])
+        runs = self._runs(views)
+        if self._cuda is not None:
+            self._cuda.gather(runs, block_ids, after)
+            return
+        for first, host in runs:
+            self._gather(host, block_ids[first * m:(first + host.shape[0]) * m])
 
-    def scatter_from(self, views: Sequence[np.ndarray], block_ids: Sequence[int]) -> None:
+    def scatter(self, stage: torch.Tensor, block_ids: Sequence[int], after: Any = None) -> None:
+        """Copy host-staged chunks into vLLM blocks; ``block_ids[j] < 0`` leaves block slot j alone."""
+        if self._cuda is not None:
+            self._cuda.scatter([(0, stage)], block_ids, after)
+        else:
+            self._scatter(stage, block_ids)
+
+    def scatter_from(self, views: Sequence[np.ndarray], block_ids: Sequence[int], after: Any = None) -> None:
         """``scatter`` from the given chunk buffers (read-only views are fine: only read)."""
         m = self.blocks_per_chunk
-        for first, stage in self._runs(views):
-            self.scatter(stage, block_ids[first * m:(first + stage.shape[0]) * m])
+        runs = self._runs(views)
+        if self._cuda is not None:
+            self._cuda.scatter(runs, block_ids, after)
+            return
+        for first, host in runs:
+            self._scatter(host, block_ids[first * m:(first + host.shape[0]) * m])
 
     def _runs(self, views: Sequence[np.ndarray | None]) -> list[tuple[int, torch.Tensor]]:
-        """(index of the first chunk, staging-shaped tensor) per run of adjacent buffers."""
-        g = self.geometry
+        """(index of the first chunk, staging-shaped host tensor) per run of adjacent buffers."""
         runs: list[tuple[int, torch.Tensor]] = []
         i = 0
         while i < len(views):
@@ -124,23 +223,77 @@ class PagedKV:
             with warnings.catch_warnings():  # borrowed slots are read-only views; scatter only reads them
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 tensor = torch.from_numpy(span).view(self.dtype)
-            shape = (j - i, g.num_layers, 2, self.blocks_per_chunk, g.block_size, g.num_kv_heads, g.head_dim)
-            runs.append((i, tensor.view(shape)))
+            runs.append((i, tensor.view(self._shape(j - i))))
             i = j
         return runs
 
-    def scatter(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
-        """Copy staged chunks into vLLM blocks; ``block_ids[j] < 0`` leaves block slot j alone."""
-        g = self.geometry
-        ids = torch.as_tensor(block_ids, dtype=torch.long)
-        keep = (ids >= 0).nonzero().flatten()
-        if keep.numel() == 0:
-            return
-        dst = ids.index_select(0, keep)
-        whole = keep.numel() == ids.numel()
-        for layer, kv in enumerate(self.layers):
-            src = stage[:, layer].permute(0, 2, 4, 1, 3, 5)  # (n, m, heads, 2, bs, hd)
-            src = src.reshape(-1, g.num_kv_heads, 2, g.block_size, g.head_dim)  # (n*m, ...) contiguous copy
-            if not whole:
-                src = src.index_select(0, keep)
-            kv.index_copy_(0, dst, src)
+    def record(self) -> Any:
+        """An event on the current CUDA stream (None on CPU): what a later copy must wait for."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+class _CudaPath:
+    """Group-wise device staging on two side streams (see the module docstring)."""
+
+    def __init__(self, paged: PagedKV, group_chunks: int) -> None:
+        self.paged = paged
+        self.group = group_chunks
+        device = paged.device
+        self.kernel_stream = torch.cuda.Stream(device)  # gathers / scatters in HBM
+        self.copy_stream = torch.cuda.Stream(device)  # DMA to / from pinned host memory
+        shape = paged._shape(group_chunks)
+        self.buffers = [torch.empty(shape, dtype=paged.dtype, device=device) for _ in range(2)]
+        self.free = [torch.cuda.Event() for _ in range(2)]  # buffer may be reused
+        for event in self.free:
+            event.record(self.copy_stream)
+
+    def _groups(self, runs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        out = []
+        for first, host in runs:
+            for s in range(0, host.shape[0], self.group):
+                out.append((first + s, host[s:s + self.group]))
+        return out
+
+    def gather(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
+        m, paged = self.paged.blocks_per_chunk, self.paged
+        if after is not None:
+            self.kernel_stream.wait_event(after)
+        done = None
+        for k, (first, host) in enumerate(self._groups(runs)):
+            buf, n = self.buffers[k % 2], host.shape[0]
+            ready = torch.cuda.Event()
+            with torch.cuda.stream(self.kernel_stream):
+                self.kernel_stream.wait_event(self.free[k % 2])
+                paged._gather(buf[:n], block_ids[first * m:(first + n) * m])
+                ready.record(self.kernel_stream)
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(ready)
+                host.copy_(buf[:n], non_blocking=True)
+                self.free[k % 2].record(self.copy_stream)
+            done = self.free[k % 2]
+        if done is not None:
+            done.synchronize()
+
+    def scatter(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
+        m, paged = self.paged.blocks_per_chunk, self.paged
+        if after is not None:
+            self.copy_stream.wait_event(after)
+        done = None
+        for k, (first, host) in enumerate(self._groups(runs)):
+            buf, n = self.buffers[k % 2], host.shape[0]
+            ready = torch.cuda.Event()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[k % 2])
+                buf[:n].copy_(host, non_blocking=True)
+                ready.record(self.copy_stream)
+            with torch.cuda.stream(self.kernel_stream):
+                self.kernel_stream.wait_event(ready)
+                paged._scatter(buf[:n], block_ids[first * m:(first + n) * m])
+                self.free[k % 2].record(self.kernel_stream)
+            done = self.free[k % 2]
+        if done is not None:
+            done.synchronize()

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations.vllm_paged import PagedKV
@@ -109,24 +110,26 @@ class WorkerCore:
                     if not jobs:
                         del self._jobs[req_id]
 
-    def save(self, jobs: Sequence[SaveJob]) -> None:
-        """Copy out the chunks of this step's saves, in the background (see the module doc)."""
+    def save(self, jobs: Sequence[SaveJob], after: Any = None) -> None:
+        """Copy out the chunks of this step's saves, in the background (see the module doc).
+
+        ``after``: on CUDA, an event recorded after the forward that wrote the blocks."""
         if not jobs:
             return
         keys = [k for job in jobs for k in job.keys]
         future = self._submit([job.req_id for job in jobs], self._save, keys,
-                              [b for job in jobs for b in job.block_ids])
+                              [b for job in jobs for b in job.block_ids], after)
         with self._lock:
             for key in keys:
                 self._saving[key] = future
         future.add_done_callback(lambda f: self._saved(keys, f))
 
-    def _save(self, keys: list[ChunkKey], block_ids: list[int]) -> None:
+    def _save(self, keys: list[ChunkKey], block_ids: list[int], after: Any) -> None:
         t0 = time.perf_counter()
         stored = 0
         try:
             with self.memory.store_in_place(keys) as op:  # straight into DRAM slots, no staging
-                self.paged.gather_into(op.views, block_ids)
+                self.paged.gather_into(op.views, block_ids, after)
             stored = op.stored or 0
         finally:
             if stored < len(keys):  # no room (all pinned), or failed: the scheduler must not plan loads
@@ -142,17 +145,19 @@ class WorkerCore:
                 if self._saving.get(key) is future:
                     del self._saving[key]
 
-    def load_now(self, job: LoadJob) -> None:
+    def load_now(self, job: LoadJob, after: Any = None) -> None:
         """Scatter a DRAM hit into vLLM's blocks before this step's forward."""
         with self._lock:
             waits = {f for k in job.keys if (f := self._saving.get(k)) is not None}
         for future in waits:  # the chunk is being saved by an earlier step: its bytes come first
             _wait_quietly(future)
-        self._load(job)
+        self._load(job, after)
 
-    def load_async(self, job: LoadJob) -> None:
-        """Load a lower-tier hit on the mover; ``finished`` reports the request when done."""
-        future = self._submit([job.req_id], self._load, job)
+    def load_async(self, job: LoadJob, after: Any = None) -> None:
+        """Load a lower-tier hit on the mover; ``finished`` reports the request when done.
+
+        ``after``: on CUDA, an event after vLLM's own work on the new blocks (zeroing)."""
+        future = self._submit([job.req_id], self._load, job, after)
         future.add_done_callback(partial(self._received_one, job.req_id))
         self.count(async_loads=1)
 
@@ -160,7 +165,7 @@ class WorkerCore:
         with self._lock:
             self._received.add(req_id)
 
-    def _load(self, job: LoadJob) -> None:
+    def _load(self, job: LoadJob, after: Any = None) -> None:
         memory, paged, m = self.memory, self.paged, self.paged.blocks_per_chunk
         t0 = time.perf_counter()
         loaded = 0
@@ -168,12 +173,12 @@ class WorkerCore:
         try:
             # DRAM hits are read in place, lower-tier hits promoted into DRAM slots and read there
             with memory.borrow_prefix(job.keys) as views:
-                paged.scatter_from(views, job.block_ids[:len(views) * m])
+                paged.scatter_from(views, job.block_ids[:len(views) * m], after)
                 loaded = len(views)
             if loaded < len(job.keys):  # no DRAM slot for the rest, no DRAM tier, or a miss: via staging
                 stage = paged._stage(len(job.keys) - loaded)
                 got = memory.load(job.keys[loaded:], paged.payloads(stage))
-                paged.scatter(stage[:got], job.block_ids[loaded * m:(loaded + got) * m])
+                paged.scatter(stage[:got], job.block_ids[loaded * m:(loaded + got) * m], after)
                 loaded += got
         finally:  # whatever was not loaded (a miss, or an error) is recomputed by vLLM
             failed = [b for b in job.block_ids[loaded * m:] if b >= 0]
