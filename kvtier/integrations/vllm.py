@@ -54,10 +54,11 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations.vllm_config import PagedGeometry, make_layout, parse_extra_config
+from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
 from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, StepPlan
-from kvtier.integrations.vllm_stats import ConnectorCounters, KVTierConnectorStats
+from kvtier.integrations.vllm_stats import KVTierConnectorStats
 from kvtier.integrations.vllm_worker import WorkerCore, WorkerReport
 from kvtier.keys import namespace_key
 from kvtier.layout import KVLayout

@@ -3,7 +3,9 @@
 ``build_random_model`` writes a Qwen2-shaped ``config.json`` + ``model.safetensors`` with
 transformers' ``save_pretrained``; vLLM loads it like any local checkpoint (pass
 ``skip_tokenizer_init=True`` and token ids: there is no tokenizer).  ``QWEN2_5_0_5B`` is the
-shape of Qwen/Qwen2.5-0.5B (24 layers, 2 KV heads of 64 dims), used by ``kvtier bench vllm``.
+shape of Qwen/Qwen2.5-0.5B (24 layers, 2 KV heads of 64 dims), used by ``kvtier bench vllm``;
+``SMALL`` (8 layers, 8 KiB of KV per token in fp32) and ``TINY`` (2 layers) are the shapes its
+concurrent mode replays agent sessions on, sized for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ QWEN2_5_0_5B: dict[str, Any] = {
     "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24,
     "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
 }
+SMALL: dict[str, Any] = {  # head_dim 64: what vLLM's CPU attention backend supports
+    "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 8,
+    "intermediate_size": 1536, "vocab_size": 8192,
+}
+TINY: dict[str, Any] = {
+    "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+    "intermediate_size": 512, "vocab_size": 2048,
+}
+SHAPES: dict[str, dict[str, Any]] = {"qwen2.5-0.5b": QWEN2_5_0_5B, "small": SMALL, "tiny": TINY}
+
+
+def kv_bytes_per_token(shape: dict[str, Any], dtype_bytes: int = 4) -> int:
+    """K and V of every layer for one token."""
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    return int(shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * head_dim * dtype_bytes)
 
 
 def build_random_model(path: str | Path, *, seed: int = 0, max_position_embeddings: int = 32768,

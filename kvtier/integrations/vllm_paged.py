@@ -52,8 +52,10 @@ from kvtier.integrations.vllm_config import PagedGeometry
 
 # staging (n, parts, m, bs, H, D)  <->  the selected blocks in their native view, per format
 _TO_CHUNK = {"cpu": (0, 3, 1, 4, 2, 5),  # (n, m, H, P, bs, D) -> (n, P, m, bs, H, D)
-             "packed": (0, 4, 1, 3, 2, 5)}  # (n, m, H, bs, P, D) -> (n, P, m, bs, H, D)
+             "packed": (0, 4, 1, 3, 2, 5),  # (n, m, H, bs, P, D) -> (n, P, m, bs, H, D)
+             "packed-nh": (0, 4, 1, 2, 3, 5)}  # (n, m, bs, H, P, D) -> (n, P, m, bs, H, D)
 _FROM_CHUNK = {fmt: tuple(int(i) for i in np.argsort(perm)) for fmt, perm in _TO_CHUNK.items()}
+_FORMATS = ("cpu", "packed")  # what a caller may ask for; "packed-nh" is found from the strides
 
 
 def geometry_of(kv_caches: dict[str, torch.Tensor], block_size: int, *, parts: int = 2) -> PagedGeometry:
@@ -95,6 +97,8 @@ class PagedKV:
         first = next(iter(kv_caches.values()))
         self.device = first.device
         self.fmt = fmt or ("cpu" if self.device.type == "cpu" else "packed")  # CUDA backends pack K|V
+        if self.fmt == "packed" and first.dim() == 4 and first.stride(2) > first.stride(1):
+            self.fmt = "packed-nh"  # NHD (LBNHC, BLNHC): tokens outside heads in memory
         self.layers = [self._native(t) for t in kv_caches.values()]
         self.dtype = first.dtype
         self.chunk_elems = g.num_layers * g.parts * tokens_per_chunk * g.num_kv_heads * g.head_dim
@@ -121,6 +125,8 @@ class PagedKV:
             t = t.unsqueeze(1)
         if self.fmt == "cpu":  # (nb, H, bs, 2D) whose memory is (nb, H, 2, bs, D)
             return t.view(t.shape[0], g.num_kv_heads, g.parts, g.block_size, g.head_dim)
+        if self.fmt == "packed-nh":  # in memory order: (nb, bs, H, P, D)
+            return t.transpose(1, 2).unflatten(-1, (g.parts, g.head_dim))
         return t.unflatten(-1, (g.parts, g.head_dim))  # (nb, H, bs, P, D): a strided view, no copy
 
     def _shape(self, num_chunks: int) -> tuple[int, ...]:
@@ -150,8 +156,8 @@ class PagedKV:
         ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         perm = _TO_CHUNK[self.fmt]
         for layer, kv in enumerate(self.layers):
-            blocks = kv.index_select(0, ids)  # (n*m, native block dims)
-            stage[:, layer].copy_(blocks.view(n, m, *blocks.shape[1:]).permute(*perm))
+            blocks = kv.index_select(0, ids)  # (n*m, native block dims), in memory order
+            stage[:, layer].copy_(blocks.reshape(n, m, *blocks.shape[1:]).permute(*perm))
 
     def _scatter(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
         """``block_ids[j] < 0`` leaves block slot j alone."""

@@ -41,13 +41,10 @@ them again, so the worker reports an ``inflight_*`` value of 0 once a queue drai
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
@@ -94,35 +91,6 @@ FAMILIES: dict[str, Export] = {  # worker counter name prefix -> metric; the res
 }
 
 _PROM_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # no ":" (reserved for recording rules)
-
-
-@dataclass
-class ConnectorCounters:
-    values: Counter[str] = field(default_factory=Counter)  # name -> int or float total
-
-    def add(self, **deltas: float) -> None:
-        for name, delta in deltas.items():
-            if delta:
-                self.values[name] += delta  # type: ignore[assignment]
-
-    def merge(self, other: ConnectorCounters) -> None:
-        self.values.update(other.values)
-
-    def summary(self) -> str:
-        v = self.values
-        hits = ", ".join(f"{k.removeprefix('hit_tokens_')}={int(n)}" for k, n in sorted(v.items())
-                         if k.startswith("hit_tokens_"))
-        load_gbps = v["load_bytes"] / v["load_s"] / 1e9 if v["load_s"] else 0.0
-        save_gbps = v["save_bytes"] / v["save_s"] / 1e9 if v["save_s"] else 0.0
-        return (f"kvtier: loaded {int(v['load_tokens'])} tokens ({hits or 'no hits'}) in {v['load_s']:.3f}s "
-                f"[{load_gbps:.2f} GB/s], failed chunks {int(v['load_failed_chunks'])}; saved "
-                f"{int(v['save_chunks'])} chunks in {v['save_s']:.3f}s [{save_gbps:.2f} GB/s]")
-
-    def write_json(self, path: Path, extra: dict[str, Any]) -> None:
-        """Atomically replace ``path`` with the counters (temp file + rename)."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"counters": dict(self.values), **extra}, indent=1, default=str))
-        os.replace(tmp, path)
 
 
 @dataclass

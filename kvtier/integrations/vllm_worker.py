@@ -39,9 +39,9 @@ from functools import partial
 from typing import Any
 
 from kvtier.hierarchy import ContextMemory
+from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
 from kvtier.integrations.vllm_plan import LoadJob, PinJob, SaveJob
-from kvtier.integrations.vllm_stats import ConnectorCounters
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")

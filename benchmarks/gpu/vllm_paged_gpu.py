@@ -1,0 +1,325 @@
+"""The vLLM connector's GPU data path on a real GPU, driven as vLLM's model runner would, without vLLM.
+
+vLLM cannot be installed on the GPU machine, so this harness allocates paged KV caches in the
+layouts vLLM 0.32's CUDA backends register (``kvtier.integrations.vllm_paged``: HND, NHD, the
+cross-layer BLNHC view, MLA) for a Llama-3.1-8B shape, and drives the connector's vLLM-free worker
+core (``WorkerCore``) through the calls the connector makes per step: record the compute stream's
+event, start loads (sync DRAM hits / async lower-tier hits), save after the forward, finished.
+
+1. exactness: G1 -> kvtier -> G1 bit-identical for every layout, random block tables, 16-token
+   blocks in 256-token chunks, a block shared by two requests, a partly-computed first chunk,
+   sync and async loads;
+2. bandwidth: save and load GB/s of 4K/32K/128K-token requests vs raw pinned torch copies of the
+   same bytes, in the same run;
+3. no stall: the compute stream's step time (bf16 matmuls) while 32K-token loads and saves run
+   vs without transfers.
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu/vllm_paged_gpu.py --json $OUT/paged.json
+    PYTHONPATH=. python3 benchmarks/gpu/vllm_paged_gpu.py --device cpu --small    # a CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtier.hierarchy import ContextMemory
+from kvtier.integrations.vllm_config import PagedGeometry, make_layout
+from kvtier.integrations.vllm_paged import PagedKV
+from kvtier.integrations.vllm_plan import LoadJob, SaveJob
+from kvtier.integrations.vllm_worker import WorkerCore
+from kvtier.keys import chunk_keys, namespace_key
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.dram import DramTier
+
+BLOCK, CHUNK = 16, 256
+M = CHUNK // BLOCK
+
+
+def allocate(layout: str, num_blocks: int, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
+             device: str) -> dict[str, torch.Tensor]:
+    """Per-layer KV tensors as vLLM's CUDA backends register them: logical (B, H, N, parts*D)."""
+    if layout == "mla":
+        return {f"l{i}": torch.randn(num_blocks, BLOCK, head_dim, dtype=dtype, device=device) for i in range(layers)}
+    c = 2 * head_dim
+    if layout == "hnd":  # LBHNC
+        return {f"l{i}": torch.randn(num_blocks, heads, BLOCK, c, dtype=dtype, device=device) for i in range(layers)}
+    if layout == "nhd":  # LBNHC: physical (B, N, H, C)
+        return {f"l{i}": torch.randn(num_blocks, BLOCK, heads, c, dtype=dtype, device=device).transpose(1, 2)
+                for i in range(layers)}
+    assert layout == "cross"  # BLNHC: one allocation, blocks outermost
+    whole = torch.randn(num_blocks, layers, BLOCK, heads, c, dtype=dtype, device=device)
+    return {f"l{i}": whole[:, i].transpose(1, 2) for i in range(layers)}
+
+
+class Engine:
+    """One worker: registered KV + ContextMemory (pinned DRAM [+ disk]) + WorkerCore."""
+
+    def __init__(self, layout: str, *, num_blocks: int, layers: int, heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str, dram_chunks: int, disk: Path | None = None) -> None:
+        parts = 1 if layout == "mla" else 2
+        self.geometry = PagedGeometry(num_layers=layers, num_kv_heads=1 if layout == "mla" else heads,
+                                      head_dim=head_dim, dtype=str(dtype).removeprefix("torch."),
+                                      block_size=BLOCK, parts=parts)
+        self.kv = allocate(layout, num_blocks, layers, heads, head_dim, dtype, device)
+        self.layout = make_layout(self.geometry, chunk_tokens=CHUNK, model_id=f"llama-8b-shaped-{layout}")
+        tiers: list[Any] = [DramTier(self.layout, capacity_bytes=dram_chunks * self.layout.chunk_bytes)]
+        if disk is not None:
+            tiers.append(DiskTier(self.layout, path=disk, capacity_bytes=64 << 30, fsync=False))
+        self.memory = ContextMemory(self.layout, tiers, write_through=disk is not None)
+        self.paged = PagedKV(self.kv, self.geometry, CHUNK, fmt="packed")  # the CUDA backends' layouts
+        self.worker = WorkerCore(self.memory, self.paged)
+        self.namespace = namespace_key(self.layout)
+
+    def keys(self, tokens: list[int]) -> list[Any]:
+        return chunk_keys(tokens, tokens_per_chunk=CHUNK, namespace=self.namespace)
+
+    def save(self, req: str, keys: list[Any], blocks: list[int]) -> None:
+        """wait_for_save: submitted after the forward, confirmed through finished()."""
+        self.worker.save([SaveJob(req, tuple(keys), tuple(blocks))], self.paged.record())
+
+    def load(self, req: str, keys: list[Any], blocks: list[int], *, start: int, end: int, async_load: bool) -> None:
+        ids = tuple(b if j * BLOCK < end and (j + 1) * BLOCK > start else -1 for j, b in enumerate(blocks))
+        job = LoadJob(req, 0, start, end, tuple(keys), ids, async_load)
+        if async_load:
+            self.worker.load_async(job, self.paged.record())
+        else:
+            self.worker.load_now(job, self.paged.record())
+
+    def settle(self, req: str) -> None:
+        """Wait until the request's jobs are done (the worker reports it as finished)."""
+        self.worker.hold([req])
+        deadline = time.monotonic() + 600
+        while req not in self.worker.finished()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.00005)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def exactness(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    rows = []
+    for layout in ("hnd", "nhd", "cross", "mla"):
+        head_dim = 576 if layout == "mla" else args.head_dim  # DeepSeek's kv_lora_rank 512 + rope 64
+        nb = 64 * M
+        eng = Engine(layout, num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=head_dim,
+                     dtype=torch.bfloat16, device=args.device, dram_chunks=16, disk=tmp / f"disk-{layout}")
+        rng = random.Random(7)
+        tokens = [rng.randrange(1, 50000) for _ in range(4 * CHUNK + 100)]
+        keys = eng.keys(tokens)  # 4 chunks
+        table = rng.sample(range(nb // 2), 4 * M)  # random blocks in the first half
+        eng.save("a", keys, table)
+        shared = table[:M] + rng.sample(range(nb // 2, nb), 3 * M)  # request b shares chunk 0's blocks
+        eng.save("b", eng.keys(tokens[:CHUNK] + tokens[CHUNK + 1:4 * CHUNK + 1]), shared)
+        eng.settle("a")
+        eng.settle("b")
+        want = {name: t[table].clone() for name, t in eng.kv.items()}
+        results = {}
+        for mode, async_load in (("sync", False), ("async", True)):
+            dst = rng.sample(range(nb // 2, nb), 4 * M)
+            for t in eng.kv.values():
+                t[dst] = 0
+            start = 3 * BLOCK  # vLLM computed the first 3 blocks itself: those slots are skipped
+            eng.load(mode, keys, dst, start=start, end=4 * CHUNK - 1, async_load=async_load)
+            eng.settle(mode)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            ok = all(torch.equal(t[dst[3:]], want[name][3:]) for name, t in eng.kv.items())
+            skipped_zero = all(not t[dst[:3]].any() for t in eng.kv.values())
+            results[mode] = ok and skipped_zero
+        # a fresh hierarchy over the same disk: chunks come back from G3 (async), still exact
+        eng.memory.flush()
+        eng.close()
+        again = Engine(layout, num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=head_dim,
+                       dtype=torch.bfloat16, device=args.device, dram_chunks=16,
+                       disk=tmp / f"disk-{layout}")
+        dst = rng.sample(range(nb), 4 * M)
+        again.load("disk", keys, dst, start=0, end=4 * CHUNK - 1, async_load=True)
+        again.settle("disk")
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        results["disk"] = all(torch.equal(again.kv[name][dst], want[name]) for name in want)
+        again.close()
+        row = {"layout": layout, **results, "chunk_bytes": eng.layout.chunk_bytes}
+        print("exactness", row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _timed(fn: Any, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bandwidth(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    nb = args.kv_tokens // BLOCK
+    eng = Engine("hnd", num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
+                 dtype=torch.bfloat16, device=args.device, dram_chunks=max(sizes) // CHUNK + 2)
+    rows = [_bandwidth_row(eng, size, nb, args) for size in sizes]
+    eng.close()
+    return rows
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _raw_copies(nbytes: int, device: str, reps: int) -> tuple[float, float]:
+    """Seconds of one raw pinned D2H and H2D copy of ``nbytes`` (the baseline, same run)."""
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device == "cuda")
+    t_d2h = _timed(lambda: (host.copy_(dev, non_blocking=True), _sync(device)), reps)
+    t_h2d = _timed(lambda: (dev.copy_(host, non_blocking=True), _sync(device)), reps)
+    return t_d2h, t_h2d
+
+
+def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) -> dict[str, Any]:
+    n = size // CHUNK
+    nbytes = n * eng.layout.chunk_bytes
+    rng = random.Random(size)
+    t_d2h, t_h2d = _raw_copies(nbytes, args.device, args.reps)
+    blocks = rng.sample(range(nb), n * M)  # a fragmented block table, as after hours of serving
+    seq = [0]
+
+    def save() -> None:
+        seq[0] += 1
+        eng.memory.delete(eng.keys([size + seq[0] - 1] * (n * CHUNK)))  # room for this one
+        eng.save(f"s{size}-{seq[0]}", eng.keys([size + seq[0]] * (n * CHUNK)), blocks)
+        eng.settle(f"s{size}-{seq[0]}")
+
+    save()
+    t_save = _timed(save, args.reps)
+    keys = eng.keys([size + seq[0]] * (n * CHUNK))
+    dst = rng.sample(range(nb), n * M)
+
+    def load() -> None:
+        seq[0] += 1
+        eng.load(f"l{size}-{seq[0]}", keys, dst, start=0, end=n * CHUNK, async_load=False)
+        _sync(args.device)
+
+    load()
+    t_load = _timed(load, args.reps)
+    eng.memory.delete(keys)
+    row = {"tokens": size, "bytes": nbytes,
+           "raw_d2h_gbps": nbytes / t_d2h / 1e9, "save_gbps": nbytes / t_save / 1e9, "save_vs_raw": t_d2h / t_save,
+           "raw_h2d_gbps": nbytes / t_h2d / 1e9, "load_gbps": nbytes / t_load / 1e9, "load_vs_raw": t_h2d / t_load}
+    print("bandwidth", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return row
+
+
+def no_stall(args: argparse.Namespace) -> dict[str, Any]:
+    """Compute-stream step time with and without 32K-token loads + saves in flight."""
+    if args.device != "cuda":
+        return {}
+    n = args.stall_tokens // CHUNK
+    nb = max(4 * n * M, 1024)
+    eng = Engine("hnd", num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
+                 dtype=torch.bfloat16, device="cuda", dram_chunks=2 * n + 2)
+    a = torch.randn(args.matmul, args.matmul, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(args.matmul, args.matmul, dtype=torch.bfloat16, device="cuda")
+
+    def step() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a.mm(b)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    for _ in range(5):
+        step()
+    quiet = [step() for _ in range(args.steps)]
+    rng = random.Random(5)
+    keys = eng.keys([1] * (n * CHUNK))
+    eng.save("warm", keys, rng.sample(range(nb), n * M))
+    eng.settle("warm")
+    stop = threading.Event()
+    moved = [0]
+
+    def transfers() -> None:  # what the connector does while vLLM keeps stepping: loads and saves
+        i = 0
+        while not stop.is_set():
+            i += 1
+            eng.load(f"l{i}", keys, rng.sample(range(nb), n * M), start=0, end=n * CHUNK, async_load=True)
+            other = eng.keys([i + 10] * (n * CHUNK))
+            eng.save(f"s{i}", other, rng.sample(range(nb), n * M))
+            eng.settle(f"l{i}")
+            eng.settle(f"s{i}")
+            eng.memory.delete(other)
+            moved[0] += 2 * n * eng.layout.chunk_bytes
+
+    mover = threading.Thread(target=transfers)
+    mover.start()
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    busy = [step() for _ in range(args.steps)]
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    mover.join()
+    eng.close()
+    row = {"tokens": args.stall_tokens, "step_s_quiet": statistics.median(quiet),
+           "step_s_busy": statistics.median(busy), "ratio": statistics.median(busy) / statistics.median(quiet),
+           "p90_ratio": sorted(busy)[int(0.9 * len(busy))] / sorted(quiet)[int(0.9 * len(quiet))],
+           "transfer_gbps_during": moved[0] / elapsed / 1e9}
+    print("no_stall", row, flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--sizes", default="4096,32768,131072")
+    p.add_argument("--kv-tokens", type=int, default=262144, help="KV cache capacity (blocks) to allocate")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--stall-tokens", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--matmul", type=int, default=8192)
+    p.add_argument("--small", action="store_true", help="tiny shapes (a CPU dry run)")
+    p.add_argument("--only", default="exactness,bandwidth,stall")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if args.small:
+        args.layers, args.heads, args.head_dim, args.sizes, args.kv_tokens, args.reps = 2, 2, 64, "512,1024", 8192, 2
+    import tempfile
+
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+                           "torch": torch.__version__, "shape": {"layers": args.layers, "kv_heads": args.heads,
+                                                                "head_dim": args.head_dim, "dtype": "bfloat16",
+                                                                "block": BLOCK, "chunk": CHUNK}}
+    only = set(args.only.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        if "exactness" in only:
+            out["exactness"] = exactness(args, Path(tmp))
+    if "bandwidth" in only:
+        out["bandwidth"] = bandwidth(args)
+    if "stall" in only:
+        out["no_stall"] = no_stall(args)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
