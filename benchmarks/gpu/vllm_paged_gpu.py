@@ -199,14 +199,31 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     blocks = rng.sample(range(nb), n * M)  # a fragmented block table, as after hours of serving
     seq = [0]
 
-    def save() -> None:
+    def save() -> float:
+        """Seconds from wait_for_save's submit to the worker reporting the request (not the eviction)."""
         seq[0] += 1
-        eng.memory.delete(eng.keys([size + seq[0] - 1] * (n * CHUNK)))  # room for this one
+        eng.memory.delete(eng.keys([size + seq[0] - 1] * (n * CHUNK)))  # room for this one, untimed
+        _sync(args.device)
+        t0 = time.perf_counter()
         eng.save(f"s{size}-{seq[0]}", eng.keys([size + seq[0]] * (n * CHUNK)), blocks)
         eng.settle(f"s{size}-{seq[0]}")
+        return time.perf_counter() - t0
 
     save()
-    t_save = _timed(save, args.reps)
+    t_save = statistics.median(save() for _ in range(args.reps))
+
+    def save_direct() -> float:
+        """The same save on this thread, no mover: the copies and the hierarchy's bookkeeping."""
+        seq[0] += 1
+        eng.memory.delete(eng.keys([size + seq[0] - 1] * (n * CHUNK)))
+        after = eng.paged.record()
+        _sync(args.device)
+        t0 = time.perf_counter()
+        with eng.memory.store_in_place(eng.keys([size + seq[0]] * (n * CHUNK))) as op:
+            eng.paged.gather_into(op.views, blocks, after)
+        return time.perf_counter() - t0
+
+    t_save_direct = statistics.median(save_direct() for _ in range(args.reps))
     keys = eng.keys([size + seq[0]] * (n * CHUNK))
     dst = rng.sample(range(nb), n * M)
 
@@ -217,10 +234,29 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
 
     load()
     t_load = _timed(load, args.reps)
+
+    def borrow_only() -> None:
+        with eng.memory.borrow_prefix(keys) as views:
+            assert len(views) == n
+
+    def copy_only() -> None:  # where a load's time goes: the copies alone, views borrowed already
+        with eng.memory.borrow_prefix(keys) as views:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            eng.paged.scatter_from(views, dst, None)
+            _sync(args.device)
+            spent.append(time.perf_counter() - t0)
+
+    spent: list[float] = []
+    t_borrow = _timed(borrow_only, args.reps)
+    for _ in range(args.reps):
+        copy_only()
     eng.memory.delete(keys)
     row = {"tokens": size, "bytes": nbytes,
            "raw_d2h_gbps": nbytes / t_d2h / 1e9, "save_gbps": nbytes / t_save / 1e9, "save_vs_raw": t_d2h / t_save,
-           "raw_h2d_gbps": nbytes / t_h2d / 1e9, "load_gbps": nbytes / t_load / 1e9, "load_vs_raw": t_h2d / t_load}
+           "save_s": t_save, "save_direct_s": t_save_direct, "raw_d2h_s": t_d2h,
+           "raw_h2d_gbps": nbytes / t_h2d / 1e9, "load_gbps": nbytes / t_load / 1e9, "load_vs_raw": t_h2d / t_load,
+           "load_borrow_s": t_borrow, "load_copies_s": statistics.median(spent), "load_s": t_load, "raw_h2d_s": t_h2d}
     print("bandwidth", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
 

@@ -90,7 +90,7 @@ class PagedKV:
     """The registered KV tensors of one worker, with chunk gather/scatter."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], geometry: PagedGeometry, tokens_per_chunk: int,
-                 *, group_chunks: int = 8, fmt: str | None = None) -> None:
+                 *, group_chunks: int = 4, fmt: str | None = None) -> None:
         g = geometry
         self.geometry = g
         self.blocks_per_chunk = tokens_per_chunk // g.block_size
@@ -151,30 +151,36 @@ class PagedKV:
         return [flat[i] for i in range(stage.shape[0])]
 
     # --- the two copies, on tensors of the KV's device ------------------------------------------
-    def _gather(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
+    def _gather(self, stage: torch.Tensor, ids: torch.Tensor) -> None:
+        """``ids``: ``m`` block ids per chunk of ``stage``, a long tensor on the KV's device."""
         m, n = self.blocks_per_chunk, stage.shape[0]
-        ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         perm = _TO_CHUNK[self.fmt]
         for layer, kv in enumerate(self.layers):
             blocks = kv.index_select(0, ids)  # (n*m, native block dims), in memory order
             stage[:, layer].copy_(blocks.reshape(n, m, *blocks.shape[1:]).permute(*perm))
 
-    def _scatter(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
-        """``block_ids[j] < 0`` leaves block slot j alone."""
-        ids = torch.as_tensor(block_ids, dtype=torch.long)
-        keep = (ids >= 0).nonzero().flatten()
-        if keep.numel() == 0:
-            return
-        whole = keep.numel() == ids.numel()
-        dst = ids.index_select(0, keep).to(self.device)
-        keep = keep.to(self.device)
+    def _scatter(self, stage: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Write ``stage``'s blocks ``keep`` (None: all) to block ids ``dst`` (device tensors)."""
         perm = _FROM_CHUNK[self.fmt]
         for layer, kv in enumerate(self.layers):
             src = stage[:, layer].permute(*perm)  # (n, m, native block dims)
             src = src.reshape(-1, *kv.shape[1:])  # (n*m, ...) contiguous copy
-            if not whole:
+            if keep is not None:
                 src = src.index_select(0, keep)
             kv.index_copy_(0, dst, src)
+
+    def _targets(self, block_ids: Sequence[int]) -> tuple[list[int], list[int] | None]:
+        """(destination ids, positions kept or None for all) of a block list where -1 = skip."""
+        keep = [j for j, b in enumerate(block_ids) if b >= 0]
+        if len(keep) == len(block_ids):
+            return list(block_ids), None
+        return [block_ids[j] for j in keep], keep
+
+    def _scatter_host(self, stage: torch.Tensor, block_ids: Sequence[int]) -> None:
+        dst, keep = self._targets(block_ids)
+        if dst:
+            self._scatter(stage, torch.as_tensor(dst, dtype=torch.long),
+                          None if keep is None else torch.as_tensor(keep, dtype=torch.long))
 
     # --- chunk buffers in host memory -------------------------------------------------------------
     def gather(self, block_ids: Sequence[int], after: Any = None) -> torch.Tensor:
@@ -193,14 +199,14 @@ class PagedKV:
             self._cuda.gather(runs, block_ids, after)
             return
         for first, host in runs:
-            self._gather(host, block_ids[first * m:(first + host.shape[0]) * m])
+            self._gather(host, torch.as_tensor(block_ids[first * m:(first + host.shape[0]) * m], dtype=torch.long))
 
     def scatter(self, stage: torch.Tensor, block_ids: Sequence[int], after: Any = None) -> None:
         """Copy host-staged chunks into vLLM blocks; ``block_ids[j] < 0`` leaves block slot j alone."""
         if self._cuda is not None:
             self._cuda.scatter([(0, stage)], block_ids, after)
         else:
-            self._scatter(stage, block_ids)
+            self._scatter_host(stage, block_ids)
 
     def scatter_from(self, views: Sequence[np.ndarray], block_ids: Sequence[int], after: Any = None) -> None:
         """``scatter`` from the given chunk buffers (read-only views are fine: only read)."""
@@ -210,7 +216,7 @@ class PagedKV:
             self._cuda.scatter(runs, block_ids, after)
             return
         for first, host in runs:
-            self._scatter(host, block_ids[first * m:(first + host.shape[0]) * m])
+            self._scatter_host(host, block_ids[first * m:(first + host.shape[0]) * m])
 
     def _runs(self, views: Sequence[np.ndarray | None]) -> list[tuple[int, torch.Tensor]]:
         """(index of the first chunk, staging-shaped host tensor) per run of adjacent buffers."""
@@ -258,24 +264,42 @@ class _CudaPath:
             event.record(self.copy_stream)
 
     def _groups(self, runs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        """Runs cut into groups of ``group`` chunks; the first group is one chunk, so the first DMA
+        starts after one chunk's gather (or the first scatter after one chunk's DMA)."""
         out = []
+        size = 1
         for first, host in runs:
-            for s in range(0, host.shape[0], self.group):
-                out.append((first + s, host[s:s + self.group]))
+            s = 0
+            while s < host.shape[0]:
+                out.append((first + s, host[s:s + size]))
+                s += size
+                size = self.group
         return out
+
+    def _upload(self, values: list[int], stream: Any) -> torch.Tensor:
+        """A long tensor on the device, copied without blocking the host (pinned source)."""
+        host = torch.tensor(values, dtype=torch.long).pin_memory()
+        with torch.cuda.stream(stream):
+            return host.to(self.paged.device, non_blocking=True)  # host tensor kept alive by the caching allocator
 
     def gather(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
         m, paged = self.paged.blocks_per_chunk, self.paged
         if after is not None:
             self.kernel_stream.wait_event(after)
-        done = None
-        for k, (first, host) in enumerate(self._groups(runs)):
+        groups = self._groups(runs)
+        if not groups:
+            return
+        order = [b for first, host in groups for b in block_ids[first * m:(first + host.shape[0]) * m]]
+        ids = self._upload(order, self.kernel_stream)  # one small copy for the whole call
+        done, at = None, 0
+        for k, (_, host) in enumerate(groups):
             buf, n = self.buffers[k % 2], host.shape[0]
             ready = torch.cuda.Event()
             with torch.cuda.stream(self.kernel_stream):
                 self.kernel_stream.wait_event(self.free[k % 2])
-                paged._gather(buf[:n], block_ids[first * m:(first + n) * m])
+                paged._gather(buf[:n], ids[at:at + n * m])
                 ready.record(self.kernel_stream)
+            at += n * m
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(ready)
                 host.copy_(buf[:n], non_blocking=True)
@@ -288,8 +312,23 @@ class _CudaPath:
         m, paged = self.paged.blocks_per_chunk, self.paged
         if after is not None:
             self.copy_stream.wait_event(after)
+        plans = []  # per group: (host, dst, keep or None) as positions into one uploaded tensor
+        values: list[int] = []
+        for first, host in self._groups(runs):
+            dst, keep = paged._targets(block_ids[first * m:(first + host.shape[0]) * m])
+            if not dst:
+                continue
+            spans = [(len(values), len(dst))]
+            values += dst
+            if keep is not None:
+                spans.append((len(values), len(keep)))
+                values += keep
+            plans.append((host, spans))
+        if not plans:
+            return
+        uploaded = self._upload(values, self.kernel_stream)
         done = None
-        for k, (first, host) in enumerate(self._groups(runs)):
+        for k, (host, spans) in enumerate(plans):
             buf, n = self.buffers[k % 2], host.shape[0]
             ready = torch.cuda.Event()
             with torch.cuda.stream(self.copy_stream):
@@ -298,7 +337,9 @@ class _CudaPath:
                 ready.record(self.copy_stream)
             with torch.cuda.stream(self.kernel_stream):
                 self.kernel_stream.wait_event(ready)
-                paged._scatter(buf[:n], block_ids[first * m:(first + n) * m])
+                (d0, dn), *rest = spans
+                keep_t = uploaded[rest[0][0]:rest[0][0] + rest[0][1]] if rest else None
+                paged._scatter(buf[:n], uploaded[d0:d0 + dn], keep_t)
                 self.free[k % 2].record(self.kernel_stream)
             done = self.free[k % 2]
         if done is not None:
