@@ -2,27 +2,27 @@
 
 Follow a chunk:
 
-* ``store(keys, payloads)`` puts each chunk into the top tier.  To make room, the top tier's
-  eviction policy picks victims; a victim is **demoted** (written to the next tier down, unless
-  that tier has it already) and only then deleted.  A chunk that fits nowhere is dropped.  With
-  ``write_through`` the chunk is also copied, in the background, to every persistent or shared
-  tier, so a restart or another instance finds it.
+* **Store**, one path for every producer: reserve -> fill -> commit.  ``_reserve`` makes room in
+  the top tier (its policy picks victims; a victim is **demoted**: written to the next tier down
+  unless that tier has it, then deleted) and reserves a DRAM slot per new chunk, *pending* until
+  published.  ``store_in_place(keys)`` hands the slots to a producer that writes them itself (a
+  GPU copy engine), ``store(keys, payloads)`` copies each payload in, a promotion reads a lower
+  tier into them.  ``_commit`` publishes them, places the chunks that got no slot, and (with
+  ``write_through``) copies them in the background to every persistent or shared tier.
 * ``lookup(keys)`` answers the longest cached prefix and which tier holds each chunk, from the
   in-process indexes plus one batched ``contains`` probe per shared tier past the local hits.
   No payload moves: it is cheap enough for an engine's scheduler loop.
-* ``load(keys, outs)`` copies the longest available prefix into caller buffers, trying lower
-  tiers when a copy fails (a corrupt chunk is a miss: never served), and **promotes** lower-tier
-  hits into the top tier (``promotion="always"``).
-* ``borrow_prefix(keys)`` is ``load`` without the copies, for an engine that reads host chunks
-  itself: read-only views of top-tier DRAM slots, lower-tier hits read straight into reserved
-  slots (promotion in place).
+* **Load**, one path (``_borrow``): look the prefix up and *hold* it (a chunk being read is no
+  victim), borrow the top-tier hits zero-copy, read lower-tier hits straight into slots reserved
+  for them (**promotion in place**), one batched read per tier.  A failed read (corrupt,
+  vanished) tries the copies below; a chunk with no good copy ends the prefix: a miss, never
+  served.  ``borrow_prefix(keys)`` yields the views; ``load(keys, outs)`` copies each out.
 * ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing);
   ``pin(keys, persist=True)`` records the pin in the disk tier, so it survives restarts and
   binds every process sharing that disk root.
-* ``store_in_place(keys)`` is ``store`` for a producer that writes the bytes itself (a GPU
-  copy engine): it makes room exactly as ``store`` does (victims demoted), reserves top-tier
-  DRAM slots and hands out writable views of them; ``commit()`` publishes the chunks and starts
-  the write-through.  No staging buffer, no host memcpy.
+
+Tiers without slots (below DRAM, or a top tier that is not DRAM) take bytes through ``Tier.put``
+(``_put``: demotion, write-through, chunks put below), room made the same way (``_make_room``).
 
 Threading: index state (``TierIndex``, ``PinSet``) changes under one lock; payload bytes move
 outside it.  A chunk being written is *pending*: lookups do not report it until its bytes are in.
@@ -30,11 +30,13 @@ outside it.  A chunk being written is *pending*: lookups do not report it until 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,32 +74,49 @@ class PrefixHit:
         return counts
 
 
+@dataclass(slots=True)
+class _Reservation:
+    """Where the bytes of each of ``keys`` go (from ``ContextMemory._reserve``); lists hold positions."""
+
+    keys: list[ChunkKey]
+    views: list[np.ndarray | None]  # a reserved top-tier slot, a spill buffer, or None (held already)
+    slotted: list[int] = field(default_factory=list)  # reserved slots, pending until published
+    spilled: list[int] = field(default_factory=list)  # no slot: the bytes wait in a plain buffer
+    present: list[int] = field(default_factory=list)  # held already (or repeated): nothing to write
+
+    def buffer(self, i: int) -> np.ndarray:
+        view = self.views[i]
+        assert view is not None
+        return view
+
+    def cut(self, upto: int) -> _Reservation:
+        """Keep ``keys[:upto]``; return the slots reserved past it (to give back)."""
+        tail = _Reservation(self.keys, self.views, [i for i in self.slotted if i >= upto])
+        self.slotted = [i for i in self.slotted if i < upto]
+        self.spilled = [i for i in self.spilled if i < upto]
+        self.present = [i for i in self.present if i < upto]
+        return tail
+
+
 class InPlaceStore:
     """Chunks being written in place by the caller; from ``ContextMemory.store_in_place``.
 
-    ``views[i]`` is where chunk ``keys[i]``'s bytes go: a reserved slot of the top DRAM tier
-    (written in place, published by ``commit``), a plain host buffer (stored through the
-    ordinary ``store`` path at commit: the top tier is not DRAM, or full of pinned or borrowed
-    chunks), or None (the hierarchy holds the chunk already: write nothing).  Either ``commit``
-    once every write is done, or ``abort``; as a ``with`` block it commits on a normal exit and
-    aborts on an exception.  The views must not be used after either.
+    ``views[i]`` is where chunk ``keys[i]``'s bytes go: a reserved slot of the top DRAM tier, a
+    plain host buffer (no slot: the top tier is not DRAM, or full of pinned, pending or held
+    chunks; the commit places it as ``store`` would), or None (the hierarchy holds the chunk
+    already: write nothing).  Either ``commit`` once every write is done, or ``abort``; as a
+    ``with`` block it commits on a normal exit and aborts on an exception.  The views must not
+    be used after either.
     """
 
-    def __init__(self, memory: ContextMemory, keys: list[ChunkKey], views: list[np.ndarray | None],
-                 reserved: list[ChunkKey], copies: list[int], present: list[ChunkKey]) -> None:
+    def __init__(self, memory: ContextMemory, reservation: _Reservation) -> None:
         self.memory = memory
-        self.keys = keys
-        self.views = views
-        self._reserved = reserved  # keys with a reserved top-tier slot
-        self._copies = copies  # positions whose view is a plain buffer: store() at commit
-        self._present = present  # held already (or duplicates): counted as stored, nothing to write
+        self.keys = reservation.keys
+        self.views = reservation.views
+        self.num_in_place = len(reservation.slotted)  # chunks written straight into top-tier slots
         self.stored: int | None = None  # chunks stored, once committed
+        self._reservation = reservation
         self._open = True
-
-    @property
-    def num_in_place(self) -> int:
-        """How many chunks are written straight into top-tier slots."""
-        return len(self._reserved)
 
     def commit(self, upto: int | None = None) -> int:
         """Publish the chunks (their bytes must all be written); returns how many were stored.
@@ -107,31 +126,25 @@ class InPlaceStore:
         if not self._open:
             raise RuntimeError("this in-place store was committed or aborted already")
         self._open = False
-        if upto is not None and upto < len(self.keys):
-            kept = set(self.keys[:upto])
-            dropped = [k for k in self._reserved if k not in kept]
-            self._reserved = [k for k in self._reserved if k in kept]
-            self._copies = [i for i in self._copies if i < upto]
-            self._present = [k for k in self._present if k in kept]
-            self.memory._abort_in_place(dropped)
-        self.stored = self.memory._commit_in_place(self)
+        if upto is not None:
+            self.memory._finish(self._reservation.cut(upto), publish=False)
+        self.stored = self.memory._commit(self._reservation)
         return self.stored
 
     def abort(self) -> None:
         """Drop the reservations: nothing is stored (victims demoted to make room stay demoted)."""
         if self._open:
             self._open = False
-            self.memory._abort_in_place(self._reserved)
+            self.memory._finish(self._reservation, publish=False)
 
     def __enter__(self) -> InPlaceStore:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            if self._open:
-                self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+        elif self._open:
+            self.commit()
 
 
 class ContextMemory:
@@ -152,9 +165,9 @@ class ContextMemory:
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
         self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
         self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
+        self._held: Counter[ChunkKey] = Counter()  # being read (``_borrow``): no victims in the top tier
         self._lock = threading.RLock()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-writeback")
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         self._inflight: list[Future[None]] = []
         for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
             for key in tier.keys():  # noqa: SIM118 - oldest first where the tier knows ages (disk: mtime)
@@ -165,8 +178,6 @@ class ContextMemory:
         """Build the tiers named in ``config`` (default: ``load_config()``) and wrap them."""
         config = config or load_config()
         if layout.tokens_per_chunk != config.chunk_tokens:
-            from dataclasses import replace
-
             layout = replace(layout, tokens_per_chunk=config.chunk_tokens)
         tiers: list[Tier] = []
         try:
@@ -253,119 +264,102 @@ class ContextMemory:
     def load(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> int:
         """Copy the longest available prefix of ``keys`` into ``outs``; returns chunks loaded.
 
-        Each ``outs[i]`` is a ``layout.chunk_bytes`` uint8 buffer.  Chunk i is loaded only if
-        chunks 0..i-1 were.  Hits in lower tiers are promoted to the top tier.
+        Each ``outs[i]`` is a ``layout.chunk_bytes`` uint8 buffer; chunk i is loaded only if chunks
+        0..i-1 were.  The load path (``_borrow``), one copy out of each view; lower-tier hits promoted.
         """
-        hit = self.lookup(keys)
-        n = hit.num_chunks
-        ok = [False] * n
-        by_level: dict[int, list[int]] = {}
-        for i, level in enumerate(hit.tiers):
-            by_level.setdefault(level, []).append(i)
-        served_from = list(hit.tiers)
-        for level, idxs in sorted(by_level.items()):
-            results = self.tiers[level].get_many_into([keys[i] for i in idxs], [outs[i] for i in idxs])
-            for i, good in zip(idxs, results, strict=True):
-                ok[i] = good
-        for i in range(n):  # a failed copy (corrupt, vanished): try the tiers below it
-            if not ok[i]:
-                ok[i], served_from[i] = self._load_below(keys[i], outs[i], hit.tiers[i])
-                if not ok[i]:
-                    n = i
-                    break
-        self.account_load(keys, served_from[:n], miss_at=n if n < len(keys) else None)
-        if self.promotion == "always":
-            for i in range(n):
-                if served_from[i] > 0:
-                    self._promote(keys[i], outs[i])
-        return n
+        with self._borrow(keys, outs) as views:
+            copies = [(out, view) for out, view in zip(outs, views, strict=False) if view is not out]
+            for out, view in copies:
+                np.copyto(out[:view.nbytes], view)
+        self.tiers[0].stats.bytes_read += len(copies) * self.layout.chunk_bytes
+        if len(views) < len(keys):
+            self.account_load([], [], miss_at=len(views))
+        return len(views)
 
-    def load_async(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> Future[int]:
-        """``load`` on a background thread: the engine overlaps it with other work.
-
-        The buffers in ``outs`` must stay alive and untouched until the future completes.
-        """
-        return self._loader.submit(self.load, keys, outs)
-
-    @contextlib.contextmanager
-    def borrow_prefix(self, keys: Sequence[ChunkKey]) -> Iterator[list[np.ndarray]]:
-        """Read-only views of a loadable prefix of ``keys``, each in a top-tier DRAM slot.
+    def borrow_prefix(self, keys: Sequence[ChunkKey]) -> contextlib.AbstractContextManager[list[np.ndarray]]:
+        """Read-only views of a loadable prefix of ``keys``, valid until the ``with`` block ends.
 
         ``load`` without its copies, for an engine that copies host chunks into its own memory
-        (vLLM's paged blocks): DRAM hits are borrowed zero-copy; a run of lower-tier hits is read
-        straight into DRAM slots reserved for it (``store_in_place``: promotion in place, no
-        staging, no second copy), then borrowed.  Checksums, corrupt-chunk fallback to lower
-        copies, stats and eviction order are as in ``load``.  The views stay valid (their slots
-        are not reused) until the block ends.
-
-        The prefix may be shorter than ``load``'s: it stops at a miss, and also where a chunk
-        gets no DRAM slot (the top tier is full of pinned or borrowed chunks); the caller loads
-        the rest with ``load``, which also counts the miss.  Yields ``[]`` when the top tier is
-        not DRAM or promotion is off.
+        (vLLM's paged blocks).  Until the block ends the slots are not reused and the chunks not
+        evicted; a chunk that gets no DRAM slot (DRAM full of pinned or borrowed chunks) is read
+        into a plain buffer, and promoted when the block ends.  The prefix ends at a miss: the
+        caller loads the rest with ``load``, which also counts the miss.  Yields ``[]`` when the
+        top tier is not DRAM or promotion is off.
         """
-        top = self.tiers[0]
-        views: list[np.ndarray] = []
-        with contextlib.ExitStack() as borrows:
-            if isinstance(top, DramTier) and self.promotion == "always":
-                hit = self.lookup(keys)
-                i, n = 0, hit.num_chunks
-                while i < n:
-                    if hit.tiers[i] == 0:
-                        view = borrows.enter_context(top.borrow(keys[i]))
-                        if view is None:  # evicted since the lookup
-                            break
-                        self.account_load(keys[i:i + 1], [0])
-                        views.append(view)
-                        i += 1
-                        continue
-                    j = i
-                    while j < n and hit.tiers[j] != 0:
-                        j += 1
-                    got = self._promote_in_place(keys[i:j], hit.tiers[i:j], borrows, views)
-                    if got < j - i:
-                        break
-                    i = j
-            yield views
+        if not isinstance(self.tiers[0], DramTier) or self.promotion != "always":
+            return contextlib.nullcontext([])
+        return self._borrow(keys, None)
 
-    def _promote_in_place(self, keys: Sequence[ChunkKey], levels: Sequence[int],
-                          borrows: contextlib.ExitStack, views: list[np.ndarray]) -> int:
-        """Read lower-tier chunks into reserved top-tier slots, publish and borrow them."""
-        top = self.tiers[0]
-        assert isinstance(top, DramTier)
-        op = self.store_in_place(keys)
-        served = list(levels)
-        n = len(keys)
-        targets = [(i, view) for i, view in enumerate(op.views) if view is not None]
-        by_level: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for i, view in targets:
-            by_level.setdefault(levels[i], []).append((i, view))
-        ok = [True] * n
-        for level, items in sorted(by_level.items()):
-            results = self.tiers[level].get_many_into([keys[i] for i, _ in items], [v for _, v in items])
-            for (i, view), good in zip(items, results, strict=True):
-                if not good:  # corrupt or vanished: try the tiers below, as load does
-                    ok[i], served[i] = self._load_below(keys[i], view, levels[i])
-        n = next((i for i in range(n) if not ok[i]), n)
-        op.commit(upto=n)
-        plain = set(op._copies)  # got no slot: went through store(); our buffer holds the bytes
-        got = 0
-        for i in range(n):
-            out: np.ndarray | None = op.views[i]
-            if out is None:
-                served[i] = 0  # in the top tier already (promoted meanwhile)
-            if i not in plain:  # now (or already) in a slot: borrow it
-                out = borrows.enter_context(top.borrow(keys[i]))
-                if out is None:
+    @contextlib.contextmanager
+    def _borrow(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray] | None) -> Iterator[list[np.ndarray]]:
+        """The load path: views of the longest loadable prefix of ``keys``, valid in the block.
+
+        Every chunk read without a top-tier slot (none free, promotion off, the top tier is not
+        DRAM) lands in ``outs[i]`` (None: a fresh buffer); with promotion on it is promoted
+        (``_commit``) after the block, once the hold on the prefix is released.
+        """
+        top, size = self.tiers[0], self.layout.chunk_bytes
+        with contextlib.ExitStack() as stack:  # unwinds: borrows, unpublished slots, the hold
+            keys, levels = stack.enter_context(self._hold(keys))
+            promote = [i for i, level in enumerate(levels) if level > 0] if self.promotion == "always" else []
+            res = self._reserve([keys[i] for i in promote], None if outs is None else [outs[i] for i in promote])
+            stack.callback(self._finish, res, publish=False)  # a no-op once published
+            slotted = {promote[j] for j in res.slotted}
+            targets = {promote[j]: view for j, view in enumerate(res.views) if view is not None}
+            for i in range(len(keys)):  # the rest that must be read: into the caller's buffers
+                if i not in targets and (levels[i] > 0 or not isinstance(top, DramTier)):
+                    targets[i] = outs[i] if outs is not None else np.empty(size, np.uint8)
+            n, served = self._read(keys, levels, targets)
+            self._finish(res.cut(bisect.bisect_left(promote, n)), publish=False)  # past the prefix
+            promoted = self._finish(res, publish=True)
+            views: list[np.ndarray] = []
+            plain = {i: view for i, view in targets.items() if i not in slotted}
+            for i in range(n):  # the rest are in top-tier slots: borrowed
+                view = plain[i] if i in plain else stack.enter_context(top.borrow(keys[i]))
+                if view is None:  # deleted meanwhile (``delete``)
+                    n = i
                     break
-            assert out is not None
-            views.append(out)
-            got += 1
-        if got:
-            self.account_load(keys[:got], served[:got])
-            promoted = sum(1 for i in range(got) if op.views[i] is not None)
+                views.append(view)
+            top.stats.promotions += len(promoted)
+            self.account_load(keys[:n], served[:n])
+            yield views
+        self._commit(res, promotion=True)
+
+    @contextlib.contextmanager
+    def _hold(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[list[ChunkKey], list[int]]]:
+        """``lookup``, and hold the prefix found (no top-tier victims) for the block."""
+        hit = self.lookup(keys)
+        keys, levels = list(keys[:hit.num_chunks]), list(hit.tiers)
+        with self._lock:
+            for i, key in enumerate(keys):
+                if levels[i] == 0 and isinstance(self.tiers[0], DramTier) and key not in self.indexes[0]:
+                    level = self._locate(key, below=0)  # evicted since the lookup: demoted?
+                    if level is None:
+                        del keys[i:], levels[i:]
+                        break
+                    levels[i] = level
+            self._held.update(keys)
+        try:
+            yield keys, levels
+        finally:
             with self._lock:
-                top.stats.promotions += promoted
-        return got
+                self._held -= Counter(keys)
+
+    def _read(self, keys: list[ChunkKey], levels: list[int], targets: dict[int, np.ndarray]) -> tuple[int, list[int]]:
+        """Read ``keys[i]`` into ``targets[i]``, one ``get_many_into`` per tier; a failed read
+        (corrupt, vanished) tries the copies below.  Returns (chunks read, tier of each)."""
+        n, served, failed = len(keys), list(levels), []
+        for level in sorted({levels[i] for i in targets}):
+            idxs = [i for i in targets if levels[i] == level]
+            got = self.tiers[level].get_many_into([keys[i] for i in idxs], [targets[i] for i in idxs])
+            failed += [i for i, good in zip(idxs, got, strict=True) if not good]
+        for i in sorted(failed):  # in prefix order, up to the first chunk with no good copy
+            if i >= n:
+                break
+            good, served[i] = self._load_below(keys[i], targets[i], levels[i])
+            if not good:
+                n = i
+        return n, served
 
     def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
         with self._lock:
@@ -409,110 +403,162 @@ class ContextMemory:
                 for tier in self.tiers:
                     tier.stats.misses += 1
 
-    def _promote(self, key: ChunkKey, payload: np.ndarray) -> None:
-        if self._insert(0, key, payload):
-            self.tiers[0].stats.promotions += 1
-
     # --- store: bytes in --------------------------------------------------------------------
     def store(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> int:
         """Store chunks (``layout.chunk_bytes`` uint8 each); returns how many were stored.
 
-        Returns once every chunk is in the top tier that would take it; copies to persistent
-        tiers (write-through) continue in the background: ``flush()`` waits for them.
+        ``store_in_place`` and one memcpy per chunk into its slot.  Returns once every chunk is in
+        the top tier that would take it; the write-through continues in the background (``flush``).
         """
-        stored = []
-        for key, payload in zip(keys, payloads, strict=True):
+        keys, payloads = list(keys), list(payloads)
+        for _, payload in zip(keys, payloads, strict=True):
             self.layout.check_payload(payload)
-            if self._insert(0, key, payload):
-                stored.append(key)
-        if self.write_through and stored:
-            self._write_through_async(stored)
-        return len(stored)
+        with InPlaceStore(self, self._reserve(keys, payloads)) as op:
+            for view, payload in zip(op.views, payloads, strict=True):
+                if view is not None and view is not payload:
+                    np.copyto(view, payload)
+            return op.commit()
 
     def store_in_place(self, keys: Sequence[ChunkKey]) -> InPlaceStore:
         """Reserve room for chunks whose bytes the caller writes itself; see ``InPlaceStore``.
 
-        Room is made as ``store`` makes it (the top tier's policy picks victims, which are
-        demoted, never dropped; pinned and pending chunks are never victims), then one slot per
-        chunk is reserved in the top tier when it is a ``DramTier``.  Reserved chunks are
-        *pending*: ``lookup`` does not report them, nor does the tier serve them, until
-        ``commit()``; then the write-through to persistent tiers starts, as after ``store``.
+        Victims are demoted, never dropped (pinned, pending and held chunks are never victims).
+        The chunks are *pending* (not reported by ``lookup``) until ``commit()``.
         """
-        keys = list(keys)
-        size = self.layout.chunk_bytes
+        return InPlaceStore(self, self._reserve(list(keys)))
+
+    def _reserve(self, keys: list[ChunkKey], spill: Sequence[np.ndarray] | None = None) -> _Reservation:
+        """Make room in the top tier and reserve a slot for each chunk it does not hold yet.
+
+        A chunk that gets none is *spilled*: its view is ``spill[i]`` (None: a fresh buffer).
+        """
         index, top = self.indexes[0], self.tiers[0]
-        dram = top if isinstance(top, DramTier) else None
-        views: list[np.ndarray | None] = [None] * len(keys)
-        planned: list[int] = []  # positions with room made in the top tier's index
-        copies: list[int] = []  # positions for the ordinary store path, at commit
-        present: list[ChunkKey] = []
+        res = _Reservation(keys, [None] * len(keys))
         victims: list[ChunkKey] = []
         seen: set[ChunkKey] = set()
         with self._lock:
+            room = isinstance(top, DramTier)  # once a chunk finds none, the ones after it will not
             for i, key in enumerate(keys):
-                if key in index or key in seen:  # as store: held (or being written) already
+                if key in index or key in seen:  # held (or being written) already
                     if key in index:
                         index.touch(key)
-                    present.append(key)
+                    res.present.append(i)
                     continue
                 seen.add(key)
-                room = None if dram is None else index.plan_room(
-                    size, lambda k: self._evictable(0, k))
-                if room is None:  # not DRAM, or everything evictable is pinned or pending
-                    copies.append(i)
-                    continue
-                index.add(key, size)  # reserve the space; pending until commit
-                self._pending.add((0, key))
-                self._leaving.update((0, v) for v in room)
-                victims += room
-                planned.append(i)
+                made = self._make_room(0, key) if room else None
+                room = made is not None
+                (res.slotted if room else res.spilled).append(i)
+                victims += made or []
         for victim in victims:
             self._demote(0, victim)
-        if planned:
-            assert dram is not None
-            slots = dram.reserve([keys[i] for i in planned])
-            if slots is None:  # some freed slots are still borrowed: chunk by chunk, as put would
-                got = {i: dram.reserve([keys[i]]) for i in planned}
-                refused = [i for i in planned if got[i] is None]
-                with self._lock:
-                    for i in refused:
-                        self._pending.discard((0, keys[i]))
-                        index.discard(keys[i])
-                copies = sorted(copies + refused)
-                planned = [i for i in planned if got[i] is not None]
-                slots = [view[0] for i in planned if (view := got[i]) is not None]
-            for i, slot in zip(planned, slots, strict=True):
-                views[i] = slot
-        for i in copies:
-            views[i] = np.empty(size, dtype=np.uint8)
-        return InPlaceStore(self, keys, views, [keys[i] for i in planned], copies, present)
-
-    def _commit_in_place(self, op: InPlaceStore) -> int:
-        top = self.tiers[0]
-        if op._reserved:
+        if res.slotted:
             assert isinstance(top, DramTier)
-            top.commit(op._reserved)
-            with self._lock:
-                self._pending.difference_update((0, k) for k in op._reserved)
-        stored = op._reserved + op._present
-        for i in op._copies:  # the ordinary path: make room again, or go below
-            view = op.views[i]
-            assert view is not None
-            if self._insert(0, op.keys[i], view):
-                stored.append(op.keys[i])
-        if self.write_through and stored:
+            with self._lock:  # one at a time, in a row; a victim's slot still being read is refused
+                slots = {i: top.reserve([keys[i]]) for i in res.slotted}
+            refused = [i for i, slot in slots.items() if slot is None]
+            self._settle(0, [keys[i] for i in refused], stored=False)
+            res.slotted, res.spilled = [i for i in res.slotted if slots[i] is not None], sorted(res.spilled + refused)
+            for i, slot in slots.items():
+                res.views[i] = None if slot is None else slot[0]
+        for i in res.spilled:
+            res.views[i] = spill[i] if spill is not None else np.empty(self.layout.chunk_bytes, np.uint8)
+        return res
+
+    def _commit(self, res: _Reservation, *, promotion: bool = False) -> int:
+        """Publish a reservation and place its spilled chunks; returns how many chunks are stored.
+
+        Spilled chunks are reserved again once the ones published before them may go (a batch
+        larger than the top tier ends as chunk-by-chunk stores would); what the top tier still
+        refuses goes below.  A store then writes through; a promotion (from below) does not.
+        """
+        top = self.tiers[0]
+        into_top, present = self._finish(res, publish=True), [res.keys[i] for i in res.present]
+        spilled = [(res.keys[i], res.buffer(i)) for i in res.spilled]
+        while spilled and isinstance(top, DramTier):
+            again = self._reserve([key for key, _ in spilled], [buf for _, buf in spilled])
+            for i in again.slotted:
+                np.copyto(again.buffer(i), spilled[i][1])
+            published = self._finish(again, publish=True)
+            into_top, present = into_top + published, present + [again.keys[i] for i in again.present]
+            spilled = [spilled[i] for i in again.spilled]
+            if not published:
+                break
+        first = 1 if isinstance(top, DramTier) else 0  # DRAM refused them; other tiers take puts
+        placed = {key: self._put(first, key, buf) for key, buf in spilled}
+        stored = into_top + present + [key for key, level in placed.items() if level is not None]
+        if promotion:
+            top.stats.promotions += len(into_top) + sum(level == 0 for level in placed.values())
+        elif self.write_through and stored:
             self._write_through_async(stored)
         return len(stored)
 
-    def _abort_in_place(self, reserved: list[ChunkKey]) -> None:
-        if reserved:
+    def _finish(self, res: _Reservation, *, publish: bool) -> list[ChunkKey]:
+        """Publish the reserved slots (their bytes are in), or give them back; returns their keys."""
+        keys, res.slotted = [res.keys[i] for i in res.slotted], []
+        if keys:
             top = self.tiers[0]
             assert isinstance(top, DramTier)
-            top.abort(reserved)
+            (top.commit if publish else top.abort)(keys)
+            self._settle(0, keys, stored=publish)
+        return keys
+
+    def _make_room(self, level: int, key: ChunkKey) -> list[ChunkKey] | None:
+        """Under the lock: index room for ``key`` in tier ``level``, pending; victims to demote, or None."""
+        index = self.indexes[level]
+        victims = index.plan_room(self.layout.chunk_bytes, lambda k: self._evictable(level, k))
+        if victims is not None:
+            index.add(key, self.layout.chunk_bytes)
+            self._pending.add((level, key))
+            self._leaving.update((level, v) for v in victims)
+        return victims
+
+    def _settle(self, level: int, keys: Sequence[ChunkKey], *, stored: bool) -> None:
+        """Pending chunks of tier ``level`` are in (``stored``), or are not coming: drop them."""
+        with self._lock:
+            for key in keys:
+                self._pending.discard((level, key))
+                if not stored:
+                    self.indexes[level].discard(key)
+
+    def _evictable(self, level: int, key: ChunkKey) -> bool:
+        """May ``key`` be a victim in tier ``level``?  Not when pinned (here or on disk), pending or held."""
+        if key in self.pins or (level, key) in self._pending or (level == 0 and key in self._held):
+            return False
+        return self.pin_files is None or key not in self.pin_files
+
+    # --- bytes into tiers without slots: demotion, write-through, chunks put below ----------
+    def _put(self, level: int, key: ChunkKey, payload: np.ndarray) -> int | None:
+        """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
+        for lv in range(level, len(self.tiers)):
             with self._lock:
-                for key in reserved:
-                    self._pending.discard((0, key))
-                    self.indexes[0].discard(key)
+                if key in self.indexes[lv]:
+                    self.indexes[lv].touch(key)
+                    return lv
+                victims = self._make_room(lv, key)
+            if victims is None:  # everything here is pinned, or the chunk is larger than the tier
+                continue
+            for victim in victims:
+                self._demote(lv, victim)
+            stored = self.tiers[lv].put(key, payload)
+            self._settle(lv, [key], stored=stored)
+            if stored:
+                return lv
+        return None
+
+    def _demote(self, level: int, key: ChunkKey) -> None:
+        tier = self.tiers[level]
+        tier.stats.evictions += 1
+        below = level + 1
+        if below < len(self.tiers):
+            with self._lock:
+                already = key in self.indexes[below]
+            if not already:
+                with tier.borrow(key) as view:
+                    if view is not None and self._put(below, key, view) is not None:
+                        tier.stats.demotions += 1
+        tier.delete(key)
+        with self._lock:
+            self._leaving.discard((level, key))
 
     def _write_through_async(self, keys: list[ChunkKey]) -> None:
         targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
@@ -526,60 +572,13 @@ class ContextMemory:
                 if view is None:
                     continue  # evicted meanwhile, and so demoted already
                 for level in targets:
-                    self._insert(level, key, view)
+                    self._put(level, key, view)
 
     def flush(self) -> None:
         """Wait for background write-through to finish."""
         for future in list(self._inflight):
             future.result()
         self._inflight = []
-
-    def _evictable(self, level: int, key: ChunkKey) -> bool:
-        """May ``key`` be a victim in tier ``level``?  Not when pinned (here or on disk) or pending."""
-        if key in self.pins or (level, key) in self._pending:
-            return False
-        return self.pin_files is None or key not in self.pin_files
-
-    def _insert(self, level: int, key: ChunkKey, payload: np.ndarray) -> bool:
-        """Put a chunk into tier ``level``, demoting victims; falls through to lower tiers."""
-        index, tier = self.indexes[level], self.tiers[level]
-        size = payload.nbytes
-        with self._lock:
-            if key in index:
-                index.touch(key)
-                return True
-            victims = index.plan_room(size, lambda k: self._evictable(level, k))
-            if victims is not None:
-                index.add(key, size)  # reserve the space; pending until the bytes are in
-                self._pending.add((level, key))
-                self._leaving.update((level, v) for v in victims)
-        if victims is None:  # everything here is pinned, or the chunk is larger than the tier
-            return level + 1 < len(self.tiers) and self._insert(level + 1, key, payload)
-        for victim in victims:
-            self._demote(level, victim)
-        stored = tier.put(key, payload)
-        with self._lock:
-            self._pending.discard((level, key))
-            if not stored:
-                index.discard(key)
-        if stored:
-            return True
-        return level + 1 < len(self.tiers) and self._insert(level + 1, key, payload)
-
-    def _demote(self, level: int, key: ChunkKey) -> None:
-        tier = self.tiers[level]
-        tier.stats.evictions += 1
-        below = level + 1
-        if below < len(self.tiers):
-            with self._lock:
-                already = key in self.indexes[below]
-            if not already:
-                with tier.borrow(key) as view:
-                    if view is not None and self._insert(below, key, view):
-                        tier.stats.demotions += 1
-        tier.delete(key)
-        with self._lock:
-            self._leaving.discard((level, key))
 
     # --- pinning ----------------------------------------------------------------------------
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None, *, persist: bool = False) -> None:
@@ -633,7 +632,6 @@ class ContextMemory:
 
     def close(self) -> None:
         self.flush()
-        self._loader.shutdown(wait=True)
         self._background.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()

@@ -47,15 +47,6 @@ def test_store_then_load_longest_prefix(tmp_path: Path) -> None:
         assert not outs[6].any()  # beyond the prefix nothing is touched
 
 
-def test_load_async_returns_the_prefix(tmp_path: Path) -> None:
-    with _memory(tmp_path, 4, 10) as mem:
-        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
-        mem.store(keys[:2], payloads[:2])
-        outs = _outs(3)
-        assert mem.load_async(keys, outs).result(timeout=10) == 2
-        np.testing.assert_array_equal(outs[1], payloads[1])
-
-
 def test_eviction_demotes_instead_of_dropping(tmp_path: Path) -> None:
     with _memory(tmp_path, 2, 100, write_through=False) as mem:
         keys, payloads = make_keys(LAYOUT, 5), make_payloads(LAYOUT, 5)
@@ -301,3 +292,68 @@ def test_persistent_pin_needs_a_disk_tier() -> None:
     mem = ContextMemory(LAYOUT, [DramTier(LAYOUT, capacity_bytes=2 * LAYOUT.chunk_bytes)])
     with mem, pytest.raises(ConfigError, match="disk tier"):
         mem.pin(make_keys(LAYOUT, 1), persist=True)
+
+
+def test_a_batch_ends_as_chunk_by_chunk_stores_would(tmp_path: Path) -> None:
+    """One store path: a batch larger than DRAM is reserved again as earlier chunks may go."""
+    keys, payloads = make_keys(LAYOUT, 7), make_payloads(LAYOUT, 7)
+    with _memory(tmp_path / "a", 3, 100, write_through=False) as one_by_one:
+        for key, payload in zip(keys, payloads, strict=True):
+            assert one_by_one.store([key], [payload]) == 1
+        want = one_by_one.lookup(keys).tiers, one_by_one.stats()["dram"].as_dict()
+    with _memory(tmp_path / "b", 3, 100, write_through=False) as batch:
+        assert batch.store(keys, payloads) == 7
+        assert (batch.lookup(keys).tiers, batch.stats()["dram"].as_dict()) == want
+        assert want[0] == (1, 1, 1, 1, 0, 0, 0)
+
+
+def test_listen_mirrors_every_index_change(tmp_path: Path) -> None:
+    """Stores, evictions, aborts, promotions, corrupt chunks, deletes: each reaches ``listen``."""
+    mirror: dict[str, set[ChunkKey]] = {"dram": set(), "disk": set()}
+
+    def changed(tier: str, key: ChunkKey, added: bool) -> None:
+        (mirror[tier].add if added else mirror[tier].discard)(key)
+
+    with _memory(tmp_path, 2, 4) as mem:
+        keys, payloads = make_keys(LAYOUT, 8), make_payloads(LAYOUT, 8)
+        mem.store(keys[:1], payloads[:1])
+        mem.listen(changed)  # reports what is held already, then every change
+        mem.store(keys[1:5], payloads[1:5])  # DRAM evicts, the disk evicts (lowest tier: dropped)
+        mem.store_in_place(keys[5:7]).abort()
+        mem.flush()
+        mem.load(keys[:5], _outs(5))  # promotions
+        disk = mem.tiers[1]
+        assert isinstance(disk, DiskTier)
+        on_disk = [k for k in keys if k in mem.indexes[1] and k not in mem.indexes[0]]
+        flip_byte(disk.path_of(on_disk[0]), -1)
+        mem.load([on_disk[0]], _outs(1))  # corrupt: discarded
+        mem.delete(keys[3:4])
+        mem.flush()
+        assert mirror == {ix.name: set(ix.sizes) for ix in mem.indexes}
+        assert on_disk[0] not in mirror["disk"]
+
+
+def test_load_promotes_into_a_top_tier_that_is_not_dram(tmp_path: Path) -> None:
+    top = DiskTier(LAYOUT, path=tmp_path / "top", capacity_bytes=2 * LAYOUT.chunk_bytes, fsync=False)
+    below = DiskTier(LAYOUT, path=tmp_path / "below", capacity_bytes=10 * LAYOUT.chunk_bytes, fsync=False)
+    with ContextMemory(LAYOUT, [top, below], write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+        mem.store(keys, payloads)
+        assert mem.lookup(keys).tiers == (1, 0, 0)
+        outs = _outs(3)
+        assert mem.load(keys, outs) == 3
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+        assert top.stats.promotions == 1 and mem.lookup(keys[:1]).tiers == (0,)
+
+
+def test_promotion_off_reads_lower_tiers_into_the_callers_buffers(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+    with _memory(tmp_path, 4, 10) as mem:
+        mem.store(keys, payloads)
+    with _memory(tmp_path, 4, 10, promotion="never") as mem:  # a restart: the chunks are on disk
+        mem.store(keys[:1], payloads[:1])
+        outs = _outs(3)
+        assert mem.load(keys, outs) == 3
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+        assert mem.lookup(keys).tiers == (0, 1, 1) and mem.tiers[0].stats.promotions == 0
+        assert [t.stats.hits for t in mem.tiers] == [1, 2]

@@ -246,3 +246,37 @@ def test_borrow_prefix_needs_a_dram_top_tier_and_promotion(tmp_path: Path) -> No
         assert views == []
     with _memory(tmp_path, 4, 100, promotion="never") as mem, mem.borrow_prefix(keys) as views:
         assert views == []
+
+
+def test_borrowed_prefix_is_not_evicted_to_promote_its_own_chunks(tmp_path: Path) -> None:
+    """DRAM holds the prefix's last chunks: the first ones are read into plain buffers, promoted after."""
+    keys, payloads = _stored_on_disk(tmp_path, 5)
+    with _memory(tmp_path, 2, 100) as mem:
+        dram = mem.tiers[0]
+        assert isinstance(dram, DramTier)
+        assert mem.load(keys[3:], _outs(2)) == 2  # chunks 3-4 promoted: DRAM is full
+        with mem.borrow_prefix(keys) as views:
+            assert len(views) == 5
+            for view, payload in zip(views, payloads, strict=True):
+                np.testing.assert_array_equal(view, payload)
+            pooled = [np.shares_memory(v, np.asarray(dram.pool)) for v in views]
+            assert pooled == [False, False, False, True, True]
+            assert mem.lookup(keys).tiers == (1, 1, 1, 0, 0) and dram.stats.evictions == 0
+            mem.store(make_keys(LAYOUT, 1, seed=4), make_payloads(LAYOUT, 1, seed=4))  # goes below
+            assert mem.lookup(keys[3:]).tiers == (0, 0)
+        assert mem.lookup(keys).tiers == (1, 0, 0, 1, 1)  # after the block: promoted in order, as load does
+        assert dram.stats.promotions == 2 + 3 and not mem._held and not mem._pending
+
+
+def test_an_error_in_a_borrow_block_leaves_nothing_held_or_reserved(tmp_path: Path) -> None:
+    keys, payloads = _stored_on_disk(tmp_path, 3)
+    with _memory(tmp_path, 4, 100) as mem:
+        dram = mem.tiers[0]
+        assert isinstance(dram, DramTier)
+        with pytest.raises(RuntimeError), mem.borrow_prefix(keys) as views:
+            assert len(views) == 3
+            raise RuntimeError("the engine's copy failed")
+        assert not mem._held and not mem._pending and not dram._reserved
+        outs = _outs(3)
+        assert mem.load(keys, outs) == 3
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
