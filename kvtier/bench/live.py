@@ -67,13 +67,30 @@ class LiveResult:
     error: str | None = None
 
 
-def _post_stream(url: str, body: dict[str, Any], timeout_s: float) -> tuple[float, float, int]:
-    """Send one streaming completion; returns (ttft, e2e, chunks) measured from the send."""
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """One streamed completion, times from ``time.perf_counter()``."""
+
+    sent: float  # when the request was sent
+    token_times: tuple[float, ...]  # arrival of every streamed chunk that carries a choice
+    token_ids: tuple[int, ...]  # generated ids (only when the body asks for "return_token_ids")
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.sent
+
+    @property
+    def e2e_s(self) -> float:
+        return self.token_times[-1] - self.sent
+
+
+def stream_completion(url: str, body: dict[str, Any], timeout_s: float) -> Streamed:
+    """POST one streaming completion and time each chunk; raises if no token came back."""
     data = json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    times: list[float] = []
+    ids: list[int] = []
     start = time.perf_counter()
-    first = math.nan
-    chunks = 0
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         for raw in resp:
             line = raw.decode("utf-8", "replace").strip()
@@ -84,12 +101,17 @@ def _post_stream(url: str, body: dict[str, Any], timeout_s: float) -> tuple[floa
                 break
             msg = json.loads(payload)
             if msg.get("choices"):
-                chunks += 1
-                if math.isnan(first):
-                    first = time.perf_counter() - start
-    if math.isnan(first):
+                times.append(time.perf_counter())
+                ids += msg["choices"][0].get("token_ids") or []
+    if not times:
         raise RuntimeError("stream ended without a token")
-    return first, time.perf_counter() - start, chunks
+    return Streamed(start, tuple(times), tuple(ids))
+
+
+def _post_stream(url: str, body: dict[str, Any], timeout_s: float) -> tuple[float, float, int]:
+    """Send one streaming completion; returns (ttft, e2e, chunks) measured from the send."""
+    s = stream_completion(url, body, timeout_s)
+    return s.ttft_s, s.e2e_s, len(s.token_times)
 
 
 def served_model(endpoint: str, timeout_s: float = 10.0) -> str:
