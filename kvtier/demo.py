@@ -82,9 +82,13 @@ def _close(llm: Any) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from kvtier.bench.engines import default_cpu_bind
+
     args = _parser().parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # the same OpenMP threads for both engines: vLLM would give the one without a connector fewer
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", default_cpu_bind())
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
