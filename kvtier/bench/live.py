@@ -72,7 +72,7 @@ class Streamed:
     """One streamed completion, times from ``time.perf_counter()``."""
 
     sent: float  # when the request was sent
-    token_times: tuple[float, ...]  # arrival of every streamed chunk that carries a choice
+    token_times: tuple[float, ...]  # arrival of every streamed token ("return_token_ids"), else of every chunk
     token_ids: tuple[int, ...]  # generated ids (only when the body asks for "return_token_ids")
 
     @property
@@ -90,6 +90,7 @@ def stream_completion(url: str, body: dict[str, Any], timeout_s: float) -> Strea
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
     times: list[float] = []
     ids: list[int] = []
+    per_token = bool(body.get("return_token_ids"))
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         for raw in resp:
@@ -101,8 +102,11 @@ def stream_completion(url: str, body: dict[str, Any], timeout_s: float) -> Strea
                 break
             msg = json.loads(payload)
             if msg.get("choices"):
-                times.append(time.perf_counter())
-                ids += msg["choices"][0].get("token_ids") or []
+                now = time.perf_counter()
+                got = msg["choices"][0].get("token_ids") or []
+                ids += got
+                # a loaded server may stream several tokens in one chunk: each arrived now
+                times += [now] * (len(got) if per_token else 1)
     if not times:
         raise RuntimeError("stream ended without a token")
     return Streamed(start, tuple(times), tuple(ids))

@@ -165,7 +165,7 @@ def replay_sessions(sessions: Sequence[Session], endpoint: str, *, model: str, m
             if k:
                 time.sleep(turn.gap_s)
             body = {"model": model, "prompt": prompt, "max_tokens": max_output, "stream": True,
-                    "temperature": 0.0, "ignore_eos": True}
+                    "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
             sent = time.perf_counter()
             try:
                 got = send(url, body, timeout_s)
