@@ -65,7 +65,8 @@ class Engine:
     """One worker: registered KV + ContextMemory (pinned DRAM [+ disk]) + WorkerCore."""
 
     def __init__(self, layout: str, *, num_blocks: int, layers: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str, dram_chunks: int, disk: Path | None = None) -> None:
+                 dtype: torch.dtype, device: str, dram_chunks: int, disk: Path | None = None,
+                 cuda_copy: str = "auto") -> None:
         parts = 1 if layout == "mla" else 2
         self.geometry = PagedGeometry(num_layers=layers, num_kv_heads=1 if layout == "mla" else heads,
                                       head_dim=head_dim, dtype=str(dtype).removeprefix("torch."),
@@ -76,7 +77,8 @@ class Engine:
         if disk is not None:
             tiers.append(DiskTier(self.layout, path=disk, capacity_bytes=64 << 30, fsync=False))
         self.memory = ContextMemory(self.layout, tiers, write_through=disk is not None)
-        self.paged = PagedKV(self.kv, self.geometry, CHUNK, fmt="packed")  # the CUDA backends' layouts
+        self.paged = PagedKV(self.kv, self.geometry, CHUNK, fmt="packed",  # the CUDA backends' layouts
+                             cuda_copy=cuda_copy if device == "cuda" else "auto")
         self.worker = WorkerCore(self.memory, self.paged)
         self.namespace = namespace_key(self.layout)
 
@@ -112,8 +114,9 @@ def exactness(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     for layout in ("hnd", "nhd", "cross", "mla"):
         head_dim = 576 if layout == "mla" else args.head_dim  # DeepSeek's kv_lora_rank 512 + rope 64
         nb = 64 * M
+        disk = tmp / f"disk-{layout}-{args.mode}"
         eng = Engine(layout, num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=head_dim,
-                     dtype=torch.bfloat16, device=args.device, dram_chunks=16, disk=tmp / f"disk-{layout}")
+                     dtype=torch.bfloat16, device=args.device, dram_chunks=16, disk=disk, cuda_copy=args.mode)
         rng = random.Random(7)
         tokens = [rng.randrange(1, 50000) for _ in range(4 * CHUNK + 100)]
         keys = eng.keys(tokens)  # 4 chunks
@@ -141,8 +144,7 @@ def exactness(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         eng.memory.flush()
         eng.close()
         again = Engine(layout, num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=head_dim,
-                       dtype=torch.bfloat16, device=args.device, dram_chunks=16,
-                       disk=tmp / f"disk-{layout}")
+                       dtype=torch.bfloat16, device=args.device, dram_chunks=16, disk=disk, cuda_copy=args.mode)
         dst = rng.sample(range(nb), 4 * M)
         again.load("disk", keys, dst, start=0, end=4 * CHUNK - 1, async_load=True)
         again.settle("disk")
@@ -150,7 +152,7 @@ def exactness(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             torch.cuda.synchronize()
         results["disk"] = all(torch.equal(again.kv[name][dst], want[name]) for name in want)
         again.close()
-        row = {"layout": layout, **results, "chunk_bytes": eng.layout.chunk_bytes}
+        row = {"layout": layout, "cuda_copy": eng.paged.cuda_copy, **results, "chunk_bytes": eng.layout.chunk_bytes}
         print("exactness", row, flush=True)
         rows.append(row)
     return rows
@@ -167,11 +169,12 @@ def _timed(fn: Any, reps: int) -> float:
     return statistics.median(times)
 
 
-def bandwidth(args: argparse.Namespace) -> list[dict[str, Any]]:
+def bandwidth(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     sizes = [int(s) for s in args.sizes.split(",")]
     nb = args.kv_tokens // BLOCK
     eng = Engine("hnd", num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
-                 dtype=torch.bfloat16, device=args.device, dram_chunks=max(sizes) // CHUNK + 2)
+                 dtype=torch.bfloat16, device=args.device, dram_chunks=max(sizes) // CHUNK + 2,
+                 cuda_copy=args.mode)
     rows = [_bandwidth_row(eng, size, nb, args) for size in sizes]
     eng.close()
     return rows
@@ -252,7 +255,7 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     for _ in range(args.reps):
         copy_only()
     eng.memory.delete(keys)
-    row = {"tokens": size, "bytes": nbytes,
+    row = {"cuda_copy": eng.paged.cuda_copy, "tokens": size, "bytes": nbytes,
            "raw_d2h_gbps": nbytes / t_d2h / 1e9, "save_gbps": nbytes / t_save / 1e9, "save_vs_raw": t_d2h / t_save,
            "save_s": t_save, "save_direct_s": t_save_direct, "raw_d2h_s": t_d2h,
            "raw_h2d_gbps": nbytes / t_h2d / 1e9, "load_gbps": nbytes / t_load / 1e9, "load_vs_raw": t_h2d / t_load,
@@ -261,14 +264,14 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     return row
 
 
-def no_stall(args: argparse.Namespace) -> dict[str, Any]:
+def no_stall(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Compute-stream step time with and without 32K-token loads + saves in flight."""
     if args.device != "cuda":
         return {}
     n = args.stall_tokens // CHUNK
     nb = max(4 * n * M, 1024)
     eng = Engine("hnd", num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
-                 dtype=torch.bfloat16, device="cuda", dram_chunks=2 * n + 2)
+                 dtype=torch.bfloat16, device="cuda", dram_chunks=2 * n + 2, cuda_copy=args.mode)
     a = torch.randn(args.matmul, args.matmul, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(args.matmul, args.matmul, dtype=torch.bfloat16, device="cuda")
 
@@ -312,7 +315,7 @@ def no_stall(args: argparse.Namespace) -> dict[str, Any]:
     stop.set()
     mover.join()
     eng.close()
-    row = {"tokens": args.stall_tokens, "step_s_quiet": statistics.median(quiet),
+    row = {"cuda_copy": eng.paged.cuda_copy, "tokens": args.stall_tokens, "step_s_quiet": statistics.median(quiet),
            "step_s_busy": statistics.median(busy), "ratio": statistics.median(busy) / statistics.median(quiet),
            "p90_ratio": sorted(busy)[int(0.9 * len(busy))] / sorted(quiet)[int(0.9 * len(quiet))],
            "transfer_gbps_during": moved[0] / elapsed / 1e9}
@@ -334,6 +337,7 @@ def main() -> None:
     p.add_argument("--matmul", type=int, default=8192)
     p.add_argument("--small", action="store_true", help="tiny shapes (a CPU dry run)")
     p.add_argument("--only", default="exactness,bandwidth,stall")
+    p.add_argument("--cuda-copy", default="direct,staged,torch", help="PagedKV cuda_copy modes to run, in turn")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.small:
@@ -345,13 +349,16 @@ def main() -> None:
                                                                 "head_dim": args.head_dim, "dtype": "bfloat16",
                                                                 "block": BLOCK, "chunk": CHUNK}}
     only = set(args.only.split(","))
-    with tempfile.TemporaryDirectory() as tmp:
-        if "exactness" in only:
-            out["exactness"] = exactness(args, Path(tmp))
-    if "bandwidth" in only:
-        out["bandwidth"] = bandwidth(args)
-    if "stall" in only:
-        out["no_stall"] = no_stall(args)
+    modes = args.cuda_copy.split(",") if args.device == "cuda" else ["auto"]
+    for section, run in (("exactness", exactness), ("bandwidth", bandwidth), ("stall", no_stall)):
+        if section not in only:
+            continue
+        rows = []
+        for args.mode in modes:
+            with tempfile.TemporaryDirectory() as tmp:
+                got = run(args, Path(tmp))
+            rows += got if isinstance(got, list) else [got]
+        out[section] = rows
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

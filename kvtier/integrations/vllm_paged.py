@@ -49,11 +49,13 @@ import torch
 from kvtier.errors import IntegrationError
 from kvtier.hostmem import populated
 from kvtier.integrations.vllm_config import PagedGeometry
+from kvtier.integrations.vllm_paged_cuda import HAVE_TRITON, FusedCopy
 
 # staging (n, parts, m, bs, H, D)  <->  the selected blocks in their native view, per format
 _TO_CHUNK = {"cpu": (0, 3, 1, 4, 2, 5),  # (n, m, H, P, bs, D) -> (n, P, m, bs, H, D)
              "packed": (0, 4, 1, 3, 2, 5),  # (n, m, H, bs, P, D) -> (n, P, m, bs, H, D)
              "packed-nh": (0, 4, 1, 2, 3, 5)}  # (n, m, bs, H, P, D) -> (n, P, m, bs, H, D)
+_CUDA_COPIES = ("auto", "direct", "staged", "torch")
 _FROM_CHUNK = {fmt: tuple(int(i) for i in np.argsort(perm)) for fmt, perm in _TO_CHUNK.items()}
 
 
@@ -89,7 +91,7 @@ class PagedKV:
     """The registered KV tensors of one worker, with chunk gather/scatter."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], geometry: PagedGeometry, tokens_per_chunk: int,
-                 *, group_chunks: int = 4, fmt: str | None = None) -> None:
+                 *, group_chunks: int = 4, fmt: str | None = None, cuda_copy: str = "auto") -> None:
         g = geometry
         self.geometry = g
         self.blocks_per_chunk = tokens_per_chunk // g.block_size
@@ -104,6 +106,7 @@ class PagedKV:
         self._staging = torch.empty(0, dtype=self.dtype)  # CPU: grown on demand, populated (kvtier.hostmem)
         self._group = group_chunks
         self._cuda_paths: dict[int, _CudaPath] = {}  # per calling thread: own streams and buffers
+        self.cuda_copy, self.fused = self._fused_copy(cuda_copy)
         self._lock = threading.Lock()
 
     @property
@@ -117,6 +120,20 @@ class PagedKV:
             with self._lock:
                 path = self._cuda_paths[me] = _CudaPath(self, self._group)
         return path
+
+    def _fused_copy(self, mode: str) -> tuple[str, FusedCopy | None]:
+        """(copy mode, fused kernel or None): ``direct``/``staged`` use ``vllm_paged_cuda``'s
+        kernel, ``torch`` the per-layer torch ops; ``auto`` is ``direct`` where Triton runs."""
+        if mode not in _CUDA_COPIES:
+            raise IntegrationError(f"cuda_copy must be one of {', '.join(_CUDA_COPIES)}, got {mode!r}")
+        if self.device.type != "cuda" or mode == "torch" or (mode == "auto" and not HAVE_TRITON):
+            return "torch", None
+        g = self.geometry
+        to_hnpd = {"cpu": (0, 1, 3, 2, 4), "packed": (0, 1, 2, 3, 4), "packed-nh": (0, 2, 1, 3, 4)}[self.fmt]
+        fused = FusedCopy([t.permute(*to_hnpd) for t in self.layers], parts=g.parts,
+                          blocks_per_chunk=self.blocks_per_chunk, block_size=g.block_size,
+                          heads=g.num_kv_heads, head_dim=g.head_dim)
+        return ("direct" if mode == "auto" else mode), fused
 
     def _native(self, t: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -248,19 +265,25 @@ class PagedKV:
 
 
 class _CudaPath:
-    """Group-wise device staging on two side streams (see the module docstring)."""
+    """One calling thread's CUDA copies (see the module docstring and ``vllm_paged_cuda``)."""
 
     def __init__(self, paged: PagedKV, group_chunks: int) -> None:
         self.paged = paged
         self.group = group_chunks
+        self.fused = paged.fused
         device = paged.device
-        self.kernel_stream = torch.cuda.Stream(device)  # gathers / scatters in HBM
-        self.copy_stream = torch.cuda.Stream(device)  # DMA to / from pinned host memory
-        shape = paged._shape(group_chunks)
-        self.buffers = [torch.empty(shape, dtype=paged.dtype, device=device) for _ in range(2)]
+        self.kernel_stream = torch.cuda.Stream(device)  # gathers / scatters (in HBM, or across PCIe: direct)
+        self.copy_stream = torch.cuda.Stream(device)  # DMA to / from pinned host memory (staged)
+        self.buffers: list[torch.Tensor] = []  # two device staging buffers, made on first staged use
         self.free = [torch.cuda.Event() for _ in range(2)]  # buffer may be reused
         for event in self.free:
             event.record(self.copy_stream)
+
+    def _buffer(self, k: int) -> torch.Tensor:
+        if not self.buffers:
+            shape = self.paged._shape(self.group)
+            self.buffers = [torch.empty(shape, dtype=self.paged.dtype, device=self.paged.device) for _ in range(2)]
+        return self.buffers[k % 2]
 
     def _groups(self, runs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
         """Runs cut into groups of ``group`` chunks; the first group is one chunk, so the first DMA
@@ -281,22 +304,65 @@ class _CudaPath:
         with torch.cuda.stream(stream):
             return host.to(self.paged.device, non_blocking=True)  # host tensor kept alive by the caching allocator
 
+    def _direct(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], *, to_chunk: bool) -> bool:
+        """One fused launch between the blocks and the pinned chunk slots themselves (False: not
+        possible here: no fused kernel, or a host buffer that is not pinned)."""
+        if self.fused is None or self.paged.cuda_copy != "direct" or not all(h.is_pinned() for _, h in runs):
+            return False
+        m = self.paged.blocks_per_chunk
+        addrs: list[int] = []
+        ids: list[int] = []
+        for first, host in runs:
+            for i in range(host.shape[0]):
+                addrs.append(host[i].data_ptr())
+                ids += block_ids[(first + i) * m:(first + i + 1) * m]
+        if addrs:
+            table = self.fused.tables(addrs, ids, self.kernel_stream)
+            self.fused.launch(table, len(addrs), to_chunk=to_chunk, stream=self.kernel_stream)
+            done = torch.cuda.Event()
+            done.record(self.kernel_stream)
+            done.synchronize()
+        return True
+
+    def _fused_tables(self, groups: list[tuple[int, torch.Tensor]], block_ids: Sequence[int],
+                      stream: Any) -> tuple[torch.Tensor, list[int]]:
+        """Staged groups' fused tables in one upload: per group its staging chunk addresses, then
+        its block ids; returns the table and each group's offset into it."""
+        m = self.paged.blocks_per_chunk
+        values: list[int] = []
+        offsets: list[int] = []
+        chunk_bytes = self.paged.chunk_elems * self.paged.dtype.itemsize
+        for k, (first, host) in enumerate(groups):
+            offsets.append(len(values))
+            base = self._buffer(k).data_ptr()
+            values += [base + i * chunk_bytes for i in range(host.shape[0])]
+            values += block_ids[first * m:(first + host.shape[0]) * m]
+        return self._upload(values, stream), offsets
+
     def gather(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
         m, paged = self.paged.blocks_per_chunk, self.paged
         if after is not None:
             self.kernel_stream.wait_event(after)
+        if self._direct(runs, block_ids, to_chunk=True):
+            return
         groups = self._groups(runs)
         if not groups:
             return
-        order = [b for first, host in groups for b in block_ids[first * m:(first + host.shape[0]) * m]]
-        ids = self._upload(order, self.kernel_stream)  # one small copy for the whole call
+        if self.fused is not None:
+            table, offsets = self._fused_tables(groups, block_ids, self.kernel_stream)
+        else:
+            order = [b for first, host in groups for b in block_ids[first * m:(first + host.shape[0]) * m]]
+            ids = self._upload(order, self.kernel_stream)  # one small copy for the whole call
         done, at = None, 0
         for k, (_, host) in enumerate(groups):
-            buf, n = self.buffers[k % 2], host.shape[0]
+            buf, n = self._buffer(k), host.shape[0]
             ready = torch.cuda.Event()
             with torch.cuda.stream(self.kernel_stream):
                 self.kernel_stream.wait_event(self.free[k % 2])
-                paged._gather(buf[:n], ids[at:at + n * m])
+                if self.fused is not None:
+                    self.fused.launch(table[offsets[k]:], n, to_chunk=True, stream=self.kernel_stream)
+                else:
+                    paged._gather(buf[:n], ids[at:at + n * m])
                 ready.record(self.kernel_stream)
             at += n * m
             with torch.cuda.stream(self.copy_stream):
@@ -308,9 +374,39 @@ class _CudaPath:
             done.synchronize()
 
     def scatter(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
-        m, paged = self.paged.blocks_per_chunk, self.paged
         if after is not None:
             self.copy_stream.wait_event(after)
+            self.kernel_stream.wait_event(after)
+        if self._direct(runs, block_ids, to_chunk=False):
+            return
+        if self.fused is not None:
+            self._scatter_fused(runs, block_ids)
+        else:
+            self._scatter_torch(runs, block_ids)
+
+    def _scatter_fused(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int]) -> None:
+        assert self.fused is not None
+        groups = self._groups(runs)
+        if not groups:
+            return
+        table, offsets = self._fused_tables(groups, block_ids, self.kernel_stream)
+        done = None
+        for k, (_, host) in enumerate(groups):
+            buf, n = self._buffer(k), host.shape[0]
+            ready = torch.cuda.Event()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[k % 2])
+                buf[:n].copy_(host, non_blocking=True)
+                ready.record(self.copy_stream)
+            self.kernel_stream.wait_event(ready)
+            self.fused.launch(table[offsets[k]:], n, to_chunk=False, stream=self.kernel_stream)
+            self.free[k % 2].record(self.kernel_stream)
+            done = self.free[k % 2]
+        if done is not None:
+            done.synchronize()
+
+    def _scatter_torch(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int]) -> None:
+        m, paged = self.paged.blocks_per_chunk, self.paged
         # per group: (host chunks, [start, end) of its destination ids, of its kept positions or None),
         # as ranges of one uploaded tensor
         plans: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int] | None]] = []
@@ -331,7 +427,7 @@ class _CudaPath:
         uploaded = self._upload(values, self.kernel_stream)
         done = None
         for k, (host, (d0, d1), keep_range) in enumerate(plans):
-            buf, n = self.buffers[k % 2], host.shape[0]
+            buf, n = self._buffer(k), host.shape[0]
             ready = torch.cuda.Event()
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[k % 2])

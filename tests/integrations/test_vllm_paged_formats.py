@@ -14,11 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.integrations.vllm_config import PagedGeometry  # noqa: E402
 from kvtier.integrations.vllm_paged import PagedKV  # noqa: E402
 
 BS, HEADS, HD, LAYERS, NB, M = 4, 2, 8, 3, 24, 2  # m = 2 blocks per chunk
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (device, PagedKV cuda_copy): on CUDA every copy mode (the fused Triton kernel direct to pinned host
+# memory or through device staging, and the per-layer torch ops) must move the same bytes
+DEVICES = [("cpu", "auto")] + ([("cuda", mode) for mode in ("direct", "staged", "torch")]
+                               if torch.cuda.is_available() else [])
 
 
 def _caches(layout: str, device: str) -> dict[str, torch.Tensor]:
@@ -49,14 +53,14 @@ def _reference(caches: dict[str, torch.Tensor], blocks: list[int], parts: int) -
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("device", "cuda_copy"), DEVICES)
 @pytest.mark.parametrize("layout", ["hnd", "nhd", "cross", "mla"])
-def test_roundtrip_with_random_tables_shared_blocks_and_skips(layout: str, device: str) -> None:
+def test_roundtrip_with_random_tables_shared_blocks_and_skips(layout: str, device: str, cuda_copy: str) -> None:
     parts = 1 if layout == "mla" else 2
     geometry = PagedGeometry(num_layers=LAYERS, num_kv_heads=1 if layout == "mla" else HEADS, head_dim=HD,
                              dtype="float32", block_size=BS, parts=parts)
     src = _caches(layout, device)
-    paged = PagedKV(src, geometry, tokens_per_chunk=M * BS, fmt="packed", group_chunks=2)
+    paged = PagedKV(src, geometry, tokens_per_chunk=M * BS, fmt="packed", group_chunks=2, cuda_copy=cuda_copy)
     rng = random.Random(1)
     table = rng.sample(range(NB), 6)  # 3 chunks of 2 random blocks
     table[3] = table[0]  # a block shared by two chunks (prefix caching)
@@ -64,9 +68,12 @@ def test_roundtrip_with_random_tables_shared_blocks_and_skips(layout: str, devic
     for i in range(3):
         want = _reference(src, table[i * M:(i + 1) * M], parts)
         assert torch.equal(stage[i].reshape(want.shape), want), f"chunk {i}"
-    host = [np.array(p) for p in paged.payloads(stage)]  # plain host buffers, as a lower tier hands out
+    if device == "cuda":  # pinned chunk buffers, as the DRAM tier hands out
+        host = [torch.from_numpy(np.array(p)).pin_memory().numpy() for p in paged.payloads(stage)]
+    else:
+        host = [np.array(p) for p in paged.payloads(stage)]  # plain host buffers, as a lower tier hands out
     dst = {name: torch.zeros_like(t) for name, t in src.items()}
-    back = PagedKV(dst, geometry, tokens_per_chunk=M * BS, fmt="packed", group_chunks=2)
+    back = PagedKV(dst, geometry, tokens_per_chunk=M * BS, fmt="packed", group_chunks=2, cuda_copy=cuda_copy)
     targets = rng.sample(range(NB), 6)
     targets[1] = -1  # computed by vLLM already: left alone
     back.scatter_from(host, targets, back.record())
@@ -78,3 +85,10 @@ def test_roundtrip_with_random_tables_shared_blocks_and_skips(layout: str, devic
                 assert torch.equal(dst[name][b].cpu(), src[name][table[j]].cpu()), (name, j)
         untouched = [b for b in range(NB) if b not in targets]
         assert not dst[name][untouched].any()
+
+
+def test_an_unknown_cuda_copy_mode_is_refused() -> None:
+    geometry = PagedGeometry(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HD, dtype="float32", block_size=BS,
+                             parts=2)
+    with pytest.raises(IntegrationError, match="cuda_copy"):
+        PagedKV(_caches("hnd", "cpu"), geometry, tokens_per_chunk=M * BS, fmt="packed", cuda_copy="fast")
