@@ -42,6 +42,7 @@ from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 
 BLOCK, CHUNK = 16, 256
+GROUP = [4]  # --group-chunks
 M = CHUNK // BLOCK
 
 
@@ -77,7 +78,7 @@ class Engine:
         if disk is not None:
             tiers.append(DiskTier(self.layout, path=disk, capacity_bytes=64 << 30, fsync=False))
         self.memory = ContextMemory(self.layout, tiers, write_through=disk is not None)
-        self.paged = PagedKV(self.kv, self.geometry, CHUNK, fmt="packed",  # the CUDA backends' layouts
+        self.paged = PagedKV(self.kv, self.geometry, CHUNK, fmt="packed", group_chunks=GROUP[0],  # CUDA layouts
                              cuda_copy=cuda_copy if device == "cuda" else "auto")
         self.worker = WorkerCore(self.memory, self.paged)
         self.namespace = namespace_key(self.layout)
@@ -89,13 +90,15 @@ class Engine:
         """wait_for_save: submitted after the forward, confirmed through finished()."""
         self.worker.save([SaveJob(req, tuple(keys), tuple(blocks))], self.paged.record())
 
-    def load(self, req: str, keys: list[Any], blocks: list[int], *, start: int, end: int, async_load: bool) -> None:
+    def load(self, req: str, keys: list[Any], blocks: list[int], *, start: int, end: int, async_load: bool,
+             layerwise: bool = False) -> None:
         ids = tuple(b if j * BLOCK < end and (j + 1) * BLOCK > start else -1 for j, b in enumerate(blocks))
         job = LoadJob(req, 0, start, end, tuple(keys), ids, async_load)
         if async_load:
             self.worker.load_async(job, self.paged.record())
-        else:
-            self.worker.load_now(job, self.paged.record())
+        else:  # start_load_kv queues the copies; here the host then waits for them (wait_for_save does)
+            self.worker.load_now(job, self.paged.record(), layerwise=layerwise)
+            self.worker.end_step()
 
     def settle(self, req: str) -> None:
         """Wait until the request's jobs are done (the worker reports it as finished)."""
@@ -128,12 +131,13 @@ def exactness(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         eng.settle("b")
         want = {name: t[table].clone() for name, t in eng.kv.items()}
         results = {}
-        for mode, async_load in (("sync", False), ("async", True)):
+        for mode, async_load, layerwise in (("sync", False, False), ("async", True, False),
+                                            ("layerwise", False, True)):
             dst = rng.sample(range(nb // 2, nb), 4 * M)
             for t in eng.kv.values():
                 t[dst] = 0
             start = 3 * BLOCK  # vLLM computed the first 3 blocks itself: those slots are skipped
-            eng.load(mode, keys, dst, start=start, end=4 * CHUNK - 1, async_load=async_load)
+            eng.load(mode, keys, dst, start=start, end=4 * CHUNK - 1, async_load=async_load, layerwise=layerwise)
             eng.settle(mode)
             if args.device == "cuda":
                 torch.cuda.synchronize()
@@ -254,6 +258,8 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     t_borrow = _timed(borrow_only, args.reps)
     for _ in range(args.reps):
         copy_only()
+    if args.profile and size == min(int(s) for s in args.sizes.split(",")):
+        _profile(save_direct, load)
     eng.memory.delete(keys)
     row = {"cuda_copy": eng.paged.cuda_copy, "tokens": size, "bytes": nbytes,
            "raw_d2h_gbps": nbytes / t_d2h / 1e9, "save_gbps": nbytes / t_save / 1e9, "save_vs_raw": t_d2h / t_save,
@@ -262,6 +268,21 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
            "load_borrow_s": t_borrow, "load_copies_s": statistics.median(spent), "load_s": t_load, "raw_h2d_s": t_h2d}
     print("bandwidth", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
+
+
+def _profile(*fns: Any) -> None:
+    """Where the host time of the smallest size goes (cProfile, top functions by own time)."""
+    import cProfile
+    import pstats
+
+    for fn in fns:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            fn()
+        prof.disable()
+        print(f"profile of 20 x {fn.__name__}:", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 def no_stall(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -323,6 +344,65 @@ def no_stall(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return row
 
 
+def layerwise(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """A step that loads a 32K-token DRAM hit and then runs a forward (per layer a bf16 matmul
+    standing in for the suffix's prefill): the host waiting for the copies before launching the
+    forward (the connector before), the compute stream waiting for all of them (bulk), or each
+    layer for its own (layer-wise), vs the ideal max(raw H2D of the bytes, the forward alone)."""
+    if args.device != "cuda":
+        return {}
+    n = args.stall_tokens // CHUNK
+    nb = max(2 * n * M, 1024)
+    eng = Engine("hnd", num_blocks=nb, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
+                 dtype=torch.bfloat16, device="cuda", dram_chunks=n + 2, cuda_copy=args.mode)
+    rng = random.Random(9)
+    keys = eng.keys([3] * (n * CHUNK))
+    eng.save("warm", keys, rng.sample(range(nb), n * M))
+    eng.settle("warm")
+    x = torch.randn(args.suffix, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(4096, 6 * 4096, dtype=torch.bfloat16, device="cuda")
+
+    def forward(wait: Any) -> None:
+        for layer in range(args.layers):
+            wait(layer)
+            x.mm(w)
+
+    def compute_only() -> None:
+        forward(lambda layer: None)
+        torch.cuda.synchronize()
+
+    def step(how: str) -> float:
+        job = LoadJob(how, 0, 0, n * CHUNK, tuple(keys), tuple(rng.sample(range(nb), n * M)), False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.worker.load_now(job, eng.paged.record(), layerwise=how == "layerwise")
+        if how == "host_waits":
+            eng.worker.end_step()
+            forward(lambda layer: None)
+        elif how == "bulk":
+            eng.worker.wait_loads()
+            forward(lambda layer: None)
+        else:
+            forward(eng.worker.wait_layer)
+        torch.cuda.synchronize()
+        spent = time.perf_counter() - t0
+        eng.worker.end_step()
+        return spent
+
+    compute_only()
+    t_compute = _timed(compute_only, args.reps)
+    _, t_h2d = _raw_copies(n * eng.layout.chunk_bytes, "cuda", args.reps)
+    row: dict[str, Any] = {"cuda_copy": eng.paged.cuda_copy, "tokens": n * CHUNK, "suffix": args.suffix,
+                           "forward_s": t_compute, "raw_h2d_s": t_h2d, "ideal_s": max(t_compute, t_h2d)}
+    for how in ("host_waits", "bulk", "layerwise"):
+        step(how)
+        row[f"{how}_s"] = statistics.median(step(how) for _ in range(args.reps))
+        row[f"{how}_vs_ideal"] = row[f"{how}_s"] / row["ideal_s"]
+    eng.close()
+    print("layerwise", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -336,10 +416,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--matmul", type=int, default=8192)
     p.add_argument("--small", action="store_true", help="tiny shapes (a CPU dry run)")
-    p.add_argument("--only", default="exactness,bandwidth,stall")
-    p.add_argument("--cuda-copy", default="direct,staged,torch", help="PagedKV cuda_copy modes to run, in turn")
+    p.add_argument("--only", default="exactness,bandwidth,stall,layerwise")
+    p.add_argument("--suffix", type=int, default=2048, help="layerwise: tokens of the stand-in forward")
+    p.add_argument("--cuda-copy", default="fused,torch", help="PagedKV cuda_copy modes to run, in turn")
     p.add_argument("--json", type=Path)
+    p.add_argument("--profile", action="store_true", help="cProfile the smallest size's save and load")
+    p.add_argument("--group-chunks", type=int, default=4, help="PagedKV group_chunks (chunks per DMA)")
     args = p.parse_args()
+    GROUP[0] = args.group_chunks
     if args.small:
         args.layers, args.heads, args.head_dim, args.sizes, args.kv_tokens, args.reps = 2, 2, 64, "512,1024", 8192, 2
     import tempfile
@@ -350,7 +434,8 @@ def main() -> None:
                                                                 "block": BLOCK, "chunk": CHUNK}}
     only = set(args.only.split(","))
     modes = args.cuda_copy.split(",") if args.device == "cuda" else ["auto"]
-    for section, run in (("exactness", exactness), ("bandwidth", bandwidth), ("stall", no_stall)):
+    for section, run in (("exactness", exactness), ("bandwidth", bandwidth), ("stall", no_stall),
+                         ("layerwise", layerwise)):
         if section not in only:
             continue
         rows = []

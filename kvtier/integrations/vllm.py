@@ -153,6 +153,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self.namespace = namespace_key(self.layout, self.config.tenant)
         self._planner: Planner | None = None  # scheduler role
         self._worker: WorkerCore | None = None  # worker role
+        self._layer_index: dict[str, int] = {}
+        self._layerwise = False  # layer-wise DRAM-hit loads (worker, CUDA, ``layerwise_loads``)
+        self._layers_waited: set[int] = set()  # layers whose wait_for_layer_load ran this step
         self._total = ConnectorCounters()
         self._interval = ConnectorCounters()
         self._last_log = time.monotonic()
@@ -207,6 +210,8 @@ class KVTierConnector(KVConnectorBase_V1):
         layout = rank_layout(self.layout, rank, self.world_size)
         paged = PagedKV(kv_caches, geometry, layout.tokens_per_chunk)
         self._worker = WorkerCore(ContextMemory.open(layout, self.config), paged, rank=rank)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}  # PagedKV's layer order
+        self._layerwise = self.options.layerwise_loads and paged.device.type == "cuda"
 
     def _plan(self) -> StepPlan:
         meta = self._get_connector_metadata()
@@ -219,16 +224,24 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
+        self._worker.end_step()  # normally done in wait_for_save already
         plan = self._plan()
         after = self._worker.paged.record() if plan.loads else None  # CUDA: after vLLM's block zeroing
+        layerwise = self._layerwise
         for job in plan.loads:
             if job.async_load:
                 self._worker.load_async(job, after)
-            else:
-                self._worker.load_now(job, after)
+            else:  # CUDA: queued on side streams; the compute stream waits for them, the host does not
+                self._worker.load_now(job, after, layerwise=layerwise)
+        if not layerwise:
+            self._worker.wait_loads()
+        self._layers_waited.clear()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # synchronous loads completed in start_load_kv, before the forward
+        index = self._layer_index.get(layer_name)
+        if self._layerwise and self._worker is not None and index is not None:
+            self._worker.wait_layer(index)
+            self._layers_waited.add(index)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole chunks (all layers) are saved after the forward, in the background
@@ -237,6 +250,13 @@ class KVTierConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata() or self._worker is None:
             return
         plan = self._plan()
+        if self._layerwise and plan.loads and len(self._layers_waited) < len(self._layer_index):
+            # a layer read its blocks without waiting (vLLM skipped the hook: a captured graph):
+            # layer-wise loads are not safe with this engine's settings
+            logger.warning("kvtier: vLLM called wait_for_layer_load for %d of %d layers; layer-wise loads "
+                           "are off from now on", len(self._layers_waited), len(self._layer_index))
+            self._layerwise = False
+        self._worker.end_step()  # this step's queued loads are done: their DRAM slots are released
         after = self._worker.paged.record() if plan.saves else None  # CUDA: after this step's forward
         self._worker.save(plan.saves, after)  # submitted, not awaited: the blocks are held (module doc)
         self._worker.pin(plan.pins)

@@ -36,6 +36,7 @@ class ConnectorOptions:
     on_load_error: Literal["recompute", "fail"] = "recompute"  # sets vLLM's kv_load_failure_policy
     async_loads: Literal["auto", "always", "never"] = "auto"  # auto: hits below DRAM load off the step
     probe_deadline_s: float = 0.02  # longest a scheduler lookup waits for a Redis/Mooncake probe
+    layerwise_loads: bool = False  # CUDA: each attention layer waits only for its own layer of a DRAM hit
 
     def __post_init__(self) -> None:
         if self.log_interval_s < 0:

@@ -50,12 +50,13 @@ from kvtier.errors import IntegrationError
 from kvtier.hostmem import populated
 from kvtier.integrations.vllm_config import PagedGeometry
 from kvtier.integrations.vllm_paged_cuda import HAVE_TRITON, FusedCopy
+from kvtier.tiers.cuda import Memcpy2D
 
 # staging (n, parts, m, bs, H, D)  <->  the selected blocks in their native view, per format
 _TO_CHUNK = {"cpu": (0, 3, 1, 4, 2, 5),  # (n, m, H, P, bs, D) -> (n, P, m, bs, H, D)
              "packed": (0, 4, 1, 3, 2, 5),  # (n, m, H, bs, P, D) -> (n, P, m, bs, H, D)
              "packed-nh": (0, 4, 1, 2, 3, 5)}  # (n, m, bs, H, P, D) -> (n, P, m, bs, H, D)
-_CUDA_COPIES = ("auto", "direct", "staged", "torch")
+_CUDA_COPIES = ("auto", "fused", "torch")
 _FROM_CHUNK = {fmt: tuple(int(i) for i in np.argsort(perm)) for fmt, perm in _TO_CHUNK.items()}
 
 
@@ -122,8 +123,8 @@ class PagedKV:
         return path
 
     def _fused_copy(self, mode: str) -> tuple[str, FusedCopy | None]:
-        """(copy mode, fused kernel or None): ``direct``/``staged`` use ``vllm_paged_cuda``'s
-        kernel, ``torch`` the per-layer torch ops; ``auto`` is ``direct`` where Triton runs."""
+        """(copy mode, fused kernel or None): ``fused`` is ``vllm_paged_cuda``'s one kernel per
+        group of chunks, ``torch`` the per-layer torch ops; ``auto`` is ``fused`` where Triton runs."""
         if mode not in _CUDA_COPIES:
             raise IntegrationError(f"cuda_copy must be one of {', '.join(_CUDA_COPIES)}, got {mode!r}")
         if self.device.type != "cuda" or mode == "torch" or (mode == "auto" and not HAVE_TRITON):
@@ -133,7 +134,7 @@ class PagedKV:
         fused = FusedCopy([t.permute(*to_hnpd) for t in self.layers], parts=g.parts,
                           blocks_per_chunk=self.blocks_per_chunk, block_size=g.block_size,
                           heads=g.num_kv_heads, head_dim=g.head_dim)
-        return ("direct" if mode == "auto" else mode), fused
+        return "fused", fused
 
     def _native(self, t: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -234,6 +235,23 @@ class PagedKV:
         for first, host in runs:
             self._scatter_host(host, block_ids[first * m:(first + host.shape[0]) * m])
 
+    def scatter_pending(self, views: Sequence[np.ndarray], block_ids: Sequence[int], after: Any = None, *,
+                        layerwise: bool = False) -> list[Any] | None:
+        """``scatter_from`` without waiting, on CUDA: returns one event per layer (the same final
+        event for all layers unless ``layerwise``); the views must stay valid until the last fires.
+        On CPU (or with nothing to copy) the copy is done on return and the result is None."""
+        cuda = self._cuda
+        if cuda is None:
+            self.scatter_from(views, block_ids, after)
+            return None
+        runs = self._runs(views)
+        if layerwise:
+            events = cuda.scatter_layers(runs, block_ids, after)
+            if events is not None:
+                return events
+        done = cuda.scatter(runs, block_ids, after, wait=False)
+        return None if done is None else [done] * self.geometry.num_layers
+
     def _runs(self, views: Sequence[np.ndarray | None]) -> list[tuple[int, torch.Tensor]]:
         """(index of the first chunk, staging-shaped host tensor) per run of adjacent buffers."""
         runs: list[tuple[int, torch.Tensor]] = []
@@ -255,6 +273,10 @@ class PagedKV:
             i = j
         return runs
 
+    def current_stream(self) -> Any:
+        """The calling thread's current CUDA stream (vLLM's compute stream in a worker hook)."""
+        return torch.cuda.current_stream(self.device)
+
     def record(self) -> Any:
         """An event on the current CUDA stream (None on CPU): what a later copy must wait for."""
         if self.device.type != "cuda":
@@ -272,30 +294,26 @@ class _CudaPath:
         self.group = group_chunks
         self.fused = paged.fused
         device = paged.device
-        self.kernel_stream = torch.cuda.Stream(device)  # gathers / scatters (in HBM, or across PCIe: direct)
-        self.copy_stream = torch.cuda.Stream(device)  # DMA to / from pinned host memory (staged)
-        self.buffers: list[torch.Tensor] = []  # two device staging buffers, made on first staged use
+        self.kernel_stream = torch.cuda.Stream(device)  # gathers / scatters in HBM
+        self.copy_stream = torch.cuda.Stream(device)  # DMA to / from pinned host memory
+        shape = paged._shape(group_chunks)
+        self.buffers = [torch.empty(shape, dtype=paged.dtype, device=device) for _ in range(2)]
         self.free = [torch.cuda.Event() for _ in range(2)]  # buffer may be reused
         for event in self.free:
             event.record(self.copy_stream)
+        self.memcpy2d = Memcpy2D.find()
 
-    def _buffer(self, k: int) -> torch.Tensor:
-        if not self.buffers:
-            shape = self.paged._shape(self.group)
-            self.buffers = [torch.empty(shape, dtype=self.paged.dtype, device=self.paged.device) for _ in range(2)]
-        return self.buffers[k % 2]
-
-    def _groups(self, runs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
-        """Runs cut into groups of ``group`` chunks; the first group is one chunk, so the first DMA
-        starts after one chunk's gather (or the first scatter after one chunk's DMA)."""
+    def _groups(self, runs: list[tuple[int, torch.Tensor]], size: int = 1,
+                group: int = 0) -> list[tuple[int, torch.Tensor]]:
+        """Runs cut into groups of ``group`` chunks; the first group is ``size`` (one) chunk, so the
+        first DMA starts after one chunk's gather (or the first scatter after one chunk's DMA)."""
         out = []
-        size = 1
         for first, host in runs:
             s = 0
             while s < host.shape[0]:
                 out.append((first + s, host[s:s + size]))
                 s += size
-                size = self.group
+                size = group or self.group
         return out
 
     def _upload(self, values: list[int], stream: Any) -> torch.Tensor:
@@ -304,67 +322,62 @@ class _CudaPath:
         with torch.cuda.stream(stream):
             return host.to(self.paged.device, non_blocking=True)  # host tensor kept alive by the caching allocator
 
-    def _direct(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], *, to_chunk: bool) -> bool:
-        """One fused launch between the blocks and the pinned chunk slots themselves (False: not
-        possible here: no fused kernel, or a host buffer that is not pinned)."""
-        if self.fused is None or self.paged.cuda_copy != "direct" or not all(h.is_pinned() for _, h in runs):
-            return False
+    def _ids(self, groups: list[tuple[int, torch.Tensor]], block_ids: Sequence[int],
+             stream: Any) -> list[torch.Tensor]:
+        """Each group's block ids (``m`` per chunk, -1 = skip), as slices of one upload."""
         m = self.paged.blocks_per_chunk
-        addrs: list[int] = []
-        ids: list[int] = []
-        for first, host in runs:
-            for i in range(host.shape[0]):
-                addrs.append(host[i].data_ptr())
-                ids += block_ids[(first + i) * m:(first + i + 1) * m]
-        if addrs:
-            table = self.fused.tables(addrs, ids, self.kernel_stream)
-            self.fused.launch(table, len(addrs), to_chunk=to_chunk, stream=self.kernel_stream)
-            done = torch.cuda.Event()
-            done.record(self.kernel_stream)
-            done.synchronize()
-        return True
+        ids = self._upload([b for first, host in groups for b in block_ids[first * m:(first + host.shape[0]) * m]],
+                           stream)
+        out, at = [], 0
+        for _, host in groups:
+            out.append(ids[at:at + host.shape[0] * m])
+            at += host.shape[0] * m
+        return out
 
-    def _fused_tables(self, groups: list[tuple[int, torch.Tensor]], block_ids: Sequence[int],
-                      stream: Any) -> tuple[torch.Tensor, list[int]]:
-        """Staged groups' fused tables in one upload: per group its staging chunk addresses, then
-        its block ids; returns the table and each group's offset into it."""
+    def _gather_group(self, buf: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.fused is not None:
+            self.fused.launch(buf, ids, row=self.paged.chunk_elems, layers=range(self.paged.geometry.num_layers),
+                              to_stage=True, stream=self.kernel_stream)
+        else:
+            with torch.cuda.stream(self.kernel_stream):
+                self.paged._gather(buf, ids)
+
+    def _scatter_group(self, buf: torch.Tensor, ids: Any) -> None:
+        if self.fused is not None:
+            self.fused.launch(buf, ids, row=self.paged.chunk_elems, layers=range(self.paged.geometry.num_layers),
+                              to_stage=False, stream=self.kernel_stream)
+            return
+        dst, keep = ids  # the torch ops: destination ids and kept positions (``_torch_targets``)
+        if dst.numel():
+            with torch.cuda.stream(self.kernel_stream):
+                self.paged._scatter(buf, dst, keep)
+
+    def _torch_targets(self, groups: list[tuple[int, torch.Tensor]], block_ids: Sequence[int],
+                       stream: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per group (destination ids, kept positions or None for all), slices of one upload."""
         m = self.paged.blocks_per_chunk
         values: list[int] = []
-        offsets: list[int] = []
-        chunk_bytes = self.paged.chunk_elems * self.paged.dtype.itemsize
-        for k, (first, host) in enumerate(groups):
-            offsets.append(len(values))
-            base = self._buffer(k).data_ptr()
-            values += [base + i * chunk_bytes for i in range(host.shape[0])]
-            values += block_ids[first * m:(first + host.shape[0]) * m]
-        return self._upload(values, stream), offsets
+        spans: list[tuple[int, int, int | None]] = []
+        for first, host in groups:
+            dst, keep = self.paged._targets(block_ids[first * m:(first + host.shape[0]) * m])
+            spans.append((len(values), len(dst), None if keep is None else len(keep)))
+            values += dst + (keep or [])
+        uploaded = self._upload(values, stream)
+        return [(uploaded[at:at + nd], None if nk is None else uploaded[at + nd:at + nd + nk])
+                for at, nd, nk in spans]
 
     def gather(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
-        m, paged = self.paged.blocks_per_chunk, self.paged
         if after is not None:
             self.kernel_stream.wait_event(after)
-        if self._direct(runs, block_ids, to_chunk=True):
-            return
         groups = self._groups(runs)
-        if not groups:
-            return
-        if self.fused is not None:
-            table, offsets = self._fused_tables(groups, block_ids, self.kernel_stream)
-        else:
-            order = [b for first, host in groups for b in block_ids[first * m:(first + host.shape[0]) * m]]
-            ids = self._upload(order, self.kernel_stream)  # one small copy for the whole call
-        done, at = None, 0
+        ids = self._ids(groups, block_ids, self.kernel_stream)
+        done = None
         for k, (_, host) in enumerate(groups):
-            buf, n = self._buffer(k), host.shape[0]
+            buf, n = self.buffers[k % 2], host.shape[0]
             ready = torch.cuda.Event()
-            with torch.cuda.stream(self.kernel_stream):
-                self.kernel_stream.wait_event(self.free[k % 2])
-                if self.fused is not None:
-                    self.fused.launch(table[offsets[k]:], n, to_chunk=True, stream=self.kernel_stream)
-                else:
-                    paged._gather(buf[:n], ids[at:at + n * m])
-                ready.record(self.kernel_stream)
-            at += n * m
+            self.kernel_stream.wait_event(self.free[k % 2])
+            self._gather_group(buf[:n], ids[k])
+            ready.record(self.kernel_stream)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(ready)
                 host.copy_(buf[:n], non_blocking=True)
@@ -373,71 +386,66 @@ class _CudaPath:
         if done is not None:
             done.synchronize()
 
-    def scatter(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
+    def scatter(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any,
+                wait: bool = True) -> Any:
+        """Bulk: per group of chunks, DMA then scatter.  ``wait=False``: return the last event
+        instead of waiting for it (the caller keeps the host buffers alive until it fires)."""
         if after is not None:
             self.copy_stream.wait_event(after)
-            self.kernel_stream.wait_event(after)
-        if self._direct(runs, block_ids, to_chunk=False):
-            return
-        if self.fused is not None:
-            self._scatter_fused(runs, block_ids)
-        else:
-            self._scatter_torch(runs, block_ids)
-
-    def _scatter_fused(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int]) -> None:
-        assert self.fused is not None
         groups = self._groups(runs)
-        if not groups:
-            return
-        table, offsets = self._fused_tables(groups, block_ids, self.kernel_stream)
+        ids: list[Any] = (self._ids(groups, block_ids, self.kernel_stream) if self.fused is not None
+                          else self._torch_targets(groups, block_ids, self.kernel_stream))
         done = None
         for k, (_, host) in enumerate(groups):
-            buf, n = self._buffer(k), host.shape[0]
+            buf, n = self.buffers[k % 2], host.shape[0]
             ready = torch.cuda.Event()
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[k % 2])
                 buf[:n].copy_(host, non_blocking=True)
                 ready.record(self.copy_stream)
             self.kernel_stream.wait_event(ready)
-            self.fused.launch(table[offsets[k]:], n, to_chunk=False, stream=self.kernel_stream)
+            self._scatter_group(buf[:n], ids[k])
             self.free[k % 2].record(self.kernel_stream)
             done = self.free[k % 2]
-        if done is not None:
-            done.synchronize()
+        if done is None:
+            return None
+        if not wait:
+            last = torch.cuda.Event()  # its own event: ``free`` is recorded again by later copies
+            last.record(self.kernel_stream)
+            return last
+        done.synchronize()
+        return None
 
-    def _scatter_torch(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int]) -> None:
-        m, paged = self.paged.blocks_per_chunk, self.paged
-        # per group: (host chunks, [start, end) of its destination ids, of its kept positions or None),
-        # as ranges of one uploaded tensor
-        plans: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int] | None]] = []
-        values: list[int] = []
-        for first, host in self._groups(runs):
-            dst, keep = paged._targets(block_ids[first * m:(first + host.shape[0]) * m])
-            if not dst:
-                continue
-            dst_range = (len(values), len(values) + len(dst))
-            values += dst
-            keep_range = None
-            if keep is not None:
-                keep_range = (len(values), len(values) + len(keep))
-                values += keep
-            plans.append((host, dst_range, keep_range))
-        if not plans:
-            return
-        uploaded = self._upload(values, self.kernel_stream)
-        done = None
-        for k, (host, (d0, d1), keep_range) in enumerate(plans):
-            buf, n = self._buffer(k), host.shape[0]
-            ready = torch.cuda.Event()
-            with torch.cuda.stream(self.copy_stream):
+    def scatter_layers(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int],
+                       after: Any) -> list[Any] | None:
+        """Layer-wise: layer by layer, every group's slice of that layer (a 2-D copy: rows of
+        ``layer_bytes`` at a pitch of ``chunk_bytes``) then its scatter; one event per layer, the host
+        not blocked.  None where this cannot run (no fused kernel or no ``cudaMemcpy2DAsync``)."""
+        if self.fused is None or self.memcpy2d is None:
+            return None
+        g, itemsize = self.paged.geometry, self.paged.dtype.itemsize
+        layer_elems = self.paged.chunk_elems // g.num_layers
+        layer_bytes, chunk_bytes = layer_elems * itemsize, self.paged.chunk_elems * itemsize
+        if after is not None:
+            self.copy_stream.wait_event(after)
+        per_unit = self.group * g.num_layers  # one layer of this many chunks fills a staging buffer
+        groups = self._groups(runs, per_unit, per_unit)
+        ids = self._ids(groups, block_ids, self.kernel_stream)
+        events, k = [], 0
+        for layer in range(g.num_layers):
+            for (_, host), group_ids in zip(groups, ids, strict=True):
+                buf, n = self.buffers[k % 2].view(-1), host.shape[0]
+                ready = torch.cuda.Event()
                 self.copy_stream.wait_event(self.free[k % 2])
-                buf[:n].copy_(host, non_blocking=True)
+                self.memcpy2d(buf.data_ptr(), layer_bytes, host.data_ptr() + layer * layer_bytes, chunk_bytes,
+                              layer_bytes, n, self.copy_stream)
                 ready.record(self.copy_stream)
-            with torch.cuda.stream(self.kernel_stream):
                 self.kernel_stream.wait_event(ready)
-                keep_t = None if keep_range is None else uploaded[keep_range[0]:keep_range[1]]
-                paged._scatter(buf[:n], uploaded[d0:d1], keep_t)
+                self.fused.launch(buf, group_ids, row=layer_elems, layers=range(layer, layer + 1), to_stage=False,
+                                  stream=self.kernel_stream)
                 self.free[k % 2].record(self.kernel_stream)
-            done = self.free[k % 2]
-        if done is not None:
-            done.synchronize()
+                k += 1
+            event = torch.cuda.Event()
+            event.record(self.kernel_stream)
+            events.append(event)
+        return events

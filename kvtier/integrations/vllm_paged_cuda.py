@@ -39,60 +39,50 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _copy_blocks(layer_addrs, chunk_addrs, block_ids, s_blk, s_h, s_t, s_p,
-                     ELEM: tl.constexpr, P: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
-                     H: tl.constexpr, D: tl.constexpr, TO_CHUNK: tl.constexpr, TILE: tl.constexpr):
-        j = tl.program_id(0)  # block slot: block j % M of chunk j // M
-        lp = tl.program_id(1)  # layer * P + part
+    def _copy_blocks(layer_addrs, stage, block_ids, row, layer0, s_blk, s_h, s_t, s_p,
+                     P: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                     TO_STAGE: tl.constexpr, TILE: tl.constexpr):
+        j = tl.program_id(0)  # block slot: block j % M of staged chunk j // M
+        lp = tl.program_id(1)  # (layer - layer0) * P + part
         blk = tl.load(block_ids + j)
-        layer, part = lp // P, lp % P
-        src = tl.load(layer_addrs + layer).to(tl.pointer_type(ELEM)) + blk * s_blk + part * s_p
-        dst = tl.load(chunk_addrs + j // M).to(tl.pointer_type(ELEM)) + (lp * M + j % M) * (BS * H * D)
+        src = tl.load(layer_addrs + layer0 + lp // P).to(tl.pointer_type(stage.dtype.element_ty))
+        src += blk * s_blk + (lp % P) * s_p
+        dst = stage + (j // M).to(tl.int64) * row + (lp * M + j % M) * (BS * H * D)
         size = tl.where(blk >= 0, BS * H * D, 0)  # block id -1: copy nothing
         for start in range(0, BS * H * D, TILE):
             e = start + tl.arange(0, TILE)
             ok = e < size
             off = (e // (H * D)) * s_t + ((e // D) % H) * s_h + e % D
-            if TO_CHUNK:
+            if TO_STAGE:
                 tl.store(dst + e, tl.load(src + off, mask=ok), mask=ok)
             else:
                 tl.store(src + off, tl.load(dst + e, mask=ok), mask=ok)
 
-    _ELEM = {1: tl.int8, 2: tl.int16, 4: tl.int32}
-
 
 class FusedCopy:
-    """The fused block <-> chunk copy for one worker's registered KV (native block views)."""
+    """The fused block <-> staging copy for one worker's registered KV."""
 
     def __init__(self, layers: Sequence[torch.Tensor], *, parts: int, blocks_per_chunk: int, block_size: int,
                  heads: int, head_dim: int) -> None:
-        first = layers[0]  # native view (num_blocks, heads, block_size, parts, head_dim), any strides
-        self.elem = first.element_size()
-        if not HAVE_TRITON or self.elem not in (1, 2, 4):
+        first = layers[0]  # views (num_blocks, heads, block_size, parts, head_dim), any strides
+        if not HAVE_TRITON or first.element_size() not in (1, 2, 4):
             raise RuntimeError("the fused CUDA copy needs Triton and 1-, 2- or 4-byte KV elements")
         strides = {t.stride() for t in layers}
         if len(strides) != 1 or first.stride(-1) != 1:
             raise RuntimeError(f"the fused CUDA copy needs one stride order for all layers, got {strides}")
         self.s_blk, self.s_h, self.s_t, self.s_p, _ = first.stride()
-        self.device = first.device
+        self.view_dtype = {1: torch.int8, 2: torch.int16, 4: torch.int32}[first.element_size()]  # bits, not values
         self.parts, self.m, self.bs, self.heads, self.head_dim = parts, blocks_per_chunk, block_size, heads, head_dim
-        self.num_layers = len(layers)
-        self.layer_addrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64, device=self.device)
-        self.chunk_bytes = self.num_layers * parts * blocks_per_chunk * block_size * heads * head_dim * self.elem
+        self.layer_addrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64, device=first.device)
+        self.tile = min(4096, triton.next_power_of_2(block_size * heads * head_dim))
 
-    def tables(self, chunk_addrs: Sequence[int], block_ids: Sequence[int], stream: Any) -> torch.Tensor:
-        """One int64 device tensor: the chunk addresses, then the block ids (uploaded without
-        blocking the host: pinned source, the copy queued on ``stream``)."""
-        host = torch.tensor([*chunk_addrs, *block_ids], dtype=torch.int64).pin_memory()
+    def launch(self, stage: torch.Tensor, block_ids: torch.Tensor, *, row: int, layers: range, to_stage: bool,
+               stream: Any) -> None:
+        """Copy ``layers`` of ``len(block_ids) // m`` chunks between the blocks and ``stage``, where
+        staged chunk ``i``'s first copied layer starts at element ``i * row``; ``block_ids`` a long
+        device tensor (-1: skip that block slot)."""
+        grid = (block_ids.numel(), len(layers) * self.parts)
         with torch.cuda.stream(stream):
-            return host.to(self.device, non_blocking=True)
-
-    def launch(self, table: torch.Tensor, num_chunks: int, *, to_chunk: bool, stream: Any) -> None:
-        """Copy ``num_chunks`` chunks (``table``: their addresses, then ``m`` block ids each)."""
-        chunk_addrs, block_ids = table[:num_chunks], table[num_chunks:num_chunks + num_chunks * self.m]
-        tile = min(4096, triton.next_power_of_2(self.bs * self.heads * self.head_dim))
-        grid = (num_chunks * self.m, self.num_layers * self.parts)
-        with torch.cuda.stream(stream):
-            _copy_blocks[grid](self.layer_addrs, chunk_addrs, block_ids, self.s_blk, self.s_h, self.s_t, self.s_p,
-                               ELEM=_ELEM[self.elem], P=self.parts, M=self.m, BS=self.bs, H=self.heads,
-                               D=self.head_dim, TO_CHUNK=to_chunk, TILE=tile, num_warps=4)
+            _copy_blocks[grid](self.layer_addrs, stage.view(self.view_dtype), block_ids, row, layers.start,
+                               self.s_blk, self.s_h, self.s_t, self.s_p, P=self.parts, M=self.m, BS=self.bs,
+                               H=self.heads, D=self.head_dim, TO_STAGE=to_stage, TILE=self.tile, num_warps=4)

@@ -78,6 +78,7 @@ class WorkerCore:
         self._failed_blocks: set[int] = set()
         self._missing: set[ChunkKey] = set()
         self._changes: list[tuple[int, str, ChunkKey, bool]] = []
+        self._pending: list[tuple[list[Any], contextlib.ExitStack]] = []  # this step's queued loads (CUDA)
         memory.listen(self._on_change)
 
     def _on_change(self, tier: str, key: ChunkKey, added: bool) -> None:
@@ -145,13 +146,38 @@ class WorkerCore:
                 if self._saving.get(key) is future:
                     del self._saving[key]
 
-    def load_now(self, job: LoadJob, after: Any = None) -> None:
-        """Scatter a DRAM hit into vLLM's blocks before this step's forward."""
+    def load_now(self, job: LoadJob, after: Any = None, *, layerwise: bool = False) -> None:
+        """Scatter a DRAM hit into vLLM's blocks before this step's forward.
+
+        On CUDA the copies are queued and not waited for: ``wait_loads`` (all layers) or
+        ``wait_layer`` (``layerwise``: one layer) makes the compute stream wait for them, and
+        ``end_step`` releases the DRAM slots once they are done.  On CPU they are done on return."""
         with self._lock:
             waits = {f for k in job.keys if (f := self._saving.get(k)) is not None}
         for future in waits:  # the chunk is being saved by an earlier step: its bytes come first
             _wait_quietly(future)
-        self._load(job, after)
+        self._load(job, after, pending=True, layerwise=layerwise)
+
+    def wait_layer(self, layer: int) -> None:
+        """The compute stream waits (on the device, the host does not) for layer ``layer`` of this
+        step's queued loads."""
+        if self._pending:
+            stream = self.paged.current_stream()
+            for events, _ in self._pending:
+                stream.wait_event(events[layer])
+
+    def wait_loads(self) -> None:
+        """The compute stream waits for every layer of this step's queued loads."""
+        self.wait_layer(-1)
+
+    def end_step(self) -> None:
+        """After the forward: wait for this step's queued loads, release their DRAM slots."""
+        pending, self._pending = self._pending, []
+        for events, borrowed in pending:
+            try:
+                events[-1].synchronize()
+            finally:
+                borrowed.close()
 
     def load_async(self, job: LoadJob, after: Any = None) -> None:
         """Load a lower-tier hit on the mover; ``finished`` reports the request when done.
@@ -165,15 +191,22 @@ class WorkerCore:
         with self._lock:
             self._received.add(req_id)
 
-    def _load(self, job: LoadJob, after: Any = None) -> None:
+    def _load(self, job: LoadJob, after: Any = None, *, pending: bool = False, layerwise: bool = False) -> None:
+        """``pending``: queue the DRAM part's copies and keep its slots borrowed (``end_step``)."""
         memory, paged, m = self.memory, self.paged, self.paged.blocks_per_chunk
         t0 = time.perf_counter()
         loaded = 0
         hits_before = [t.stats.hits for t in memory.tiers]
         try:
             # DRAM hits are read in place, lower-tier hits promoted into DRAM slots and read there
-            with memory.borrow_prefix(job.keys) as views:
-                paged.scatter_from(views, job.block_ids[:len(views) * m], after)
+            with contextlib.ExitStack() as borrowed:
+                views = borrowed.enter_context(memory.borrow_prefix(job.keys))
+                ids = job.block_ids[:len(views) * m]
+                events = paged.scatter_pending(views, ids, after, layerwise=layerwise) if pending else None
+                if events is not None:
+                    self._pending.append((events, borrowed.pop_all()))
+                elif not pending:
+                    paged.scatter_from(views, ids, after)
                 loaded = len(views)
             if loaded < len(job.keys):  # no DRAM slot for the rest, no DRAM tier, or a miss: via staging
                 stage = paged._stage(len(job.keys) - loaded)
@@ -260,6 +293,7 @@ class WorkerCore:
 
     def close(self) -> None:
         """Finish every job, then close the hierarchy (flushes write-through)."""
+        self.end_step()
         self._mover.shutdown(wait=True)
         self.memory.close()
 

@@ -92,3 +92,27 @@ def test_an_unknown_cuda_copy_mode_is_refused() -> None:
                              parts=2)
     with pytest.raises(IntegrationError, match="cuda_copy"):
         PagedKV(_caches("hnd", "cpu"), geometry, tokens_per_chunk=M * BS, fmt="packed", cuda_copy="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="layer-wise loads are a CUDA path")
+@pytest.mark.parametrize("layout", ["hnd", "nhd", "cross", "mla"])
+def test_layerwise_scatter_fires_one_event_per_layer_and_moves_the_same_bytes(layout: str) -> None:
+    parts = 1 if layout == "mla" else 2
+    geometry = PagedGeometry(num_layers=LAYERS, num_kv_heads=1 if layout == "mla" else HEADS, head_dim=HD,
+                             dtype="float32", block_size=BS, parts=parts)
+    src = _caches(layout, "cuda")
+    paged = PagedKV(src, geometry, tokens_per_chunk=M * BS, fmt="packed", group_chunks=2)
+    table = random.Random(2).sample(range(NB), 8)
+    stage = paged.gather(table, paged.record())
+    host = [torch.from_numpy(np.array(p)).pin_memory().numpy() for p in paged.payloads(stage)]
+    dst = {name: torch.zeros_like(t) for name, t in src.items()}
+    back = PagedKV(dst, geometry, tokens_per_chunk=M * BS, fmt="packed", group_chunks=2)
+    targets = random.Random(3).sample(range(NB), 8)
+    targets[5] = -1
+    events = back.scatter_pending(host, targets, back.record(), layerwise=True)
+    assert events is not None and len(events) == LAYERS
+    events[-1].synchronize()
+    for name in src:
+        for j, b in enumerate(targets):
+            if b >= 0:
+                assert torch.equal(dst[name][b], src[name][table[j]]), (name, j)
