@@ -139,10 +139,12 @@ def clear(dram: DramTier) -> None:
 class Run:
     """One fresh ContextMemory (empty DRAM, the disk root as left) and one KVTierLM over it."""
 
+    io_threads = 8  # the disk tier's parallel reads (set from --io-threads)
+
     def __init__(self, model: Any, layout: KVLayout, dram: DramTier, root: Path, **lm: Any) -> None:
         clear(dram)
-        self.memory = ContextMemory(layout, [dram, DiskTier(layout, path=root, capacity_bytes=1 << 42,
-                                                            fsync=False)], write_through=lm.pop("write_through", False))
+        disk = DiskTier(layout, path=root, capacity_bytes=1 << 42, fsync=False, io_threads=self.io_threads)
+        self.memory = ContextMemory(layout, [dram, disk], write_through=lm.pop("write_through", False))
         self.lm = KVTierLM(model, self.memory, **lm)
 
     def __enter__(self) -> KVTierLM:
@@ -277,6 +279,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1, help="timings per cell (median)")
     ap.add_argument("--step-tokens", type=int, default=None, help="tokens per head forward of a split (4096)")
     ap.add_argument("--group-chunks", type=int, default=8, help="chunks per loader read of a split")
+    ap.add_argument("--io-threads", type=int, default=8, help="the disk tier's parallel reads")
     ap.add_argument("--turns", type=int, default=None, help="session turns (6); 0 skips the session")
     ap.add_argument("--turn-tokens", type=int, default=None, help="new tokens per turn (8192)")
     ap.add_argument("--session-disk-GBps", type=float, default=1.6, help="the session cost model's disk link")
@@ -298,6 +301,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stdout),
                                   logging.FileHandler(args.out / "split_g3.log", mode="w")])
+    Run.io_threads = args.io_threads
     device = torch.device(args.device)
     contexts = [int(x) for x in args.contexts.split(",") if x]
     out_json = args.out / "split_g3.json"
@@ -326,6 +330,7 @@ def main() -> int:
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="kvtier-split-", dir=args.root) as tmp:
         st = os.statvfs(tmp)
         result["disk"] = {"root": tmp, "free_bytes": st.f_bavail * st.f_frsize, "fsync": False,
+                          "io_threads": args.io_threads,
                           "page_cache": "cold: os.sync + posix_fadvise(DONTNEED) per chunk file; warm: as left"}
         # prefill cost (kernels warmed by its first, discarded, repeat)
         top = min(max(contexts), 16384)
