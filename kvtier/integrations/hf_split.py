@@ -12,12 +12,14 @@
   plain ``DynamicCache`` (the head needs no loaded KV).
 
 ``Fronts`` is where they meet.  Adaptive (the default): compute continues while there are
-chunks the loader has not delivered, and the loader stops at the compute front, so a late
+chunks the loader has not claimed, and the loader stops at the compute front, so a late
 loader means more computed chunks and a late compute means the loaded region starts earlier
-than ``c``; the plan's ``c`` is only the estimate.  ``mode="planned"`` keeps the meeting point
-at ``c`` (deterministic: benchmarks of the plan, tests).  Either way the result is exact: the
-loaded region is a contiguous ``[f, k)`` of chunks that passed their checksums, the computed
-one ``[0, f)``; a group with a failed chunk ends the loader there, and the compute covers it.
+than ``c``; the plan's ``c`` is only the estimate.  At the meeting the compute waits for the
+loader's last group (at most one group's read) rather than computing chunks being read.
+``mode="planned"`` keeps the meeting point at ``c`` (deterministic: benchmarks of the plan,
+tests).  Either way the result is exact: the loaded region is a contiguous ``[f, k)`` of chunks
+that passed their checksums, the computed one ``[0, f)``; a group with a failed chunk ends the
+loader there, and the compute covers it.
 
 On CUDA the compute side keeps at most two steps queued (it waits for step ``i - 1`` after
 queueing step ``i``), so the front it publishes is never far ahead of the GPU.  The loaded
@@ -66,15 +68,17 @@ class Fronts:
     """The compute front (forward from chunk 0) and the loaded front (backward from ``end``).
 
     ``computed``: chunks ``[0, computed)`` are computed or queued to be; ``loaded``: chunks
-    ``[loaded, end)`` are read and queued to the device.  The loader never goes below ``floor``
-    nor below the compute front; the compute side is told how far it may go.
+    ``[loaded, end)`` are read and queued to the device; ``reading``: the group in flight starts
+    there.  The loader never goes below ``floor`` nor below the compute front.  The compute side
+    stops at ``reading``, not at ``loaded``: computing the group in flight would waste its read
+    and still wait for it (its borrows must end before the request does).
     """
 
     def __init__(self, end: int, *, floor: int = 0) -> None:
         self.end = end
         self.floor = floor
         self.computed = 0
-        self.loaded = end
+        self.loaded = self.reading = end
         self.failed_at: int | None = None  # first chunk of the group that failed to load
         self.stopped = False
         self._lock = threading.Lock()
@@ -86,6 +90,7 @@ class Fronts:
             if self.stopped or lo >= self.loaded:
                 self.stopped = True
                 return None
+            self.reading = lo
             return lo, self.loaded
 
     def delivered(self, lo: int) -> None:
@@ -95,16 +100,16 @@ class Fronts:
     def failed(self, at: int) -> None:
         """A chunk of the group could not be loaded: the loaded region stays where it was."""
         with self._lock:
-            self.failed_at, self.stopped = at, True
+            self.failed_at, self.stopped, self.reading = at, True, self.loaded
 
     def stop(self) -> None:
         with self._lock:
             self.stopped = True
 
     def claim_compute(self, step: int, *, until: int | None = None) -> tuple[int, int] | None:
-        """The next chunks to compute, ``[lo, hi)``, up to the loaded front (and ``until``)."""
+        """The next chunks to compute, ``[lo, hi)``, up to the group in flight (and ``until``)."""
         with self._lock:
-            limit = self.loaded if until is None else min(until, self.loaded)
+            limit = self.reading if until is None else min(until, self.reading)
             if self.computed >= limit:
                 return None
             lo, self.computed = self.computed, min(self.computed + step, limit)

@@ -71,9 +71,21 @@ def test_a_late_loader_stops_at_the_compute_front() -> None:
     assert fronts.claim_load(2) == (6, 8)
     fronts.delivered(6)
     assert fronts.claim_compute(4) == (0, 4)  # compute runs on while the loader is behind
-    assert fronts.claim_compute(4) == (4, 6)  # ... up to what is loaded
-    assert fronts.claim_compute(4) is None
+    assert fronts.claim_load(2) == (4, 6)  # the loader claims the next group ...
+    assert fronts.claim_compute(4) is None  # ... which compute leaves to it (no wasted read)
+    fronts.delivered(4)
     assert fronts.claim_load(2) is None and fronts.stopped  # nothing left between the fronts
+    assert fronts.claim_compute(4) is None and (fronts.computed, fronts.loaded) == (4, 4)
+
+
+def test_compute_goes_on_up_to_the_group_in_flight() -> None:
+    fronts = Fronts(8)
+    assert fronts.claim_load(2) == (6, 8)
+    assert fronts.claim_compute(8) == (0, 6)  # the group [6, 8) is being read: stop before it
+    assert fronts.claim_compute(8) is None
+    fronts.delivered(6)
+    assert fronts.claim_load(2) is None  # met
+    assert (fronts.computed, fronts.loaded) == (6, 6)
 
 
 def test_a_late_compute_meets_the_loader_earlier() -> None:
