@@ -354,6 +354,8 @@ class Planner:
         if cost is not None and len(cost.links) < len(directory.tiers):
             raise ConfigError(f"cost_model has {len(cost.links)} link(s) for the tiers {directory.tiers}: "
                               "one link per tier, top first")
+        if cost is not None and chunk_bytes <= 0:
+            raise ConfigError("a cost model needs the chunk's size: chunk_bytes must be > 0")
         self.requests: dict[str, RequestState] = {}
         self._next = StepPlan()
 

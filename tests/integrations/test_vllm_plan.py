@@ -366,4 +366,6 @@ def test_a_cost_model_loads_only_the_chunks_faster_than_recomputing() -> None:
     planner.directory.apply(changes)
     assert planner.match(Req("s", tokens), 8) == (8, False)
     with pytest.raises(ConfigError, match="one link per tier"):
-        _planner(cost=CostModel(links=(LinkCost(bandwidth_Bps=1e9),), prefill=prefill))
+        _planner(cost=CostModel(links=(LinkCost(bandwidth_Bps=1e9),), prefill=prefill), chunk_bytes=chunk_bytes)
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        _planner(cost=fast)
