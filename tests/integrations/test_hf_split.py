@@ -209,3 +209,22 @@ def test_a_split_with_a_corrupt_chunk_stores_it_again(model: LlamaForCausalLM, l
     ref_logits, _ = reference(model, ids)
     assert (result.logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
     assert mem.lookup(keys).num_chunks == N  # the recomputed chunk was stored again
+
+
+def test_a_split_without_a_dram_tier_reads_into_plain_buffers(model: LlamaForCausalLM, layout: KVLayout,
+                                                             cold: tuple[ContextMemory, torch.Tensor],
+                                                             tmp_path: Path) -> None:
+    _, ids = cold
+    mem = ContextMemory(layout, [DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30, fsync=False)])
+    try:
+        options = SplitOptions(mode="planned", step_tokens=C, group_chunks=2)
+        two = slow_disk_cost(layout)
+        disk_only = CostModel(links=two.links[1:], prefill=two.prefill)  # the disk is level 0 here
+        with KVTierLM(model, mem, cost=disk_only, split=options, store=False) as lm, torch.no_grad():
+            result = lm.prefill(ids)
+        assert result.plan is not None and result.plan.is_split
+        assert result.loaded_tokens == (N - result.plan.compute_chunks) * C > 0
+        ref_logits, _ = reference(model, ids)
+        assert (result.logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
+    finally:
+        mem.close()
