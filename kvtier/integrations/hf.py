@@ -6,7 +6,9 @@ Follow one request through ``KVTierLM.prefill(input_ids)``:
    (control plane only, no bytes move);
 2. **decide**: ``CostModel.plan`` picks how many leading chunks to load; the rest is
    recomputed (without a cost model: load every usable chunk).  At least one token is always
-   computed, so the model produces logits;
+   computed, so the model produces logits.  For a slow-tier hit the plan may be a **split**:
+   recompute the head while the tail loads, then the suffix (``kvtier.integrations.hf_split``
+   executes it; steps 3-4 then run on a loader thread beside the head's compute);
 3. **fetch**: ``ContextMemory.borrow_prefix``: DRAM chunks are borrowed zero-copy from the
    pinned pool, chunks of lower tiers are read (checksums, corrupt = miss) straight into pinned
    DRAM slots reserved for them -- the promotion is the read.  Without a DRAM tier (or with
@@ -40,6 +42,7 @@ from transformers.cache_utils import DynamicCache
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.hf_cache import LoadedCache
+from kvtier.integrations.hf_split import DEFAULT_SPLIT, SplitOptions, run_split
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel, FetchPlan, PrefillCost
@@ -75,6 +78,7 @@ class PrefillResult:
     loaded_tokens: int  # prompt tokens whose KV came from kvtier
     computed_tokens: int  # prompt tokens the model computed
     store: Future[int] | None  # background store of the new full chunks (result: chunks stored)
+    head_tokens: int = 0  # of computed_tokens, those computed while the loaded ones streamed in (a split)
 
 
 class KVTierLM:
@@ -82,7 +86,7 @@ class KVTierLM:
 
     def __init__(self, model: Any, memory: ContextMemory, *, cost: CostModel | None = None,
                  layerwise: bool = True, store: bool = True, staging_bytes: int = 256 << 20,
-                 copy2d: bool | None = None) -> None:
+                 copy2d: bool | None = None, split: SplitOptions | None = DEFAULT_SPLIT) -> None:
         self.model = model
         self.memory = memory
         self.layout = memory.layout
@@ -92,11 +96,13 @@ class KVTierLM:
         self.cost = cost
         self.layerwise = layerwise
         self.store_enabled = store
+        self.split = split  # None: never split (the cost model's pure decisions only)
         top = memory.tiers[0]
         self._dram = top if isinstance(top, DramTier) else None
         self.engine = CopyEngine(self.layout, self.device, pool=self._dram.pool if self._dram else None,
                                  staging_bytes=staging_bytes, copy2d=copy2d)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-store")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-split")
         self._stores: list[Future[int]] = []
 
     # --- the request path -----------------------------------------------------------------------
@@ -108,10 +114,13 @@ class KVTierLM:
         hit = self.memory.lookup(keys)
         if self.cost is not None:
             plan: FetchPlan | None = self.cost.plan(hit.tiers, total_tokens=len(ids), tokens_per_chunk=c,
-                                                    chunk_bytes=self.layout.chunk_bytes)
+                                                    chunk_bytes=self.layout.chunk_bytes,
+                                                    split=self.split is not None)
             want = plan.load_chunks if plan else 0
         else:
             plan, want = None, min(hit.num_chunks, (len(ids) - 1) // c)
+        if plan is not None and plan.is_split:
+            return self._prefill_split(ids, keys, hit.num_chunks, plan, forward_kwargs)
         with contextlib.ExitStack() as borrows:
             load, loaded = self._fetch(keys[:want], borrows) if want else (None, 0)
             try:
@@ -128,6 +137,30 @@ class KVTierLM:
         store = self._store_async(keys, first_new, len(ids) // c, out.past_key_values)
         return PrefillResult(logits=out.logits, cache=out.past_key_values, plan=plan, loaded_tokens=loaded * c,
                              computed_tokens=len(ids) - loaded * c, store=store)
+
+    def _prefill_split(self, ids: torch.Tensor, keys: Sequence[ChunkKey], cached: int, plan: FetchPlan,
+                       forward_kwargs: dict[str, Any]) -> PrefillResult:
+        """The plan's split: compute the head while the tail loads (``hf_split``), then the suffix."""
+        assert self.split is not None
+        c, end = self.layout.tokens_per_chunk, plan.load_chunks
+        with contextlib.ExitStack() as borrows:
+            split = run_split(self.model, self.memory, self.engine, ids, keys, compute_chunks=plan.compute_chunks,
+                              end=end, options=self.split, borrows=borrows, pool=self._loader)
+            try:
+                suffix = ids[end * c:].to(self.device)[None, :]
+                out = self.model(input_ids=suffix, past_key_values=split.cache, use_cache=True, **forward_kwargs)
+            finally:
+                if split.load is not None:
+                    split.load.wait_host()  # the DRAM borrows end here: copies must have read them
+        if split.failed_at is not None:
+            log.warning("kvtier: chunk %d of a split failed to load; computed up to chunk %d instead",
+                        split.failed_at, split.computed_chunks)
+        loaded = (end - split.computed_chunks) * c
+        first_new = split.failed_at if split.failed_at is not None else max(cached, end)
+        store = self._store_async(keys, first_new, len(ids) // c, out.past_key_values)
+        return PrefillResult(logits=out.logits, cache=out.past_key_values, plan=plan, loaded_tokens=loaded,
+                             computed_tokens=len(ids) - loaded, store=store,
+                             head_tokens=split.computed_chunks * c)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int) -> tuple[list[int],
@@ -239,6 +272,7 @@ class KVTierLM:
     def close(self) -> None:
         self.flush()
         self._writer.shutdown(wait=True)
+        self._loader.shutdown(wait=True)
 
     def __enter__(self) -> KVTierLM:
         return self

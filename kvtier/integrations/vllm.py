@@ -52,7 +52,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
-from kvtier.integrations.vllm_config import PagedGeometry, make_layout, parse_extra_config
+from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
@@ -163,7 +163,9 @@ class KVTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._planner = Planner(namespace=self.namespace, tokens_per_chunk=self.layout.tokens_per_chunk,
                                     block_size=self.geometry.block_size, directory=self._directory(),
-                                    async_loads=self.options.async_loads)
+                                    async_loads=self.options.async_loads,
+                                    cost=load_cost_model(self.options, list(self.config.tiers)),
+                                    chunk_bytes=rank_layout(self.layout, 0, self.world_size).chunk_bytes)
         logger.info("KVTierConnector (%s): %s, tiers %s, TP %d", role.name.lower(), self.layout.describe(),
                     ", ".join(self.config.tiers), self.world_size)
 

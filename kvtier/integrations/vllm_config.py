@@ -3,7 +3,8 @@
 One place maps vLLM's untyped ``kv_connector_extra_config`` dict onto kvtier's typed config:
 
 * connector-only keys (``ConnectorOptions`` below: ``stats_file``, ``log_interval_s``,
-  ``model_id``, ``on_load_error``) are taken out first;
+  ``model_id``, ``on_load_error``, ``async_loads``, ``probe_deadline_s``, ``cost_model``) are
+  taken out first;
 * every other key is a ``KVTierConfig`` field (``chunk_tokens``, ``tiers``, ``dram``, ``disk``,
   ``redis``, ...), applied over kvtier's usual sources (defaults < ``KVTIER_CONFIG`` file <
   these keys < ``KVTIER_*`` environment) by ``kvtier.config.load_config``.
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from kvtier.config import KVTierConfig, from_dict, load_config
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
+from kvtier.policy.cost import CostModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +39,7 @@ class ConnectorOptions:
     async_loads: Literal["auto", "always", "never"] = "auto"  # auto: hits below DRAM load off the step
     probe_deadline_s: float = 0.02  # longest a scheduler lookup waits for a Redis/Mooncake probe
     layerwise_loads: bool = False  # CUDA: each attention layer waits only for its own layer of a DRAM hit
+    cost_model: Path | None = None  # CostModel JSON (one link per tier): load only chunks faster than recomputing
 
     def __post_init__(self) -> None:
         if self.log_interval_s < 0:
@@ -59,6 +62,20 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *,
     except ConfigError as exc:
         raise ConfigError(f"kv_connector_extra_config: {exc} (connector keys: {sorted(CONNECTOR_KEYS)})") from exc
     return config, options
+
+
+def load_cost_model(options: ConnectorOptions, tiers: list[str]) -> CostModel | None:
+    """The connector's ``cost_model`` file, checked against the tiers; ConfigError naming it."""
+    if options.cost_model is None:
+        return None
+    try:
+        cost = CostModel.load(options.cost_model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"kv_connector_extra_config.cost_model={str(options.cost_model)!r}: {exc}") from exc
+    if len(cost.links) < len(tiers):
+        raise ConfigError(f"kv_connector_extra_config.cost_model has {len(cost.links)} link(s) for the tiers "
+                          f"{tiers}: one link per tier, top first")
+    return cost
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvtier.errors import ConfigError
 from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey
+from kvtier.policy.cost import CostModel
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import chunk_path
 
@@ -121,8 +123,16 @@ def parse_pin_request(params: Any) -> PinRequest | None:
 class Match:
     """The longest prefix of a request's chunks the engine's kvtier can load."""
 
-    chunks: int
-    below_dram: bool  # some of them are not in the worker's DRAM: an I/O-bound, asynchronous load
+    levels: tuple[int, ...]  # tier level of each chunk (0: the worker's DRAM, or a save in flight)
+
+    @property
+    def chunks(self) -> int:
+        return len(self.levels)
+
+    @property
+    def below_dram(self) -> bool:
+        """Some chunks are not in the worker's DRAM: an I/O-bound, asynchronous load."""
+        return any(level > 0 for level in self.levels)
 
 
 class ChunkDirectory:
@@ -211,23 +221,24 @@ class ChunkDirectory:
     # --- lookups ------------------------------------------------------------------------------
     def longest_prefix(self, keys: Sequence[ChunkKey]) -> Match:
         """Leading ``keys`` held: the worker's mirror first, then the shared disk, then remote tiers."""
-        n, below = 0, False
-        while n < len(keys):
-            key = keys[n]
-            if key in self.planned:
-                n += 1
+        levels: list[int] = []
+        while len(levels) < len(keys):
+            key = keys[len(levels)]
+            if key in self.planned:  # a save in flight lands in the worker's DRAM first
+                levels.append(0)
                 continue
             level = self._level(key)
             if level is None:
                 break
-            below = below or level > 0
-            n += 1
-        while n < len(keys) and self.disk_roots and all(chunk_path(r, keys[n]).exists() for r in self.disk_roots):
-            n, below = n + 1, True
-        if n < len(keys) and self.remote:
-            found = self._remote_prefix(keys[n:])
-            n, below = n + found, below or found > 0
-        return Match(n, below)
+            levels.append(level)
+        disk = self.tiers.index("disk") if "disk" in self.tiers else len(self.tiers)
+        while len(levels) < len(keys) and self.disk_roots and all(
+                chunk_path(r, keys[len(levels)]).exists() for r in self.disk_roots):
+            levels.append(disk)
+        if len(levels) < len(keys) and self.remote:
+            remote = next((lv for lv, t in enumerate(self.tiers) if t not in ("dram", "disk")), len(self.tiers))
+            levels += [remote] * self._remote_prefix(keys[len(levels):])
+        return Match(tuple(levels))
 
     def _remote_prefix(self, keys: Sequence[ChunkKey], batch: int = 64) -> int:
         now = self._clock()
@@ -330,7 +341,7 @@ class Planner:
 
     def __init__(self, *, namespace: ChunkKey, tokens_per_chunk: int, block_size: int,
                  directory: ChunkDirectory, keyer: KeyerFactory = request_keyer,
-                 async_loads: str = "auto") -> None:
+                 async_loads: str = "auto", cost: CostModel | None = None, chunk_bytes: int = 0) -> None:
         self.namespace = namespace
         self.chunk = tokens_per_chunk
         self.block_size = block_size
@@ -338,6 +349,13 @@ class Planner:
         self.directory = directory
         self.keyer = keyer
         self.async_loads = async_loads  # auto: when a hit is below DRAM; always; never
+        self.cost = cost  # None: load every chunk found; else only the chunks worth loading
+        self.chunk_bytes = chunk_bytes  # one chunk's bytes on one worker (for the cost model)
+        if cost is not None and len(cost.links) < len(directory.tiers):
+            raise ConfigError(f"cost_model has {len(cost.links)} link(s) for the tiers {directory.tiers}: "
+                              "one link per tier, top first")
+        if cost is not None and chunk_bytes <= 0:
+            raise ConfigError("a cost model needs the chunk's size: chunk_bytes must be > 0")
         self.requests: dict[str, RequestState] = {}
         self._next = StepPlan()
 
@@ -363,12 +381,29 @@ class Planner:
             return 0, False
         limit = request.num_tokens - 1  # vLLM must compute at least one token to sample from
         found = self.directory.longest_prefix(state.keys(request.num_tokens))
+        if self.cost is not None:
+            found = self._worth_loading(found, num_computed_tokens, request.num_tokens)
         hit = min(found.chunks * self.chunk, limit)
         if hit <= num_computed_tokens:
             return 0, False
         state.load = (num_computed_tokens, hit)
         state.load_async = self.async_loads == "always" or (self.async_loads == "auto" and found.below_dram)
         return hit - num_computed_tokens, state.load_async
+
+    def _worth_loading(self, found: Match, num_computed_tokens: int, num_tokens: int) -> Match:
+        """The leading chunks of ``found`` that are faster to load than to recompute.
+
+        vLLM loads a prefix only and computes what follows, so the plan is a pure one (no
+        compute + load split): typically the DRAM head of a hit, with a slow disk or G4 tail
+        left to vLLM when reading it would take longer than recomputing it.  Chunks vLLM's own
+        prefix cache holds are free; the plan covers the rest (as if it started at token 0:
+        the attention over vLLM's cached part is left out of the estimate).
+        """
+        assert self.cost is not None
+        first = min(num_computed_tokens // self.chunk, found.chunks)
+        plan = self.cost.plan(found.levels[first:], total_tokens=num_tokens - first * self.chunk,
+                              tokens_per_chunk=self.chunk, chunk_bytes=self.chunk_bytes)
+        return Match(found.levels[:first + plan.load_chunks])
 
     def allocated(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """Blocks are allocated: plan the matched load (vLLM may load fewer tokens than matched)."""

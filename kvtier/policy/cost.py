@@ -18,6 +18,19 @@ For a hit whose chunks sit at levels ``tiers[0..K)``, ``plan`` evaluates every `
 ``0..K`` (load chunks ``[0, k)``, recompute the rest) and picks the cheapest, so it can load
 a DRAM-resident head and recompute a disk-resident tail.  Ties go to loading (less compute
 on a shared accelerator).  Each decision is logged at INFO on ``kvtier.policy.cost``.
+
+Compute + load split (``plan(..., split=True)``; the idea of Cake, "Compute or Load KV Cache?
+Why Not Both?", 2024): for a hit in a slow tier the accelerator idles while the disk reads,
+and the disk idles while the accelerator recomputes.  So the leading ``c`` chunks are
+recomputed (they need no loaded KV) *while* chunks ``[c, k)`` stream in, then the suffix:
+
+    total = max(prefill(0, c*T), load(c, k)) + prefill(k*T, total - k*T)
+
+``prefill(0, c*T)`` grows with ``c`` (faster than linearly: attention), ``load(c, k)`` shrinks,
+so for each ``k`` the best ``c`` is where they cross, found by bisection (both finish
+together).  ``c = 0`` is the pure load above, ``c = k`` pure recompute; a split is chosen only
+when strictly cheaper than both.  The engine that executes the split may move the meeting
+point at run time (``kvtier.integrations.hf_split``); ``c`` is the estimate.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger(__name__)
@@ -82,16 +95,26 @@ class PrefillCost:
 class FetchPlan:
     """The decision for one request."""
 
-    load_chunks: int  # load chunks [0, load_chunks) of the hit; recompute every token after
+    load_chunks: int  # chunks [compute_chunks, load_chunks) are loaded; every token after is computed
     cached_chunks: int  # chunks the hit offered (after capping so at least one token is computed)
     est_load_s: float
-    est_compute_s: float
+    est_compute_s: float  # suffix prefill, plus the head's with a split
     est_total_s: float
     est_recompute_s: float  # the estimate for loading nothing, for comparison
+    compute_chunks: int = 0  # a split: chunks [0, compute_chunks) are recomputed while the rest load
 
     @property
     def speedup(self) -> float:
         return self.est_recompute_s / self.est_total_s if self.est_total_s > 0 else 1.0
+
+    @property
+    def is_split(self) -> bool:
+        return self.compute_chunks > 0
+
+    @property
+    def loaded_chunks(self) -> int:
+        """Chunks the plan reads from kvtier."""
+        return self.load_chunks - self.compute_chunks
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,38 +130,75 @@ class CostModel:
             raise ValueError("CostModel needs at least one link and stages >= 1")
 
     def plan(self, tiers: Sequence[int], *, total_tokens: int, tokens_per_chunk: int,
-             chunk_bytes: int) -> FetchPlan:
+             chunk_bytes: int, split: bool = False) -> FetchPlan:
         """Choose how many leading chunks of a hit (levels ``tiers``) to load for a prompt.
 
         At most ``(total_tokens - 1) // tokens_per_chunk`` chunks are loadable: the model must
-        compute at least one token to produce logits.
+        compute at least one token to produce logits.  ``split``: also consider recomputing a
+        head of the hit while its tail loads (an engine that can run both at once).
         """
         usable = min(len(tiers), max(total_tokens - 1, 0) // tokens_per_chunk)
         if any(t >= len(self.links) for t in tiers[:usable]):
             raise ValueError(f"hit names tier level {max(tiers[:usable])}, the cost model knows "
                              f"{len(self.links)} link(s)")
-        best: tuple[float, int, float, float] | None = None
-        load = 0.0
+        loads = self._load_sums(tiers[:usable], chunk_bytes)
         recompute = self.prefill.seconds(0, total_tokens)
-        for k in range(usable + 1):
-            if k:  # chunk k-1 joins the load; a run of chunks from one tier pays its latency once
-                link = self.links[tiers[k - 1]]
-                new_run = k == 1 or tiers[k - 2] != tiers[k - 1]
-                load += chunk_bytes / link.bandwidth_Bps + (link.latency_s if new_run else 0.0)
+        best = _Choice(total=recompute, c=0, k=0, load=0.0, compute=recompute)
+        for k in range(1, usable + 1):
             past = k * tokens_per_chunk
-            compute = self.prefill.seconds(past, total_tokens - past)
-            total = self._combine(load, compute)
-            if best is None or total <= best[0]:
-                best = (total, k, load, compute)
-        assert best is not None
-        total, k, load, compute = best
-        plan = FetchPlan(load_chunks=k, cached_chunks=usable, est_load_s=load, est_compute_s=compute,
-                         est_total_s=total, est_recompute_s=recompute)
-        log.info("fetch-or-recompute: %d tokens, %d cached chunks (levels %s): load %d, recompute %d "
+            suffix = self.prefill.seconds(past, total_tokens - past)
+            load = loads(0, k)
+            total = self._combine(load, suffix)
+            if total <= best.total:  # ties go to loading
+                best = _Choice(total=total, c=0, k=k, load=load, compute=suffix)
+            if split and k > 1:
+                c = self._meeting_point(loads, k, tokens_per_chunk)
+                head = self.prefill.seconds(0, c * tokens_per_chunk)
+                total = max(head, loads(c, k)) + suffix
+                if total < best.total:
+                    best = _Choice(total=total, c=c, k=k, load=loads(c, k), compute=head + suffix)
+        plan = FetchPlan(load_chunks=best.k, cached_chunks=usable, est_load_s=best.load,
+                         est_compute_s=best.compute, est_total_s=best.total, est_recompute_s=recompute,
+                         compute_chunks=best.c)
+        log.info("fetch-or-recompute: %d tokens, %d cached chunks (levels %s): %sload %d, recompute %d "
                  "tokens; est %.1f ms (load %.1f + compute %.1f) vs recompute-all %.1f ms",
-                 total_tokens, usable, _levels(tiers[:usable]), k, total_tokens - k * tokens_per_chunk,
-                 total * 1e3, load * 1e3, compute * 1e3, recompute * 1e3)
+                 total_tokens, usable, _levels(tiers[:usable]),
+                 f"split: compute {best.c} chunks while loading, " if best.c else "", best.k - best.c,
+                 total_tokens - best.k * tokens_per_chunk + best.c * tokens_per_chunk,
+                 best.total * 1e3, best.load * 1e3, best.compute * 1e3, recompute * 1e3)
         return plan
+
+    def _load_sums(self, tiers: Sequence[int], chunk_bytes: int) -> Callable[[int, int], float]:
+        """``loads(c, k)``: seconds to load chunks ``[c, k)``; a run of one tier pays its latency once."""
+        per = [chunk_bytes / self.links[t].bandwidth_Bps for t in tiers]
+        starts = [0.0] * (len(tiers) + 1)  # prefix sums of bandwidth time + latency of each run started
+        for i, level in enumerate(tiers):
+            new_run = i == 0 or tiers[i - 1] != level
+            starts[i + 1] = starts[i] + per[i] + (self.links[level].latency_s if new_run else 0.0)
+
+        def loads(c: int, k: int) -> float:
+            if c >= k:
+                return 0.0
+            # chunk c opens a run of its own even when its left neighbour is of the same tier
+            rejoin = c > 0 and tiers[c - 1] == tiers[c]
+            return starts[k] - starts[c] + (self.links[tiers[c]].latency_s if rejoin else 0.0)
+
+        return loads
+
+    def _meeting_point(self, loads: Callable[[int, int], float], k: int, tokens_per_chunk: int) -> int:
+        """The ``c`` in ``[1, k)`` minimising ``max(head(c), load(c, k))``: where the two cross."""
+        lo, hi = 1, k - 1  # head(c) grows with c, load(c, k) shrinks: bisect the first c where head wins
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.prefill.seconds(0, mid * tokens_per_chunk) >= loads(mid, k):
+                hi = mid
+            else:
+                lo = mid + 1
+
+        def cost(c: int) -> float:
+            return max(self.prefill.seconds(0, c * tokens_per_chunk), loads(c, k))
+
+        return min((c for c in (lo - 1, lo) if 1 <= c < k), key=cost)
 
     def _combine(self, load: float, compute: float) -> float:
         if self.stages == 1:
@@ -170,6 +230,15 @@ class CostModel:
     def load(cls, path: str | os.PathLike[str]) -> CostModel:
         with open(path) as f:
             return cls.from_json(f.read())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Choice:
+    total: float
+    c: int  # chunks recomputed while loading (0: no split)
+    k: int  # end of the loaded range
+    load: float
+    compute: float
 
 
 def _levels(tiers: Sequence[int]) -> str:

@@ -231,6 +231,11 @@ class KVLoad:
                     buf[first + i, lo:lo + lb].copy_(src[lo:lo + lb], non_blocking=True)
                 self._events[layer] = eng.record(stream)
 
+    def keep(self, first: int) -> None:
+        """Use chunks ``[first, num_chunks)`` only: the consumer computed the ones before (a split)."""
+        self.buffer = self._buf()[first:]
+        self.num_chunks -= first
+
     def finish(self) -> None:
         """Mark the end of the issued copies (call once, after the last copy_*)."""
         self._final = self.engine.record(self.engine.load_stream)

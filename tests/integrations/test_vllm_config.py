@@ -42,3 +42,24 @@ def test_chunk_must_be_whole_blocks() -> None:
     assert make_layout(GEOMETRY, chunk_tokens=256, model_id="m").tokens_per_chunk == 256
     with pytest.raises(ConfigError, match="multiple of vLLM's block_size=64"):
         make_layout(GEOMETRY, chunk_tokens=100, model_id="m")
+
+
+def test_cost_model_file_is_loaded_and_checked(tmp_path: Path) -> None:
+    from kvtier.integrations.vllm_config import load_cost_model
+    from kvtier.policy.cost import CostModel, LinkCost, PrefillCost
+
+    path = tmp_path / "cost.json"
+    cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), LinkCost(bandwidth_Bps=2e9)),
+                     prefill=PrefillCost(per_token_s=1e-4))
+    cost.save(path)
+    _, options = parse_extra_config({"cost_model": str(path)}, env={})
+    assert load_cost_model(options, ["dram", "disk"]) == cost
+    assert load_cost_model(parse_extra_config({}, env={})[1], ["dram"]) is None
+    with pytest.raises(ConfigError, match=r"cost_model has 2 link\(s\) for the tiers"):
+        load_cost_model(options, ["dram", "disk", "redis"])
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match=r"cost_model=.*not a cost model"):
+        load_cost_model(options, ["dram", "disk"])
+    _, missing = parse_extra_config({"cost_model": str(tmp_path / "none.json")}, env={})
+    with pytest.raises(ConfigError, match="cost_model="):
+        load_cost_model(missing, ["dram"])

@@ -318,9 +318,9 @@ def test_disk_hits_come_from_the_files_not_a_start_up_index(tmp_path: Path) -> N
         path = chunk_path(tmp_path, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert directory.longest_prefix(keys) == Match(2, True)
+    assert directory.longest_prefix(keys) == Match((1, 1))
     chunk_path(tmp_path, keys[1]).unlink()  # evicted by whoever owns it
-    assert directory.longest_prefix(keys) == Match(1, True)
+    assert directory.longest_prefix(keys) == Match((1,))
 
 
 @pytest.mark.parametrize(("params", "expected"), [
@@ -339,3 +339,33 @@ def test_parse_pin_request(params: Any, expected: PinRequest | None) -> None:
 def test_parse_pin_request_rejects(spec: Any) -> None:
     with pytest.raises(ValueError, match="kvtier"):
         parse_pin_request({"kvtier": spec})
+
+
+def test_a_cost_model_loads_only_the_chunks_faster_than_recomputing() -> None:
+    """A DRAM head and a slow disk tail: load the head, let vLLM compute the tail."""
+    from kvtier.errors import ConfigError
+    from kvtier.policy.cost import CostModel, LinkCost, PrefillCost
+
+    chunk_bytes = 1 << 20
+    prefill = PrefillCost(per_token_s=1e-3)  # one chunk of 8 tokens: 8 ms to recompute
+    slow = CostModel(links=(LinkCost(bandwidth_Bps=1e12), LinkCost(bandwidth_Bps=chunk_bytes / 0.1)), prefill=prefill)
+    fast = CostModel(links=(LinkCost(bandwidth_Bps=1e12), LinkCost(bandwidth_Bps=1e12)), prefill=prefill)
+    tokens = list(range(1, 34))  # 4 whole chunks + 1 token
+    keys = _keys(tokens)
+    changes = [(0, "dram", keys[0], True), (0, "dram", keys[1], True),
+               (0, "disk", keys[2], True), (0, "disk", keys[3], True)]
+    found = []
+    for cost in (None, slow, fast):
+        planner = _planner(cost=cost, chunk_bytes=chunk_bytes)
+        planner.directory.apply(changes)
+        found.append(planner.match(Req("r", tokens), 0))
+    assert found[0] == (32, True)  # no cost model: everything found
+    assert found[1] == (16, False)  # 100 ms per disk chunk vs 8 ms to recompute it: the DRAM head only
+    assert found[2] == (32, True)
+    planner = _planner(cost=slow, chunk_bytes=chunk_bytes)  # vLLM's prefix cache computed chunk 0
+    planner.directory.apply(changes)
+    assert planner.match(Req("s", tokens), 8) == (8, False)
+    with pytest.raises(ConfigError, match="one link per tier"):
+        _planner(cost=CostModel(links=(LinkCost(bandwidth_Bps=1e9),), prefill=prefill), chunk_bytes=chunk_bytes)
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        _planner(cost=fast)

@@ -131,3 +131,68 @@ def test_plan_is_the_cheapest_prefix(levels: list[int], extra: int, bws: tuple[f
         compute = PREFILL.seconds(k * C, total - k * C)
         other = load + compute if stages == 1 else max(load, compute) + min(load, compute) / stages
         assert plan.est_total_s <= other * (1 + 1e-9)
+
+
+# --- compute + load split -------------------------------------------------------------------------
+DISK = LinkCost(bandwidth_Bps=1.6e9, latency_s=1e-3)  # a G3 read of 32 MiB chunks: ~21 ms each
+
+
+def _split_total(cost: CostModel, levels: list[int], total: int, c: int, k: int) -> float:
+    """The split's estimate by hand: max(head compute, load of [c, k)) + suffix."""
+    runs = sum(1 for i in range(c, k) if i == c or levels[i] != levels[i - 1])
+    load = sum(CB / cost.links[levels[i]].bandwidth_Bps for i in range(c, k)) + runs * cost.links[0].latency_s
+    return max(PREFILL.seconds(0, c * C), load) + PREFILL.seconds(k * C, total - k * C)
+
+
+def test_split_computes_the_head_while_the_tail_loads() -> None:
+    n, total = 128, 128 * C + 256  # 32K cached: recompute ~1.4 s, load ~2.7 s
+    cost = model(DISK)
+    plain = cost.plan([0] * n, total_tokens=total, tokens_per_chunk=C, chunk_bytes=CB)
+    plan = cost.plan([0] * n, total_tokens=total, tokens_per_chunk=C, chunk_bytes=CB, split=True)
+    assert plain.load_chunks == 0 and not plain.is_split  # without a split, recomputing wins
+    assert plan.is_split and 0 < plan.compute_chunks < plan.load_chunks == n
+    assert plan.loaded_chunks == n - plan.compute_chunks
+    head = PREFILL.seconds(0, plan.compute_chunks * C)
+    assert plan.est_total_s == pytest.approx(_split_total(cost, [0] * n, total, plan.compute_chunks, n))
+    # both sides finish together: one chunk more or less on either side would not balance better
+    per_chunk = max(CB / DISK.bandwidth_Bps, PREFILL.seconds(0, (plan.compute_chunks + 1) * C) - head)
+    assert abs(head - plan.est_load_s) <= per_chunk
+    # and the split beats both pure decisions by the overlap
+    pure_load = CB * n / DISK.bandwidth_Bps + DISK.latency_s + PREFILL.seconds(n * C, 256)
+    assert plan.est_total_s < min(plain.est_recompute_s, pure_load) / 1.3
+
+
+def test_split_is_not_chosen_when_a_pure_decision_is_as_good() -> None:
+    fast = model(LinkCost(bandwidth_Bps=50e9), stages=32)  # layer-wise: the load hides the compute
+    plan = fast.plan([0] * 64, total_tokens=64 * C + 5, tokens_per_chunk=C, chunk_bytes=CB, split=True)
+    assert plan.load_chunks > 0 and plan.compute_chunks == 0  # DRAM: a pure load (c = 0)
+    glacial = model(LinkCost(bandwidth_Bps=1e6))
+    plan = glacial.plan([0] * 64, total_tokens=64 * C + 5, tokens_per_chunk=C, chunk_bytes=CB, split=True)
+    assert plan.load_chunks == 0 and plan.compute_chunks == 0  # a link this slow: recompute all (c = n)
+    one = model(DISK).plan([0], total_tokens=C + 5, tokens_per_chunk=C, chunk_bytes=CB, split=True)
+    assert not one.is_split  # one chunk cannot be split
+
+
+def test_split_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="kvtier.policy.cost"):
+        plan = model(DISK).plan([0] * 128, total_tokens=128 * C + 256, tokens_per_chunk=C, chunk_bytes=CB,
+                                split=True)
+    assert f"split: compute {plan.compute_chunks} chunks while loading" in caplog.text
+
+
+@given(levels=st.lists(st.integers(0, 2), max_size=30), extra=st.integers(0, 600),
+       bws=st.tuples(*(st.floats(1e7, 1e12) for _ in range(3))), stages=st.integers(1, 64))
+def test_split_plan_is_the_cheapest(levels: list[int], extra: int, bws: tuple[float, float, float],
+                                    stages: int) -> None:
+    """Brute force over every (c, k): no split and no pure decision is estimated cheaper."""
+    cost = CostModel(links=tuple(LinkCost(bandwidth_Bps=b, latency_s=1e-3) for b in bws), prefill=PREFILL,
+                     stages=stages)
+    total = len(levels) * C + extra
+    plan = cost.plan(levels, total_tokens=total, tokens_per_chunk=C, chunk_bytes=CB, split=True)
+    assert 0 <= plan.compute_chunks <= plan.load_chunks <= plan.cached_chunks
+    assert plan.compute_chunks < plan.load_chunks or plan.load_chunks == 0
+    plain = cost.plan(levels, total_tokens=total, tokens_per_chunk=C, chunk_bytes=CB)
+    assert plan.est_total_s <= plain.est_total_s * (1 + 1e-9)
+    for k in range(2, plan.cached_chunks + 1):
+        for c in range(1, k):
+            assert plan.est_total_s <= _split_total(cost, levels, total, c, k) * (1 + 1e-9)

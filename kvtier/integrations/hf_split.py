@@ -1,0 +1,199 @@
+"""Compute and load at once: recompute the head of a slow-tier hit while its tail streams in.
+
+``CostModel.plan(..., split=True)`` may answer "recompute chunks ``[0, c)`` while chunks
+``[c, k)`` load" (see ``kvtier.policy.cost``).  ``run_split`` executes that on one request:
+
+* a **loader** thread walks *backwards* from chunk ``k - 1``, a group of chunks at a time:
+  ``ContextMemory.borrow_prefix`` reads them (checksums; corrupt = miss) straight into
+  reserved pinned DRAM slots, and the group is queued to the device on the copy engine's load
+  stream at once (``KVLoad.copy_chunks``), so the host-to-device copy hides under the head's
+  compute too;
+* the calling thread computes **forward** from chunk 0, ``step_tokens`` at a time, into a
+  plain ``DynamicCache`` (the head needs no loaded KV).
+
+``Fronts`` is where they meet.  Adaptive (the default): compute continues while there are
+chunks the loader has not claimed, and the loader stops at the compute front, so a late
+loader means more computed chunks and a late compute means the loaded region starts earlier
+than ``c``; the plan's ``c`` is only the estimate.  At the meeting the compute waits for the
+loader's last group (at most one group's read) rather than computing chunks being read.
+``mode="planned"`` keeps the meeting point at ``c`` (deterministic: benchmarks of the plan,
+tests).  Either way the result is exact: the loaded region is a contiguous ``[f, k)`` of chunks
+that passed their checksums, the computed one ``[0, f)``; a group with a failed chunk ends the
+loader there, and the compute covers it.
+
+On CUDA the compute side keeps at most two steps queued (it waits for step ``i - 1`` after
+queueing step ``i``), so the front it publishes is never far ahead of the GPU.  The loaded
+chunks then reach the model through ``LoadedCache`` with the computed head in front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache
+
+from kvtier.errors import IntegrationError
+from kvtier.hierarchy import ContextMemory
+from kvtier.integrations.hf_cache import LoadedCache
+from kvtier.keys import ChunkKey
+from kvtier.tiers.cuda import CopyEngine, KVLoad
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SplitOptions:
+    """How ``KVTierLM`` executes a compute + load split."""
+
+    mode: Literal["adaptive", "planned"] = "adaptive"  # planned: meet exactly at the plan's c
+    step_tokens: int = 2048  # tokens per forward call of the head (rounded to whole chunks)
+    group_chunks: int = 4  # chunks per loader read (read in parallel by the disk tier's I/O pool)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("adaptive", "planned"):
+            raise IntegrationError(f"SplitOptions.mode must be 'adaptive' or 'planned', got {self.mode!r}")
+        if self.step_tokens < 1 or self.group_chunks < 1:
+            raise IntegrationError("SplitOptions.step_tokens and group_chunks must be >= 1")
+
+
+DEFAULT_SPLIT = SplitOptions()
+
+
+class Fronts:
+    """The compute front (forward from chunk 0) and the loaded front (backward from ``end``).
+
+    ``computed``: chunks ``[0, computed)`` are computed or queued to be; ``loaded``: chunks
+    ``[loaded, end)`` are read and queued to the device; ``reading``: the group in flight starts
+    there.  The loader never goes below ``floor`` nor below the compute front.  The compute side
+    stops at ``reading``, not at ``loaded``: computing the group in flight would waste its read
+    and still wait for it (its borrows must end before the request does).
+    """
+
+    def __init__(self, end: int, *, floor: int = 0) -> None:
+        self.end = end
+        self.floor = floor
+        self.computed = 0
+        self.loaded = self.reading = end
+        self.failed_at: int | None = None  # first chunk of the group that failed to load
+        self.stopped = False
+        self._lock = threading.Lock()
+
+    def claim_load(self, group: int) -> tuple[int, int] | None:
+        """The next group for the loader, ``[lo, hi)``; None: stop (met the compute front)."""
+        with self._lock:
+            lo = max(self.computed, self.floor, self.loaded - group)
+            if self.stopped or lo >= self.loaded:
+                self.stopped = True
+                return None
+            self.reading = lo
+            return lo, self.loaded
+
+    def delivered(self, lo: int) -> None:
+        with self._lock:
+            self.loaded = lo
+
+    def failed(self, at: int) -> None:
+        """A chunk of the group could not be loaded: the loaded region stays where it was."""
+        with self._lock:
+            self.failed_at, self.stopped, self.reading = at, True, self.loaded
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+
+    def claim_compute(self, step: int, *, until: int | None = None) -> tuple[int, int] | None:
+        """The next chunks to compute, ``[lo, hi)``, up to the group in flight (and ``until``)."""
+        with self._lock:
+            limit = self.reading if until is None else min(until, self.reading)
+            if self.computed >= limit:
+                return None
+            lo, self.computed = self.computed, min(self.computed + step, limit)
+            return lo, self.computed
+
+
+@dataclass(slots=True)
+class SplitOutcome:
+    cache: DynamicCache  # KV of chunks [0, end): computed head, then the loaded region
+    load: KVLoad | None  # the copies of the loaded region (wait_host before borrows end)
+    computed_chunks: int  # the meeting point f: chunks [0, f) were computed
+    end: int  # chunks [f, end) were loaded
+    failed_at: int | None  # first chunk that failed to load (it was computed instead), if any
+
+
+def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.Tensor,
+              keys: Sequence[ChunkKey], *, compute_chunks: int, end: int, options: SplitOptions,
+              borrows: contextlib.ExitStack, pool: ThreadPoolExecutor) -> SplitOutcome:
+    """Compute chunks ``[0, f)`` of ``ids`` while loading ``[f, end)``; see the module docstring.
+
+    ``borrows`` receives the DRAM borrows of the loaded chunks: the caller keeps it open until
+    ``outcome.load.wait_host()``.  ``pool`` runs the loader (one thread).
+    """
+    c = memory.layout.tokens_per_chunk
+    adaptive = options.mode == "adaptive"
+    fronts = Fronts(end, floor=0 if adaptive else compute_chunks)
+    load = engine.start_load(end, layerwise=False)  # rows are chunk indices; the head's stay unused
+    loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options.group_chunks, borrows)
+    step = max(1, options.step_tokens // c)
+    cache = DynamicCache()
+    queued: list[Any] = []  # events of the steps in flight (CUDA)
+    try:
+        with torch.no_grad():
+            _compute(model, engine, ids, cache, fronts, step, c, queued, until=None if adaptive else compute_chunks)
+            loader.result()  # the loader has stopped: at the compute front, the floor or a failure
+            _compute(model, engine, ids, cache, fronts, step, c, queued, until=None)  # any gap left
+    except BaseException:
+        fronts.stop()
+        loader.exception()  # wait for the loader; then no copy may still read a borrowed slot
+        load.finish()
+        load.wait_host()
+        raise
+    load.finish()
+    f = fronts.computed
+    if f >= end:
+        load.wait_host()  # nothing of it is used; its host sources may be released once read
+        return SplitOutcome(cache, None, f, end, fronts.failed_at)
+    load.keep(f)
+    layers: Any = cache.layers  # DynamicLayers: keys and values (1, H, f * C, D)
+    head = [(layer.keys, layer.values) for layer in layers] if f else None
+    return SplitOutcome(LoadedCache(load, (end - f) * c, head=head), load, f, end, fronts.failed_at)
+
+
+def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: DynamicCache, fronts: Fronts,
+             step: int, c: int, queued: list[Any], *, until: int | None) -> None:
+    device = engine.device
+    while (span := fronts.claim_compute(step, until=until)) is not None:
+        lo, hi = span
+        model(input_ids=ids[lo * c:hi * c].to(device)[None, :], past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        queued.append(engine.record_now())
+        if len(queued) > 1:  # keep two steps in flight: the published front stays near the GPU's
+            engine.wait(queued.pop(0))
+
+
+def _load_backwards(memory: ContextMemory, engine: CopyEngine, load: KVLoad, keys: Sequence[ChunkKey],
+                    fronts: Fronts, group: int, borrows: contextlib.ExitStack) -> None:
+    """The loader thread: groups of chunks from the end towards the compute front."""
+    ctx = torch.cuda.device(engine.device) if engine.is_cuda else contextlib.nullcontext()
+    with ctx:
+        while (span := fronts.claim_load(group)) is not None:
+            lo, hi = span
+            views = _read(memory, keys[lo:hi], borrows)
+            if len(views) < hi - lo:
+                fronts.failed(lo + len(views))
+                return
+            load.copy_chunks(views, first=lo)
+            fronts.delivered(lo)
+
+
+def _read(memory: ContextMemory, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack) -> list[np.ndarray]:
+    """Host views of ``keys`` (the longest readable prefix): DRAM slots, promoted in place."""
+    views = list(borrows.enter_context(memory.borrow_prefix(keys)))
+    if len(views) < len(keys):  # no DRAM top tier (or promotion off), or a borrow missed: plain buffers
+        rest = [np.empty(memory.layout.chunk_bytes, np.uint8) for _ in keys[len(views):]]
+        views += rest[:memory.load(keys[len(views):], rest)]
+    return views
