@@ -21,7 +21,7 @@ from kvtier.integrations.vllm_paged import PagedKV  # noqa: E402
 BS, HEADS, HD, LAYERS, NB, M = 4, 2, 8, 3, 24, 2  # m = 2 blocks per chunk
 # (device, PagedKV cuda_copy): on CUDA every copy mode (the fused Triton kernel direct to pinned host
 # memory or through device staging, and the per-layer torch ops) must move the same bytes
-DEVICES = [("cpu", "auto")] + ([("cuda", mode) for mode in ("direct", "staged", "torch")]
+DEVICES = [("cpu", "auto")] + ([("cuda", mode) for mode in ("fused", "torch")]
                                if torch.cuda.is_available() else [])
 
 
