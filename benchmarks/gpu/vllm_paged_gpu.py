@@ -258,6 +258,7 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     t_borrow = _timed(borrow_only, args.reps)
     for _ in range(args.reps):
         copy_only()
+    pool_d2h, pool_h2d, split_d2h = _pool_copies(eng, n, args)
     if args.profile and size == min(int(s) for s in args.sizes.split(",")):
         _profile(save_direct, load)
     eng.memory.delete(keys)
@@ -265,9 +266,35 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
            "raw_d2h_gbps": nbytes / t_d2h / 1e9, "save_gbps": nbytes / t_save / 1e9, "save_vs_raw": t_d2h / t_save,
            "save_s": t_save, "save_direct_s": t_save_direct, "raw_d2h_s": t_d2h,
            "raw_h2d_gbps": nbytes / t_h2d / 1e9, "load_gbps": nbytes / t_load / 1e9, "load_vs_raw": t_h2d / t_load,
+           "raw_pool_d2h_s": pool_d2h, "raw_pool_h2d_s": pool_h2d, "raw_grouped_d2h_s": split_d2h,
            "load_borrow_s": t_borrow, "load_copies_s": statistics.median(spent), "load_s": t_load, "raw_h2d_s": t_h2d}
     print("bandwidth", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
+
+
+def _pool_copies(eng: Engine, n: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Raw copies into the DRAM tier's own pinned pool (one copy each way), and D2H cut into the
+    connector's groups (1, then ``--group-chunks`` chunks): what the pool and the grouping cost."""
+    if args.device != "cuda":
+        return 0.0, 0.0, 0.0
+    pool = eng.memory.tiers[0].pool  # the pinned slots, as a torch tensor
+    nbytes = n * eng.layout.chunk_bytes
+    host = pool[:nbytes]
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    d2h = _timed(lambda: (host.copy_(dev, non_blocking=True), _sync("cuda")), args.reps)
+    h2d = _timed(lambda: (dev.copy_(host, non_blocking=True), _sync("cuda")), args.reps)
+    cuts, at, size = [], 0, 1
+    while at < n:
+        cuts.append((at, min(n, at + size)))
+        at, size = at + size, GROUP[0]
+    cb = eng.layout.chunk_bytes
+
+    def grouped() -> None:
+        for a, b in cuts:
+            host[a * cb:b * cb].copy_(dev[a * cb:b * cb], non_blocking=True)
+        _sync("cuda")
+
+    return d2h, h2d, _timed(grouped, args.reps)
 
 
 def _profile(*fns: Any) -> None:
