@@ -42,7 +42,7 @@ import numpy as np
 import xxhash
 
 from kvtier.codec import HEADER_BYTES, decode_header, encode_header
-from kvtier.errors import ChunkFormatError, CorruptChunkError, TruncatedChunkError
+from kvtier.errors import ChunkFormatError, CorruptChunkError, LayoutError, TruncatedChunkError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
@@ -133,7 +133,8 @@ class DiskTier(Tier):
                     key = ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
                     with open(full, "rb") as f:
                         header = decode_header(f.read(HEADER_BYTES), key=key,
-                                               layout_fingerprint=self.layout.fingerprint)
+                                               layout_fingerprint=self.layout.fingerprint,
+                                               chunk_bytes=self.layout.chunk_bytes)
                         st = os.fstat(f.fileno())
                     if st.st_size != HEADER_BYTES + header.payload_len:
                         raise TruncatedChunkError(f"{full}: {st.st_size} bytes on disk")
@@ -251,13 +252,13 @@ class DiskTier(Tier):
         return True
 
     def _read_verified(self, fd: int, key: ChunkKey, out: np.ndarray) -> int:
+        n = self.layout.chunk_bytes
+        if out.nbytes < n:
+            raise LayoutError(f"output buffer of {out.nbytes} bytes is too small for a {n}-byte chunk")
         header = decode_header(os.pread(fd, HEADER_BYTES, 0), key=key,
-                               layout_fingerprint=self.layout.fingerprint)
-        n = header.payload_len
+                               layout_fingerprint=self.layout.fingerprint, chunk_bytes=n)
         if os.fstat(fd).st_size != HEADER_BYTES + n:
             raise TruncatedChunkError(f"{key.hex()}: file size does not match its header")
-        if out.nbytes < n:
-            raise ValueError(f"output buffer of {out.nbytes} bytes is too small for {n}")
         view = out.data.cast("B")
         hasher = xxhash.xxh3_64()
         offset = 0

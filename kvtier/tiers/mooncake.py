@@ -429,7 +429,8 @@ class MooncakeTier(Tier):
                 continue
             try:
                 got = decode_chunk_into(self._slot(s)[:n].data, outs[i], key=keys[i],
-                                        layout_fingerprint=self.layout.fingerprint)
+                                        layout_fingerprint=self.layout.fingerprint,
+                                        chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
                 log.warning("Mooncake chunk %s is not servable (%s): removing it", keys[i].hex(), exc)
                 corrupt.append(keys[i])

@@ -320,7 +320,8 @@ class RedisTier(Tier):
                         self._known.discard(keys[i])
                 continue
             try:
-                n = decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint)
+                n = decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint,
+                                      chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
                 log.warning("Redis chunk %s is not servable (%s): deleting it", keys[i].hex(), exc)
                 corrupt.append(keys[i])

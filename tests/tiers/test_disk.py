@@ -14,7 +14,7 @@ import pytest
 from kvtier.codec import HEADER_BYTES
 from kvtier.layout import KVLayout
 from kvtier.tiers.disk import DiskTier
-from tests.conftest import make_keys, make_payloads
+from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
 from tests.tiers.conformance import TierConformance
 
 
@@ -72,6 +72,25 @@ def test_damaged_file_is_never_served(small_layout: KVLayout, tmp_path: Path, da
     assert not path.exists() and not tier.contains(key)  # deleted, so it is not retried
 
 
+@pytest.mark.parametrize("kind", FORGERIES)
+def test_forged_file_is_never_served_nor_indexed(small_layout: KVLayout, tmp_path: Path, kind: str) -> None:
+    """Checksums right, but a payload of another length or non-zero reserved fields: a counted,
+    deleted miss that leaves the buffer alone, and the reopen scan does not index it."""
+    tier = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20)
+    keys, payloads = make_keys(small_layout, 2), make_payloads(small_layout, 2)
+    for key, payload in zip(keys, payloads, strict=True):
+        tier.put(key, payload)
+        tier.path_of(key).write_bytes(forgery(kind, key, small_layout, payload))
+    out = np.full(small_layout.chunk_bytes, 0x5A, dtype=np.uint8)
+    assert not tier.get_into(keys[0], out)
+    assert (out == 0x5A).all() and tier.stats.corrupt == 1 and not tier.path_of(keys[0]).exists()
+    tier.close()
+    reopened = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20)
+    assert list(reopened.keys()) == [] and reopened.used_bytes == 0
+    assert reopened.stats.corrupt == 1 and not reopened.path_of(keys[1]).exists()
+    reopened.close()
+
+
 def test_foreign_layout_chunk_is_rejected(small_layout: KVLayout, tmp_path: Path) -> None:
     other = KVLayout(model="another/model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                      tokens_per_chunk=4)
@@ -96,7 +115,8 @@ def test_foreign_layout_error_message_is_clear(small_layout: KVLayout) -> None:
     (key,), (payload,) = make_keys(small_layout, 1), make_payloads(small_layout, 1)
     header = encode_header(key, small_layout.fingerprint, payload)
     with pytest.raises(ForeignLayoutError, match="different model, shape, dtype or chunk size"):
-        decode_header(header, key=key, layout_fingerprint=small_layout.fingerprint ^ 1)
+        decode_header(header, key=key, layout_fingerprint=small_layout.fingerprint ^ 1,
+                      chunk_bytes=small_layout.chunk_bytes)
 
 
 def test_restart_rebuilds_index_and_cleans_strays(small_layout: KVLayout, tmp_path: Path) -> None:
@@ -125,7 +145,7 @@ def test_new_process_finds_every_committed_chunk(small_layout: KVLayout, tmp_pat
         import numpy as np
         from kvtier.layout import KVLayout
         from kvtier.tiers.disk import DiskTier
-        from tests.conftest import make_keys, make_payloads
+        from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
         layout = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                           tokens_per_chunk=4)
         tier = DiskTier(layout, path={str(tmp_path)!r}, capacity_bytes=1 << 20)
@@ -182,7 +202,7 @@ def test_disk_full_is_a_refused_put_not_a_crash(small_layout: KVLayout, tmp_path
         import numpy as np
         from kvtier.layout import KVLayout
         from kvtier.tiers.disk import DiskTier
-        from tests.conftest import make_keys, make_payloads
+        from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
         layout = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                           tokens_per_chunk=4)
         tier = DiskTier(layout, path={str(tmp_path)!r}, capacity_bytes=1 << 30)

@@ -14,7 +14,7 @@ from kvtier.codec import encode_chunk
 from kvtier.layout import KVLayout
 from kvtier.tiers.breaker import BreakerMode
 from kvtier.tiers.redis import RedisTier
-from tests.conftest import make_keys, make_payloads
+from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
 from tests.tiers.conformance import TierConformance
 from tests.tiers.servers import redis_cluster, redis_config, redis_standalone  # noqa: F401
 
@@ -49,14 +49,14 @@ class TestRedisStandalone(TierConformance):
         rkey = f"{tier.config.key_prefix}:{layout.fingerprint:016x}:{key.hex()}".encode()
         assert _raw(server).get(rkey) == encode_chunk(key, layout.fingerprint, payload)
 
-    @pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign_layout", "not_a_chunk"])
+    @pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign_layout", "not_a_chunk", *FORGERIES])
     def test_bad_value_is_a_miss_deleted_and_counted(self, tier: RedisTier, layout: KVLayout, server: Servers,
                                                     damage: str) -> None:
         (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
         good = encode_chunk(key, layout.fingerprint, payload)
         bad = {"bitflip": good[:-1] + bytes([good[-1] ^ 1]), "truncate": good[:-10],
                "foreign_layout": encode_chunk(key, layout.fingerprint ^ 1, payload),
-               "not_a_chunk": b"hello"}[damage]
+               "not_a_chunk": b"hello"}.get(damage) or forgery(damage, key, layout, payload)
         raw = _raw(server)
         raw.set(tier.redis_key(key), bad)
         out = np.full(layout.chunk_bytes, 7, dtype=np.uint8)
