@@ -17,6 +17,8 @@ from kvtier.tiers.disk import DiskTier
 from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
 from tests.tiers.conformance import TierConformance
 
+_TINY = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", tokens_per_chunk=4)
+
 
 class TestDiskTier(TierConformance):
     @pytest.fixture
@@ -145,7 +147,7 @@ def test_new_process_finds_every_committed_chunk(small_layout: KVLayout, tmp_pat
         import numpy as np
         from kvtier.layout import KVLayout
         from kvtier.tiers.disk import DiskTier
-        from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
+        from tests.conftest import make_keys, make_payloads
         layout = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                           tokens_per_chunk=4)
         tier = DiskTier(layout, path={str(tmp_path)!r}, capacity_bytes=1 << 20)
@@ -202,7 +204,7 @@ def test_disk_full_is_a_refused_put_not_a_crash(small_layout: KVLayout, tmp_path
         import numpy as np
         from kvtier.layout import KVLayout
         from kvtier.tiers.disk import DiskTier
-        from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
+        from tests.conftest import make_keys, make_payloads
         layout = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                           tokens_per_chunk=4)
         tier = DiskTier(layout, path={str(tmp_path)!r}, capacity_bytes=1 << 30)
@@ -225,6 +227,49 @@ def test_disk_full_is_a_refused_put_not_a_crash(small_layout: KVLayout, tmp_path
 
 
 # --- persistent pins (PinFiles) -------------------------------------------------------------
+def test_pin_on_a_full_disk_is_a_tier_error_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE 0: no file may grow (EFBIG), as on a full disk; the record written before stays."""
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from kvtier.errors import TierError
+        from kvtier.layout import KVLayout
+        from kvtier.tiers.disk import DiskTier
+        from tests.conftest import make_keys
+        layout = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
+                          tokens_per_chunk=4)
+        tier = DiskTier(layout, path={str(tmp_path)!r}, capacity_bytes=1 << 30)
+        keys = make_keys(layout, 2)
+        tier.pin_files.pin(keys[:1])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        try:
+            tier.pin_files.pin(keys[1:])
+        except TierError as exc:
+            assert "pin record" in str(exc), exc
+        else:
+            raise AssertionError("no error")
+        assert keys[0] in tier.pin_files and keys[1] not in tier.pin_files
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "OK"
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [make_keys(_TINY, 1)[0].hex() + ".pin"]
+
+
+def test_the_pin_cache_is_bounded(small_layout: KVLayout, tmp_path: Path) -> None:
+    tier = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=False)
+    pins = tier.pin_files
+    pins.cache_entries = 8
+    keys = make_keys(small_layout, 40)
+    pins.pin(keys[:1])
+    assert all(key not in pins for key in keys[1:])
+    assert len(pins._seen) == 8
+    assert keys[0] in pins  # fell out of the cache: the record decides again
+    tier.close()
+
+
 def test_pin_records_survive_reopen_and_are_shared(small_layout: KVLayout, tmp_path: Path) -> None:
     keys = make_keys(small_layout, 3)
     a = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=True)
