@@ -376,8 +376,7 @@ class ContextMemory:
         return n, served
 
     def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
-        with self._lock:
-            self.indexes[failed_level].discard(key)
+        self._forget_failed(failed_level, key)
         level = failed_level
         while level + 1 < len(self.tiers):
             level += 1
@@ -385,9 +384,18 @@ class ContextMemory:
             if key in self.indexes[level] or tier.shared:
                 if tier.get_into(key, out):
                     return True, level
-                with self._lock:
-                    self.indexes[level].discard(key)
+                self._forget_failed(level, key)
         return False, failed_level
+
+    def _forget_failed(self, level: int, key: ChunkKey) -> None:
+        """A read from tier ``level`` failed (corrupt, vanished): drop ``key`` from its index, unless
+        a store put it back since (pending, or there again: a local tier is asked, under the lock,
+        so an eviction and a re-store between the read and now leave the new copy indexed)."""
+        tier = self.tiers[level]
+        with self._lock:
+            if (level, key) in self._pending or (isinstance(tier, DramTier | DiskTier) and tier.contains(key)):
+                return
+            self.indexes[level].discard(key)
 
     def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
         """Count hits (and misses) and refresh eviction order for chunks an engine read itself.

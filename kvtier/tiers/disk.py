@@ -15,7 +15,8 @@ Sharing: several processes on one node may use one root.  Same key means same by
 writers racing on a key are harmless (last rename wins).  Each process indexes what it wrote or
 found at open; a key another process wrote later is found by ``contains`` (one ``stat``), and a
 file another process evicted turns into a miss.  Capacity is enforced per process over the files
-it knows about.
+it wrote or found at open (a file of another process that it merely reads is not counted: in a
+hierarchy the index is the one owner of capacity and adopts such a chunk when it has room).
 
 I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file
 reads (which release the GIL) overlap checksum work on another core.
@@ -245,10 +246,9 @@ class DiskTier(Tier):
             return False
         finally:
             os.close(fd)
-        with self._lock:
-            if key not in self._sizes:  # written by another process: adopt it
-                self._sizes[key] = size
-                self._used += size
+        # A file another process wrote is served but not counted here: capacity has one owner
+        # (``ContextMemory``'s index adopts it if it has room); counting it in both places made
+        # puts the index had room for fail here.
         self.stats.bytes_read += size
         return True
 
