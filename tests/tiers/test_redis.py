@@ -230,3 +230,33 @@ def test_capacity_is_this_process_budget(small_layout: KVLayout, redis_standalon
     assert tier.contains_many(keys) == [True, True, False]
     assert tier.delete(keys[0]) and tier.put(keys[2], payloads[2])
     tier.close()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, AttributeError])
+def test_ctrl_c_or_a_bug_while_sending_is_raised_not_a_shard_failure(
+        small_layout: KVLayout, redis_standalone: RedisServer, exc: type[BaseException]) -> None:  # noqa: F811
+    tier = RedisTier(small_layout, redis_config(redis_standalone))
+    keys, payloads = make_keys(small_layout, 2), make_payloads(small_layout, 2)
+    shard = tier._shards["standalone"]
+    pool = shard.client.connection_pool
+    real = pool.get_connection
+
+    def interrupted(*args: object, **kwargs: object) -> object:  # the next send raises, once
+        conn = real(*args, **kwargs)  # type: ignore[arg-type]
+
+        def send(*_a: object, **_k: object) -> None:
+            del conn.send_packed_command  # back to the real method
+            raise exc("while sending")
+
+        conn.send_packed_command = send
+        pool.get_connection = real  # type: ignore[method-assign]
+        return conn
+
+    pool.get_connection = interrupted  # type: ignore[method-assign]
+    with pytest.raises(exc, match="while sending"):
+        tier.put_many(keys, payloads)
+    assert tier.stats.errors == 0 and shard.breaker.state.failures == 0
+    assert tier.put_many(keys, payloads) == [True, True]  # the dropped connection was not reused half-sent
+    out = _buf(small_layout)
+    assert tier.get_into(keys[1], out) and (out == payloads[1]).all()
+    tier.close()
