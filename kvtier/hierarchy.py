@@ -36,7 +36,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -669,11 +669,13 @@ class ContextMemory:
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Remove chunks from every tier (e.g. after a model update).
 
-        A chunk being stored at the same time (pending) is left to that store: the delete counts
-        as the earlier of the two.  While its bytes go it is *leaving*, as an eviction victim is,
-        so a store racing the delete cannot lose its copy to it (``_make_room``).
+        Earlier stores' write-through is waited for first; a chunk being stored at the same time
+        by another thread (pending) is left to that store: the delete counts as the earlier of the
+        two.  While its bytes go it is *leaving*, as an eviction victim is, so a store racing the
+        delete cannot lose its copy to it (``_make_room``).
         """
         keys = chunk_keys_arg(keys)
+        wait(list(self._inflight))  # this caller's earlier stores are written through: not pending
         for level, (index, tier) in enumerate(zip(self.indexes, self.tiers, strict=True)):
             with self._lock:
                 gone = list(dict.fromkeys(k for k in keys if (level, k) not in self._pending))

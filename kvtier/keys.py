@@ -48,7 +48,10 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
 
     Only integers: a float id (2.7) is refused, never truncated into another prompt's key.
     """
-    arr = np.asarray(token_ids)
+    try:
+        arr = np.asarray(token_ids)
+    except (ValueError, TypeError) as exc:  # ragged nesting, objects numpy cannot make an array of
+        raise ArgumentTypeError(f"token_ids: must be a 1-D sequence of ints ({exc})") from exc
     if arr.ndim != 1:
         raise ArgumentValueError(f"token_ids: must be a 1-D sequence of ints, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":

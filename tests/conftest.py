@@ -6,9 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
+
+# Property tests run the same examples on every run and machine (no flaky CI), with no per-example
+# deadline (a 2-core box shared by several jobs is slow at times); modest counts keep them fast.
+settings.register_profile("kvtier", derandomize=True, deadline=None, max_examples=100, print_blob=True)
+settings.load_profile("kvtier")
 
 
 @pytest.fixture
