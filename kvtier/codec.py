@@ -5,17 +5,21 @@ Header (little-endian, 64 bytes)::
     offset size field
      0      4   magic             b"KVTC"
      4      2   format version    1
-     6      2   flags             0 (reserved)
+     6      2   flags             0 (reserved: a reader refuses any other value)
      8      8   layout fingerprint (KVLayout.fingerprint)
     16     16   chunk key
     32      8   payload length in bytes
     40      8   payload checksum  xxh3_64 of the payload
-    48      8   reserved          0
+    48      8   reserved          0 (a reader refuses any other value)
     56      8   header checksum   xxh3_64 of bytes 0..55
 
 Everything that leaves process memory (disk files, Redis values, Mooncake objects) is encoded
 this way, so a reader can tell a torn write (TruncatedChunkError), bit rot (CorruptChunkError)
 and a chunk of another model (ForeignLayoutError) apart from a good chunk before serving it.
+A reader also knows how long a payload must be (its layout's ``chunk_bytes``): a header that
+promises any other length is refused, however good its checksums (they are not a MAC), so a
+short chunk can never leave stale bytes in the caller's buffer.  Non-zero flags or reserved
+fields are refused too: they are the room a later format version has to say something new.
 DRAM slots hold bare payloads: they never leave the process, and checksumming there would cost
 more than the copy itself.
 """
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from kvtier.errors import CorruptChunkError, ForeignLayoutError, TruncatedChunkError
+from kvtier.errors import CorruptChunkError, ForeignLayoutError, LayoutError, TruncatedChunkError
 from kvtier.keys import KEY_BYTES, ChunkKey
 
 MAGIC = b"KVTC"
@@ -69,24 +73,33 @@ def encode_chunk(key: ChunkKey, layout_fingerprint: int, payload: np.ndarray | b
     return encode_header(key, layout_fingerprint, data) + data
 
 
-def decode_header(data: bytes | memoryview, *, key: ChunkKey | None, layout_fingerprint: int) -> ChunkHeader:
-    """Parse and validate a header; ``key=None`` skips the key check (used by disk scans)."""
+def decode_header(data: bytes | memoryview, *, key: ChunkKey | None, layout_fingerprint: int,
+                  chunk_bytes: int) -> ChunkHeader:
+    """Parse and validate a header; ``key=None`` skips the key check (used by disk scans).
+
+    ``chunk_bytes`` is the only payload length the reader accepts (its layout's).
+    """
     if len(data) < HEADER_BYTES:
         raise TruncatedChunkError(f"chunk header needs {HEADER_BYTES} bytes, got {len(data)}")
     head = bytes(data[:HEADER.size])
-    magic, version, _flags, fp, stored_key, nbytes, checksum, _ = HEADER.unpack(head)
+    magic, version, flags, fp, stored_key, nbytes, checksum, reserved = HEADER.unpack(head)
     if magic != MAGIC:
         raise CorruptChunkError(f"bad magic {magic!r}: not a kvtier chunk")
     if int.from_bytes(data[HEADER.size:HEADER_BYTES], "little") != xxhash.xxh3_64_intdigest(head):
         raise CorruptChunkError("header checksum mismatch")
     if version != VERSION:
         raise CorruptChunkError(f"chunk format version {version} is not supported (this kvtier reads {VERSION})")
+    if flags or reserved:
+        raise CorruptChunkError(f"chunk header has flags={flags:#x}, reserved={reserved:#x}: this kvtier "
+                                "reads only 0 there (a newer format?)")
     if fp != layout_fingerprint:
         raise ForeignLayoutError(
             f"chunk was written for layout fingerprint {fp:016x}, this store expects "
             f"{layout_fingerprint:016x}: a different model, shape, dtype or chunk size")
     if key is not None and stored_key != key:
         raise CorruptChunkError(f"chunk holds key {stored_key.hex()}, expected {key.hex()}")
+    if nbytes != chunk_bytes:
+        raise CorruptChunkError(f"chunk header says {nbytes} payload bytes, this layout's chunks have {chunk_bytes}")
     return ChunkHeader(fp, ChunkKey(stored_key), nbytes, checksum)
 
 
@@ -99,16 +112,20 @@ def verify_payload(header: ChunkHeader, payload: np.ndarray | memoryview | bytes
 
 
 def decode_chunk_into(data: bytes | memoryview, out: np.ndarray, *, key: ChunkKey,
-                      layout_fingerprint: int) -> int:
-    """Validate an encoded chunk and copy its payload into ``out``; returns the payload length."""
-    header = decode_header(data, key=key, layout_fingerprint=layout_fingerprint)
+                      layout_fingerprint: int, chunk_bytes: int) -> int:
+    """Validate an encoded chunk and copy its payload into ``out``; returns the payload length.
+
+    ``out`` must hold ``chunk_bytes`` (LayoutError otherwise: a caller's bug, not bad data);
+    it is written only once the whole chunk has been validated.
+    """
+    if out.nbytes < chunk_bytes:
+        raise LayoutError(f"output buffer of {out.nbytes} bytes is too small for a {chunk_bytes}-byte chunk")
+    header = decode_header(data, key=key, layout_fingerprint=layout_fingerprint, chunk_bytes=chunk_bytes)
     end = HEADER_BYTES + header.payload_len
     if len(data) < end:
         raise TruncatedChunkError(f"chunk has {len(data) - HEADER_BYTES} of {header.payload_len} payload bytes")
     if len(data) > end:
         raise CorruptChunkError(f"chunk has {len(data) - end} trailing bytes")
-    if out.nbytes < header.payload_len:
-        raise ValueError(f"output buffer of {out.nbytes} bytes is too small for {header.payload_len}")
     body = np.frombuffer(data, dtype=np.uint8, count=header.payload_len, offset=HEADER_BYTES)
     verify_payload(header, body)
     out[:header.payload_len] = body

@@ -56,3 +56,18 @@ class TierUnavailableError(TierError):
 
 class IntegrationError(KVTierError):
     """An engine integration (vLLM, transformers) is misconfigured or misused."""
+
+
+# --- bad arguments to a public call (ContextMemory, InPlaceStore, keys) ---------------------------
+#     KVTierError
+#     ├── ArgumentTypeError (also TypeError)    a payload that is not an array, a key that is not bytes
+#     └── ArgumentValueError (also ValueError)  counts that do not match, a key of 15 bytes, ttl_s=-1
+# (a payload array of the wrong dtype or size stays a LayoutError, as the tiers raise it)
+
+
+class ArgumentTypeError(KVTierError, TypeError):
+    """An argument of a public call has the wrong type; the message names it and what it got."""
+
+
+class ArgumentValueError(KVTierError, ValueError):
+    """An argument of a public call has the right type but a value that cannot be used."""

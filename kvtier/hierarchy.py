@@ -32,16 +32,18 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
 from kvtier.config import KVTierConfig, load_config
-from kvtier.errors import ConfigError
+from kvtier.errors import ArgumentTypeError, ConfigError, TierError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.policy.eviction import make_policy
@@ -50,6 +52,9 @@ from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
+from kvtier.validate import buffers_arg, chunk_keys_arg, count_arg, payloads_arg, ttl_arg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,8 @@ class InPlaceStore:
         """
         if not self._open:
             raise RuntimeError("this in-place store was committed or aborted already")
+        if upto is not None:
+            upto = count_arg(upto, "upto", upper=len(self.keys))
         self._open = False
         if upto is not None:
             self.memory._finish(self._reservation.cut(upto), publish=False)
@@ -205,12 +212,16 @@ class ContextMemory:
 
     # --- keys -------------------------------------------------------------------------------
     def keys_for(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
-        """Keys of every full chunk of a token sequence (the partial tail has none)."""
+        """Keys of every full chunk of a token sequence (the partial tail has none).
+
+        ``token_ids``: a 1-D sequence or array of ints in [0, 2**31); floats are refused.
+        """
         return chunk_keys(token_ids, tokens_per_chunk=self.layout.tokens_per_chunk, namespace=self.namespace)
 
     # --- lookup: control plane only ---------------------------------------------------------
-    def lookup(self, keys: Sequence[ChunkKey]) -> PrefixHit:
-        """Longest prefix of ``keys`` held by some tier, and the tier of each chunk."""
+    def lookup(self, keys: Iterable[ChunkKey]) -> PrefixHit:
+        """Longest prefix of ``keys`` (any iterable) held by some tier, and the tier of each chunk."""
+        keys = chunk_keys_arg(keys)
         levels: list[int] = []
         with self._lock:
             if self._pending:
@@ -267,6 +278,8 @@ class ContextMemory:
         Each ``outs[i]`` is a ``layout.chunk_bytes`` uint8 buffer; chunk i is loaded only if chunks
         0..i-1 were.  The load path (``_borrow``), one copy out of each view; lower-tier hits promoted.
         """
+        keys = chunk_keys_arg(keys)
+        outs = buffers_arg(outs, len(keys), self.layout)
         with self._borrow(keys, outs) as views:
             copies = [(out, view) for out, view in zip(outs, views, strict=False) if view is not out]
             for out, view in copies:
@@ -286,6 +299,7 @@ class ContextMemory:
         caller loads the rest with ``load``, which also counts the miss.  Yields ``[]`` when the
         top tier is not DRAM or promotion is off.
         """
+        keys = chunk_keys_arg(keys)
         if not isinstance(self.tiers[0], DramTier) or self.promotion != "always":
             return contextlib.nullcontext([])
         return self._borrow(keys, None)
@@ -362,8 +376,7 @@ class ContextMemory:
         return n, served
 
     def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
-        with self._lock:
-            self.indexes[failed_level].discard(key)
+        self._forget_failed(failed_level, key)
         level = failed_level
         while level + 1 < len(self.tiers):
             level += 1
@@ -371,9 +384,18 @@ class ContextMemory:
             if key in self.indexes[level] or tier.shared:
                 if tier.get_into(key, out):
                     return True, level
-                with self._lock:
-                    self.indexes[level].discard(key)
+                self._forget_failed(level, key)
         return False, failed_level
+
+    def _forget_failed(self, level: int, key: ChunkKey) -> None:
+        """A read from tier ``level`` failed (corrupt, vanished): drop ``key`` from its index, unless
+        a store put it back since (pending, or there again: a local tier is asked, under the lock,
+        so an eviction and a re-store between the read and now leave the new copy indexed)."""
+        tier = self.tiers[level]
+        with self._lock:
+            if (level, key) in self._pending or (isinstance(tier, DramTier | DiskTier) and tier.contains(key)):
+                return
+            self.indexes[level].discard(key)
 
     def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
         """Count hits (and misses) and refresh eviction order for chunks an engine read itself.
@@ -410,9 +432,8 @@ class ContextMemory:
         ``store_in_place`` and one memcpy per chunk into its slot.  Returns once every chunk is in
         the top tier that would take it; the write-through continues in the background (``flush``).
         """
-        keys, payloads = list(keys), list(payloads)
-        for _, payload in zip(keys, payloads, strict=True):
-            self.layout.check_payload(payload)
+        keys = chunk_keys_arg(keys)
+        payloads = payloads_arg(payloads, len(keys), self.layout)
         with InPlaceStore(self, self._reserve(keys, payloads)) as op:
             for view, payload in zip(op.views, payloads, strict=True):
                 if view is not None and view is not payload:
@@ -425,7 +446,7 @@ class ContextMemory:
         Victims are demoted, never dropped (pinned, pending and held chunks are never victims).
         The chunks are *pending* (not reported by ``lookup``) until ``commit()``.
         """
-        return InPlaceStore(self, self._reserve(list(keys)))
+        return InPlaceStore(self, self._reserve(chunk_keys_arg(keys)))
 
     def _reserve(self, keys: list[ChunkKey], spill: Sequence[np.ndarray] | None = None) -> _Reservation:
         """Make room in the top tier and reserve a slot for each chunk it does not hold yet.
@@ -445,12 +466,17 @@ class ContextMemory:
                     res.present.append(i)
                     continue
                 seen.add(key)
-                made = self._make_room(0, key) if room else None
-                room = made is not None
-                (res.slotted if room else res.spilled).append(i)
+                leaving = (0, key) in self._leaving  # its old copy is being demoted: spilled, see _make_room
+                made = self._make_room(0, key) if room and not leaving else None
+                room = room and (leaving or made is not None)
+                (res.slotted if made is not None else res.spilled).append(i)
                 victims += made or []
-        for victim in victims:
-            self._demote(0, victim)
+        try:
+            for victim in victims:
+                self._demote(0, victim)
+        except BaseException:  # a tier raised (a bug): the new chunks must not stay pending for good
+            self._settle(0, [keys[i] for i in res.slotted], stored=False)
+            raise
         if res.slotted:
             assert isinstance(top, DramTier)
             with self._lock:  # one at a time, in a row; a victim's slot still being read is refused
@@ -503,7 +529,14 @@ class ContextMemory:
         return keys
 
     def _make_room(self, level: int, key: ChunkKey) -> list[ChunkKey] | None:
-        """Under the lock: index room for ``key`` in tier ``level``, pending; victims to demote, or None."""
+        """Under the lock: index room for ``key`` in tier ``level``, pending; victims to demote, or None.
+
+        None too while the key's old copy is leaving this tier (a victim whose bytes ``_demote`` has
+        not deleted yet): the delete would take the new copy with it.  The chunk goes elsewhere
+        (spilled, or the tier below); one owner decides what a tier holds: its index, here.
+        """
+        if (level, key) in self._leaving:
+            return None
         index = self.indexes[level]
         victims = index.plan_room(self.layout.chunk_bytes, lambda k: self._evictable(level, k))
         if victims is not None:
@@ -537,34 +570,42 @@ class ContextMemory:
                 victims = self._make_room(lv, key)
             if victims is None:  # everything here is pinned, or the chunk is larger than the tier
                 continue
-            for victim in victims:
-                self._demote(lv, victim)
-            stored = self.tiers[lv].put(key, payload)
-            self._settle(lv, [key], stored=stored)
+            stored = False
+            try:
+                for victim in victims:
+                    self._demote(lv, victim)
+                stored = self.tiers[lv].put(key, payload)
+            finally:  # also when a put raises: the chunk must not stay pending for good
+                self._settle(lv, [key], stored=stored)
             if stored:
                 return lv
         return None
 
     def _demote(self, level: int, key: ChunkKey) -> None:
+        """Move victim ``key`` (out of tier ``level``'s index, *leaving*) down a tier, then delete it."""
         tier = self.tiers[level]
         tier.stats.evictions += 1
         below = level + 1
-        if below < len(self.tiers):
+        try:
+            if below < len(self.tiers):
+                with self._lock:
+                    already = key in self.indexes[below]
+                if not already:
+                    with tier.borrow(key) as view:
+                        if view is not None and self._put(below, key, view) is not None:
+                            tier.stats.demotions += 1
+        finally:  # even when a put below raised: the index no longer has it, so neither may the tier
+            tier.delete(key)
             with self._lock:
-                already = key in self.indexes[below]
-            if not already:
-                with tier.borrow(key) as view:
-                    if view is not None and self._put(below, key, view) is not None:
-                        tier.stats.demotions += 1
-        tier.delete(key)
-        with self._lock:
-            self._leaving.discard((level, key))
+                self._leaving.discard((level, key))
 
     def _write_through_async(self, keys: list[ChunkKey]) -> None:
         targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
         if targets:
-            self._inflight = [f for f in self._inflight if not f.done()]
-            self._inflight.append(self._background.submit(self._write_through, keys, targets))
+            future = self._background.submit(self._write_through, keys, targets)
+            future.add_done_callback(partial(_log_failure, len(keys)))
+            self._inflight = [f for f in self._inflight if not f.done() or f.exception() is not None]
+            self._inflight.append(future)
 
     def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
         for key in keys:
@@ -575,10 +616,16 @@ class ContextMemory:
                     self._put(level, key, view)
 
     def flush(self) -> None:
-        """Wait for background write-through to finish."""
-        for future in list(self._inflight):
-            future.result()
-        self._inflight = []
+        """Wait for background write-through to finish.
+
+        A write-through that failed (logged when it did; its chunks stay in the top tier and are
+        demoted as usual) is raised here once, as a TierError: the next ``flush`` does not see it.
+        """
+        inflight, self._inflight = self._inflight, []
+        failures = [exc for f in inflight if (exc := f.exception()) is not None]
+        if failures:
+            raise TierError(f"{len(failures)} background write-through(s) failed, the first with "
+                            f"{type(failures[0]).__name__}: {failures[0]}") from failures[0]
 
     # --- pinning ----------------------------------------------------------------------------
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None, *, persist: bool = False) -> None:
@@ -590,7 +637,10 @@ class ContextMemory:
         removes it.  Keys may be pinned before their chunks are stored.  Shared G4 stores keep
         their own retention rules.
         """
-        keys = list(keys)
+        keys = chunk_keys_arg(keys)
+        ttl_s = ttl_arg(ttl_s)
+        if not isinstance(persist, bool):
+            raise ArgumentTypeError(f"persist: expected True or False, got {type(persist).__name__} {persist!r}")
         if persist:  # the record alone protects the chunk (``_evictable``), here and elsewhere
             if self.pin_files is None:
                 raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
@@ -601,7 +651,7 @@ class ContextMemory:
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         """Drop one in-process pin of each key, and its persistent pin record if any."""
-        keys = list(keys)
+        keys = chunk_keys_arg(keys)
         with self._lock:
             self.pins.unpin(keys)
         if self.pin_files is not None:
@@ -609,6 +659,7 @@ class ContextMemory:
 
     def pinned(self, key: ChunkKey) -> bool:
         """Is ``key`` pinned, by this process or by a persistent record?"""
+        (key,) = chunk_keys_arg([key], "key")
         with self._lock:
             if key in self.pins:
                 return True
@@ -616,12 +667,27 @@ class ContextMemory:
 
     # --- maintenance ------------------------------------------------------------------------
     def delete(self, keys: Sequence[ChunkKey]) -> None:
-        """Remove chunks from every tier (e.g. after a model update)."""
-        for key in keys:
-            for index, tier in zip(self.indexes, self.tiers, strict=True):
-                with self._lock:
+        """Remove chunks from every tier (e.g. after a model update).
+
+        Earlier stores' write-through is waited for first; a chunk being stored at the same time
+        by another thread (pending) is left to that store: the delete counts as the earlier of the
+        two.  While its bytes go it is *leaving*, as an eviction victim is, so a store racing the
+        delete cannot lose its copy to it (``_make_room``).
+        """
+        keys = chunk_keys_arg(keys)
+        wait(list(self._inflight))  # this caller's earlier stores are written through: not pending
+        for level, (index, tier) in enumerate(zip(self.indexes, self.tiers, strict=True)):
+            with self._lock:
+                gone = list(dict.fromkeys(k for k in keys if (level, k) not in self._pending))
+                marked = [(level, k) for k in gone if (level, k) not in self._leaving]
+                for key in gone:
                     index.discard(key)
-                tier.delete(key)
+                self._leaving.update(marked)
+            try:
+                tier.delete_many(gone)
+            finally:
+                with self._lock:
+                    self._leaving.difference_update(marked)
 
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats for tier in self.tiers}
@@ -631,13 +697,23 @@ class ContextMemory:
         return {ix.name: (ix.used_bytes, ix.capacity_bytes) for ix in self.indexes}
 
     def close(self) -> None:
-        self.flush()
-        self._background.shutdown(wait=True)
-        for tier in self.tiers:
-            tier.close()
+        """Finish the write-through and close every tier, even when one of them fails (raised after)."""
+        with contextlib.ExitStack() as stack:  # unwinds last first: the writer, then the tiers in order
+            for tier in reversed(self.tiers):
+                stack.callback(tier.close)
+            stack.callback(self._background.shutdown, wait=True)
+            self.flush()
 
     def __enter__(self) -> ContextMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_failure(num_keys: int, future: Future[None]) -> None:
+    """Done-callback of a write-through: log a failure once, when it happens (``flush`` raises it)."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("write-through of %d chunks failed: %s: %s", num_keys, type(exc).__name__, exc,
+                  exc_info=exc)

@@ -28,6 +28,7 @@ from typing import NewType
 import numpy as np
 import xxhash
 
+from kvtier.errors import ArgumentTypeError, ArgumentValueError
 from kvtier.layout import KVLayout
 
 ChunkKey = NewType("ChunkKey", bytes)
@@ -43,12 +44,21 @@ def namespace_key(layout: KVLayout, tenant: str = "") -> ChunkKey:
 
 
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
-    """Token ids as little-endian int32 bytes, the form that is hashed."""
-    arr = np.asarray(token_ids)
+    """Token ids as little-endian int32 bytes, the form that is hashed.
+
+    Only integers: a float id (2.7) is refused, never truncated into another prompt's key.
+    """
+    try:
+        arr = np.asarray(token_ids)
+    except (ValueError, TypeError) as exc:  # ragged nesting, objects numpy cannot make an array of
+        raise ArgumentTypeError(f"token_ids: must be a 1-D sequence of ints ({exc})") from exc
     if arr.ndim != 1:
-        raise ValueError(f"token ids must be 1-D, got shape {arr.shape}")
+        raise ArgumentValueError(f"token_ids: must be a 1-D sequence of ints, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ArgumentTypeError(f"token_ids: must be integers, got dtype {arr.dtype} "
+                                f"(first value {arr[0]!r})")
     if arr.size and (arr.min() < 0 or arr.max() >= 2**31):
-        raise ValueError("token ids must be in [0, 2**31)")
+        raise ArgumentValueError(f"token_ids: must be in [0, 2**31), got values in [{arr.min()}, {arr.max()}]")
     return arr.astype("<i4", copy=False).tobytes()
 
 

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
+
+# Property tests run the same examples on every run and machine (no flaky CI), with no per-example
+# deadline (a 2-core box shared by several jobs is slow at times); modest counts keep them fast.
+settings.register_profile("kvtier", derandomize=True, deadline=None, max_examples=100, print_blob=True)
+settings.load_profile("kvtier")
 
 
 @pytest.fixture
@@ -33,3 +39,31 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def forged_chunk(key: ChunkKey, fingerprint: int, payload: bytes, *, flags: int = 0, reserved: int = 0,
+                 version: int = 1) -> bytes:
+    """An encoded chunk with every checksum right but any header fields (checksums are not a MAC:
+    anyone can write these).  ``payload`` may have any length; the header states its real length."""
+    import xxhash
+
+    from kvtier.codec import HEADER, MAGIC
+
+    head = HEADER.pack(MAGIC, version, flags, fingerprint, key, len(payload),
+                       xxhash.xxh3_64_intdigest(payload), reserved)
+    return head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little") + payload
+
+
+# One damaged value per way a chunk can be unservable, for every tier that stores encoded chunks.
+FORGERIES = ("short_payload", "long_payload", "flags", "reserved", "version")
+
+
+def forgery(kind: str, key: ChunkKey, layout: KVLayout, payload: np.ndarray) -> bytes:
+    """A value of ``kind`` (one of FORGERIES) for ``key``: well-formed except for that one thing."""
+    body = payload.tobytes()
+    fp = layout.fingerprint
+    return {"short_payload": lambda: forged_chunk(key, fp, body[:-16]),
+            "long_payload": lambda: forged_chunk(key, fp, body + bytes(16)),
+            "flags": lambda: forged_chunk(key, fp, body, flags=1),
+            "reserved": lambda: forged_chunk(key, fp, body, reserved=1),
+            "version": lambda: forged_chunk(key, fp, body, version=2)}[kind]()

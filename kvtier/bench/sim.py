@@ -123,7 +123,7 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     started = time.perf_counter()
     try:
         for i, ks in enumerate(work.keys):
-            keys = [ChunkKey(k.to_bytes(8, "little")) for k in ks]
+            keys = [ChunkKey(k.to_bytes(16, "little")) for k in ks]  # chunk keys are 16 bytes
             before = [t.stats.hits for t in tiers]
             n = memory.load(keys, [dummy] * len(keys)) if keys else 0
             if n < len(keys):

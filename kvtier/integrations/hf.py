@@ -216,7 +216,9 @@ class KVTierLM:
         kv = [(layer.keys, layer.values) for layer in cache.layers]  # references keep them alive
         ready = self.engine.record_now()
         future = self._writer.submit(self._store, list(keys[first:end]), first, kv, ready)
-        self._stores = [f for f in self._stores if not f.done()] + [future]
+        future.add_done_callback(_log_store_failure)
+        # done ones are dropped, but not failed ones: ``flush`` raises the first of them (once)
+        self._stores = [f for f in self._stores if not f.done() or f.exception() is not None] + [future]
         return future
 
     def _store(self, keys: list[ChunkKey], first_chunk: int,
@@ -279,6 +281,13 @@ class KVTierLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_store_failure(future: Future[int]) -> None:
+    """Done-callback of a background store: a failure is logged when it happens."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("background store into kvtier failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
 
 def _as_ids(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:

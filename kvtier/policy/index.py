@@ -88,39 +88,50 @@ class PinSet:
     """Pinned chunks (never evicted), counted per pin so nested pins need as many unpins.
 
     A pin may expire: ``pin(keys, ttl_s=...)``.  Expired pins lapse lazily on the next query.
+    Each key keeps one entry per live pin (its deadline, None: none); ``unpin`` drops the most
+    recent one and an expiry drops only its own entry, so a TTL pin that was unpinned and
+    replaced by a permanent one cannot take the permanent one with it when its deadline comes.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._count: dict[ChunkKey, int] = {}
+        self._pins: dict[ChunkKey, list[float | None]] = {}  # key -> deadline of each live pin
         self._expiry: list[tuple[float, ChunkKey]] = []  # heap of (deadline, key) for TTL pins
         self._clock = clock
 
     def pin(self, keys: Iterable[ChunkKey], ttl_s: float | None = None) -> None:
         deadline = None if ttl_s is None else self._clock() + ttl_s
         for key in keys:
-            self._count[key] = self._count.get(key, 0) + 1
+            self._pins.setdefault(key, []).append(deadline)
             if deadline is not None:
                 heapq.heappush(self._expiry, (deadline, key))
 
     def unpin(self, keys: Iterable[ChunkKey]) -> None:
         for key in keys:
-            n = self._count.get(key, 0)
-            if n <= 1:
-                self._count.pop(key, None)
-            else:
-                self._count[key] = n - 1
+            self._drop(key, None, latest=True)
+
+    def _drop(self, key: ChunkKey, deadline: float | None, *, latest: bool = False) -> None:
+        """Remove the most recent pin of ``key`` (``latest``), or the one expiring at ``deadline``."""
+        deadlines = self._pins.get(key)
+        if not deadlines:
+            return
+        if latest:
+            deadlines.pop()
+        elif deadline in deadlines:
+            deadlines.remove(deadline)  # else unpinned already: its heap entry is stale
+        if not deadlines:
+            del self._pins[key]
 
     def _expire(self) -> None:
         now = self._clock()
         while self._expiry and self._expiry[0][0] <= now:
-            _, key = heapq.heappop(self._expiry)
-            self.unpin([key])
+            deadline, key = heapq.heappop(self._expiry)
+            self._drop(key, deadline)
 
     def __contains__(self, key: ChunkKey) -> bool:
         if self._expiry:
             self._expire()
-        return key in self._count
+        return key in self._pins
 
     def __len__(self) -> int:
         self._expire()
-        return len(self._count)
+        return len(self._pins)

@@ -15,7 +15,8 @@ Sharing: several processes on one node may use one root.  Same key means same by
 writers racing on a key are harmless (last rename wins).  Each process indexes what it wrote or
 found at open; a key another process wrote later is found by ``contains`` (one ``stat``), and a
 file another process evicted turns into a miss.  Capacity is enforced per process over the files
-it knows about.
+it wrote or found at open (a file of another process that it merely reads is not counted: in a
+hierarchy the index is the one owner of capacity and adopts such a chunk when it has room).
 
 I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file
 reads (which release the GIL) overlap checksum work on another core.
@@ -33,6 +34,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +44,7 @@ import numpy as np
 import xxhash
 
 from kvtier.codec import HEADER_BYTES, decode_header, encode_header
-from kvtier.errors import ChunkFormatError, CorruptChunkError, TruncatedChunkError
+from kvtier.errors import ChunkFormatError, CorruptChunkError, LayoutError, TierError, TruncatedChunkError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
@@ -133,7 +135,8 @@ class DiskTier(Tier):
                     key = ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
                     with open(full, "rb") as f:
                         header = decode_header(f.read(HEADER_BYTES), key=key,
-                                               layout_fingerprint=self.layout.fingerprint)
+                                               layout_fingerprint=self.layout.fingerprint,
+                                               chunk_bytes=self.layout.chunk_bytes)
                         st = os.fstat(f.fileno())
                     if st.st_size != HEADER_BYTES + header.payload_len:
                         raise TruncatedChunkError(f"{full}: {st.st_size} bytes on disk")
@@ -243,21 +246,20 @@ class DiskTier(Tier):
             return False
         finally:
             os.close(fd)
-        with self._lock:
-            if key not in self._sizes:  # written by another process: adopt it
-                self._sizes[key] = size
-                self._used += size
+        # A file another process wrote is served but not counted here: capacity has one owner
+        # (``ContextMemory``'s index adopts it if it has room); counting it in both places made
+        # puts the index had room for fail here.
         self.stats.bytes_read += size
         return True
 
     def _read_verified(self, fd: int, key: ChunkKey, out: np.ndarray) -> int:
+        n = self.layout.chunk_bytes
+        if out.nbytes < n:
+            raise LayoutError(f"output buffer of {out.nbytes} bytes is too small for a {n}-byte chunk")
         header = decode_header(os.pread(fd, HEADER_BYTES, 0), key=key,
-                               layout_fingerprint=self.layout.fingerprint)
-        n = header.payload_len
+                               layout_fingerprint=self.layout.fingerprint, chunk_bytes=n)
         if os.fstat(fd).st_size != HEADER_BYTES + n:
             raise TruncatedChunkError(f"{key.hex()}: file size does not match its header")
-        if out.nbytes < n:
-            raise ValueError(f"output buffer of {out.nbytes} bytes is too small for {n}")
         view = out.data.cast("B")
         hasher = xxhash.xxh3_64()
         offset = 0
@@ -319,43 +321,66 @@ class PinFiles:
     """
 
     def __init__(self, directory: Path, *, fsync: bool = True, recheck_s: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, cache_entries: int = 16_384) -> None:
         self.dir = directory
         self._fsync = fsync
         self._clock = clock
         # ``in`` answers are cached for ``recheck_s``: eviction asks about every candidate victim,
         # and a warehouse of thousands of pinned chunks must not cost thousands of file opens per
         # eviction.  This process's own pins and unpins update the cache at once; another
-        # process's are seen within ``recheck_s``.
+        # process's are seen within ``recheck_s``.  The cache is an LRU of ``cache_entries``
+        # answers (~200 B each: 16384 is ~3 MiB): eviction asks about the same cold keys again
+        # and again, so a small one keeps nearly every hit; a key that fell out costs one open.
         self.recheck_s = recheck_s
-        self._seen: dict[ChunkKey, tuple[float | Literal[False] | None, float]] = {}  # (expiry(), when)
+        self.cache_entries = cache_entries
+        self._seen: OrderedDict[ChunkKey, tuple[float | Literal[False] | None, float]] = OrderedDict()
+        self._seen_lock = threading.Lock()
+
+    def _remember(self, key: ChunkKey, expires: float | Literal[False] | None, now: float) -> None:
+        with self._seen_lock:
+            self._seen[key] = (expires, now)
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.cache_entries:
+                self._seen.popitem(last=False)
 
     def _path(self, key: ChunkKey) -> Path:
         return self.dir / (key.hex() + PIN_SUFFIX)
 
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> None:
-        """Record pins (``ttl_s`` None: until unpinned).  OSError (full disk) propagates."""
+        """Record pins (``ttl_s`` None: until unpinned).  TierError if a record cannot be written
+        (a full disk): the records written before it stay, no temp file is left behind."""
         if not keys:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         expires = None if ttl_s is None else self._clock() + ttl_s
-        for key in keys:
-            if expires is not None:
-                current = self.expiry(key)
-                if current is not False and (current is None or current >= expires):
-                    continue  # already pinned at least as long
-            tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
-            tmp.write_text("never\n" if expires is None else f"{expires!r}\n")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for key in keys:
+                if expires is not None:
+                    current = self.expiry(key)
+                    if current is not False and (current is None or current >= expires):
+                        continue  # already pinned at least as long
+                self._write_record(key, "never\n" if expires is None else f"{expires!r}\n")
+                self._remember(key, expires, time.monotonic())
+            if self._fsync:
+                _fsync_dir(self.dir)
+        except OSError as exc:
+            raise TierError(f"cannot write a pin record in {self.dir}: {exc}") from exc
+
+    def _write_record(self, key: ChunkKey, text: str) -> None:
+        tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
+        try:
+            tmp.write_text(text)
             os.replace(tmp, self._path(key))
-            self._seen[key] = (expires, time.monotonic())
-        if self._fsync:
-            _fsync_dir(self.dir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(key))
-            self._seen[key] = (False, time.monotonic())
+            self._remember(key, False, time.monotonic())
 
     def expiry(self, key: ChunkKey) -> float | Literal[False] | None:
         """False: not pinned; None: pinned until unpinned; else the expiry (Unix seconds)."""
@@ -385,9 +410,7 @@ class PinFiles:
             expires = seen[0]
         else:  # the common case: one failed open of a missing file
             expires = self.expiry(key)
-            if len(self._seen) >= 1 << 20:
-                self._seen.clear()
-            self._seen[key] = (expires, now)
+            self._remember(key, expires, now)
         return expires is None or (expires is not False and expires > self._clock())
 
     def records(self) -> dict[ChunkKey, float | None]:

@@ -112,6 +112,8 @@ class MooncakeTier(Tier):
         self._store: Any = None
         self._setup: Future[Any] | None = None
         self._closed = False
+        self._running: set[Future[Any]] = set()  # calls submitted and not ended (``close`` waits)
+        self._running_lock = threading.Lock()
         # Caller allocations registered for zero-copy puts: id(root array) -> (address, finalizer);
         # allocations that cannot be registered (overlap another registration, ...) -> weakref.
         self._regs: dict[int, tuple[int, weakref.finalize]] = {}
@@ -150,7 +152,7 @@ class MooncakeTier(Tier):
         with self._lock:
             if self._setup is not None or self._closed or not self.breaker.allow():
                 return None
-            setup = self._setup = self._calls.submit(self._make_store)
+            setup = self._setup = self._spawn(self._make_store)
         setup.add_done_callback(self._setup_done)
         wait([setup], timeout=self.config.timeout_s)
         return self._store
@@ -188,7 +190,19 @@ class MooncakeTier(Tier):
         if store is None or not self.breaker.allow():
             self._count(short_circuited=n)
             return None
-        return self._calls.submit(fn, store)
+        return self._spawn(fn, store)
+
+    def _spawn(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` on the worker pool; ``close`` waits for it before releasing memory."""
+        future = self._calls.submit(fn, *args)
+        with self._running_lock:  # not ``_lock``: ``_connect`` holds that one when it starts a set-up
+            self._running.add(future)
+        future.add_done_callback(self._ended)
+        return future
+
+    def _ended(self, future: Future[Any]) -> None:
+        with self._running_lock:
+            self._running.discard(future)
 
     def _wait(self, n: int, future: Future[T] | None) -> T | None:
         """The call's result, or None when it raised or overran ``timeout_s`` (a breaker failure)."""
@@ -282,15 +296,14 @@ class MooncakeTier(Tier):
         return int(self._arena.ctypes.data) + s * self.slot_bytes
 
     # --- caller memory for zero-copy puts -----------------------------------------------------
-    def _registered(self, payload: np.ndarray) -> bool:
-        """True when ``payload`` lies in caller memory registered with the store; False means copy it.
+    def _registered(self, root: np.ndarray) -> bool:
+        """True when caller allocation ``root`` is registered with the store; False means copy.
 
         An unregistered allocation worth registering is registered on a worker, never waited for
-        (on a hung master that could take seconds): this batch copies, later ones go zero-copy.
+        (on a hung master that could take seconds): this ``put_many`` copies all its payloads
+        from that allocation (decided once per call, so a registration that ends mid-call does
+        not make some go zero-copy and others not), later calls go zero-copy.
         """
-        root = payload
-        while isinstance(root.base, np.ndarray):
-            root = root.base
         rid = id(root)
         with self._reg_lock:
             if rid in self._regs:
@@ -301,7 +314,7 @@ class MooncakeTier(Tier):
                     or len(self._regs) + len(self._registering) >= self.max_registered
                     or self._store is None or self.breaker.mode is not BreakerMode.CLOSED):
                 return False
-            self._registering[rid] = self._calls.submit(self._register, self._store, root)
+            self._registering[rid] = self._spawn(self._register, self._store, root)
         return False
 
     def _register(self, store: Any, root: np.ndarray) -> None:
@@ -356,6 +369,8 @@ class MooncakeTier(Tier):
             if key in self._known or room >= payloads[i].nbytes:
                 room -= 0 if key in self._known else payloads[i].nbytes
                 todo.append(i)
+        zero_copy: dict[int, bool] = {}  # id(root allocation) -> registered: decided once per call
+
         def start(batch: list[int], slots: list[int]) -> Future[list[int]] | None:
             parts: list[list[int]] = []
             sizes: list[list[int]] = []
@@ -363,7 +378,10 @@ class MooncakeTier(Tier):
                 payload, view = payloads[i], self._slot(s)
                 view[:HEADER_BYTES] = np.frombuffer(encode_header(keys[i], self.layout.fingerprint, payload),
                                                     dtype=np.uint8)
-                if self._registered(payload):
+                root = _root(payload)
+                if id(root) not in zero_copy:
+                    zero_copy[id(root)] = self._registered(root)
+                if zero_copy[id(root)]:
                     parts.append([self._ptr(s), payload.ctypes.data])
                     sizes.append([HEADER_BYTES, payload.nbytes])
                 else:
@@ -429,7 +447,8 @@ class MooncakeTier(Tier):
                 continue
             try:
                 got = decode_chunk_into(self._slot(s)[:n].data, outs[i], key=keys[i],
-                                        layout_fingerprint=self.layout.fingerprint)
+                                        layout_fingerprint=self.layout.fingerprint,
+                                        chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
                 log.warning("Mooncake chunk %s is not servable (%s): removing it", keys[i].hex(), exc)
                 corrupt.append(keys[i])
@@ -476,25 +495,64 @@ class MooncakeTier(Tier):
         yield from known
 
     def close(self) -> None:
+        """Stop taking calls, then release memory once no call can touch it any more.
+
+        Queued calls are cancelled; calls already running may still move bytes into the arena
+        or out of registered caller memory, so they are waited for (up to ``timeout_s``) before
+        any buffer is unregistered.  Calls that overrun that leave the release to the last of them.
+        """
         with self._lock:
             self._closed = True
             store, self._store = self._store, None
         self._calls.shutdown(wait=False, cancel_futures=True)
         with self._reg_lock:
             regs, self._regs = list(self._regs.values()), {}
-        for ptr, finalizer in regs:
+        for _ptr, finalizer in regs:
             finalizer.detach()
-            if store is not None:
-                try:
-                    store.unregister_buffer(ptr)
-                except Exception as exc:
-                    log.info("Mooncake unregister_buffer: %s", exc)
-        if store is not None:
+        with self._running_lock:
+            running = list(self._running)
+        late = wait(running, timeout=self.config.timeout_s).not_done
+        ptrs = [ptr for ptr, _ in regs]
+        if not late:
+            self._release_memory(store, ptrs)
+            return
+        log.warning("Mooncake close: %d calls still running after %.1fs; memory is released when they end",
+                    len(late), self.config.timeout_s)
+        left = [len(late)]
+        lock = threading.Lock()
+
+        def one_ended(_f: Future[Any]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._release_memory(store, ptrs)
+
+        for future in late:
+            future.add_done_callback(one_ended)
+
+    def _release_memory(self, store: Any, ptrs: list[int]) -> None:
+        """Unregister caller memory and the arena, and close the client (no call is running)."""
+        if store is None:
+            return
+        for ptr in ptrs:
             try:
-                store.unregister_buffer(self._arena.ctypes.data)
-                store.close()
-            except Exception as exc:  # closing a client whose master is gone
-                log.info("Mooncake close: %s", exc)
+                store.unregister_buffer(ptr)
+            except Exception as exc:
+                log.info("Mooncake unregister_buffer: %s", exc)
+        try:
+            store.unregister_buffer(self._arena.ctypes.data)
+            store.close()
+        except Exception as exc:  # closing a client whose master is gone
+            log.info("Mooncake close: %s", exc)
+
+
+def _root(payload: np.ndarray) -> np.ndarray:
+    """The top-level array ``payload`` is a view of (the allocation that gets registered)."""
+    root = payload
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "this shard is unreachable or sick": they feed the breaker.
 _SHARD_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+_SHARD_FAULTS = (*_SHARD_DOWN, redis.RedisError)  # a request failing with one of these is the shard's fault
 _TOPOLOGY_REFRESH_S = 1.0  # at most one slot-map refresh per second
 
 
@@ -212,6 +213,10 @@ class RedisTier(Tier):
                 conn.send_packed_command(conn.pack_commands([args for args, _ in pipe.command_stack]))
             except BaseException as exc:
                 self._shard_failed(shard, len(idxs), conn, exc)
+                if not isinstance(exc, _SHARD_FAULTS):  # Ctrl-C or a bug: not this shard's fault
+                    for other_shard, other_idxs, _, other_conn in sent:  # do not leak their connections
+                        self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
+                    raise
                 continue
             sent.append((shard, idxs, pipe, conn))
         for n, (shard, idxs, pipe, conn) in enumerate(sent):
@@ -219,7 +224,7 @@ class RedisTier(Tier):
                 replies = [_reply(pipe, conn, args[0], options) for args, options in pipe.command_stack]
             except BaseException as exc:
                 self._shard_failed(shard, len(idxs), conn, exc)
-                if not isinstance(exc, (*_SHARD_DOWN, redis.RedisError)):
+                if not isinstance(exc, _SHARD_FAULTS):
                     for other_shard, other_idxs, _, other_conn in sent[n + 1:]:  # do not leak them
                         self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
                     raise
@@ -238,15 +243,17 @@ class RedisTier(Tier):
         return results
 
     def _shard_failed(self, shard: _Shard, n: int, conn: Any, exc: BaseException) -> None:
-        """A request to ``shard`` failed: drop its connection, feed its breaker, count ``n`` errors."""
+        """A request to ``shard`` failed: drop its connection; a server fault also feeds the
+        shard's breaker and counts ``n`` errors.  Anything else (KeyboardInterrupt, a bug) is no
+        fault of the shard: the caller re-raises it, the breaker and counters are left alone."""
         if conn is not None:
             conn.disconnect()  # replies may be half read: never reuse this connection
             shard.client.connection_pool.release(conn)
+        if not isinstance(exc, _SHARD_FAULTS):
+            return
         trips = shard.breaker.num_trips
         shard.breaker.record_failure()
         self._count(errors=n, breaker_trips=shard.breaker.num_trips - trips)
-        if not isinstance(exc, (*_SHARD_DOWN, redis.RedisError)):
-            return  # the caller re-raises (a bug, not a server fault)
         log.debug("Redis shard %s failed: %s", shard.name, exc)
         if self.config.cluster:
             self._refresh_topology()
@@ -320,7 +327,8 @@ class RedisTier(Tier):
                         self._known.discard(keys[i])
                 continue
             try:
-                n = decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint)
+                n = decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint,
+                                      chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
                 log.warning("Redis chunk %s is not servable (%s): deleting it", keys[i].hex(), exc)
                 corrupt.append(keys[i])

@@ -114,3 +114,26 @@ def test_store_without_a_dram_top_tier(model: Any, layout: Any, tmp_path: Path) 
         assert result.loaded_tokens == 3 * C
     finally:
         mem.close()
+
+
+def test_a_failed_store_is_logged_and_not_dropped_by_later_stores(model: Any, layout: Any, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import concurrent.futures
+    import logging
+
+    mem = open_memory(layout, tmp_path)
+    try:
+        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes) as lm:
+            real = lm.engine.copy_to_host
+            lm.engine.copy_to_host = lambda *args: (_ for _ in ()).throw(RuntimeError("device copy failed"))
+            with torch.no_grad(), caplog.at_level(logging.ERROR, logger="kvtier.integrations.hf"):
+                lm.prefill(prompt(2 * C + 1, seed=23))
+                concurrent.futures.wait(list(lm._stores))  # it failed ...
+                lm.engine.copy_to_host = real  # type: ignore[method-assign]
+                lm.prefill(prompt(2 * C + 1, seed=24))  # ... before the next store pruned the list
+            assert sum("background store into kvtier failed" in r.getMessage() for r in caplog.records) == 1
+            with pytest.raises(RuntimeError, match="device copy failed"):
+                lm.flush()
+            lm.flush()  # raised once
+    finally:
+        mem.close()

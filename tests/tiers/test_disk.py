@@ -14,8 +14,10 @@ import pytest
 from kvtier.codec import HEADER_BYTES
 from kvtier.layout import KVLayout
 from kvtier.tiers.disk import DiskTier
-from tests.conftest import make_keys, make_payloads
+from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
 from tests.tiers.conformance import TierConformance
+
+_TINY = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", tokens_per_chunk=4)
 
 
 class TestDiskTier(TierConformance):
@@ -72,6 +74,25 @@ def test_damaged_file_is_never_served(small_layout: KVLayout, tmp_path: Path, da
     assert not path.exists() and not tier.contains(key)  # deleted, so it is not retried
 
 
+@pytest.mark.parametrize("kind", FORGERIES)
+def test_forged_file_is_never_served_nor_indexed(small_layout: KVLayout, tmp_path: Path, kind: str) -> None:
+    """Checksums right, but a payload of another length or non-zero reserved fields: a counted,
+    deleted miss that leaves the buffer alone, and the reopen scan does not index it."""
+    tier = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20)
+    keys, payloads = make_keys(small_layout, 2), make_payloads(small_layout, 2)
+    for key, payload in zip(keys, payloads, strict=True):
+        tier.put(key, payload)
+        tier.path_of(key).write_bytes(forgery(kind, key, small_layout, payload))
+    out = np.full(small_layout.chunk_bytes, 0x5A, dtype=np.uint8)
+    assert not tier.get_into(keys[0], out)
+    assert (out == 0x5A).all() and tier.stats.corrupt == 1 and not tier.path_of(keys[0]).exists()
+    tier.close()
+    reopened = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20)
+    assert list(reopened.keys()) == [] and reopened.used_bytes == 0
+    assert reopened.stats.corrupt == 1 and not reopened.path_of(keys[1]).exists()
+    reopened.close()
+
+
 def test_foreign_layout_chunk_is_rejected(small_layout: KVLayout, tmp_path: Path) -> None:
     other = KVLayout(model="another/model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
                      tokens_per_chunk=4)
@@ -96,7 +117,8 @@ def test_foreign_layout_error_message_is_clear(small_layout: KVLayout) -> None:
     (key,), (payload,) = make_keys(small_layout, 1), make_payloads(small_layout, 1)
     header = encode_header(key, small_layout.fingerprint, payload)
     with pytest.raises(ForeignLayoutError, match="different model, shape, dtype or chunk size"):
-        decode_header(header, key=key, layout_fingerprint=small_layout.fingerprint ^ 1)
+        decode_header(header, key=key, layout_fingerprint=small_layout.fingerprint ^ 1,
+                      chunk_bytes=small_layout.chunk_bytes)
 
 
 def test_restart_rebuilds_index_and_cleans_strays(small_layout: KVLayout, tmp_path: Path) -> None:
@@ -205,6 +227,49 @@ def test_disk_full_is_a_refused_put_not_a_crash(small_layout: KVLayout, tmp_path
 
 
 # --- persistent pins (PinFiles) -------------------------------------------------------------
+def test_pin_on_a_full_disk_is_a_tier_error_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE 0: no file may grow (EFBIG), as on a full disk; the record written before stays."""
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from kvtier.errors import TierError
+        from kvtier.layout import KVLayout
+        from kvtier.tiers.disk import DiskTier
+        from tests.conftest import make_keys
+        layout = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
+                          tokens_per_chunk=4)
+        tier = DiskTier(layout, path={str(tmp_path)!r}, capacity_bytes=1 << 30)
+        keys = make_keys(layout, 2)
+        tier.pin_files.pin(keys[:1])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        try:
+            tier.pin_files.pin(keys[1:])
+        except TierError as exc:
+            assert "pin record" in str(exc), exc
+        else:
+            raise AssertionError("no error")
+        assert keys[0] in tier.pin_files and keys[1] not in tier.pin_files
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "OK"
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [make_keys(_TINY, 1)[0].hex() + ".pin"]
+
+
+def test_the_pin_cache_is_bounded(small_layout: KVLayout, tmp_path: Path) -> None:
+    tier = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=False)
+    pins = tier.pin_files
+    pins.cache_entries = 8
+    keys = make_keys(small_layout, 40)
+    pins.pin(keys[:1])
+    assert all(key not in pins for key in keys[1:])
+    assert len(pins._seen) == 8
+    assert keys[0] in pins  # fell out of the cache: the record decides again
+    tier.close()
+
+
 def test_pin_records_survive_reopen_and_are_shared(small_layout: KVLayout, tmp_path: Path) -> None:
     keys = make_keys(small_layout, 3)
     a = DiskTier(small_layout, path=tmp_path, capacity_bytes=1 << 20, fsync=True)

@@ -14,7 +14,7 @@ from kvtier.codec import encode_chunk
 from kvtier.layout import KVLayout
 from kvtier.tiers.breaker import BreakerMode
 from kvtier.tiers.redis import RedisTier
-from tests.conftest import make_keys, make_payloads
+from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
 from tests.tiers.conformance import TierConformance
 from tests.tiers.servers import redis_cluster, redis_config, redis_standalone  # noqa: F401
 
@@ -49,14 +49,14 @@ class TestRedisStandalone(TierConformance):
         rkey = f"{tier.config.key_prefix}:{layout.fingerprint:016x}:{key.hex()}".encode()
         assert _raw(server).get(rkey) == encode_chunk(key, layout.fingerprint, payload)
 
-    @pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign_layout", "not_a_chunk"])
+    @pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign_layout", "not_a_chunk", *FORGERIES])
     def test_bad_value_is_a_miss_deleted_and_counted(self, tier: RedisTier, layout: KVLayout, server: Servers,
                                                     damage: str) -> None:
         (key,), (payload,) = make_keys(layout, 1), make_payloads(layout, 1)
         good = encode_chunk(key, layout.fingerprint, payload)
         bad = {"bitflip": good[:-1] + bytes([good[-1] ^ 1]), "truncate": good[:-10],
                "foreign_layout": encode_chunk(key, layout.fingerprint ^ 1, payload),
-               "not_a_chunk": b"hello"}[damage]
+               "not_a_chunk": b"hello"}.get(damage) or forgery(damage, key, layout, payload)
         raw = _raw(server)
         raw.set(tier.redis_key(key), bad)
         out = np.full(layout.chunk_bytes, 7, dtype=np.uint8)
@@ -229,4 +229,34 @@ def test_capacity_is_this_process_budget(small_layout: KVLayout, redis_standalon
     assert tier.put(keys[0], payloads[0])  # an overwrite needs no room
     assert tier.contains_many(keys) == [True, True, False]
     assert tier.delete(keys[0]) and tier.put(keys[2], payloads[2])
+    tier.close()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, AttributeError])
+def test_ctrl_c_or_a_bug_while_sending_is_raised_not_a_shard_failure(
+        small_layout: KVLayout, redis_standalone: RedisServer, exc: type[BaseException]) -> None:  # noqa: F811
+    tier = RedisTier(small_layout, redis_config(redis_standalone))
+    keys, payloads = make_keys(small_layout, 2), make_payloads(small_layout, 2)
+    shard = tier._shards["standalone"]
+    pool = shard.client.connection_pool
+    real = pool.get_connection
+
+    def interrupted(*args: object, **kwargs: object) -> object:  # the next send raises, once
+        conn = real(*args, **kwargs)  # type: ignore[arg-type]
+
+        def send(*_a: object, **_k: object) -> None:
+            del conn.send_packed_command  # back to the real method
+            raise exc("while sending")
+
+        conn.send_packed_command = send
+        pool.get_connection = real  # type: ignore[method-assign]
+        return conn
+
+    pool.get_connection = interrupted  # type: ignore[method-assign]
+    with pytest.raises(exc, match="while sending"):
+        tier.put_many(keys, payloads)
+    assert tier.stats.errors == 0 and shard.breaker.state.failures == 0
+    assert tier.put_many(keys, payloads) == [True, True]  # the dropped connection was not reused half-sent
+    out = _buf(small_layout)
+    assert tier.get_into(keys[1], out) and (out == payloads[1]).all()
     tier.close()
