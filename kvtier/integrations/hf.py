@@ -215,8 +215,7 @@ class KVTierLM:
             return None
         kv = [(layer.keys, layer.values) for layer in cache.layers]  # references keep them alive
         ready = self.engine.record_now()
-        future = self._writer.submit(self._store, list(keys[first:end]), first, kv, ready)
-        future.add_done_callback(_log_store_failure)
+        future = self._writer.submit(_logged, self._store, list(keys[first:end]), first, kv, ready)
         # done ones are dropped, but not failed ones: ``flush`` raises the first of them (once)
         self._stores = [f for f in self._stores if not f.done() or f.exception() is not None] + [future]
         return future
@@ -283,11 +282,14 @@ class KVTierLM:
         self.close()
 
 
-def _log_store_failure(future: Future[int]) -> None:
-    """Done-callback of a background store: a failure is logged when it happens."""
-    exc = future.exception()
-    if exc is not None:
+def _logged(store: Any, *args: Any) -> int:
+    """A background store whose failure is logged when it happens, before its future is done (a
+    done-callback would log after the waiters had been woken)."""
+    try:
+        return int(store(*args))
+    except Exception as exc:
         log.error("background store into kvtier failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        raise
 
 
 def _as_ids(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
