@@ -16,9 +16,9 @@ for ``replicas`` GPUs (first free), so TTFT includes waiting when the GPUs are s
 Two references use the same chunk access sequence and cost model, without the hierarchy:
 ``ideal`` (an infinite cache: every chunk seen before is a hit) and ``belady`` (Belady's MIN at
 a given capacity: evict the chunk whose next use is furthest, bypass one never used again).
-Because a chunk's prefix is used whenever the chunk is, MIN with ties broken towards the deeper
-chunk keeps the cache prefix-closed, so its hits are prefix hits and no online policy at the
-same capacity can hit more.
+MIN counts chunk hits and may bypass a parent while keeping its child, so its prefix hits are no
+bound (lru-prefix beat it on the kv-cache-tester traces).  ``prefix_bound`` is: MIN kept
+prefix-closed, over the total capacity of all tiers; no online policy may beat it.
 """
 
 from __future__ import annotations
@@ -110,13 +110,16 @@ def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray) -> list[Nul
 
 
 def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, policy: str = "lru",
-             promotion: str = "always", write_through: bool = True, replicas: int = 0,
-             progress: Progress | None = None, label: str = "") -> RunResult:
-    """Replay ``work`` through a ContextMemory over payload-free tiers."""
+             promotion: str = "always", write_through: bool = True, exclusive: bool = False,
+             write_through_share: float = 0.0, replicas: int = 0, progress: Progress | None = None,
+             label: str = "") -> RunResult:
+    """Replay ``work`` through a ContextMemory over payload-free tiers (each request hinted with
+    its session and trace time, ``ContextMemory.hint``)."""
     layout = replace(cost.shape.layout, tokens_per_chunk=work.chunk_tokens)
     dummy = np.zeros(layout.chunk_bytes, dtype=np.uint8)
     memory = ContextMemory(layout, _tiers_for(specs, layout, dummy), eviction=policy, promotion=promotion,
-                           write_through=write_through)
+                           write_through=write_through, exclusive=exclusive,
+                           write_through_share=write_through_share)
     n_req, n_tiers = len(work.requests), len(specs)
     hits = np.zeros((n_req, n_tiers), dtype=np.int64)
     tiers = memory.tiers
@@ -124,6 +127,7 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     try:
         for i, ks in enumerate(work.keys):
             keys = [ChunkKey(k.to_bytes(8, "little")) for k in ks]
+            memory.hint(keys, session=work.requests[i].session, now=work.requests[i].time_s)
             before = [t.stats.hits for t in tiers]
             n = memory.load(keys, [dummy] * len(keys)) if keys else 0
             if n < len(keys):
@@ -200,6 +204,69 @@ def belady(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: in
         hits[i, 0] = prefix
     spec = (TierSpec(name="dram", capacity_bytes=capacity_bytes),)
     return _finish(work, cost, spec, hits * work.chunk_tokens, "belady", label or "belady", replicas, {},
+                   time.perf_counter() - started)
+
+
+def prefix_bound(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: int = 0,
+                 label: str = "") -> RunResult:
+    """The prefix-aware offline bound: MIN that keeps its cache prefix-closed, and counts prefix hits.
+
+    ``capacity_bytes`` is the total of every tier (a chunk held twice counts twice).  Rules:
+
+    * a request's hit is its longest prefix of cached chunks (what an engine can use);
+    * from the first miss on, every chunk is recomputed and may be admitted: the victim is the
+      chunk whose next use is furthest (a parent is always used just before its child, so the
+      victim is never a cached chunk's parent), bypassing the chunk itself if it is the furthest;
+    * a chunk is useful only while its parent is cached: once a chunk of a request is not kept
+      (bypassed, or never used again), the rest of the request (its descendants) is dropped too.
+
+    So the cache stays prefix-closed and every chunk hit is a prefix hit.  Plain ``belady`` may
+    bypass a parent and keep its child, a slot that yields chunk hits but no prefix hit: it is
+    not a bound for prefix hits.  Swapping such a child for its parent never loses a prefix hit,
+    which is the argument that no online policy (at the same total capacity) beats this one;
+    ``tests/bench/test_bound.py`` checks it on random workloads.
+    """
+    started = time.perf_counter()
+    slots = capacity_bytes // _chunk_bytes(work, cost)
+    flat = [k for ks in work.keys for k in ks]
+    never = len(flat)
+    next_use = [never] * len(flat)
+    last: dict[int, int] = {}
+    for pos in range(len(flat) - 1, -1, -1):
+        next_use[pos] = last.get(flat[pos], never)
+        last[flat[pos]] = pos
+    cache: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped lazily
+    hits = np.zeros((len(work.requests), 1), dtype=np.int64)
+    pos = 0
+    for i, ks in enumerate(work.keys):
+        prefix, kept = 0, True  # kept: every chunk of this request so far is cached
+        for key in ks:
+            nxt = next_use[pos]
+            pos += 1
+            cached = key in cache
+            if cached and kept:
+                prefix += 1
+            elif not kept or nxt == never or slots == 0:  # an ancestor is gone, or no future
+                cache.pop(key, None)
+                kept = False
+                continue
+            elif not cached and len(cache) >= slots:
+                while -heap[0][0] != cache.get(heap[0][1]):
+                    heapq.heappop(heap)
+                if -heap[0][0] <= nxt:  # everything cached is needed sooner: bypass
+                    kept = False
+                    continue
+                del cache[heapq.heappop(heap)[1]]
+            if nxt == never:
+                del cache[key]
+                kept = False
+            else:
+                cache[key] = nxt
+                heapq.heappush(heap, (-nxt, key))
+        hits[i, 0] = prefix
+    spec = (TierSpec(name="dram", capacity_bytes=capacity_bytes),)
+    return _finish(work, cost, spec, hits * work.chunk_tokens, "bound", label or "prefix bound", replicas, {},
                    time.perf_counter() - started)
 
 
