@@ -278,12 +278,12 @@ def _finish(work: Workload, cost: CostModel, specs: Sequence[TierSpec], hit_toke
             label: str, replicas: int, tier_bytes: dict[str, dict[str, int]], wall: float) -> RunResult:
     context = np.array([r.input_tokens for r in work.requests], dtype=np.int64)
     hit_tokens = np.minimum(hit_tokens, context[:, None])
-    bpt = cost.shape.layout.bytes_per_token
+    planner = cost.planner([s.name for s in specs])
+    chunks = hit_tokens // work.chunk_tokens
     ttft = np.empty(len(context))
-    for i in range(len(context)):
-        cached = int(hit_tokens[i].sum())
-        loads = {s.name: int(hit_tokens[i, lv]) * bpt for lv, s in enumerate(specs)}
-        ttft[i] = cost.ttft_s(cached=cached, new=int(context[i]) - cached, bytes_per_tier=loads)
+    for i in range(len(context)):  # the engine's fetch-or-recompute decision, top tier read first
+        ttft[i] = cost.request_ttft_s(planner, chunks[i].tolist(), context=int(context[i]),
+                                      tokens_per_chunk=work.chunk_tokens)
     queued = _queue(work, ttft, replicas) if replicas > 0 else None
     return RunResult(label=label, policy=policy, tiers=tuple(specs), context_tokens=context, hit_tokens=hit_tokens,
                      ttft_s=ttft, queued_ttft_s=queued, tier_bytes=tier_bytes, wall_s=wall)

@@ -43,6 +43,8 @@ from kvtier.policy.eviction import EvictionPolicy
 _EWMA = 0.5  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
 _DEAD = math.inf
+_PRIOR = 2.0  # a chunk never reused is expected after this many typical reuse gaps
+_SLOW = 0.01  # weight of the newest gap in the global reuse gap (a long-run mean)
 
 
 @dataclass(slots=True)
@@ -154,7 +156,7 @@ class AgentModel:
         else:
             reuse = now - node.last_t
             node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
-            self.reuse_gap = reuse if self.reuse_gap is None else _EWMA * reuse + (1 - _EWMA) * self.reuse_gap
+            self.reuse_gap = reuse if self.reuse_gap is None else _SLOW * reuse + (1 - _SLOW) * self.reuse_gap
         node.last_t, node.due, node.depth, node.stamp = now, due, depth, self._stamp
         if self._hinted and depth >= self._floor_depth:
             self._floor, self._floor_depth = due, depth
@@ -170,7 +172,19 @@ class AgentModel:
                 return reuse
         if self._session is not None and self._session.gap is not None:
             return self._session.gap
-        return 2.0 * self.reuse_gap if self.reuse_gap is not None else 60.0
+        return _PRIOR * self.reuse_gap if self.reuse_gap is not None else 60.0
+
+    def remember(self, key: ChunkKey) -> None:
+        """``key`` was used but not admitted: keep its use as a ghost, so a reuse is recognised."""
+        if key not in self.nodes and key not in self.ghosts:
+            due, depth = self.predict(key)
+            self.ghosts[key] = _Node(last_t=self.now, due=due, depth=depth, gap=None, owner=self._session_id,
+                                     stamp=self._stamp)
+            self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        while len(self.ghosts) > max(4 * len(self.nodes), 4096):
+            self.ghosts.popitem(last=False)
 
     def release(self, key: ChunkKey) -> None:
         """A tier policy dropped ``key``; once no tier holds it, keep its history as a ghost."""
@@ -181,8 +195,7 @@ class AgentModel:
         if node.tiers <= 0:
             del self.nodes[key]
             self.ghosts[key] = node
-            while len(self.ghosts) > max(len(self.nodes), 1024):
-                self.ghosts.popitem(last=False)
+            self._trim_ghosts()
 
 
 class AgentPolicy(EvictionPolicy):
@@ -237,7 +250,10 @@ class AgentPolicy(EvictionPolicy):
     def admit(self, key: ChunkKey, size: int) -> bool:
         """Would ``key``, entering a full tier, not be the victim itself?"""
         top = self._victim()
-        return top is None or self.model.predict(key) < top[:2]
+        if top is None or self.model.predict(key) < top[:2]:
+            return True
+        self.model.remember(key)
+        return False
 
     def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
         skipped: list[tuple[list[tuple[float, int, int, ChunkKey]], tuple[float, int, int, ChunkKey]]] = []
