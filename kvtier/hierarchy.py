@@ -11,9 +11,10 @@ Follow a chunk:
   ``write_through``) copies them in the background to every persistent or shared tier.
 * **Inclusive or exclusive** tiers.  Inclusive (the default): every new chunk is written through,
   so a lower tier holds a copy of most of DRAM and G2 + G3 hold about max(G2, G3) of chunks.
-  Exclusive (``exclusive=True``): only pinned chunks and the leading ``write_through_share`` of
-  each stored batch are written through; other chunks reach the disk when DRAM evicts them
-  (demotion), and a promoted chunk leaves the tier below (unless pinned), so G2 + G3 add up.
+  Exclusive (``exclusive=True``), between the top tier and the one below it (G2 and G3): only
+  pinned chunks and the leading ``write_through_share`` of each stored batch are written through
+  to G3; other chunks reach it when DRAM evicts them (demotion), and a promoted chunk leaves it
+  (unless pinned), so G2 + G3 add up.  Tiers further down (G4) still take every write-through.
   What each costs on a crash and for sharing: ``docs/benchmarks.md``.
 * ``lookup(keys)`` answers the longest cached prefix and which tier holds each chunk, from the
   in-process indexes plus one batched ``contains`` probe per shared tier past the local hits.
@@ -336,6 +337,8 @@ class ContextMemory:
                 views.append(view)
             top.stats.promotions += len(promoted)
             self.account_load(keys[:n], served[:n])
+            if self.exclusive:  # after the accounting, which would adopt them again
+                self._drop_below(promoted)
             yield views
         self._commit(res, promotion=True)
 
@@ -502,10 +505,10 @@ class ContextMemory:
         stored = into_top + present + [key for key, level in placed.items() if level is not None]
         if promotion:
             top.stats.promotions += len(into_top) + sum(level == 0 for level in placed.values())
-            if self.exclusive:
-                self._drop_below(into_top)
+            if self.exclusive:  # chunks promoted once the hold ended
+                self._drop_below(into_top + [key for key, level in placed.items() if level == 0])
         elif self.write_through and stored:
-            self._write_through_async(self._persist_share(stored) if self.exclusive else stored)
+            self._write_through_async(stored)
         return len(stored)
 
     def _finish(self, res: _Reservation, *, publish: bool) -> list[ChunkKey]:
@@ -583,17 +586,15 @@ class ContextMemory:
         return [key for i, key in enumerate(keys) if i < lead or self.pinned(key)]
 
     def _drop_below(self, keys: list[ChunkKey]) -> None:
-        """Promoted chunks leave the private tiers below (unless pinned): DRAM demotes them again."""
-        below = [lv for lv, t in enumerate(self.tiers) if lv > 0 and not t.shared]
+        """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""
+        if len(self.tiers) < 2:
+            return
         for key in keys:
-            if self.pinned(key):
-                continue
-            for level in below:
-                with self._lock:
-                    if key not in self.indexes[level] or not self._evictable(level, key):
-                        continue
-                    self.indexes[level].discard(key)
-                self.tiers[level].delete(key)
+            with self._lock:
+                if key not in self.indexes[1] or not self._evictable(1, key):
+                    continue
+                self.indexes[1].discard(key)
+            self.tiers[1].delete(key)
 
     def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
         """Tell the eviction policy a request is coming: its full keys, its session, the time.
@@ -606,9 +607,13 @@ class ContextMemory:
 
     def _write_through_async(self, keys: list[ChunkKey]) -> None:
         targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
-        if targets:
-            self._inflight = [f for f in self._inflight if not f.done()]
-            self._inflight.append(self._background.submit(self._write_through, keys, targets))
+        jobs = [(keys, targets)]
+        if self.exclusive and 1 in targets:  # the tier below the top gets only what must persist
+            jobs = [(self._persist_share(keys), [1]), (keys, [lv for lv in targets if lv != 1])]
+        self._inflight = [f for f in self._inflight if not f.done()]
+        for job_keys, job_targets in jobs:
+            if job_keys and job_targets:
+                self._inflight.append(self._background.submit(self._write_through, job_keys, job_targets))
 
     def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
         for key in keys:

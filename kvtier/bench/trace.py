@@ -55,7 +55,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disk", default=None, help="G3 disk capacity (size or %% of working set); none by default")
     g.add_argument("--remote", default=None, help="G4 shared capacity (size or %%); none by default")
     g.add_argument("--hbm", default=None, help="a G1 GPU prefix cache above G2 (size or %%); none by default")
-    g.add_argument("--policy", default="lru,lru-prefix,s3fifo", help=f"eviction policies, of {sorted(POLICIES)}")
+    g.add_argument("--policy", default="lru,lru-prefix,s3fifo,agent", help=f"eviction policies, of {sorted(POLICIES)}")
     g.add_argument("--promotion", choices=("always", "never"), default="always")
     g.add_argument("--no-write-through", action="store_true", help="do not copy new chunks to disk/remote")
     g.add_argument("--no-belady", action="store_true", help="skip the Belady reference")

@@ -8,24 +8,27 @@ session that compacted its context never reads its old tail again.  So every chu
 chunk of its prefix, so a context shrinks from its tail and keeps a usable prefix)::
 
     used at t by session s:   due = min(t + gap, due if still ahead)   # shared: the first caller
-    gap  = the chunk's own inter-use gap (EWMA) if it was reused, else the session's inter-arrival
-           gap (EWMA) if the session called before, else a prior (the global reuse gap x 2)
-    overdue (now > due):      due = now + (now - last use)             # idle for x: expect x more
+    gap  = the chunk's own inter-use gap (EWMA) if it was used before, else the session's
+           inter-arrival gap (EWMA) if the session called before, else "not expected back"
+    idle:     victim score = max(due, now + 2 x (now - last use))      # heavy tails: idle for x,
+                                                                       # expect 2x more
     compacted tail:           due = +inf                               # evicted first
 
 This is Belady's MIN with predictions in place of the future.  **Admission**: when the tier is
 full, a chunk that would itself be the victim is not admitted (``admit``), so a one-off context
 larger than the tier cannot flush it, and the tail of a long context is not stored in place of
-its own head.
+its own head.  A refused chunk is remembered (a ghost), so a second use finds its gap: one use
+is no evidence of another, two are (the doorkeeper of TinyLFU).  Along a request the due time
+never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
 
 Hints: ``observe(keys, session=, now=)`` tells the policy a request's full key list, its session
 and the time (the simulator passes trace time; an engine passes its request's session id).
 Without hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
 
 One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of every tier of a
-hierarchy (``AgentPolicy.family``); each tier's policy keeps its own heaps.  Every operation is
-O(log n) amortised: heaps with lazy deletion (an entry is live while it matches the chunk's
-current ``due``), an overdue chunk re-estimated at most O(log(idle time)) times.
+hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last
+use).  Every operation is O(log n) amortised: both keys are fixed between uses, so each use
+pushes one entry per heap and stale entries are dropped lazily when they surface.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ from dataclasses import dataclass
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy
 
-_EWMA = 0.5  # weight of the newest gap
+_EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
 _DEAD = math.inf
-_PRIOR = 2.0  # a chunk never reused is expected after this many typical reuse gaps
-_SLOW = 0.01  # weight of the newest gap in the global reuse gap (a long-run mean)
+_HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
+_IDLE = 2.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
 
 
 @dataclass(slots=True)
@@ -74,7 +77,6 @@ class AgentModel:
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.nodes: dict[ChunkKey, _Node] = {}
         self.ghosts: OrderedDict[ChunkKey, _Node] = OrderedDict()  # recently evicted: history kept
-        self.reuse_gap: float | None = None  # EWMA over every chunk reuse gap (the prior)
         self.members: list[AgentPolicy] = []
         self._stamp = 0
         self._session: _Session | None = None
@@ -127,8 +129,8 @@ class AgentModel:
         """(due, depth) ``key`` would get if the current request used it now; changes nothing."""
         node = self.nodes.get(key) or self.ghosts.get(key)
         now = self._clock() if not self._hinted else self.now
-        if node is not None and node.stamp == self._stamp and self._hinted:
-            return node.due, node.depth
+        if node is not None and self._hinted and (node.stamp == self._stamp or key not in self._depth):
+            return node.due, node.depth  # used already, or moving between tiers (no use)
         due = now + self._gap(node, now)
         if node is not None and now < node.due < _DEAD:  # another session's call is predicted sooner
             due = min(due, node.due)
@@ -147,8 +149,8 @@ class AgentModel:
             node = self.ghosts.pop(key, None)
             if node is not None:
                 self.nodes[key] = node
-        if node is not None and node.stamp == self._stamp:
-            return node
+        if node is not None and (node.stamp == self._stamp or (self._hinted and key not in self._depth)):
+            return node  # used by this request already, or moving between tiers: not a use
         due, depth = self.predict(key)
         now = self.now
         if node is None:
@@ -156,7 +158,6 @@ class AgentModel:
         else:
             reuse = now - node.last_t
             node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
-            self.reuse_gap = reuse if self.reuse_gap is None else _SLOW * reuse + (1 - _SLOW) * self.reuse_gap
         node.last_t, node.due, node.depth, node.stamp = now, due, depth, self._stamp
         if self._hinted and depth >= self._floor_depth:
             self._floor, self._floor_depth = due, depth
@@ -172,7 +173,7 @@ class AgentModel:
                 return reuse
         if self._session is not None and self._session.gap is not None:
             return self._session.gap
-        return _PRIOR * self.reuse_gap if self.reuse_gap is not None else 60.0
+        return _HORIZON_S
 
     def remember(self, key: ChunkKey) -> None:
         """``key`` was used but not admitted: keep its use as a ghost, so a reuse is recognised."""
@@ -277,7 +278,7 @@ class AgentPolicy(EvictionPolicy):
         by_due, by_age = self._live(self._by_due, True), self._live(self._by_age, False)
         now = self.model.now
         due = None if by_due is None else (-by_due[0], -by_due[1], True)
-        aged = None if by_age is None else (2 * now - by_age[0], -by_age[1], False)
+        aged = None if by_age is None else (now + _IDLE * (now - by_age[0]), -by_age[1], False)
         if due is None or aged is None:
             return due or aged
         return due if due[:2] >= aged[:2] else aged
