@@ -159,7 +159,7 @@ def measured(path: str | Path, shape: ModelShape, *, disk_from: str | Path | Non
     links["dram"] = Link(bandwidth_Bps=rt.links[0].bandwidth_Bps, latency_s=rt.links[0].latency_s)
     if disk is not None:
         links["disk"] = Link(bandwidth_Bps=disk.bandwidth_Bps, latency_s=disk.latency_s)
-    source = str(path) + (f" (disk link: {disk_from})" if disk_from and len(rt.links) < 2 else "")
+    source = Path(path).name + (f" (disk link: {Path(disk_from).name})" if disk_from and len(rt.links) < 2 else "")
     return CostModel(shape=shape, links=links, prefill=rt.prefill, stages=rt.stages, source=source)
 
 

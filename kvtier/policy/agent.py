@@ -125,6 +125,18 @@ class AgentModel:
                     if key in member.held:
                         member.push(key, node)
 
+    @property
+    def stamp(self) -> int:
+        return self._stamp
+
+    @property
+    def hinted(self) -> bool:
+        return self._hinted
+
+    def depth_of(self, key: ChunkKey) -> int:
+        """``key``'s position in the current request (-1 if not in it, or no hint)."""
+        return self._depth.get(key, -1)
+
     def predict(self, key: ChunkKey) -> tuple[float, int]:
         """(due, depth) ``key`` would get if the current request used it now; changes nothing."""
         node = self.nodes.get(key) or self.ghosts.get(key)
@@ -175,13 +187,14 @@ class AgentModel:
             return self._session.gap
         return _HORIZON_S
 
-    def remember(self, key: ChunkKey) -> None:
-        """``key`` was used but not admitted: keep its use as a ghost, so a reuse is recognised."""
-        if key not in self.nodes and key not in self.ghosts:
-            due, depth = self.predict(key)
+    def remember(self, key: ChunkKey, due: float, depth: int) -> None:
+        """``key`` was used now (predicted ``due``) but not admitted: a ghost keeps the use, so
+        that a reuse is recognised."""
+        if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
             self.ghosts[key] = _Node(last_t=self.now, due=due, depth=depth, gap=None, owner=self._session_id,
                                      stamp=self._stamp)
-            self._trim_ghosts()
+            if len(self.ghosts) > 4096 and len(self.ghosts) > 4 * len(self.nodes):
+                self._trim_ghosts()
 
     def _trim_ghosts(self) -> None:
         while len(self.ghosts) > max(4 * len(self.nodes), 4096):
@@ -217,6 +230,7 @@ class AgentPolicy(EvictionPolicy):
         self._by_due: list[tuple[float, int, int, ChunkKey]] = []  # (-due, -depth, seq, key): due last on top
         self._by_age: list[tuple[float, int, int, ChunkKey]] = []  # (last use, -depth, seq, key): oldest on top
         self._seq = 0
+        self._refused: tuple[int, int, float] = (-1, 0, 0.0)  # (request stamp, depth, due) of a refusal
 
     @classmethod
     def family(cls, n: int) -> list[EvictionPolicy]:
@@ -250,10 +264,20 @@ class AgentPolicy(EvictionPolicy):
 
     def admit(self, key: ChunkKey, size: int) -> bool:
         """Would ``key``, entering a full tier, not be the victim itself?"""
+        model = self.model
+        refused = self._refused
+        if refused[0] == model.stamp and model.depth_of(key) > refused[1]:  # its parent was refused
+            model.remember(key, refused[2], model.depth_of(key))
+            return False
         top = self._victim()
-        if top is None or self.model.predict(key) < top[:2]:
+        if top is None:
             return True
-        self.model.remember(key)
+        due, depth = model.predict(key)
+        if (due, depth) < top[:2]:
+            return True
+        model.remember(key, due, depth)
+        if model.hinted:  # its descendants in this request are refused too (a child needs its parent)
+            self._refused = (model.stamp, depth, due)
         return False
 
     def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
