@@ -74,3 +74,22 @@ def test_exclusive_from_config_and_bad_share(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="write_through_share"):
         ContextMemory(LAYOUT, tiers, exclusive=True, write_through_share=1.5)  # type: ignore[arg-type]
     assert isinstance(DiskTier, type) and np.uint8
+
+
+def test_agent_policy_keeps_the_head_of_a_context_larger_than_the_tiers(tmp_path: Path) -> None:
+    # a 12-chunk context through DRAM 2 + disk 3, exclusive: LRU keeps the tail (no prefix hit),
+    # the agent policy keeps the first 5 chunks and serves them on every later turn
+    keys, payloads = make_keys(LAYOUT, 12), make_payloads(LAYOUT, 12)
+    served = {}
+    for policy in ("lru", "agent"):
+        with _memory(tmp_path / policy, 2, 3, exclusive=True, eviction=policy) as mem:
+            served[policy] = []
+            for turn in range(3):
+                mem.hint(keys, session="s", now=10.0 * turn)
+                outs = _outs(12)
+                n = mem.load(keys, outs)
+                assert all((o == p).all() for o, p in zip(outs[:n], payloads[:n], strict=True))
+                served[policy].append(n)
+                mem.store(keys[n:], payloads[n:])
+                mem.flush()
+    assert served == {"lru": [0, 0, 0], "agent": [0, 5, 5]}
