@@ -121,9 +121,11 @@ class MooncakeConfig:
 class KVTierConfig:
     chunk_tokens: int = 256
     tiers: tuple[str, ...] = ("dram", "disk")  # top (fastest) first
-    eviction: Literal["lru", "lru-prefix", "s3fifo"] = "lru-prefix"  # see kvtier/policy/eviction.py
+    eviction: Literal["lru", "lru-prefix", "s3fifo", "agent"] = "lru-prefix"  # see kvtier/policy/eviction.py
     promotion: Literal["always", "never"] = "always"  # copy lower-tier hits into the top tier
     write_through: bool = True  # also write new chunks to persistent/shared tiers, in background
+    exclusive: bool = False  # tiers hold different chunks (demote on eviction); see kvtier/hierarchy.py
+    write_through_share: float = 0.0  # exclusive: leading share of each stored batch still written through
     tenant: str = ""  # salt: different tenants never share chunks
     dram: DramConfig = field(default_factory=DramConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)

@@ -9,6 +9,13 @@ Follow a chunk:
   GPU copy engine), ``store(keys, payloads)`` copies each payload in, a promotion reads a lower
   tier into them.  ``_commit`` publishes them, places the chunks that got no slot, and (with
   ``write_through``) copies them in the background to every persistent or shared tier.
+* **Inclusive or exclusive** tiers.  Inclusive (the default): every new chunk is written through,
+  so a lower tier holds a copy of most of DRAM and G2 + G3 hold about max(G2, G3) of chunks.
+  Exclusive (``exclusive=True``), between the top tier and the one below it (G2 and G3): only
+  pinned chunks and the leading ``write_through_share`` of each stored batch are written through
+  to G3; other chunks reach it when DRAM evicts them (demotion), and a promoted chunk leaves it
+  (unless pinned), so G2 + G3 add up.  Tiers further down (G4) still take every write-through.
+  What each costs on a crash and for sharing: ``docs/benchmarks.md``.
 * ``lookup(keys)`` answers the longest cached prefix and which tier holds each chunk, from the
   in-process indexes plus one batched ``contains`` probe per shared tier past the local hits.
   No payload moves: it is cheap enough for an engine's scheduler loop.
@@ -33,6 +40,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +54,7 @@ from kvtier.config import KVTierConfig, load_config
 from kvtier.errors import ArgumentTypeError, ConfigError, TierError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
-from kvtier.policy.eviction import make_policy
+from kvtier.policy.eviction import make_policies
 from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
@@ -158,7 +166,8 @@ class ContextMemory:
     """A hierarchy of tiers for the KV chunks of one model layout."""
 
     def __init__(self, layout: KVLayout, tiers: Sequence[Tier], *, eviction: str = "lru",
-                 promotion: str = "always", write_through: bool = True, tenant: str = "") -> None:
+                 promotion: str = "always", write_through: bool = True, tenant: str = "",
+                 exclusive: bool = False, write_through_share: float = 0.0) -> None:
         if not tiers:
             raise ValueError("ContextMemory needs at least one tier")
         self.layout = layout
@@ -166,7 +175,12 @@ class ContextMemory:
         self.namespace = namespace_key(layout, tenant)
         self.promotion = promotion
         self.write_through = write_through
-        self.indexes = [TierIndex(t.name, t.capacity_bytes, make_policy(eviction)) for t in self.tiers]
+        if not 0.0 <= write_through_share <= 1.0:
+            raise ConfigError(f"write_through_share must be in [0, 1], got {write_through_share}")
+        self.exclusive = exclusive  # see the module docstring
+        self.write_through_share = write_through_share  # exclusive: leading share written through
+        self.indexes = [TierIndex(t.name, t.capacity_bytes, policy)
+                        for t, policy in zip(self.tiers, make_policies(eviction, len(self.tiers)), strict=True)]
         self.pins = PinSet()  # this process's pins
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
@@ -195,7 +209,8 @@ class ContextMemory:
                 tier.close()
             raise
         return cls(layout, tiers, eviction=config.eviction, promotion=config.promotion,
-                   write_through=config.write_through, tenant=config.tenant)
+                   write_through=config.write_through, tenant=config.tenant, exclusive=config.exclusive,
+                   write_through_share=config.write_through_share)
 
     def listen(self, callback: Callable[[str, ChunkKey, bool], None]) -> None:
         """Call ``callback(tier name, key, added)`` for every chunk held now and each change after.
@@ -336,6 +351,8 @@ class ContextMemory:
                 views.append(view)
             top.stats.promotions += len(promoted)
             self.account_load(keys[:n], served[:n])
+            if self.exclusive:  # after the accounting, which would adopt them again
+                self._drop_below(promoted)
             yield views
         self._commit(res, promotion=True)
 
@@ -514,6 +531,8 @@ class ContextMemory:
         stored = into_top + present + [key for key, level in placed.items() if level is not None]
         if promotion:
             top.stats.promotions += len(into_top) + sum(level == 0 for level in placed.values())
+            if self.exclusive:  # chunks promoted once the hold ended
+                self._drop_below(into_top + [key for key, level in placed.items() if level == 0])
         elif self.write_through and stored:
             self._write_through_async(stored)
         return len(stored)
@@ -538,7 +557,7 @@ class ContextMemory:
         if (level, key) in self._leaving:
             return None
         index = self.indexes[level]
-        victims = index.plan_room(self.layout.chunk_bytes, lambda k: self._evictable(level, k))
+        victims = index.plan_room(self.layout.chunk_bytes, lambda k: self._evictable(level, k), admit=key)
         if victims is not None:
             index.add(key, self.layout.chunk_bytes)
             self._pending.add((level, key))
@@ -599,13 +618,43 @@ class ContextMemory:
             with self._lock:
                 self._leaving.discard((level, key))
 
+    # --- exclusive tiers: a chunk in one place, written through only where it must be ---------
+    def _persist_share(self, keys: list[ChunkKey]) -> list[ChunkKey]:
+        """What an exclusive hierarchy writes through: pinned chunks and the batch's leading share."""
+        lead = math.ceil(len(keys) * self.write_through_share)
+        return [key for i, key in enumerate(keys) if i < lead or self.pinned(key)]
+
+    def _drop_below(self, keys: list[ChunkKey]) -> None:
+        """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""
+        if len(self.tiers) < 2:
+            return
+        for key in keys:
+            with self._lock:
+                if key not in self.indexes[1] or not self._evictable(1, key):
+                    continue
+                self.indexes[1].discard(key)
+            self.tiers[1].delete(key)
+
+    def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
+        """Tell the eviction policy a request is coming: its full keys, its session, the time.
+
+        Optional; the agent policy predicts reuse from it (``kvtier.policy.agent``).  ``now``
+        defaults to the policy's clock (``time.monotonic``); a replay passes trace time.
+        """
+        with self._lock:
+            self.indexes[0].policy.observe(keys, session=session, now=now)
+
     def _write_through_async(self, keys: list[ChunkKey]) -> None:
         targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
-        if targets:
-            future = self._background.submit(self._write_through, keys, targets)
-            future.add_done_callback(partial(_log_failure, len(keys)))
-            self._inflight = [f for f in self._inflight if not f.done() or f.exception() is not None]
-            self._inflight.append(future)
+        jobs = [(keys, targets)]
+        if self.exclusive and 1 in targets:  # the tier below the top gets only what must persist
+            jobs = [(self._persist_share(keys), [1]), (keys, [lv for lv in targets if lv != 1])]
+        self._inflight = [f for f in self._inflight if not f.done() or f.exception() is not None]
+        for job_keys, job_targets in jobs:
+            if job_keys and job_targets:
+                future = self._background.submit(self._write_through, job_keys, job_targets)
+                future.add_done_callback(partial(_log_failure, len(job_keys)))
+                self._inflight.append(future)
 
     def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
         for key in keys:

@@ -12,14 +12,26 @@ FLOP/s, ~58% of the H100's dense bf16 peak.  Loading ``b`` bytes of hits from a 
 ``latency + b / bandwidth`` per tier touched (G2->G1 over pinned PCIe/C2C, disk via NVMe, remote
 via the network).  TTFT = loads + prefill (loads are not overlapped with compute: conservative).
 Every number is overridable from the command line.
+
+**Measured figures** (``measured``, ``newest_measured``): a ``kvtier.policy.cost.CostModel`` JSON
+written by the GPU benchmark (``benchmarks/gpu/results/*cost_model.json``) replaces the prefill
+model and the DRAM link (and the disk link where the run measured one).  A request's TTFT
+(``request_ttft_s``) is then what the engine's fetch-or-recompute decision
+(``kvtier.policy.cost.CostModel.plan``) would pay: it loads only the leading cached chunks that
+are worth loading (a disk hit slower than recomputing is recomputed), with loads pipelined
+against compute as measured (``stages``).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kvtier.errors import ConfigError
 from kvtier.layout import DEEPSEEK_V3, LLAMA_3_1_8B, LLAMA_3_1_70B, QWEN2_5_7B, KVLayout
+from kvtier.policy import cost as runtime
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +105,9 @@ class CostModel:
     gpu_flops: float = 5.7e14  # effective prefill FLOP/s (see module docstring)
     links: dict[str, Link] = field(default_factory=lambda: dict(DEFAULT_LINKS))
     overhead_s: float = 0.005  # scheduling + first decode step
+    prefill: runtime.PrefillCost | None = None  # measured prefill (None: the FLOP model above)
+    stages: int = 1  # load/compute pipeline depth of the measured engine (1: they add up)
+    source: str = "modelled"  # where the figures come from (a cost-model JSON path, or "modelled")
 
     def prefill_s(self, cached: int, new: int) -> float:
         context = cached + new
@@ -104,3 +119,56 @@ class CostModel:
 
     def ttft_s(self, *, cached: int, new: int, bytes_per_tier: dict[str, int]) -> float:
         return self.overhead_s + self.load_s(bytes_per_tier) + self.prefill_s(cached, new)
+
+    def prefill_cost(self) -> runtime.PrefillCost:
+        """The prefill figures in the engine's form (the FLOP model maps onto it exactly)."""
+        if self.prefill is not None:
+            return self.prefill
+        return runtime.PrefillCost(per_token_s=2.0 * self.shape.params / self.gpu_flops,
+                                   per_token_ctx_s=self.shape.attn_flops_per_pair / self.gpu_flops)
+
+    def planner(self, tier_names: Sequence[str]) -> runtime.CostModel:
+        """The engine's fetch-or-recompute model over these tiers (top first)."""
+        links = tuple(runtime.LinkCost(bandwidth_Bps=self.links[n].bandwidth_Bps, latency_s=self.links[n].latency_s)
+                      for n in tier_names)
+        return runtime.CostModel(links=links, prefill=self.prefill_cost(), stages=self.stages)
+
+    def request_ttft_s(self, planner: runtime.CostModel, hit_chunks: Sequence[int], *, context: int,
+                       tokens_per_chunk: int) -> float:
+        """TTFT of a request whose hit has ``hit_chunks[t]`` chunks in tier ``t`` (read top tier first),
+        loading what ``planner.plan`` decides and recomputing the rest."""
+        levels = [t for t, n in enumerate(hit_chunks) for _ in range(n)]
+        if not levels:
+            return self.overhead_s + self.prefill_cost().seconds(0, context)
+        plan = planner.plan(levels, total_tokens=context, tokens_per_chunk=tokens_per_chunk,
+                            chunk_bytes=self.shape.layout.bytes_per_token * tokens_per_chunk)
+        return self.overhead_s + plan.est_total_s
+
+
+def measured(path: str | Path, shape: ModelShape, *, disk_from: str | Path | None = None) -> CostModel:
+    """Cost model with the figures of a GPU run's JSON (links[0] = DRAM, links[1] = disk if measured).
+
+    ``disk_from``: another run's JSON to take the disk link from, when ``path`` measured none.
+    """
+    try:
+        rt = runtime.CostModel.load(path)
+        disk = rt.links[1] if len(rt.links) > 1 else (runtime.CostModel.load(disk_from).links[1] if disk_from else None)
+    except (OSError, ValueError, IndexError) as exc:
+        raise ConfigError(f"cost model {path}: cannot read measured figures ({exc})") from exc
+    links = dict(DEFAULT_LINKS)
+    links["dram"] = Link(bandwidth_Bps=rt.links[0].bandwidth_Bps, latency_s=rt.links[0].latency_s)
+    if disk is not None:
+        links["disk"] = Link(bandwidth_Bps=disk.bandwidth_Bps, latency_s=disk.latency_s)
+    source = Path(path).name + (f" (disk link: {Path(disk_from).name})" if disk_from and len(rt.links) < 2 else "")
+    return CostModel(shape=shape, links=links, prefill=rt.prefill, stages=rt.stages, source=source)
+
+
+def newest_measured(results: str | Path, shape: ModelShape, *, gpu: str = "h200") -> CostModel:
+    """The newest ``<gpu>_run<N>_*cost_model.json`` in ``results`` (by N); its disk link, if it
+    measured none, from the newest run that did."""
+    runs = sorted(((int(m.group(1)), p) for p in Path(results).glob(f"{gpu}_run*cost_model.json")
+                   if (m := re.match(rf"{gpu}_run(\d+)_", p.name))), key=lambda np_: np_[0])
+    if not runs:
+        raise ConfigError(f"no {gpu}_run*_cost_model.json in {results}")
+    with_disk = [p for _, p in runs if len(runtime.CostModel.load(p).links) > 1]
+    return measured(runs[-1][1], shape, disk_from=with_disk[-1] if with_disk else None)

@@ -16,9 +16,9 @@ for ``replicas`` GPUs (first free), so TTFT includes waiting when the GPUs are s
 Two references use the same chunk access sequence and cost model, without the hierarchy:
 ``ideal`` (an infinite cache: every chunk seen before is a hit) and ``belady`` (Belady's MIN at
 a given capacity: evict the chunk whose next use is furthest, bypass one never used again).
-Because a chunk's prefix is used whenever the chunk is, MIN with ties broken towards the deeper
-chunk keeps the cache prefix-closed, so its hits are prefix hits and no online policy at the
-same capacity can hit more.
+MIN counts chunk hits and may bypass a parent while keeping its child, so its prefix hits are no
+bound (lru-prefix beat it on the kv-cache-tester traces).  ``prefix_bound`` is: MIN kept
+prefix-closed, over the total capacity of all tiers; no online policy may beat it.
 """
 
 from __future__ import annotations
@@ -110,13 +110,16 @@ def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray) -> list[Nul
 
 
 def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, policy: str = "lru",
-             promotion: str = "always", write_through: bool = True, replicas: int = 0,
-             progress: Progress | None = None, label: str = "") -> RunResult:
-    """Replay ``work`` through a ContextMemory over payload-free tiers."""
+             promotion: str = "always", write_through: bool = True, exclusive: bool = False,
+             write_through_share: float = 0.0, replicas: int = 0, progress: Progress | None = None,
+             label: str = "") -> RunResult:
+    """Replay ``work`` through a ContextMemory over payload-free tiers (each request hinted with
+    its session and trace time, ``ContextMemory.hint``)."""
     layout = replace(cost.shape.layout, tokens_per_chunk=work.chunk_tokens)
     dummy = np.zeros(layout.chunk_bytes, dtype=np.uint8)
     memory = ContextMemory(layout, _tiers_for(specs, layout, dummy), eviction=policy, promotion=promotion,
-                           write_through=write_through)
+                           write_through=write_through, exclusive=exclusive,
+                           write_through_share=write_through_share)
     n_req, n_tiers = len(work.requests), len(specs)
     hits = np.zeros((n_req, n_tiers), dtype=np.int64)
     tiers = memory.tiers
@@ -124,6 +127,7 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     try:
         for i, ks in enumerate(work.keys):
             keys = [ChunkKey(k.to_bytes(16, "little")) for k in ks]  # chunk keys are 16 bytes
+            memory.hint(keys, session=work.requests[i].session, now=work.requests[i].time_s)
             before = [t.stats.hits for t in tiers]
             n = memory.load(keys, [dummy] * len(keys)) if keys else 0
             if n < len(keys):
@@ -203,6 +207,74 @@ def belady(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: in
                    time.perf_counter() - started)
 
 
+def prefix_bound(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: int = 0,
+                 label: str = "") -> RunResult:
+    """The prefix-aware offline bound: MIN that keeps its cache prefix-closed, and counts prefix hits.
+
+    ``capacity_bytes`` is the total of every tier (a chunk held twice counts twice).  Rules:
+
+    * a request's hit is its longest prefix of cached chunks (what an engine can use);
+    * a chunk is useful only while its parent is cached: past the hit, a cached chunk's access in
+      this request serves nothing, so every chunk of the request is first given its next use
+      *after* the request;
+    * then the recomputed chunks are admitted root first: the victim is the chunk whose next use
+      is furthest, or the chunk itself (then it and its descendants are bypassed).  A parent is
+      always used before its child, so a victim is never a cached chunk's parent.
+
+    So the cache stays prefix-closed and every chunk hit is a prefix hit.  Plain ``belady`` sees
+    the useless in-request access of a child as a use: it bypasses the parent, keeps the child,
+    and gets a chunk hit but no prefix hit; it is no bound for prefix hits (lru-prefix beat it).
+    ``tests/bench/test_bound.py`` checks on random workloads that no online policy at the same
+    total capacity beats this one, and that it is never below MIN's prefix hits.
+    """
+    started = time.perf_counter()
+    slots = capacity_bytes // _chunk_bytes(work, cost)
+    flat = [k for ks in work.keys for k in ks]
+    never = len(flat)
+    next_use = [never] * len(flat)
+    last: dict[int, int] = {}
+    for pos in range(len(flat) - 1, -1, -1):
+        next_use[pos] = last.get(flat[pos], never)
+        last[flat[pos]] = pos
+    cache: dict[int, int] = {}  # key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped lazily
+    hits = np.zeros((len(work.requests), 1), dtype=np.int64)
+    pos = 0
+    for i, ks in enumerate(work.keys):
+        base, prefix = pos, 0
+        while prefix < len(ks) and ks[prefix] in cache:  # the hit
+            prefix += 1
+        # Every access of this request is known now: the recomputed tail's cached chunks are
+        # needed next after this request, not at their (useless, non-prefix) access in it.
+        for j, key in enumerate(ks):
+            nxt = next_use[base + j]
+            if key in cache:
+                if nxt == never:
+                    del cache[key]
+                else:
+                    cache[key] = nxt
+                    heapq.heappush(heap, (-nxt, key))
+        pos += len(ks)
+        for j in range(prefix, len(ks)):  # admit the recomputed chunks, root first
+            key, nxt = ks[j], next_use[base + j]
+            if key in cache:
+                continue
+            if nxt == never or slots == 0:
+                break  # its descendants are never used again either
+            if len(cache) >= slots:
+                while -heap[0][0] != cache.get(heap[0][1]):
+                    heapq.heappop(heap)
+                if -heap[0][0] <= nxt:  # everything cached is needed sooner: bypass it and its descendants
+                    break
+                del cache[heapq.heappop(heap)[1]]
+            cache[key] = nxt
+            heapq.heappush(heap, (-nxt, key))
+        hits[i, 0] = prefix
+    spec = (TierSpec(name="dram", capacity_bytes=capacity_bytes),)
+    return _finish(work, cost, spec, hits * work.chunk_tokens, "bound", label or "prefix bound", replicas, {},
+                   time.perf_counter() - started)
+
+
 def _chunk_bytes(work: Workload, cost: CostModel) -> int:
     return cost.shape.layout.bytes_per_token * work.chunk_tokens
 
@@ -211,12 +283,12 @@ def _finish(work: Workload, cost: CostModel, specs: Sequence[TierSpec], hit_toke
             label: str, replicas: int, tier_bytes: dict[str, dict[str, int]], wall: float) -> RunResult:
     context = np.array([r.input_tokens for r in work.requests], dtype=np.int64)
     hit_tokens = np.minimum(hit_tokens, context[:, None])
-    bpt = cost.shape.layout.bytes_per_token
+    planner = cost.planner([s.name for s in specs])
+    chunks = hit_tokens // work.chunk_tokens
     ttft = np.empty(len(context))
-    for i in range(len(context)):
-        cached = int(hit_tokens[i].sum())
-        loads = {s.name: int(hit_tokens[i, lv]) * bpt for lv, s in enumerate(specs)}
-        ttft[i] = cost.ttft_s(cached=cached, new=int(context[i]) - cached, bytes_per_tier=loads)
+    for i in range(len(context)):  # the engine's fetch-or-recompute decision, top tier read first
+        ttft[i] = cost.request_ttft_s(planner, chunks[i].tolist(), context=int(context[i]),
+                                      tokens_per_chunk=work.chunk_tokens)
     queued = _queue(work, ttft, replicas) if replicas > 0 else None
     return RunResult(label=label, policy=policy, tiers=tuple(specs), context_tokens=context, hit_tokens=hit_tokens,
                      ttft_s=ttft, queued_ttft_s=queued, tier_bytes=tier_bytes, wall_s=wall)

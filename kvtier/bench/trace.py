@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.bench import report
-from kvtier.bench.costmodel import DEFAULT_LINKS, CostModel, Link, model_shape
+from kvtier.bench.costmodel import CostModel, Link, measured, model_shape, newest_measured
 from kvtier.bench.sim import RunResult, TierSpec, belady, ideal, prepare, simulate
 from kvtier.bench.workloads.kvtester import load_kvtester_dir
 from kvtier.bench.workloads.mooncake import load_mooncake
@@ -55,18 +55,22 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disk", default=None, help="G3 disk capacity (size or %% of working set); none by default")
     g.add_argument("--remote", default=None, help="G4 shared capacity (size or %%); none by default")
     g.add_argument("--hbm", default=None, help="a G1 GPU prefix cache above G2 (size or %%); none by default")
-    g.add_argument("--policy", default="lru,lru-prefix,s3fifo", help=f"eviction policies, of {sorted(POLICIES)}")
+    g.add_argument("--policy", default="lru,lru-prefix,s3fifo,agent", help=f"eviction policies, of {sorted(POLICIES)}")
     g.add_argument("--promotion", choices=("always", "never"), default="always")
     g.add_argument("--no-write-through", action="store_true", help="do not copy new chunks to disk/remote")
     g.add_argument("--no-belady", action="store_true", help="skip the Belady reference")
     g.add_argument("--replicas", type=int, default=0, help="GPUs to queue on (0: no queueing in TTFT)")
     g.add_argument("--time-scale", type=float, default=1.0, help="multiply trace times (0.5 = twice as fast)")
-    g.add_argument("--gpu-flops", type=float, default=5.7e14, help="effective prefill FLOP/s")
-    g.add_argument("--dram-gbps", type=float, default=DEFAULT_LINKS["dram"].bandwidth_Bps / 1e9)
-    g.add_argument("--disk-gbps", type=float, default=DEFAULT_LINKS["disk"].bandwidth_Bps / 1e9)
-    g.add_argument("--disk-latency-ms", type=float, default=DEFAULT_LINKS["disk"].latency_s * 1e3)
-    g.add_argument("--remote-gbps", type=float, default=DEFAULT_LINKS["remote"].bandwidth_Bps / 1e9)
-    g.add_argument("--remote-latency-ms", type=float, default=DEFAULT_LINKS["remote"].latency_s * 1e3)
+    g.add_argument("--cost-model", default="auto",
+                   help="TTFT figures: a cost-model JSON, 'newest' (the newest H200 run in "
+                        "benchmarks/gpu/results), 'modelled' (FLOPs and the link flags), or 'auto' "
+                        "(newest if found, else modelled)")
+    g.add_argument("--gpu-flops", type=float, default=5.7e14, help="effective prefill FLOP/s (modelled)")
+    g.add_argument("--dram-gbps", type=float, default=None, help="override the DRAM link")
+    g.add_argument("--disk-gbps", type=float, default=None, help="override the disk link")
+    g.add_argument("--disk-latency-ms", type=float, default=None)
+    g.add_argument("--remote-gbps", type=float, default=None, help="override the remote link")
+    g.add_argument("--remote-latency-ms", type=float, default=None)
     g.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     g.add_argument("--plot-dir", type=Path, default=None, help="write hit-rate and TTFT-CDF PNGs here")
     g.add_argument("--no-progress", action="store_true")
@@ -116,12 +120,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- the shared replay harness --------------------------------------------------------------------
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "results"  # in a checkout
+
+
 def cost_model(args: argparse.Namespace) -> CostModel:
-    links = dict(DEFAULT_LINKS)
-    links["dram"] = Link(bandwidth_Bps=args.dram_gbps * 1e9)
-    links["disk"] = Link(bandwidth_Bps=args.disk_gbps * 1e9, latency_s=args.disk_latency_ms / 1e3)
-    links["remote"] = Link(bandwidth_Bps=args.remote_gbps * 1e9, latency_s=args.remote_latency_ms / 1e3)
-    return CostModel(shape=model_shape(args.model), gpu_flops=args.gpu_flops, links=links)
+    shape = model_shape(args.model)
+    choice = getattr(args, "cost_model", "modelled")
+    if choice in ("newest", "auto") and (choice == "newest" or any(RESULTS.glob("h200_run*cost_model.json"))):
+        base = newest_measured(RESULTS, shape)
+    elif choice in ("modelled", "auto"):
+        base = CostModel(shape=shape, gpu_flops=args.gpu_flops)
+    else:
+        base = measured(choice, shape)
+    links = dict(base.links)
+    for name, gbps, ms in (("dram", args.dram_gbps, None), ("disk", args.disk_gbps, args.disk_latency_ms),
+                           ("remote", args.remote_gbps, args.remote_latency_ms)):
+        if gbps is not None or ms is not None:
+            old = links[name]
+            links[name] = Link(bandwidth_Bps=gbps * 1e9 if gbps is not None else old.bandwidth_Bps,
+                               latency_s=ms / 1e3 if ms is not None else old.latency_s)
+    return dataclasses.replace(base, links=links)
 
 
 def capacity(spec: str, working_set: int) -> int:
@@ -160,6 +178,7 @@ def replay(requests: Sequence[Request], args: argparse.Namespace, *, title: str)
     print(f"{cost.shape.layout.model}: {work.chunk_tokens}-token chunks of {report.fmt_bytes(chunk_bytes)}; "
           f"working set {work.unique_chunks:,} chunks = {report.fmt_bytes(working_set)}; "
           f"{work.total_chunk_accesses:,} chunk accesses")
+    print(f"TTFT: fetch-or-recompute with figures from {cost.source}")
 
     n_sims = len(drams) * len(policies)
     runs: list[RunResult] = []
@@ -201,7 +220,9 @@ def replay(requests: Sequence[Request], args: argparse.Namespace, *, title: str)
         "benchmark": "kvtier bench", "title": title, "mode": "simulate", "model": cost.shape.layout.model,
         "chunk_tokens": work.chunk_tokens, "chunk_bytes": chunk_bytes, "working_set_bytes": working_set,
         "unique_chunks": work.unique_chunks, "cost_model": {
-            "gpu_flops": cost.gpu_flops, "links": {k: dataclasses.asdict(v) for k, v in cost.links.items()}},
+            "source": cost.source, "gpu_flops": cost.gpu_flops, "stages": cost.stages,
+            "prefill": dataclasses.asdict(cost.prefill_cost()),
+            "links": {k: dataclasses.asdict(v) for k, v in cost.links.items()}},
         "workload": report.context_distribution(summary), "speed": speed,
         "baseline_no_cache": rows[0], "ideal": rows[1], "runs": rows[2:],
     }

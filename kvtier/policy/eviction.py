@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvtier.keys import ChunkKey
 
@@ -32,6 +32,17 @@ class EvictionPolicy(ABC):
         lower tier that never sees reads would otherwise evict exactly the hottest chunks.
         """
         self.access(key)
+
+    def admit(self, key: ChunkKey, size: int) -> bool:
+        """May ``key`` enter this tier, full now, at the cost of a victim?  (Admission control.)"""
+        return True
+
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
+        """A request of ``session`` at time ``now`` is about to read ``keys`` (its full chunk list).
+
+        A hint; policies that predict reuse use it (``AgentPolicy``), the others ignore it.
+        """
+        return None
 
     @abstractmethod
     def remove(self, key: ChunkKey) -> None:
@@ -198,10 +209,13 @@ class S3FIFOPolicy(EvictionPolicy):
         return len(self._freq)
 
 
+from kvtier.policy.agent import AgentPolicy  # noqa: E402 - it builds on EvictionPolicy above
+
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRUPolicy,
     "lru-prefix": PrefixLRUPolicy,
     "s3fifo": S3FIFOPolicy,
+    "agent": AgentPolicy,
 }
 
 
@@ -210,3 +224,10 @@ def make_policy(name: str) -> EvictionPolicy:
         return POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(POLICIES)}") from None
+
+
+def make_policies(name: str, n: int) -> list[EvictionPolicy]:
+    """One policy per tier of a hierarchy (the agent policies of one hierarchy share a model)."""
+    if name == AgentPolicy.name:
+        return AgentPolicy.family(n)
+    return [make_policy(name) for _ in range(n)]

@@ -60,12 +60,18 @@ class TierIndex:
             if self.on_change is not None:
                 self.on_change(self.name, key, False)
 
-    def plan_room(self, size: int, evictable: Callable[[ChunkKey], bool]) -> list[ChunkKey] | None:
+    def plan_room(self, size: int, evictable: Callable[[ChunkKey], bool],
+                  admit: ChunkKey | None = None) -> list[ChunkKey] | None:
         """Victims to evict so ``size`` more bytes fit, removed from the index; None if impossible.
 
-        On None nothing changed.  Victims leave the index now; the caller moves their bytes.
+        ``admit``: the key that will enter; when a victim is needed the policy may refuse it
+        (``EvictionPolicy.admit``), and None is returned.  On None nothing changed.  Victims
+        leave the index now; the caller moves their bytes.
         """
         if size > self.capacity_bytes:
+            return None
+        full = self.used_bytes + size > self.capacity_bytes
+        if full and admit is not None and not self.policy.admit(admit, size):
             return None
         victims: list[ChunkKey] = []
         freed = 0

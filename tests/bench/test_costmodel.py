@@ -37,3 +37,32 @@ def test_shapes() -> None:
         model_shape("gpt-9")
     with pytest.raises(ConfigError):
         model_shape("custom:layers=4")
+
+
+def test_measured_figures_and_fetch_or_recompute(tmp_path) -> None:
+    import json
+
+    from kvtier.bench.costmodel import measured, newest_measured
+
+    shape = model_shape("llama-3.1-8b")
+    prefill = {"fixed_s": 0.04, "per_token_s": 2.5e-5, "per_token_ctx_s": 1e-9}
+    slow_disk = {"bandwidth_Bps": 1.0e9, "latency_s": 0.03}
+    (tmp_path / "h200_run6_gpu_cost_model.json").write_text(json.dumps(
+        {"links": [{"bandwidth_Bps": 5e10, "latency_s": 0.0}, slow_disk], "prefill": prefill, "stages": 1}))
+    (tmp_path / "h200_run10_x_cost_model.json").write_text(json.dumps(
+        {"links": [{"bandwidth_Bps": 4e10, "latency_s": 0.0}], "prefill": prefill, "stages": 1}))
+    (tmp_path / "h100_run99_cost_model.json").write_text("not json: never read")
+    cost = newest_measured(tmp_path, shape)  # run 10 beats run 6 (numeric, not text, order)
+    assert cost.links["dram"].bandwidth_Bps == 4e10 and cost.links["disk"].bandwidth_Bps == 1e9
+    assert "run10" in cost.source and "run6" in cost.source
+    planner = cost.planner(["dram", "disk"])
+    ctx, tpc = 4096, 256
+    recompute = cost.request_ttft_s(planner, [0, 0], context=ctx, tokens_per_chunk=tpc)
+    assert recompute == pytest.approx(cost.overhead_s + 0.04 + ctx * 2.5e-5 + ctx * ctx / 2 * 1e-9)
+    # 8 DRAM chunks are worth loading; 8 chunks (256 MiB at 1 GB/s + 30 ms) from disk are not: recomputed
+    assert cost.request_ttft_s(planner, [8, 0], context=ctx, tokens_per_chunk=tpc) < recompute
+    assert cost.request_ttft_s(planner, [0, 8], context=ctx, tokens_per_chunk=tpc) == pytest.approx(recompute)
+    with pytest.raises(ConfigError, match="cost model"):
+        measured(tmp_path / "h100_run99_cost_model.json", shape)
+    with pytest.raises(ConfigError, match="no h200_run"):
+        newest_measured(tmp_path / "empty", shape)

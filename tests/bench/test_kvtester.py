@@ -36,10 +36,26 @@ def test_nested_subagents_are_sessions_of_their_own() -> None:
     reqs = parse_conversation(conversation(), name="conv")
     assert [(r.session, r.time_s) for r in reqs] == [
         ("conv", 0.0), ("conv", 5.0), ("conv/a1", 10.0), ("conv/a1", 12.0), ("conv/a1/b", 24.0), ("conv", 30.0)]
-    # local scope: every conversation is its own id space
-    assert len({r.scope for r in reqs}) == 3
+    # local scope: one conversation is one id space, its sub-agents (at any depth) included
+    assert {r.scope for r in reqs} == {"kvtester:conv"}
     assert reqs[3].hash_ids == (1, 2, 5) and reqs[3].input_tokens == 192 and reqs[3].block_tokens == 64
     assert reqs[0].num_full_blocks == 2  # 130 tokens: 2 full blocks + 2 tokens of tail
+
+
+def test_sibling_subagents_share_their_prompt(shared_traces: Path) -> None:
+    # trace_0010: four Explore sub-agents start from the same ~10K-token prompt
+    from kvtier.bench.costmodel import CostModel, model_shape
+    from kvtier.bench.sim import ideal, prepare
+
+    reqs = load_kvtester(shared_traces / "kv-cache-tester" / "trace_0010.json")
+    firsts = {}
+    for r in reqs:
+        if r.session != "trace_0010":
+            firsts.setdefault(r.session, r)
+    assert len(firsts) == 4 and len({r.scope for r in reqs}) == 1
+    shared = ideal(prepare(list(firsts.values())), CostModel(shape=model_shape("llama-3.1-8b"))).hit_total.tolist()
+    # the first sub-agent has nothing to reuse; each later one reuses ~10K tokens of its siblings'
+    assert shared[0] == 0 and all(9_900 <= s <= 10_200 for s in shared[1:]), shared
 
 
 def test_global_scope_is_shared() -> None:

@@ -12,8 +12,12 @@ the input, in order.  A ``"subagent"`` entry has no ids of its own but nests a c
 (``requests[]``, ``agent_id``) that runs as its own session and may nest further.
 
 Scopes: with ``hash_id_scope: "local"`` ids mean something only inside one conversation, so
-each conversation and each sub-agent gets its own scope (``<file>/<agent_id>``) and shares no
-block with anything else; with ``"global"`` every conversation of every file shares one scope.
+each conversation gets its own scope (``kvtester:<id>``) and shares no block with another
+conversation; its sub-agents (at any depth) share that scope, because one conversation's ids
+are one id space: sibling sub-agents that start from the same prompt share its blocks (the
+four Explore agents of ``trace_0010`` share their first ~10K tokens).  Each sub-agent is still
+a session of its own (``<id>/<agent_id>``).  With ``"global"`` every conversation of every file
+shares one scope.
 
 Sub-agent timing: the nested ``t`` values are taken as seconds since the sub-agent started
 (at its entry's ``t``, or at the preceding parent request when the entry has none), unless the
@@ -67,8 +71,8 @@ def parse_conversation(doc: dict[str, Any], *, name: str, offset_s: float = 0.0,
 
 
 def _walk(entries: Sequence[Any], *, session: str, block: int, global_scope: bool, start_s: float,
-          out: list[Request], where: str) -> None:
-    scope = "kvtester:global" if global_scope else f"kvtester:{session}"
+          out: list[Request], where: str, scope: str | None = None) -> None:
+    scope = scope or ("kvtester:global" if global_scope else f"kvtester:{session}")
     last_t = 0.0
     for n, rec in enumerate(entries):
         try:
@@ -79,7 +83,7 @@ def _walk(entries: Sequence[Any], *, session: str, block: int, global_scope: boo
                 first_t = float(nested[0].get("t", 0.0)) if nested else 0.0
                 base = start_s if nested and first_t >= sub_start > 0 else start_s + sub_start
                 _walk(nested, session=f"{session}/{agent}", block=block, global_scope=global_scope,
-                      start_s=base, out=out, where=where)
+                      start_s=base, out=out, where=where, scope=scope)
                 continue
             last_t = float(rec["t"])
             out.append(Request(time_s=start_s + last_t, session=session, scope=scope,

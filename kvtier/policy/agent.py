@@ -1,0 +1,322 @@
+"""The agent-aware policy: evict the chunk whose next use is predicted furthest away.
+
+Agentic traffic says when a chunk comes back: a session's next call usually follows seconds
+later (a tool loop), sometimes minutes (a human); a shared prefix (system prompt, tools, a
+parent's context under sub-agents) comes back with whichever of its sessions calls first; a
+session that compacted its context never reads its old tail again.  So every chunk carries a
+**predicted next use** ``due`` and the victim is the chunk due last (among equals the deepest
+chunk of its prefix, so a context shrinks from its tail and keeps a usable prefix)::
+
+    used at t by session s:   due = min(t + gap, due if still ahead)   # shared: the first caller
+    gap  = the chunk's own inter-use gap (EWMA) if it was used before, else the session's
+           inter-arrival gap (EWMA) if the session called before, else "not expected back"
+    idle:     victim score = max(due, now + 2 x (now - last use))      # heavy tails: idle for x,
+                                                                       # expect 2x more
+    compacted tail:           due = +inf                               # evicted first
+
+This is Belady's MIN with predictions in place of the future.  **Admission**: when the tier is
+full, a chunk that would itself be the victim is not admitted (``admit``), so a one-off context
+larger than the tier cannot flush it, and the tail of a long context is not stored in place of
+its own head.  A refused chunk is remembered (a ghost), so a second use finds its gap: one use
+is no evidence of another, two are (the doorkeeper of TinyLFU).  Along a request the due time
+never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
+
+Hints: ``observe(keys, session=, now=)`` tells the policy a request's full key list, its session
+and the time (the simulator passes trace time; an engine passes its request's session id).
+Without hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
+
+One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of every tier of a
+hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last
+use).  Every operation is O(log n) amortised: both keys are fixed between uses, so each use
+pushes one entry per heap and stale entries are dropped lazily when they surface.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvtier.keys import ChunkKey
+from kvtier.policy.eviction import EvictionPolicy
+
+_EWMA = 0.2  # weight of the newest gap
+_MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
+_DEAD = math.inf
+_HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
+_IDLE = 2.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
+
+
+@dataclass(slots=True)
+class _Session:
+    last_t: float
+    gap: float | None  # EWMA of inter-arrival gaps; None until the second call
+    keys: Sequence[ChunkKey]  # the last request's keys (compaction detection)
+
+
+@dataclass(slots=True)
+class _Node:
+    last_t: float  # last use
+    due: float  # predicted next use
+    depth: int  # chunk position in the request that last used it (deeper = evicted first on ties)
+    gap: float | None  # EWMA of this chunk's own inter-use gaps
+    owner: str | None  # session that last used it
+    stamp: int  # request that last updated it (one update per request)
+    tiers: int = 0  # tier policies holding it
+
+
+class AgentModel:
+    """Sessions and per-chunk predictions, shared by the policies of one hierarchy's tiers."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.now = 0.0
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.nodes: dict[ChunkKey, _Node] = {}
+        self.ghosts: OrderedDict[ChunkKey, _Node] = OrderedDict()  # recently evicted: history kept
+        self.members: list[AgentPolicy] = []
+        self._stamp = 0
+        self._session: _Session | None = None
+        self._session_id: str | None = None
+        self._depth: dict[ChunkKey, int] = {}
+        self._hinted = False
+        self._floor, self._floor_depth = -math.inf, -1
+
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
+        self._hinted = True
+        self.now = self._clock() if now is None else max(self.now, now)
+        self._stamp += 1
+        self._depth = {k: i for i, k in enumerate(keys)}
+        self._floor, self._floor_depth = -math.inf, -1  # due of the deepest chunk touched so far
+        self._session_id = session
+        if session is None:
+            self._session = None
+            return
+        s = self.sessions.get(session)
+        if s is None:
+            s = self.sessions[session] = _Session(last_t=self.now, gap=None, keys=keys)
+            while len(self.sessions) > _MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        else:
+            self.sessions.move_to_end(session)
+            gap = self.now - s.last_t
+            s.gap = gap if s.gap is None else _EWMA * gap + (1 - _EWMA) * s.gap
+            self._bury_tail(session, s.keys, keys)
+            s.last_t, s.keys = self.now, keys
+        self._session = s
+
+    def _bury_tail(self, session: str, old: Sequence[ChunkKey], new: Sequence[ChunkKey]) -> None:
+        """The session compacted (its new context leaves its old one): its old tail is dead."""
+        common = 0
+        for a, b in zip(old, new, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common >= len(old):
+            return
+        for key in old[common:]:
+            node = self.nodes.get(key)
+            if node is not None and node.owner == session and node.due != _DEAD:
+                node.due = _DEAD
+                for member in self.members:
+                    if key in member.held:
+                        member.push(key, node)
+
+    @property
+    def stamp(self) -> int:
+        return self._stamp
+
+    @property
+    def hinted(self) -> bool:
+        return self._hinted
+
+    def depth_of(self, key: ChunkKey) -> int:
+        """``key``'s position in the current request (-1 if not in it, or no hint)."""
+        return self._depth.get(key, -1)
+
+    def predict(self, key: ChunkKey) -> tuple[float, int]:
+        """(due, depth) ``key`` would get if the current request used it now; changes nothing."""
+        node = self.nodes.get(key) or self.ghosts.get(key)
+        now = self._clock() if not self._hinted else self.now
+        if node is not None and self._hinted and (node.stamp == self._stamp or key not in self._depth):
+            return node.due, node.depth  # used already, or moving between tiers (no use)
+        due = now + self._gap(node, now)
+        if node is not None and now < node.due < _DEAD:  # another session's call is predicted sooner
+            due = min(due, node.due)
+        depth = self._depth.get(key, 0)
+        if depth > self._floor_depth:  # a child is not needed before its parent
+            due = max(due, self._floor)
+        return due, depth
+
+    def touch(self, key: ChunkKey) -> _Node:
+        """Update ``key``'s prediction for a use by the current request (once per request)."""
+        if not self._hinted:
+            self.now = self._clock()
+            self._stamp += 1
+        node = self.nodes.get(key)
+        if node is None:
+            node = self.ghosts.pop(key, None)
+            if node is not None:
+                self.nodes[key] = node
+        if node is not None and (node.stamp == self._stamp or (self._hinted and key not in self._depth)):
+            return node  # used by this request already, or moving between tiers: not a use
+        due, depth = self.predict(key)
+        now = self.now
+        if node is None:
+            node = self.nodes[key] = _Node(last_t=now, due=due, depth=depth, gap=None, owner=None, stamp=0)
+        else:
+            reuse = now - node.last_t
+            node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
+        node.last_t, node.due, node.depth, node.stamp = now, due, depth, self._stamp
+        if self._hinted and depth >= self._floor_depth:
+            self._floor, self._floor_depth = due, depth
+        node.owner = self._session_id
+        return node
+
+    def _gap(self, node: _Node | None, now: float) -> float:
+        if node is not None:  # used before: its own rhythm, this use included
+            reuse = now - node.last_t
+            if node.gap is not None:
+                return _EWMA * reuse + (1 - _EWMA) * node.gap if reuse > 0 else node.gap
+            if reuse > 0:
+                return reuse
+        if self._session is not None and self._session.gap is not None:
+            return self._session.gap
+        return _HORIZON_S
+
+    def remember(self, key: ChunkKey, due: float, depth: int) -> None:
+        """``key`` was used now (predicted ``due``) but not admitted: a ghost keeps the use, so
+        that a reuse is recognised."""
+        if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
+            self.ghosts[key] = _Node(last_t=self.now, due=due, depth=depth, gap=None, owner=self._session_id,
+                                     stamp=self._stamp)
+            if len(self.ghosts) > 4096 and len(self.ghosts) > 4 * len(self.nodes):
+                self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        while len(self.ghosts) > max(4 * len(self.nodes), 4096):
+            self.ghosts.popitem(last=False)
+
+    def release(self, key: ChunkKey) -> None:
+        """A tier policy dropped ``key``; once no tier holds it, keep its history as a ghost."""
+        node = self.nodes.get(key)
+        if node is None:
+            return
+        node.tiers -= 1
+        if node.tiers <= 0:
+            del self.nodes[key]
+            self.ghosts[key] = node
+            self._trim_ghosts()
+
+
+class AgentPolicy(EvictionPolicy):
+    """One tier's eviction order under a shared ``AgentModel``; see the module docstring.
+
+    The victim maximises ``max(due, now + (now - last use))``: the larger of the two tops of a
+    heap by ``due`` and a heap by last use (both keys fixed between uses, so both heaps are
+    lazy: an entry is live while it matches its chunk).  Along a request's prefix ``due`` never
+    decreases and the last use never increases, so a parent never goes before its child.
+    """
+
+    name = "agent"
+
+    def __init__(self, model: AgentModel | None = None) -> None:
+        self.model = model or AgentModel()
+        self.model.members.append(self)
+        self.held: set[ChunkKey] = set()
+        self._by_due: list[tuple[float, int, int, ChunkKey]] = []  # (-due, -depth, seq, key): due last on top
+        self._by_age: list[tuple[float, int, int, ChunkKey]] = []  # (last use, -depth, seq, key): oldest on top
+        self._seq = 0
+        self._refused: tuple[int, int, float] = (-1, 0, 0.0)  # (request stamp, depth, due) of a refusal
+
+    @classmethod
+    def family(cls, n: int) -> list[EvictionPolicy]:
+        """Policies for the ``n`` tiers of one hierarchy, sharing one model."""
+        model = AgentModel()
+        return [cls(model) for _ in range(n)]
+
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
+        self.model.observe(keys, session=session, now=now)
+
+    def push(self, key: ChunkKey, node: _Node) -> None:
+        self._seq += 1
+        heapq.heappush(self._by_due, (-node.due, -node.depth, self._seq, key))
+        heapq.heappush(self._by_age, (node.last_t, -node.depth, self._seq, key))
+
+    def insert(self, key: ChunkKey, size: int) -> None:
+        node = self.model.touch(key)
+        if key not in self.held:
+            self.held.add(key)
+            node.tiers += 1
+        self.push(key, node)
+
+    def access(self, key: ChunkKey) -> None:
+        if key in self.held:
+            self.push(key, self.model.touch(key))
+
+    def remove(self, key: ChunkKey) -> None:
+        if key in self.held:
+            self.held.discard(key)
+            self.model.release(key)
+
+    def admit(self, key: ChunkKey, size: int) -> bool:
+        """Would ``key``, entering a full tier, not be the victim itself?"""
+        model = self.model
+        refused = self._refused
+        if refused[0] == model.stamp and model.depth_of(key) > refused[1]:  # its parent was refused
+            model.remember(key, refused[2], model.depth_of(key))
+            return False
+        top = self._victim()
+        if top is None:
+            return True
+        due, depth = model.predict(key)
+        if (due, depth) < top[:2]:
+            return True
+        model.remember(key, due, depth)
+        if model.hinted:  # its descendants in this request are refused too (a child needs its parent)
+            self._refused = (model.stamp, depth, due)
+        return False
+
+    def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
+        skipped: list[tuple[list[tuple[float, int, int, ChunkKey]], tuple[float, int, int, ChunkKey]]] = []
+        victim = None
+        while (top := self._victim()) is not None:
+            heap = self._by_due if top[2] else self._by_age
+            entry = heapq.heappop(heap)
+            if evictable(entry[3]):
+                victim = entry[3]
+                break
+            skipped.append((heap, entry))  # pinned or in use: put back once the search ends
+        for heap, entry in skipped:
+            heapq.heappush(heap, entry)
+        if victim is not None:
+            self.held.discard(victim)
+            self.model.release(victim)
+        return victim
+
+    def _victim(self) -> tuple[float, int, bool] | None:
+        """(score, depth, from the due heap) of the chunk to evict next, or None if empty."""
+        by_due, by_age = self._live(self._by_due, True), self._live(self._by_age, False)
+        now = self.model.now
+        due = None if by_due is None else (-by_due[0], -by_due[1], True)
+        aged = None if by_age is None else (now + _IDLE * (now - by_age[0]), -by_age[1], False)
+        if due is None or aged is None:
+            return due or aged
+        return due if due[:2] >= aged[:2] else aged
+
+    def _live(self, heap: list[tuple[float, int, int, ChunkKey]], due: bool) -> tuple[float, int, int, ChunkKey] | None:
+        nodes, held = self.model.nodes, self.held
+        while heap:
+            value, neg_depth, _, key = heap[0]
+            node = nodes.get(key)
+            if key in held and node is not None and node.depth == -neg_depth and (
+                    node.due == -value if due else node.last_t == value):
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def __len__(self) -> int:
+        return len(self.held)

@@ -1,0 +1,130 @@
+"""The agent-aware policy: predicted next use, deepest first, admission, dead tails, shared model."""
+
+from __future__ import annotations
+
+import random
+
+from kvtier.keys import ChunkKey
+from kvtier.policy.agent import AgentModel, AgentPolicy
+from kvtier.policy.eviction import LRUPolicy, make_policies
+from kvtier.policy.index import TierIndex
+
+
+def keys(prefix: str, n: int) -> list[ChunkKey]:
+    return [ChunkKey(f"{prefix}{i}".encode().ljust(16, b".")) for i in range(n)]
+
+
+def request(index: TierIndex, ks: list[ChunkKey], *, session: str, now: float) -> int:
+    """What the hierarchy does for one request: hint, read the cached prefix, store the rest."""
+    index.policy.observe(ks, session=session, now=now)
+    hit = 0
+    while hit < len(ks) and ks[hit] in index:
+        index.touch(ks[hit])
+        hit += 1
+    for key in ks[hit:]:
+        victims = index.plan_room(1, lambda _: True, admit=key)
+        if victims is None:
+            break  # refused: so are its descendants (the hierarchy sends them below)
+        index.add(key, 1)
+    return hit
+
+
+def test_a_context_larger_than_the_tier_keeps_its_head() -> None:
+    # LRU scans a 10-chunk context through 4 slots and keeps its tail: no hit next time
+    ctx = keys("a", 10)
+    hits = {}
+    for name, policy in (("agent", AgentPolicy()), ("lru", LRUPolicy())):
+        index = TierIndex("g2", 4, policy)
+        hits[name] = [request(index, ctx, session="a", now=t) for t in (0.0, 5.0, 10.0)]
+    assert hits == {"agent": [0, 4, 4], "lru": [0, 0, 0]}
+
+
+def test_the_session_due_first_keeps_its_chunks() -> None:
+    # a fast tool loop (every 2 s) and a slow human (every 60 s) share 6 slots
+    index = TierIndex("g2", 6, AgentPolicy())
+    fast, slow = keys("f", 4), keys("s", 4)
+    t = 0.0
+    for turn in range(6):
+        request(index, fast, session="fast", now=t)
+        if turn % 3 == 0:
+            request(index, slow, session="slow", now=t + 1)
+        t += 2.0
+    assert all(key in index for key in fast)  # the fast loop's context is whole
+    assert sum(key in index for key in slow) == 2  # the slow one keeps its head in the rest
+    assert slow[0] in index and slow[1] in index
+
+
+def test_a_compacted_tail_goes_first() -> None:
+    index = TierIndex("g2", 10, AgentPolicy())  # room for everything: only the order is tested
+    old = keys("x", 6)
+    request(index, old, session="s", now=0.0)
+    request(index, old, session="s", now=1.0)
+    shared = keys("y", 2)
+    request(index, shared, session="other", now=1.5)
+    compacted = old[:2] + keys("z", 2)  # the session summarised: it keeps 2 chunks, then new ones
+    request(index, compacted, session="s", now=2.0)
+    victims = [index.policy.pop_victim(lambda _: True) for _ in range(4)]
+    assert set(victims) == set(old[2:])  # the dead tail, before anything alive
+
+
+def test_shared_prefix_is_due_with_its_first_caller() -> None:
+    model = AgentModel()
+    policy = AgentPolicy(model)
+    system = keys("sys", 2)
+    for t in range(0, 100, 10):  # session a every 10 s
+        model.observe(system, session="a", now=float(t))
+        for key in system:
+            policy.insert(key, 1) if key not in policy.held else policy.access(key)
+    model.observe(system, session="b", now=95.0)  # b calls once: no rhythm of its own
+    policy.access(system[0])
+    assert model.nodes[system[0]].due <= 90.0 + 10.0 + 1e-9  # still a's next call
+
+
+def test_pinned_chunks_are_skipped_and_put_back() -> None:
+    policy = AgentPolicy()
+    ks = keys("p", 3)
+    policy.observe(ks, session="s", now=0.0)
+    for key in ks:
+        policy.insert(key, 1)
+    assert policy.pop_victim(lambda key: key != ks[2]) == ks[1]  # deepest evictable first
+    assert policy.pop_victim(lambda _: False) is None
+    assert policy.pop_victim(lambda _: True) == ks[2] and len(policy) == 1
+
+
+def test_one_model_for_every_tier_and_unhinted_use() -> None:
+    g2, g3 = make_policies("agent", 2)
+    assert isinstance(g2, AgentPolicy) and isinstance(g3, AgentPolicy) and g2.model is g3.model
+    assert len({id(p) for p in make_policies("lru", 2)}) == 2
+    clock = iter(float(t) for t in range(1000))
+    policy = AgentPolicy(AgentModel(clock=lambda: next(clock)))  # no hints: its own clock
+    ks = keys("u", 3)
+    for key in ks:
+        policy.insert(key, 1)
+    policy.access(ks[0])
+    assert policy.pop_victim(lambda _: True) in ks[1:] and len(policy) == 2
+
+
+def test_heaps_stay_consistent_under_random_operations() -> None:
+    rng = random.Random(3)
+    policy = AgentPolicy()
+    pool, held = keys("r", 40), set()
+    for step in range(3000):
+        key = rng.choice(pool)
+        op = rng.random()
+        if step % 7 == 0:
+            policy.observe(rng.sample(pool, 5), session=rng.choice("abc"), now=step / 10)
+        if op < 0.4:
+            policy.insert(key, 1)
+            held.add(key)
+        elif op < 0.7:
+            policy.access(key)
+        elif op < 0.8:
+            policy.remove(key)
+            held.discard(key)
+        else:
+            victim = policy.pop_victim(lambda k: k != pool[0])
+            assert (victim is None) == (held <= {pool[0]})
+            assert victim != pool[0]
+            held.discard(victim)  # type: ignore[arg-type]
+        assert policy.held == held and len(policy) == len(held)
+        assert all(n.tiers == 1 for k, n in policy.model.nodes.items() if k in held)

@@ -1,0 +1,95 @@
+"""Exclusive tiers: DRAM and disk hold different chunks, so their capacities add up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvtier.config import DiskConfig, DramConfig, KVTierConfig
+from kvtier.errors import ConfigError
+from kvtier.hierarchy import ContextMemory
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.dram import DramTier
+from tests.conftest import make_keys, make_payloads
+from tests.test_hierarchy import LAYOUT, _memory, _outs
+
+
+def _on_disk(mem: ContextMemory) -> set:
+    return set(mem.indexes[1].sizes)
+
+
+def test_exclusive_capacities_add_up(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 6), make_payloads(LAYOUT, 6)
+    with _memory(tmp_path / "inc", 3, 3) as inclusive, _memory(tmp_path / "exc", 3, 3, exclusive=True) as exclusive:
+        for mem in (inclusive, exclusive):
+            mem.store(keys, payloads)
+            mem.flush()
+        # inclusive: the disk holds copies of what DRAM holds, 3 + 3 slots keep only 3 distinct chunks
+        assert inclusive.lookup(keys).num_chunks == 0 and len(_on_disk(inclusive)) == 3
+        assert _on_disk(inclusive) == set(inclusive.indexes[0].sizes)
+        # exclusive: nothing written through; DRAM's victims went down: all 6 are held, once each
+        assert exclusive.lookup(keys).tiers == (1, 1, 1, 0, 0, 0)
+        assert not _on_disk(exclusive) & set(exclusive.indexes[0].sizes)
+        outs = _outs(6)
+        assert exclusive.load(keys, outs) == 6
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+
+
+def test_exclusive_promotion_leaves_the_disk(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
+    with _memory(tmp_path, 2, 4, exclusive=True) as mem:
+        mem.store(keys, payloads)  # keys 0, 1 demoted to disk
+        assert mem.lookup(keys).tiers == (1, 1, 0, 0)
+        assert mem.load(keys[:2], _outs(2)) == 2  # promoted back: 2, 3 demoted in turn
+        mem.flush()
+        assert mem.lookup(keys).tiers == (0, 0, 1, 1)
+        assert _on_disk(mem) == set(keys[2:])  # no stale copy of 0, 1 takes disk room
+        assert mem.stats()["disk"].bytes_read == 2 * LAYOUT.chunk_bytes
+
+
+def test_exclusive_writes_through_pinned_chunks_and_the_leading_share(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 8), make_payloads(LAYOUT, 8)
+    with _memory(tmp_path, 8, 8, exclusive=True, write_through_share=0.25) as mem:
+        mem.pin([keys[6]])
+        mem.store(keys, payloads)
+        mem.flush()
+        # the first quarter of the batch (chunks 0, 1: a restart finds the prefix) and the pinned one
+        assert _on_disk(mem) == {keys[0], keys[1], keys[6]}
+        mem.load(keys, _outs(8))
+        assert keys[6] in _on_disk(mem)  # a pinned chunk's copy stays when it is read
+
+
+def test_exclusive_from_config_and_bad_share(tmp_path: Path) -> None:
+    config = KVTierConfig(chunk_tokens=LAYOUT.tokens_per_chunk, tiers=("dram", "disk"), exclusive=True,
+                          write_through_share=0.5, eviction="agent",
+                          dram=DramConfig(capacity=4 * LAYOUT.chunk_bytes),
+                          disk=DiskConfig(path=str(tmp_path), capacity=4 * LAYOUT.chunk_bytes))
+    with ContextMemory.open(LAYOUT, config) as mem:
+        assert mem.exclusive and mem.write_through_share == 0.5
+        assert mem.indexes[0].policy.name == "agent"
+        assert mem.indexes[0].policy.model is mem.indexes[1].policy.model  # one model for all tiers
+    tiers = [DramTier(LAYOUT, capacity_bytes=LAYOUT.chunk_bytes)]
+    with pytest.raises(ConfigError, match="write_through_share"):
+        ContextMemory(LAYOUT, tiers, exclusive=True, write_through_share=1.5)  # type: ignore[arg-type]
+    assert isinstance(DiskTier, type) and np.uint8
+
+
+def test_agent_policy_keeps_the_head_of_a_context_larger_than_the_tiers(tmp_path: Path) -> None:
+    # a 12-chunk context through DRAM 2 + disk 3, exclusive: LRU keeps the tail (no prefix hit),
+    # the agent policy keeps the first 5 chunks and serves them on every later turn
+    keys, payloads = make_keys(LAYOUT, 12), make_payloads(LAYOUT, 12)
+    served = {}
+    for policy in ("lru", "agent"):
+        with _memory(tmp_path / policy, 2, 3, exclusive=True, eviction=policy) as mem:
+            served[policy] = []
+            for turn in range(3):
+                mem.hint(keys, session="s", now=10.0 * turn)
+                outs = _outs(12)
+                n = mem.load(keys, outs)
+                assert all((o == p).all() for o, p in zip(outs[:n], payloads[:n], strict=True))
+                served[policy].append(n)
+                mem.store(keys[n:], payloads[n:])
+                mem.flush()
+    assert served == {"lru": [0, 0, 0], "agent": [0, 5, 5]}
