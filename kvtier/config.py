@@ -252,6 +252,31 @@ def redacted(config: Any) -> dict[str, Any]:
     return out
 
 
+def check_openable(config: KVTierConfig) -> None:
+    """What ``ContextMemory.open`` needs beyond a valid config: tier packages, a creatable disk root."""
+    needs = {"redis": ("redis", "redis"), "mooncake": ("mooncake.store", "mooncake")}
+    for tier in config.tiers:
+        if tier in needs and not _importable(needs[tier][0]):
+            raise ConfigFieldError("tiers", f"tier {tier!r} needs the Python package of kvtier's "
+                                   f"{needs[tier][1]!r} extra: pip install 'kvtier[{needs[tier][1]}]'")
+    if "disk" in config.tiers:
+        existing = config.disk.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigFieldError("disk.path", f"cannot create {str(config.disk.path)!r}: "
+                                   f"{str(existing)!r} is not a writable directory")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # the parent package is missing
+        return False
+
+
 # --- building dataclasses from plain data -----------------------------------------------------
 
 Labels = Mapping[str, str]  # a field's dotted path -> how errors name it (an env variable, the file)
