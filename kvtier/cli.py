@@ -27,6 +27,10 @@ from pathlib import Path
 import kvtier.bench
 from kvtier.errors import KVTierError
 
+# optional modules -> the extra that installs them (pyproject.toml)
+EXTRAS = {"rich": "bench", "matplotlib": "bench", "vllm": "vllm", "redis": "redis", "mooncake": "mooncake",
+          "torch": "torch", "transformers": "hf", "yaml": "yaml"}
+
 
 def _bench_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(kvtier.bench.__path__)
@@ -64,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except KVTierError as exc:
         print(f"kvtier: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"kvtier: error: this command needs {exc.name}: pip install 'kvtier[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kvtier: interrupted", file=sys.stderr)

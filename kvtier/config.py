@@ -434,11 +434,16 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if suffix == ".toml":
             data: Any = tomllib.loads(text)
         else:
-            import yaml
-
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise ConfigError(f"{p}: YAML config files need PyYAML: pip install 'kvtier[yaml]' "
+                                  "(or write the config as TOML)") from None
             data = yaml.safe_load(text) or {}
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+    except ConfigError:
+        raise
     except Exception as exc:  # yaml.YAMLError without importing yaml at module level
         raise ConfigError(f"{p}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

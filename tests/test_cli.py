@@ -101,3 +101,20 @@ def test_config_never_prints_secrets(tmp_path: Path) -> None:
     assert json.loads(from_env.stdout)["redis"]["url"] == "redis://admin@127.0.0.1:6379/0"
     bad = _kvtier(["config"], {"KVTIER_REDIS__URL": f"redis://admin:{SECRET}@127.0.0.1:99999/0"})
     assert bad.returncode == 2 and "admin:***@127.0.0.1" in bad.stderr and SECRET not in bad.stderr
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path: Path) -> None:
+    """``rich`` and PyYAML are extras now: without them the command says which extra to install."""
+    for name in ("rich", "yaml"):  # shadow the installed package with one that is "not installed"
+        (tmp_path / "absent" / name).mkdir(parents=True)
+        (tmp_path / "absent" / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('No module named ' + {name!r}, name={name!r})\n")
+    (tmp_path / "kvtier.yaml").write_text("chunk_tokens: 128\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'absent'}{os.pathsep}{ROOT}"}
+    out = _kvtier(["bench", "tiers", "--quick"], env)
+    assert out.returncode == 2 and out.stderr == "kvtier: error: this command needs rich: pip install 'kvtier[bench]'\n"
+    out = _kvtier(["config", "--file", str(tmp_path / "kvtier.yaml")], env)
+    assert out.returncode == 2 and "YAML config files need PyYAML: pip install 'kvtier[yaml]'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _kvtier(["config", "--file", str(tmp_path / "kvtier.yaml")])  # with PyYAML
+    assert out.returncode == 0 and json.loads(out.stdout)["chunk_tokens"] == 128
