@@ -9,8 +9,16 @@ chunks.  Environment overrides name a field by its path, upper-cased, ``__`` bet
     KVTIER_TIERS=dram,disk,redis
     KVTIER_CONFIG=/etc/kvtier.toml      (the file to read, if no path is passed)
 
-Sizes accept integers or strings with units (``512MiB``, ``2GiB``, ``1.5GB``).  Unknown keys are
-errors, never silently ignored.
+Sizes accept integers or strings with units (``512MiB``, ``2GiB``, ``1.5GB``; whole bytes only).
+Unknown keys are errors, never silently ignored.  Every field is checked when its dataclass is
+built (``kvtier.config_checks``): a bad value is a one-line ``ConfigFieldError`` naming the field
+as the user wrote it -- ``KVTIER_DRAM__CAPACITY: cannot read 'banana' as a size``,
+``/etc/kvtier.toml: disk.io_threads: must be at least 1, got 0``, ``DramConfig.capacity: ...``.
+Tiers must be known and listed top first (dram, disk, then redis/mooncake); TLS files must exist.
+
+Secrets: a password in ``redis.url`` moves to ``redis.password``, which no ``repr`` shows;
+``redacted(config)`` is what ``kvtier config`` prints (passwords as ``***``).  YAML files need
+PyYAML (the ``yaml`` extra); TOML needs nothing.
 """
 
 from __future__ import annotations
@@ -133,8 +141,8 @@ class BreakerConfig:
 class RedisConfig:
     """A password in ``url`` (``redis://user:pw@host``) moves to ``password``: no secret in the URL."""
 
-    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_rule(url=True))  # rediss:// for TLS;
-    #                                                                   a cluster seed node in cluster mode
+    # rediss:// for TLS; a cluster seed node in cluster mode
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_rule(url=True))
     cluster: bool = False
     username: str | None = None  # ACL user
     password: str | None = field(default=None, repr=False, metadata=_rule(secret=True))
@@ -146,10 +154,9 @@ class RedisConfig:
     socket_timeout_s: float = field(default=0.5, metadata=_rule(positive))
     connect_timeout_s: float = field(default=0.5, metadata=_rule(positive))
     max_connections: int = field(default=32, metadata=_rule(at_least(1)))  # per server, for this process
-    # put buffers kept for reuse (header + payload each)
-    staging_bytes: ByteSize = ByteSize(128 << 20)
-    capacity: ByteSize = field(default=ByteSize(1 << 40), metadata=_rule(positive))  # what this process
-    #                                                                          may write; the server evicts too
+    staging_bytes: ByteSize = ByteSize(128 << 20)  # put buffers kept for reuse (header + payload each)
+    # what this process may write; the server evicts too
+    capacity: ByteSize = field(default=ByteSize(1 << 40), metadata=_rule(positive))
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
     def __post_init__(self) -> None:
