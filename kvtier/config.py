@@ -466,7 +466,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     cannot read 'banana' as a size``, ``kvtier.toml: disk.io_threads: must be at least 1, got 0``.
     """
     env = os.environ if env is None else env
+    if not isinstance(overrides, Mapping | None):
+        raise ConfigError(f"overrides must be a mapping of config keys, got {type(overrides).__name__}")
     path = path or env.get("KVTIER_CONFIG")
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise ConfigError(f"the config file must be a path, got {path!r}")
     data: dict[str, Any] = read_file(path) if path else {}
     labels = _file_labels(data, str(path)) if path else {}
     data = _merge(data, overrides or {})

@@ -243,6 +243,13 @@ def test_bad_files_are_clear_errors(tmp_path: Path, name: str, content: bytes, t
         load_config(tmp_path / "missing.yaml", env={})
 
 
+def test_bad_arguments_to_load_config() -> None:
+    with pytest.raises(ConfigError, match="overrides must be a mapping"):
+        load_config(env={}, overrides=[("chunk_tokens", 5)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a path, got 5"):
+        load_config(5, env={})  # type: ignore[arg-type]
+
+
 def test_a_disk_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     _one_line_error(lambda: load_config(env={}, overrides={"disk": {"path": str(tmp_path / "f")}}),
