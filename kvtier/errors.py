@@ -70,7 +70,11 @@ class ConfigFieldError(ConfigError):
     with the field's path in the file, or the environment variable that set it.
     """
 
+    MAX_PROBLEM = 300  # a hostile value (a megabyte string) is cut, so the message stays one screen line
+
     def __init__(self, field: str, problem: str) -> None:
+        if len(problem) > self.MAX_PROBLEM:
+            problem = problem[:self.MAX_PROBLEM] + "..."
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem

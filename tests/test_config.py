@@ -243,6 +243,12 @@ def test_bad_files_are_clear_errors(tmp_path: Path, name: str, content: bytes, t
         load_config(tmp_path / "missing.yaml", env={})
 
 
+def test_a_huge_bad_value_is_cut_in_the_message() -> None:
+    message = _one_line_error(lambda: load_config(env={"KVTIER_DRAM__CAPACITY": "x" * 10**6}),
+                              "KVTIER_DRAM__CAPACITY", "cannot read 'xxx")
+    assert len(message) < 400 and message.endswith("...")
+
+
 def test_bad_arguments_to_load_config() -> None:
     with pytest.raises(ConfigError, match="overrides must be a mapping"):
         load_config(env={}, overrides=[("chunk_tokens", 5)])  # type: ignore[arg-type]
