@@ -8,12 +8,15 @@
 
 Each benchmark module defines ``add_arguments(parser)`` and ``run(args) -> int``; the CLI finds
 them by name, so adding a benchmark needs no change here.
+
+A user error (a bad config value, a missing trace, an unknown policy: any ``KVTierError``) is one
+line on stderr, ``kvtier: error: <message>``, and exit status 2, as argparse does for bad options;
+a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import pkgutil
@@ -22,6 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import kvtier.bench
+from kvtier.errors import KVTierError
+
+# optional modules -> the extra that installs them (pyproject.toml)
+EXTRAS = {"rich": "bench", "matplotlib": "bench", "vllm": "vllm", "redis": "redis", "mooncake": "mooncake",
+          "torch": "torch", "transformers": "hf", "yaml": "yaml"}
 
 
 def _bench_modules() -> list[str]:
@@ -33,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV-cache memory for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cfg = sub.add_parser("config", help="print the effective configuration as JSON")
+    cfg = sub.add_parser("config", help="check the effective configuration and print it as JSON (secrets as ***)")
     cfg.add_argument("--file", type=Path, default=None, help="TOML or YAML config file")
 
     pins = sub.add_parser("pins", help="list (or --clear) the persistent pins of the configured disk tier")
@@ -56,16 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KVTierError as exc:
+        print(f"kvtier: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"kvtier: error: this command needs {exc.name}: pip install 'kvtier[{extra}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvtier: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # argparse's REMAINDER does not take options ("--turns 3") before a positional
         return int(importlib.import_module("kvtier.demo").main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "config":
-        from kvtier.config import load_config
+        from kvtier.config import check_openable, load_config, redacted
 
         config = load_config(args.file)
-        print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        check_openable(config)
+        print(json.dumps(redacted(config), indent=2))
         return 0
     if args.command == "pins":
         from kvtier.config import load_config

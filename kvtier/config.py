@@ -9,42 +9,78 @@ chunks.  Environment overrides name a field by its path, upper-cased, ``__`` bet
     KVTIER_TIERS=dram,disk,redis
     KVTIER_CONFIG=/etc/kvtier.toml      (the file to read, if no path is passed)
 
-Sizes accept integers or strings with units (``512MiB``, ``2GiB``, ``1.5GB``).  Unknown keys are
-errors, never silently ignored.
+Sizes accept integers or strings with units (``512MiB``, ``2GiB``, ``1.5GB``; whole bytes only).
+Unknown keys are errors, never silently ignored.  Every field is checked when its dataclass is
+built (``kvtier.config_checks``): a bad value is a one-line ``ConfigFieldError`` naming the field
+as the user wrote it -- ``KVTIER_DRAM__CAPACITY: cannot read 'banana' as a size``,
+``/etc/kvtier.toml: disk.io_threads: must be at least 1, got 0``, ``DramConfig.capacity: ...``.
+Tiers must be known and listed top first (dram, disk, then redis/mooncake); TLS files must exist.
+
+Secrets: a password in ``redis.url`` moves to ``redis.password``, which no ``repr`` shows;
+``redacted(config)`` is what ``kvtier config`` prints (passwords as ``***``).  YAML files need
+PyYAML (the ``yaml`` extra); TOML needs nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import numbers
 import os
 import re
 import tomllib
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from kvtier.errors import ConfigError
+from kvtier.config_checks import (
+    ByteSize,
+    at_least,
+    check_redis_url,
+    host_port,
+    hostname,
+    key_prefix,
+    metadata_server,
+    positive,
+    readable_file,
+    redact_url,
+    size_problem,
+    split_url_password,
+    validate,
+)
+from kvtier.errors import ConfigError, ConfigFieldError
 
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
 
+# Built-in tiers, top (fastest) first: a config lists them in this order.  Redis and Mooncake are
+# both shared G4 stores (level 2); an out-of-tree tier (``register_tier``) may go anywhere.
+TIER_LEVELS = {"dram": 0, "disk": 1, "redis": 2, "mooncake": 2}
 
-class ByteSize(int):
-    """An int that config parsing reads from ``"2GiB"``-style strings."""
 
-
-def parse_size(value: object) -> int:
+def parse_size(value: object, where: str = "size") -> int:
+    """Bytes from ``42``, ``"512MiB"``, ``"1.5GB"``; ``where`` names the field in the error."""
     if isinstance(value, bool):
-        raise ConfigError(f"expected a size, got {value!r}")
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read {value!r} as a size (examples: 1048576, 512MiB, 2GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise ConfigFieldError(where, f"expected a size, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        n = int(value)
+    else:
+        text = repr(value) if isinstance(value, float) else value
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text) if isinstance(text, str) else None
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigFieldError(where, f"cannot read {value!r} as a size (examples: 1048576, 512MiB, 2GiB)")
+        exact = Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
+        if exact != exact.to_integral_value():
+            raise ConfigFieldError(where, f"{value!r} is not a whole number of bytes")
+        n = int(exact)
+    if (problem := size_problem(n)) is not None:
+        raise ConfigFieldError(where, f"{problem}, got {value!r}")
+    return n
 
 
 def default_cache_dir() -> Path:
@@ -52,76 +88,146 @@ def default_cache_dir() -> Path:
     return Path(base) / "kvtier"
 
 
+def _rule(check: Any = None, *, secret: bool = False, url: bool = False) -> dict[str, Any]:
+    """Field metadata read by ``validate``: a check (value -> problem or None), secret, URL."""
+    return {"check": check, "secret": secret, "url": url}
+
+
 @dataclass(frozen=True, kw_only=True)
 class DramConfig:
-    capacity: ByteSize = ByteSize(2 * GiB)
+    capacity: ByteSize = field(default=ByteSize(2 * GiB), metadata=_rule(positive))
     pin_memory: bool | None = None  # None: pinned when CUDA is available
     prefault: bool = True  # populate the pool's pages at start (no page faults on the hot path)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _disk_root(path: Path) -> str | None:
+    if str(path) in ("", "."):
+        return "must name a directory"
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiskConfig:
-    path: Path = field(default_factory=lambda: default_cache_dir() / "chunks")
-    capacity: ByteSize = ByteSize(20 * GiB)
+    path: Path = field(default_factory=lambda: default_cache_dir() / "chunks", metadata=_rule(_disk_root))
+    capacity: ByteSize = field(default=ByteSize(20 * GiB), metadata=_rule(positive))
     fsync: bool = True  # fsync file and directory before a put returns (crash safety)
-    io_threads: int = 4
+    io_threads: int = field(default=4, metadata=_rule(at_least(1, 256)))
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BreakerConfig:
     """Circuit breaker of a remote tier: open after N failures, retry after a growing backoff."""
 
-    failure_threshold: int = 3
-    base_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
+    failure_threshold: int = field(default=3, metadata=_rule(at_least(1)))
+    base_backoff_s: float = field(default=0.5, metadata=_rule(positive))
+    max_backoff_s: float = field(default=30.0, metadata=_rule(positive))
 
     def __post_init__(self) -> None:
-        if self.failure_threshold < 1:
-            raise ConfigError("breaker.failure_threshold must be at least 1")
-        if not 0 < self.base_backoff_s <= self.max_backoff_s:
-            raise ConfigError("breaker backoff needs 0 < base_backoff_s <= max_backoff_s")
+        validate(self)
+        if self.max_backoff_s < self.base_backoff_s:
+            raise ConfigFieldError("BreakerConfig.max_backoff_s", f"must be at least base_backoff_s "
+                                   f"({self.base_backoff_s}), got {self.max_backoff_s}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RedisConfig:
-    url: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS; a cluster seed node in cluster mode
+    """A password in ``url`` (``redis://user:pw@host``) moves to ``password``: no secret in the URL."""
+
+    # rediss:// for TLS; a cluster seed node in cluster mode
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_rule(url=True))
     cluster: bool = False
     username: str | None = None  # ACL user
-    password: str | None = None
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    key_prefix: str = "kvtier"  # one per deployment; keys are <prefix>:<layout>:<key hex>
-    ttl_s: int | None = None  # expire chunks after this long (None: rely on maxmemory policy)
-    socket_timeout_s: float = 0.5
-    connect_timeout_s: float = 0.5
-    max_connections: int = 32  # per server, for this process
+    password: str | None = field(default=None, repr=False, metadata=_rule(secret=True))
+    tls_ca_file: str | None = field(default=None, metadata=_rule(readable_file))
+    tls_cert_file: str | None = field(default=None, metadata=_rule(readable_file))
+    tls_key_file: str | None = field(default=None, metadata=_rule(readable_file))  # only the path is shown
+    key_prefix: str = field(default="kvtier", metadata=_rule(key_prefix))  # keys: <prefix>:<layout>:<key hex>
+    ttl_s: int | None = field(default=None, metadata=_rule(at_least(1)))  # None: rely on maxmemory policy
+    socket_timeout_s: float = field(default=0.5, metadata=_rule(positive))
+    connect_timeout_s: float = field(default=0.5, metadata=_rule(positive))
+    max_connections: int = field(default=32, metadata=_rule(at_least(1)))  # per server, for this process
     staging_bytes: ByteSize = ByteSize(128 << 20)  # put buffers kept for reuse (header + payload each)
-    capacity: ByteSize = ByteSize(1 << 40)  # what this process may write; the server evicts too
+    # what this process may write; the server evicts too
+    capacity: ByteSize = field(default=ByteSize(1 << 40), metadata=_rule(positive))
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if (problem := check_redis_url(self.url, cluster=self.cluster)) is not None:
+            raise ConfigFieldError("RedisConfig.url", f"{problem}, got {redact_url(self.url)!r}")
+        url, password = split_url_password(self.url)
+        if password is not None:
+            if self.password is not None and self.password != password:
+                raise ConfigFieldError("RedisConfig.url", "carries a password and so does password: keep one")
+            object.__setattr__(self, "url", url)
+            object.__setattr__(self, "password", password)
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ConfigFieldError("RedisConfig.tls_key_file", "needs tls_cert_file (the certificate of that key)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class MooncakeConfig:
-    master_address: str = "127.0.0.1:50051"
-    metadata_server: str = "http://127.0.0.1:8080/metadata"
-    local_hostname: str = "127.0.0.1"
-    protocol: str = "tcp"
+    master_address: str = field(default="127.0.0.1:50051", metadata=_rule(host_port))
+    metadata_server: str = field(default="http://127.0.0.1:8080/metadata", metadata=_rule(metadata_server, url=True))
+    local_hostname: str = field(default="127.0.0.1", metadata=_rule(hostname))
+    protocol: Literal["tcp", "rdma"] = "tcp"
     device_name: str = ""
-    global_segment_size: ByteSize = ByteSize(512 << 20)  # memory this client contributes
+    global_segment_size: ByteSize = ByteSize(512 << 20)  # memory this client contributes (0: none)
     local_buffer_size: ByteSize = ByteSize(256 << 20)
-    capacity: ByteSize = ByteSize(1 << 40)
-    key_prefix: str = "kvtier"  # one per deployment; keys are <prefix>:<layout>:<key hex>
-    timeout_s: float = 2.0  # give up on one batch call after this long (the client retries ~4 s)
+    capacity: ByteSize = field(default=ByteSize(1 << 40), metadata=_rule(positive))
+    key_prefix: str = field(default="kvtier", metadata=_rule(key_prefix))  # keys: <prefix>:<layout>:<key hex>
+    # give up on one batch call after this long (the client retries ~4 s)
+    timeout_s: float = field(default=2.0, metadata=_rule(positive))
     staging_bytes: ByteSize = ByteSize(256 << 20)  # registered buffers for zero-copy transfers
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def __repr__(self) -> str:  # the metadata URL may carry credentials
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["metadata_server"] = redact_url(self.metadata_server)
+        return f"MooncakeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def _tiers(tiers: tuple[str, ...]) -> str | None:
+    if not tiers:
+        return "at least one tier is needed"
+    if any(not name or name != name.strip() for name in tiers):
+        return "a tier name is empty or has spaces"
+    known = set(TIER_LEVELS) | registered_tiers()
+    for name in tiers:
+        if name not in known:
+            return f"unknown tier {name!r} (known: {sorted(known)})"
+        if tiers.count(name) > 1:
+            return f"{name!r} is listed twice"
+    levels = [(TIER_LEVELS[n], n) for n in tiers if n in TIER_LEVELS]
+    for (a, upper), (b, lower) in itertools.pairwise(levels):
+        if b < a:
+            return f"{lower!r} must come before {upper!r} (top, fastest tier first)"
+    return None
+
+
+def registered_tiers() -> set[str]:
+    """Tier names the registry knows now (built-in and ``register_tier``-ed)."""
+    from kvtier import tiers
+
+    return set(tiers._REGISTRY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class KVTierConfig:
-    chunk_tokens: int = 256
-    tiers: tuple[str, ...] = ("dram", "disk")  # top (fastest) first
-    eviction: Literal["lru", "lru-prefix", "s3fifo", "agent"] = "lru-prefix"  # see kvtier/policy/eviction.py
+    chunk_tokens: int = field(default=256, metadata=_rule(positive))
+    tiers: tuple[str, ...] = field(default=("dram", "disk"), metadata=_rule(_tiers))  # top (fastest) first
+    eviction: Literal["lru", "lru-prefix", "s3fifo", "agent"] = "lru-prefix"  # kvtier/policy/eviction.py, agent.py
     promotion: Literal["always", "never"] = "always"  # copy lower-tier hits into the top tier
     write_through: bool = True  # also write new chunks to persistent/shared tiers, in background
     exclusive: bool = False  # tiers hold different chunks (demote on eviction); see kvtier/hierarchy.py
@@ -133,37 +239,97 @@ class KVTierConfig:
     mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
 
     def __post_init__(self) -> None:
-        if self.chunk_tokens <= 0:
-            raise ConfigError("chunk_tokens must be positive")
-        if not self.tiers:
-            raise ConfigError("at least one tier is needed")
-        if len(set(self.tiers)) != len(self.tiers):
-            raise ConfigError(f"tiers lists a tier twice: {self.tiers}")
+        validate(self)
+
+
+def redacted(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain data to print: secrets as ``"***"``, URLs without passwords."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = redacted(value)
+        elif f.metadata.get("secret") and value is not None:
+            value = "***"
+        elif f.metadata.get("url") and isinstance(value, str):
+            value = redact_url(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[f.name] = value
+    return out
+
+
+def check_openable(config: KVTierConfig) -> None:
+    """What ``ContextMemory.open`` needs beyond a valid config: tier packages, a creatable disk root."""
+    needs = {"redis": ("redis", "redis"), "mooncake": ("mooncake.store", "mooncake")}
+    for tier in config.tiers:
+        if tier in needs and not _importable(needs[tier][0]):
+            raise ConfigFieldError("tiers", f"tier {tier!r} needs the Python package of kvtier's "
+                                   f"{needs[tier][1]!r} extra: pip install 'kvtier[{needs[tier][1]}]'")
+    if "disk" in config.tiers:
+        existing = config.disk.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigFieldError("disk.path", f"cannot create {str(config.disk.path)!r}: "
+                                   f"{str(existing)!r} is not a writable directory")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # the parent package is missing
+        return False
 
 
 # --- building dataclasses from plain data -----------------------------------------------------
 
-def from_dict(cls: type[Any], data: Mapping[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, converting and checking every field."""
+Labels = Mapping[str, str]  # a field's dotted path -> how errors name it (an env variable, the file)
+
+
+def from_dict(cls: type[Any], data: Mapping[str, Any], where: str = "", labels: Labels | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, converting and checking every field.
+
+    ``where`` is the mapping's dotted path (``"redis"``); errors name a field by ``labels[path]``
+    where given (``KVTIER_REDIS__URL``), else by its path.
+    """
+    labels = labels or {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
+        raise ConfigFieldError(labels.get(where, where or cls.__name__),
+                               f"expected a table, got {type(data).__name__} {data!r}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    unknown = sorted(set(data) - names, key=repr)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; "
-                          f"known: {sorted(names)}")
-    kwargs = {name: _convert(hints[name], value, f"{where}.{name}".lstrip("."))
-              for name, value in data.items()}
+        message = f"unknown config key(s) {unknown} in {where or cls.__name__}; known: {sorted(names)}"
+        path = _join(where, str(unknown[0]))
+        raise ConfigFieldError(labels[path], message) if path in labels else ConfigError(message)
+    kwargs = {name: _convert(hints[name], value, _join(where, name), labels) for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigFieldError as exc:  # the class named its own field: name it by path or env variable
+        owner, _, name = exc.field.partition(".")
+        if owner != cls.__name__ or name not in names:
+            raise
+        path = _join(where, name)
+        raise ConfigFieldError(labels.get(path, path), exc.problem) from None
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _convert(tp: Any, value: Any, where: str, labels: Labels) -> Any:
+    """``value`` as read from a file or the environment (strings) -> the field's type."""
+    label = labels.get(where, where)
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -172,63 +338,84 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("none", "null", "") and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
+        return _convert(inner, value, where, labels)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):  # type: ignore[arg-type]
             return value
-        return from_dict(tp, value, where)  # type: ignore[arg-type]
+        return from_dict(tp, value, where, labels)  # type: ignore[arg-type]
     if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        if not isinstance(value, str) or value not in get_args(tp):
+            raise ConfigFieldError(label, f"{value!r} is not one of {list(get_args(tp))}")
         return value
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return tuple(_convert(get_args(tp)[0], item.strip() if isinstance(item, str) else item, where)
+            raise ConfigFieldError(label, f"expected a list, got {value!r}")
+        return tuple(_convert(get_args(tp)[0], item.strip() if isinstance(item, str) else item, where, labels)
                      for item in items)
     if tp is ByteSize:
-        return ByteSize(parse_size(value))
+        return ByteSize(parse_size(value, label))
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigFieldError(label, f"expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, bool | float) or not isinstance(value, int | str):
+            raise ConfigFieldError(label, f"expected an integer, got {value!r}")
         try:
             return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        except ValueError:
+            raise ConfigFieldError(label, f"expected an integer, got {value!r}") from None
     if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigFieldError(label, f"expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            number = float(value)
+        except ValueError:
+            raise ConfigFieldError(label, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigFieldError(label, f"expected a finite number, got {value!r}")
+        return number
     if tp is Path:
-        return Path(os.path.expanduser(str(value)))
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigFieldError(label, f"expected a path, got {value!r}")
+        return Path(os.path.expanduser(value))
     if tp is str:
-        if not isinstance(value, str | int | float):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigFieldError(label, f"expected a string, got {type(value).__name__}")
         return str(value)
-    raise ConfigError(f"{where}: unsupported config type {tp}")
+    raise ConfigFieldError(label, f"unsupported config type {tp}")
 
 
-def _env_overrides(env: Mapping[str, str], prefix: str = "KVTIER_") -> dict[str, Any]:
+def _env_overrides(env: Mapping[str, str], prefix: str = "KVTIER_") -> tuple[dict[str, Any], dict[str, str]]:
+    """``KVTIER_DRAM__CAPACITY=8GiB`` -> ``{"dram": {"capacity": "8GiB"}}``, and each path's variable."""
     out: dict[str, Any] = {}
-    for name, value in env.items():
+    labels: dict[str, str] = {}
+    for name, value in sorted(env.items()):
         if not name.startswith(prefix) or name == prefix + "CONFIG":
             continue
         path = name[len(prefix):].lower().split("__")
         node = out
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
+            labels.setdefault(".".join(path[:depth + 1]), name)
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{name}: {part} is not a section")
+                raise ConfigFieldError(name, f"{part} is not a section")
         node[path[-1]] = value
-    return out
+        labels[".".join(path)] = name
+    return out, labels
+
+
+def _file_labels(data: Mapping[str, Any], file: str, where: str = "") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for key, value in data.items():
+        path = _join(where, str(key))
+        labels[path] = f"{file}: {path}"
+        if isinstance(value, Mapping):
+            labels.update(_file_labels(value, file, path))
+    return labels
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,37 +430,56 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {p} must end in .toml, .yaml or .yml")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     try:
-        if p.suffix == ".toml":
+        if suffix == ".toml":
             data: Any = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
         else:
-            raise ConfigError(f"config file {p} must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{p}: {exc}") from exc
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise ConfigError(f"{p}: YAML config files need PyYAML: pip install 'kvtier[yaml]' "
+                                  "(or write the config as TOML)") from None
+            data = yaml.safe_load(text) or {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    except ConfigError:
+        raise
     except Exception as exc:  # yaml.YAMLError without importing yaml at module level
-        raise ConfigError(f"{p}: {exc}") from exc
+        raise ConfigError(f"{p}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a table/mapping")
+        raise ConfigError(f"{p}: the top level must be a table/mapping, got {type(data).__name__}")
     return data
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> KVTierConfig:
-    """Defaults < file < ``overrides`` < environment."""
+    """Defaults < file < ``overrides`` < environment.
+
+    A bad value is a ``ConfigFieldError`` naming where it came from: ``KVTIER_DRAM__CAPACITY:
+    cannot read 'banana' as a size``, ``kvtier.toml: disk.io_threads: must be at least 1, got 0``.
+    """
     env = os.environ if env is None else env
+    if not isinstance(overrides, Mapping | None):
+        raise ConfigError(f"overrides must be a mapping of config keys, got {type(overrides).__name__}")
     path = path or env.get("KVTIER_CONFIG")
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise ConfigError(f"the config file must be a path, got {path!r}")
     data: dict[str, Any] = read_file(path) if path else {}
+    labels = _file_labels(data, str(path)) if path else {}
     data = _merge(data, overrides or {})
-    data = _merge(data, _env_overrides(env))
-    config: KVTierConfig = from_dict(KVTierConfig, data)
+    for key in _file_labels(overrides or {}, ""):  # an override replaces the file's value
+        labels.pop(key, None)
+    env_data, env_labels = _env_overrides(env)
+    data = _merge(data, env_data)
+    labels.update(env_labels)
+    config: KVTierConfig = from_dict(KVTierConfig, data, labels=labels)
     return config

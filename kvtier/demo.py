@@ -18,24 +18,72 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
+import json
+import logging
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
+
+from kvtier.errors import IntegrationError
 
 DEMO_MODEL = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 8,
               "intermediate_size": 1536, "vocab_size": 32000}
 
 
+# vLLM prints ~30 warnings a run (Triton, torch.compile, LD_PRELOAD, shutdown), none about kvtier,
+# and they bury the demo's table.  Kept: vLLM's errors and every line of kvtier's own (its connector
+# logs as "vllm.kvtier").  A user's own VLLM_LOGGING_LEVEL or VLLM_LOGGING_CONFIG_PATH wins.
+_VLLM_LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "level": "WARNING",
+                            "stream": "ext://sys.stderr"}},
+    "loggers": {"vllm": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
+                "vllm.kvtier": {"level": "WARNING"}},
+}
+_QUIET_WARNINGS = (  # PYTHONWARNINGS filters, for the engine processes too
+    "ignore::FutureWarning:vllm.triton_utils.dispatcher",  # torch.distributed.reduce_op, at vLLM's import
+    # the shared memory of the engine vLLM force-kills at shutdown: the tracker removes it, and says so
+    "ignore:resource_tracker:UserWarning",
+)
+
+
+def _quiet_engines(work: Path) -> None:
+    """Set the environment the engine processes inherit; call before vLLM is imported."""
+    if "VLLM_LOGGING_LEVEL" not in os.environ and "VLLM_LOGGING_CONFIG_PATH" not in os.environ:
+        path = work / "vllm-logging.json"
+        path.write_text(json.dumps(_VLLM_LOGGING))
+        os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)  # applied by vLLM in every engine process
+        logging.getLogger("vllm").setLevel(logging.ERROR)  # this process, until vLLM applies the file
+        logging.getLogger("vllm.kvtier").setLevel(logging.WARNING)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ NUMA-binding notice
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # writing the demo model (first run)
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), *_QUIET_WARNINGS)))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.triton_utils\.dispatcher")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier demo", description=__doc__.splitlines()[0])
-    p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--system-tokens", type=int, default=3000, help="length of the shared system prompt")
-    p.add_argument("--user-tokens", type=int, default=300, help="length of each user message")
-    p.add_argument("--answer-tokens", type=int, default=48, help="tokens generated per turn")
-    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--turns", type=_positive, default=6)
+    p.add_argument("--system-tokens", type=_positive, default=3000, help="length of the shared system prompt")
+    p.add_argument("--user-tokens", type=_positive, default=300, help="length of each user message")
+    p.add_argument("--answer-tokens", type=_positive, default=48, help="tokens generated per turn")
+    p.add_argument("--chunk-tokens", type=_positive, default=256)
     p.add_argument("--model-dir", type=Path, default=None, help="default: ~/.cache/kvtier/models/demo-random")
     p.add_argument("--work-dir", type=Path, default=None, help="kvtier's disk tier (default: a temp dir)")
     return p
@@ -72,7 +120,8 @@ def _engine(model: Path, kv_transfer_config: Any, max_len: int) -> Any:
 
     return LLM(model=str(model), dtype="float32", skip_tokenizer_init=True, enforce_eager=True,
                max_model_len=max_len, max_num_batched_tokens=max_len, enable_prefix_caching=False,
-               gpu_memory_utilization=0.3, disable_log_stats=False, kv_transfer_config=kv_transfer_config, seed=0)
+               gpu_memory_utilization=0.3, disable_log_stats=False, kv_transfer_config=kv_transfer_config, seed=0,
+               use_tqdm_on_load=False)
 
 
 def _close(llm: Any) -> None:
@@ -82,11 +131,23 @@ def _close(llm: Any) -> None:
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if importlib.util.find_spec("vllm") is None:
+        raise IntegrationError("the demo runs vLLM, which is not installed: pip install 'kvtier[vllm]'")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="kvtier-demo-"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        _quiet_engines(work)
+        return _run(args, work)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
     from kvtier.bench.engines import default_cpu_bind
 
-    args = _parser().parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # the same OpenMP threads for both engines: vLLM would give the one without a connector fewer
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", default_cpu_bind())
     from rich.console import Console
@@ -99,8 +160,6 @@ def main(argv: list[str]) -> int:
 
     console = Console()
     model_dir = args.model_dir or default_cache_dir() / "models" / "demo-random"
-    temporary = args.work_dir is None
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="kvtier-demo-"))
     with console.status("building a small random-weight Qwen2 model (once, no download)"):
         build_random_model(model_dir, **DEMO_MODEL)
     rng = random.Random(0)
@@ -131,6 +190,4 @@ def main(argv: list[str]) -> int:
     console.print(table)
     same = all(a["answer"] == b["answer"] for a, b in zip(plain, tiered, strict=True))
     console.print(f"answers identical with and without kvtier: {same}")
-    if temporary:
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if same else 1

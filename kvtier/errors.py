@@ -2,7 +2,10 @@
 
     KVTierError
     ├── ConfigError            bad config file, env override, or connector extra config
+    │   └── ConfigFieldError       one field's bad value, named by path or env variable
     ├── LayoutError            a KVLayout that cannot exist, or a payload of the wrong size
+    │   └── LayoutTypeError        a layout field of the wrong type (also a TypeError)
+    ├── KeyingError            token ids (or a chain start/parent) that cannot be keyed
     ├── ChunkFormatError       bytes that are not a servable chunk (callers: a miss, delete, count)
     │   ├── TruncatedChunkError    fewer bytes than the header promises
     │   ├── CorruptChunkError      bad magic, header or payload checksum
@@ -71,3 +74,34 @@ class ArgumentTypeError(KVTierError, TypeError):
 
 class ArgumentValueError(KVTierError, ValueError):
     """An argument of a public call has the right type but a value that cannot be used."""
+
+
+# --- added by the API/config hardening (issue 14) ----------------------------------------------
+
+class ConfigFieldError(ConfigError):
+    """One config field has a bad value; ``field`` names it (``dram.capacity``, an env variable).
+
+    A dataclass names its own field (``DramConfig.capacity``); ``load_config`` re-labels the error
+    with the field's path in the file, or the environment variable that set it.
+    """
+
+    MAX_PROBLEM = 300  # a hostile value (a megabyte string) is cut, so the message stays one screen line
+
+    def __init__(self, field: str, problem: str) -> None:
+        if len(problem) > self.MAX_PROBLEM:
+            problem = problem[:self.MAX_PROBLEM] + "..."
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class LayoutTypeError(LayoutError, TypeError):
+    """A KVLayout field of the wrong type (``num_layers="4"``, ``head_dim=2.5``, a bool)."""
+
+
+class KeyingError(ArgumentValueError):
+    """Bad input to chunk keying: token ids out of [0, 2**31) or not 1-D, a bad start or parent."""
+
+
+class KeyingTypeError(KeyingError, ArgumentTypeError):
+    """Token ids that are not integers (floats, bools, strings): also a TypeError."""

@@ -22,13 +22,14 @@ the same choice for their own block hashes.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import NewType
 
 import numpy as np
 import xxhash
 
-from kvtier.errors import ArgumentTypeError, ArgumentValueError
+from kvtier.errors import KeyingError, KeyingTypeError
 from kvtier.layout import KVLayout
 
 ChunkKey = NewType("ChunkKey", bytes)
@@ -46,20 +47,33 @@ def namespace_key(layout: KVLayout, tenant: str = "") -> ChunkKey:
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
     """Token ids as little-endian int32 bytes, the form that is hashed.
 
-    Only integers: a float id (2.7) is refused, never truncated into another prompt's key.
+    Ids must be integers in [0, 2**31): a float id (``3.0`` or ``3.7``) is refused, never truncated,
+    since a silently changed id would name another prefix.
     """
     try:
         arr = np.asarray(token_ids)
-    except (ValueError, TypeError) as exc:  # ragged nesting, objects numpy cannot make an array of
-        raise ArgumentTypeError(f"token_ids: must be a 1-D sequence of ints ({exc})") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # ragged nesting, objects numpy cannot hold
+        raise KeyingTypeError(f"token_ids must be a 1-D sequence of integers ({exc})") from None
     if arr.ndim != 1:
-        raise ArgumentValueError(f"token_ids: must be a 1-D sequence of ints, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ArgumentTypeError(f"token_ids: must be integers, got dtype {arr.dtype} "
-                                f"(first value {arr[0]!r})")
-    if arr.size and (arr.min() < 0 or arr.max() >= 2**31):
-        raise ArgumentValueError(f"token_ids: must be in [0, 2**31), got values in [{arr.min()}, {arr.max()}]")
+        raise KeyingError(f"token_ids must be a 1-D sequence of integers, got shape {arr.shape} "
+                          f"of {type(token_ids).__name__}")
+    if not arr.size:
+        return b""
+    if arr.dtype.kind not in "iu":
+        raise KeyingTypeError(f"token_ids must be integers, got {arr.dtype} ids (first: {arr[0]!r})")
+    if arr.min() < 0 or arr.max() >= 2**31:
+        raise KeyingError(f"token_ids must be in [0, 2**31), got ids in [{arr.min()}, {arr.max()}]")
     return arr.astype("<i4", copy=False).tobytes()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_key(name: str, key: object) -> bytes:
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise KeyingError(f"{name} must be a {KEY_BYTES}-byte ChunkKey, got {key!r}")
+    return key
 
 
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, *, tokens_per_chunk: int,
@@ -72,15 +86,20 @@ def chunk_keys(token_ids: Sequence[int] | np.ndarray, *, tokens_per_chunk: int,
     a growing conversation hashes each chunk once.  ``extras(i)`` is folded into the key of the
     chunk of ``token_ids[i*C:(i+1)*C]`` (see the module docstring); ``b""`` adds nothing.
     """
-    if start % tokens_per_chunk:
-        raise ValueError("start must be a multiple of tokens_per_chunk")
+    if not _is_int(tokens_per_chunk) or tokens_per_chunk <= 0:
+        raise KeyingError(f"tokens_per_chunk must be a positive integer, got {tokens_per_chunk!r}")
+    if not _is_int(start) or start < 0 or start % tokens_per_chunk:
+        raise KeyingError(f"start must be a non-negative multiple of tokens_per_chunk={tokens_per_chunk}, "
+                          f"got {start!r}")
+    prev = _check_key("parent" if parent is not None else "namespace", parent if parent is not None else namespace)
     data = memoryview(token_bytes(token_ids))
     step = 4 * tokens_per_chunk
-    prev = bytes(parent if parent is not None else namespace)
     keys: list[ChunkKey] = []
     digest = xxhash.xxh3_128_digest
     for off in range(4 * start, len(data) - step + 1, step):
         extra = extras(off // step) if extras is not None else b""
+        if not isinstance(extra, bytes):
+            raise KeyingError(f"extras({off // step}) must return bytes, got {type(extra).__name__}")
         prev = digest(prev + data[off:off + step].tobytes() + extra)
         keys.append(ChunkKey(prev))
     return keys

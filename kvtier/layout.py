@@ -17,12 +17,13 @@ native order of every GPU and CPU kvtier targets.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
-from kvtier.errors import LayoutError
+from kvtier.errors import LayoutError, LayoutTypeError
 
 # Bytes per element of each supported dtype name (torch spelling).
 DTYPE_SIZES: dict[str, int] = {
@@ -34,6 +35,11 @@ DTYPE_SIZES: dict[str, int] = {
     "int8": 1,
     "uint8": 1,
 }
+
+# 1 TiB: far above any real chunk (Llama-3.1-70B in bf16: 80 MiB per 256 tokens); a larger layout
+# is a typo or an overflow, refused here rather than by numpy or the codec later.
+MAX_CHUNK_BYTES = 1 << 40
+_INT_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "tokens_per_chunk", "num_kv_parts")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,13 +55,26 @@ class KVLayout:
     num_kv_parts: int = 2  # 2 = separate K and V; 1 = one MLA latent per token and layer
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise LayoutTypeError(f"KVLayout.model must be a non-empty string, got {self.model!r}")
+        if not isinstance(self.dtype, str):
+            raise LayoutTypeError(f"KVLayout.dtype must be a dtype name, one of {sorted(DTYPE_SIZES)}; "
+                                  f"got {self.dtype!r}")
         if self.dtype not in DTYPE_SIZES:
             raise LayoutError(f"unsupported dtype {self.dtype!r}; use one of {sorted(DTYPE_SIZES)}")
-        for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_chunk"):
-            if getattr(self, name) <= 0:
-                raise LayoutError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise LayoutTypeError(f"KVLayout.{name} must be an integer, got {value!r}")
+            if type(value) is not int:  # a numpy integer: the fingerprint and sizes want a plain int
+                object.__setattr__(self, name, int(value))
+            if value <= 0:
+                raise LayoutError(f"KVLayout.{name} must be positive, got {value}")
         if self.num_kv_parts not in (1, 2):
             raise LayoutError(f"num_kv_parts must be 1 (MLA) or 2 (K and V), got {self.num_kv_parts}")
+        if self.chunk_bytes > MAX_CHUNK_BYTES:
+            raise LayoutError(f"KVLayout of {self.chunk_bytes} bytes per chunk is over the 1 TiB limit "
+                              f"({self.describe()})")
 
     @classmethod
     def mla(cls, *, model: str, num_layers: int, latent_dim: int, dtype: str = "bfloat16",
@@ -102,6 +121,8 @@ class KVLayout:
 
     def check_payload(self, payload: np.ndarray) -> None:
         """Raise LayoutError unless ``payload`` is a contiguous uint8 array of one chunk."""
+        if not isinstance(payload, np.ndarray):
+            raise LayoutTypeError(f"a chunk payload must be a numpy uint8 array, got {type(payload).__name__}")
         if payload.dtype != np.uint8 or payload.ndim != 1 or not payload.flags.c_contiguous:
             raise LayoutError("a chunk payload must be a 1-D contiguous uint8 array "
                               f"(got dtype={payload.dtype}, shape={payload.shape})")

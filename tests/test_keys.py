@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from kvtier.errors import KeyingError
 from kvtier.keys import KEY_BYTES, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 
@@ -64,3 +65,52 @@ def test_lists_and_arrays_agree_and_bad_ids_are_refused() -> None:
         np.arange(16, dtype=np.int64), tokens_per_chunk=8, namespace=NS)
     with pytest.raises(ValueError):
         chunk_keys([-1] * 8, tokens_per_chunk=8, namespace=NS)
+
+
+@pytest.mark.parametrize(("tokens", "text"), [
+    ([1.0] * 8, "must be integers, got float64"),
+    ([1.7] * 8, "must be integers, got float64"),
+    (np.arange(8, dtype=np.float32), "got float32"),
+    ([1] * 7 + [2.5], "got float64"),
+    ([True] * 8, "got bool"),
+    (["1"] * 8, "must be integers"),
+    ([None] * 8, "must be integers"),
+    ([1, 2**70] + [0] * 6, "must be integers"),
+    ([2**31] * 8, "in [0, 2**31)"),
+    ([-1] * 8, "in [0, 2**31)"),
+    (np.array([2**40] * 8, dtype=np.uint64), "in [0, 2**31)"),
+    ([[1] * 8], "1-D"),
+    (5, "1-D"),
+    ((t for t in range(8)), "1-D"),
+    ([[1, 2], [3]], "1-D sequence of integers"),
+])
+def test_token_ids_that_are_not_integers_are_refused(tokens: object, text: str) -> None:
+    with pytest.raises(KeyingError) as info:
+        chunk_keys(tokens, tokens_per_chunk=8, namespace=NS)  # type: ignore[arg-type]
+    assert text in str(info.value) and "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(("kwargs", "text"), [
+    ({"tokens_per_chunk": 0}, "tokens_per_chunk must be a positive integer"),
+    ({"tokens_per_chunk": 8.0}, "tokens_per_chunk must be a positive integer, got 8.0"),
+    ({"start": 3}, "start must be a non-negative multiple of tokens_per_chunk=8, got 3"),
+    ({"start": -8}, "got -8"),
+    ({"start": 8.0}, "got 8.0"),
+    ({"namespace": b"short"}, "namespace must be a 16-byte ChunkKey"),
+    ({"namespace": "0" * 16}, "namespace must be a 16-byte ChunkKey"),
+    ({"parent": b"\0" * 15}, "parent must be a 16-byte ChunkKey"),
+    ({"extras": lambda i: "image"}, "extras(0) must return bytes, got str"),
+])
+def test_bad_chain_arguments_are_refused(kwargs: dict[str, object], text: str) -> None:
+    args: dict[str, object] = {"tokens_per_chunk": 8, "namespace": NS, **kwargs}
+    with pytest.raises(KeyingError) as info:
+        chunk_keys(np.arange(16), **args)  # type: ignore[arg-type]
+    assert text in str(info.value)
+
+
+def test_integer_ids_of_any_width_agree_and_empty_is_fine() -> None:
+    ref = chunk_keys(np.arange(16), tokens_per_chunk=8, namespace=NS)
+    for dtype in (np.int32, np.uint16, np.uint32, np.int64, np.uint64):
+        assert chunk_keys(np.arange(16, dtype=dtype), tokens_per_chunk=8, namespace=NS) == ref
+    assert chunk_keys([], tokens_per_chunk=8, namespace=NS) == []
+    assert chunk_keys(np.arange(16), tokens_per_chunk=np.int64(8), namespace=NS) == ref  # type: ignore[arg-type]

@@ -36,5 +36,9 @@ def test_capacity_errors() -> None:
         parse_capacities("x", "")
     with pytest.raises(ConfigError, match="> 0"):
         parse_capacities("0%", "")
-    with pytest.raises(ConfigError, match="unknown policy"):
-        main(["bench", "tight", "nowhere.jsonl", "--policy", "lru,belady"])
+
+
+def test_an_unknown_policy_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "tight", "nowhere.jsonl", "--policy", "lru,belady"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvtier: error: ") and "unknown policy 'belady'" in err and err.count("\n") == 1
