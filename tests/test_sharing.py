@@ -131,8 +131,12 @@ def test_second_vllm_on_another_node_starts_warm_from_g4(tmp_path: Path,
     def node(name: str) -> dict[str, Any]:
         work = tmp_path / name
         work.mkdir()
+        # probe_deadline_s: the scheduler waits for the Redis probe however loaded this machine is
+        # (with the default 20 ms a slow answer is a miss, counted as computed tokens, and node B's
+        # hit count varied from run to run)
         extra = {"chunk_tokens": 128, "tiers": ["dram", "disk", "redis"], "dram": {"capacity": "64MiB"},
-                 "disk": {"path": str(work / "disk"), "capacity": "256MiB", "fsync": False}, "redis": redis_section}
+                 "disk": {"path": str(work / "disk"), "capacity": "256MiB", "fsync": False}, "redis": redis_section,
+                 "probe_deadline_s": 30.0}
         spec = {"model": str(model), "block_size": 64, "max_tokens": 6, "max_model_len": 2048, "phases": [prompts],
                 "connector": "kvtier", "extra_config": extra, "stats_file": str(work / "stats.json")}
         return run_vllm(spec, work, name)
