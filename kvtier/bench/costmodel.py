@@ -19,7 +19,10 @@ model and the DRAM link (and the disk link where the run measured one).  A reque
 (``request_ttft_s``) is then what the engine's fetch-or-recompute decision
 (``kvtier.policy.cost.CostModel.plan``) would pay: it loads only the leading cached chunks that
 are worth loading (a disk hit slower than recomputing is recomputed), with loads pipelined
-against compute as measured (``stages``).
+against compute as measured (``stages``), and with ``split`` (the default, as ``KVTierLM``
+runs it) a slow-tier hit may be split: its head recomputed while its tail loads
+(``kvtier.integrations.hf_split``; measured on an H200 in ``docs/gpu.md``).  vLLM's connector
+cannot split (its API loads a prefix only): ``split=False`` models it.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class CostModel:
     prefill: runtime.PrefillCost | None = None  # measured prefill (None: the FLOP model above)
     stages: int = 1  # load/compute pipeline depth of the measured engine (1: they add up)
     source: str = "modelled"  # where the figures come from (a cost-model JSON path, or "modelled")
+    split: bool = True  # the engine may compute a slow hit's head while its tail loads (KVTierLM does)
 
     def prefill_s(self, cached: int, new: int) -> float:
         context = cached + new
@@ -141,7 +145,7 @@ class CostModel:
         if not levels:
             return self.overhead_s + self.prefill_cost().seconds(0, context)
         plan = planner.plan(levels, total_tokens=context, tokens_per_chunk=tokens_per_chunk,
-                            chunk_bytes=self.shape.layout.bytes_per_token * tokens_per_chunk)
+                            chunk_bytes=self.shape.layout.bytes_per_token * tokens_per_chunk, split=self.split)
         return self.overhead_s + plan.est_total_s
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvtier.bench.costmodel import CostModel, Link, model_shape
@@ -61,8 +63,22 @@ def test_measured_figures_and_fetch_or_recompute(tmp_path) -> None:
     assert recompute == pytest.approx(cost.overhead_s + 0.04 + ctx * 2.5e-5 + ctx * ctx / 2 * 1e-9)
     # 8 DRAM chunks are worth loading; 8 chunks (256 MiB at 1 GB/s + 30 ms) from disk are not: recomputed
     assert cost.request_ttft_s(planner, [8, 0], context=ctx, tokens_per_chunk=tpc) < recompute
-    assert cost.request_ttft_s(planner, [0, 8], context=ctx, tokens_per_chunk=tpc) == pytest.approx(recompute)
+    no_split = dataclasses.replace(cost, split=False)  # vLLM's connector: a prefix load or nothing
+    assert no_split.request_ttft_s(planner, [0, 8], context=ctx, tokens_per_chunk=tpc) == pytest.approx(recompute)
+    assert cost.request_ttft_s(planner, [0, 8], context=ctx, tokens_per_chunk=tpc) <= recompute
     with pytest.raises(ConfigError, match="cost model"):
         measured(tmp_path / "h100_run99_cost_model.json", shape)
     with pytest.raises(ConfigError, match="no h200_run"):
         newest_measured(tmp_path / "empty", shape)
+
+
+def test_a_slow_tier_hit_is_split_in_the_simulated_ttft() -> None:
+    """A long disk hit: recomputing its head while its tail loads beats both pure decisions."""
+    shape = model_shape("llama-3.1-8b")
+    cost = CostModel(shape=shape, links={"dram": Link(bandwidth_Bps=50e9), "disk": Link(bandwidth_Bps=1.6e9)})
+    planner = cost.planner(["dram", "disk"])
+    ctx, tpc, n = 128 * 1024 + 256, 256, 512
+    split = cost.request_ttft_s(planner, [0, n], context=ctx, tokens_per_chunk=tpc)
+    plain = dataclasses.replace(cost, split=False).request_ttft_s(planner, [0, n], context=ctx, tokens_per_chunk=tpc)
+    load = cost.overhead_s + n * tpc * shape.layout.bytes_per_token / 1.6e9 + cost.prefill_s(n * tpc, 256)
+    assert split < 0.75 * min(plain, load)
