@@ -164,10 +164,9 @@ def ideal(work: Workload, cost: CostModel, *, replicas: int = 0) -> RunResult:
                    time.perf_counter() - started)
 
 
-def belady(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: int = 0, label: str = "") -> RunResult:
-    """Belady's MIN over the chunk access sequence, ``capacity_bytes`` of cache (served from DRAM)."""
-    started = time.perf_counter()
-    slots = capacity_bytes // _chunk_bytes(work, cost)
+def _next_uses(work: Workload) -> tuple[list[int], int]:
+    """For each position of the flattened chunk access sequence, the position of that chunk's next
+    access, and the value meaning "never again" (the sequence's length)."""
     flat = [k for ks in work.keys for k in ks]
     never = len(flat)
     next_use = [never] * len(flat)
@@ -175,6 +174,14 @@ def belady(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: in
     for pos in range(len(flat) - 1, -1, -1):
         next_use[pos] = last.get(flat[pos], never)
         last[flat[pos]] = pos
+    return next_use, never
+
+
+def belady(work: Workload, cost: CostModel, capacity_bytes: int, *, replicas: int = 0, label: str = "") -> RunResult:
+    """Belady's MIN over the chunk access sequence, ``capacity_bytes`` of cache (served from DRAM)."""
+    started = time.perf_counter()
+    slots = capacity_bytes // _chunk_bytes(work, cost)
+    next_use, never = _next_uses(work)
     cache: dict[int, int] = {}  # key -> its next use
     heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped lazily
     hits = np.zeros((len(work.requests), 1), dtype=np.int64)
@@ -229,13 +236,7 @@ def prefix_bound(work: Workload, cost: CostModel, capacity_bytes: int, *, replic
     """
     started = time.perf_counter()
     slots = capacity_bytes // _chunk_bytes(work, cost)
-    flat = [k for ks in work.keys for k in ks]
-    never = len(flat)
-    next_use = [never] * len(flat)
-    last: dict[int, int] = {}
-    for pos in range(len(flat) - 1, -1, -1):
-        next_use[pos] = last.get(flat[pos], never)
-        last[flat[pos]] = pos
+    next_use, never = _next_uses(work)
     cache: dict[int, int] = {}  # key -> its next use
     heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped lazily
     hits = np.zeros((len(work.requests), 1), dtype=np.int64)
