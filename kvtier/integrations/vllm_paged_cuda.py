@@ -8,20 +8,19 @@ first byte crosses PCIe (0.69x raw at 4K, run 9 in ``benchmarks/gpu/results``). 
 kernel does a whole call: program ``(j, l*parts + p)`` copies block slot ``j``'s part ``p`` of
 layer ``l`` (``block_size * heads * head_dim`` elements), reading the layer's tensor through a
 table of per-layer base addresses (vLLM allocates each layer separately, or as strided views of one
-cross-layer allocation: the tensor's own strides cover both) and each chunk through a table of
-chunk addresses.  Block id ``-1`` skips a slot (a load's blocks that are computed, not loaded).
+cross-layer allocation: the tensor's own strides cover both), and a device staging buffer
+holding ``len(block_ids) / m`` chunks, each ``row`` elements apart.  Block id ``-1`` skips a
+slot (a load's blocks that are computed, not loaded).  ``vllm_paged._CudaPath`` moves the
+staging buffers to and from the pinned DRAM slots on the copy engine, groups double-buffered on
+two side streams so gathers overlap DMA;
+a layer-wise load stages one layer at a time (``row`` = one layer of a chunk).  The compute stream
+is never used: the side streams wait on an event recorded after the forward that wrote the blocks
+(a save) or after vLLM's own work on newly allocated blocks (a load).
 
-Two ways to use it, chosen per ``PagedKV`` (``cuda_copy``):
-
-* ``direct``: the chunk addresses are the pinned DRAM slots themselves; the kernel's loads and
-  stores cross PCIe (UVA: pinned host memory is addressable from the device).  One launch per
-  call; no staging, no copy engine.
-* ``staged``: the kernel writes (reads) a device staging buffer and the copy engine moves it to
-  (from) the pinned slots, groups double-buffered on two side streams so gathers overlap DMA.
-
-Either way the compute stream is never used: the side streams wait on an event recorded after the
-forward that wrote the blocks (a save) or after vLLM's own work on newly allocated blocks (a load).
-Without Triton (CPU builds of torch) the per-layer torch ops of ``vllm_paged`` remain.
+Tried and dropped: the kernel reading/writing the pinned slots directly over PCIe (UVA, no
+staging): 0.61-0.73x raw, and it held SMs for the whole transfer (the compute step took 13x
+longer; ``benchmarks/gpu/results/h200_run10a_*``).  Without Triton (CPU builds of torch)
+the per-layer torch ops of ``vllm_paged`` remain.
 """
 
 from __future__ import annotations
