@@ -211,12 +211,16 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     seq = [0]
 
     def save() -> float:
-        """Seconds from wait_for_save's submit to the worker reporting the request (not the eviction)."""
+        """Seconds from wait_for_save's submit to the worker reporting the request (not the eviction).
+
+        The keys are computed before the clock starts: in vLLM the scheduler hashes them and the
+        save job carries them (``SaveJob.keys``), so they are not the worker's cost."""
         seq[0] += 1
         eng.memory.delete(eng.keys([size + seq[0] - 1] * (n * CHUNK)))  # room for this one, untimed
+        keys = eng.keys([size + seq[0]] * (n * CHUNK))
         _sync(args.device)
         t0 = time.perf_counter()
-        eng.save(f"s{size}-{seq[0]}", eng.keys([size + seq[0]] * (n * CHUNK)), blocks)
+        eng.save(f"s{size}-{seq[0]}", keys, blocks)
         eng.settle(f"s{size}-{seq[0]}")
         return time.perf_counter() - t0
 
@@ -227,10 +231,11 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
         """The same save on this thread, no mover: the copies and the hierarchy's bookkeeping."""
         seq[0] += 1
         eng.memory.delete(eng.keys([size + seq[0] - 1] * (n * CHUNK)))
+        keys = eng.keys([size + seq[0]] * (n * CHUNK))
         after = eng.paged.record()
         _sync(args.device)
         t0 = time.perf_counter()
-        with eng.memory.store_in_place(eng.keys([size + seq[0]] * (n * CHUNK))) as op:
+        with eng.memory.store_in_place(keys) as op:
             eng.paged.gather_into(op.views, blocks, after)
         return time.perf_counter() - t0
 
@@ -266,14 +271,105 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     if args.profile and size == min(int(s) for s in args.sizes.split(",")):
         _profile(save_direct, load)
     eng.memory.delete(keys)
+    stream = _save_stream(eng, n, blocks, args)  # the DRAM tier is empty again: room for k requests
+    behind = _save_behind_forward(eng, n, blocks, args)
     row = {"cuda_copy": eng.paged.cuda_copy, "tokens": size, "bytes": nbytes,
            "raw_d2h_gbps": nbytes / t_d2h / 1e9, "save_gbps": nbytes / t_save / 1e9, "save_vs_raw": t_d2h / t_save,
            "save_s": t_save, "save_direct_s": t_save_direct, "raw_d2h_s": t_d2h,
            "raw_h2d_gbps": nbytes / t_h2d / 1e9, "load_gbps": nbytes / t_load / 1e9, "load_vs_raw": t_h2d / t_load,
            "raw_pool_d2h_s": pool_d2h, "raw_pool_h2d_s": pool_h2d, "raw_grouped_d2h_s": split_d2h,
-           "load_borrow_s": t_borrow, "load_copies_s": statistics.median(spent), "load_s": t_load, "raw_h2d_s": t_h2d}
+           "load_borrow_s": t_borrow, "load_copies_s": statistics.median(spent), "load_s": t_load, "raw_h2d_s": t_h2d,
+           **stream, **behind}
     print("bandwidth", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
+
+
+def _save_stream(eng: Engine, n: int, blocks: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Sustained saves: ``k`` requests' saves submitted back to back (requests finishing in
+    consecutive steps) until all are reported, vs ``k`` raw D2H copies of the same bytes back to
+    back.  The mover works through the queue, so its hand-off is paid once, not per request."""
+    k = min(8, (eng.memory.tiers[0].capacity_bytes // eng.layout.chunk_bytes - 2) // n)
+    if k < 2 or args.device != "cuda":
+        return {}
+    nbytes = n * eng.layout.chunk_bytes
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    t_raw = _timed(lambda: ([host.copy_(dev, non_blocking=True) for _ in range(k)], _sync("cuda")), args.reps)
+    batch = [0]
+
+    def burst() -> float:
+        batch[0] += 1
+        old = [eng.keys([1_000_000 + batch[0] - 1, i] * (n * CHUNK // 2)) for i in range(k)]
+        for keys in old:
+            eng.memory.delete(keys)  # the previous burst's chunks, untimed
+        new = [eng.keys([1_000_000 + batch[0], i] * (n * CHUNK // 2)) for i in range(k)]
+        _sync("cuda")
+        t0 = time.perf_counter()
+        for i, keys in enumerate(new):
+            eng.save(f"burst{batch[0]}-{i}", keys, blocks)
+        for i in range(k):
+            eng.settle(f"burst{batch[0]}-{i}")
+        return time.perf_counter() - t0
+
+    burst()
+    t = statistics.median(burst() for _ in range(args.reps))
+    for i in range(k):
+        eng.memory.delete(eng.keys([1_000_000 + batch[0], i] * (n * CHUNK // 2)))
+    return {"stream_requests": k, "stream_save_s": t, "stream_raw_d2h_s": t_raw, "stream_save_vs_raw": t_raw / t}
+
+
+def _save_behind_forward(eng: Engine, n: int, blocks: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """The save as vLLM issues it: ``wait_for_save`` right after the forward is *queued*, while the
+    GPU still runs it.  A stand-in forward (bf16 matmuls, ~20 ms) is queued, then the save (waiting
+    on its event) or a raw D2H of the same bytes (waiting on the same kind of event); the tail is
+    the time after the forward alone, so the worker's host work before its first copy is hidden
+    behind the forward, as it is in serving."""
+    if args.device != "cuda":
+        return {}
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    nbytes = n * eng.layout.chunk_bytes
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    side = torch.cuda.Stream()
+
+    def forward() -> None:
+        for _ in range(80):
+            a.mm(a)
+
+    def fwd_only() -> None:
+        forward()
+        _sync("cuda")
+
+    def raw() -> None:
+        forward()
+        done = eng.paged.record()
+        with torch.cuda.stream(side):
+            side.wait_event(done)
+            host.copy_(dev, non_blocking=True)
+        _sync("cuda")
+
+    seq = [0]
+
+    def ours() -> float:
+        seq[0] += 1
+        eng.memory.delete(eng.keys([2_000_000, seq[0] - 1] * (n * CHUNK // 2)))
+        keys = eng.keys([2_000_000, seq[0]] * (n * CHUNK // 2))
+        _sync("cuda")
+        t0 = time.perf_counter()
+        forward()
+        eng.save(f"behind{seq[0]}", keys, blocks)
+        eng.settle(f"behind{seq[0]}")
+        return time.perf_counter() - t0
+
+    fwd_only()
+    t_fwd = _timed(fwd_only, args.reps)
+    raw()
+    t_raw = _timed(raw, args.reps)
+    ours()
+    t_ours = statistics.median(ours() for _ in range(args.reps))
+    eng.memory.delete(eng.keys([2_000_000, seq[0]] * (n * CHUNK // 2)))
+    return {"behind_forward_s": t_fwd, "behind_raw_tail_s": t_raw - t_fwd, "behind_save_tail_s": t_ours - t_fwd,
+            "behind_save_vs_raw": (t_raw - t_fwd) / (t_ours - t_fwd)}
 
 
 def _pool_copies(eng: Engine, n: int, args: argparse.Namespace) -> tuple[float, float, float]:

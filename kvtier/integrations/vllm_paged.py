@@ -206,15 +206,17 @@ class PagedKV:
         self.gather_into(self.payloads(stage), block_ids, after)
         return stage
 
-    def gather_into(self, views: Sequence[np.ndarray | None], block_ids: Sequence[int], after: Any = None) -> None:
+    def gather_into(self, views: Sequence[np.ndarray | None], block_ids: Sequence[int], after: Any = None, *,
+                    wait: bool = True) -> Any:
         """``gather`` into the given chunk buffers (None: skip that chunk's ``m`` blocks).
 
-        ``after``: a CUDA event the copies wait for (the forward that wrote the blocks)."""
+        ``after``: a CUDA event the copies wait for (the forward that wrote the blocks).
+        ``wait=False``, on CUDA: return at once with an event that fires when the bytes are in
+        the buffers (None if nothing was copied).  On CPU the copy is done on return (None)."""
         m = self.blocks_per_chunk
         runs = self._runs(views)
         if self._cuda is not None:
-            self._cuda.gather(runs, block_ids, after)
-            return
+            return self._cuda.gather(runs, block_ids, after, wait=wait)
         for first, host in runs:
             self._gather(host, torch.as_tensor(block_ids[first * m:(first + host.shape[0]) * m], dtype=torch.long))
 
@@ -266,9 +268,12 @@ class PagedKV:
                 end += nxt.nbytes
                 j += 1
             span = np.lib.stride_tricks.as_strided(head, shape=(end - head.ctypes.data,), strides=(1,))
-            with warnings.catch_warnings():  # borrowed slots are read-only views; scatter only reads them
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            if span.flags.writeable:
                 tensor = torch.from_numpy(span).view(self.dtype)
+            else:
+                with warnings.catch_warnings():  # borrowed slots are read-only views; scatter only reads them
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    tensor = torch.from_numpy(span).view(self.dtype)
             runs.append((i, tensor.view(self._shape(j - i))))
             i = j
         return runs
@@ -366,25 +371,34 @@ class _CudaPath:
         return [(uploaded[at:at + nd], None if nk is None else uploaded[at + nd:at + nd + nk])
                 for at, nd, nk in spans]
 
-    def gather(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any) -> None:
+    def gather(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any,
+               wait: bool = True) -> Any:
+        """Per group of chunks, gather then DMA.  ``wait=False``: return an event that fires when
+        the last byte is in host memory instead of waiting for it."""
         if after is not None:
             self.kernel_stream.wait_event(after)
         groups = self._groups(runs)
         ids = self._ids(groups, block_ids, self.kernel_stream)
         done = None
-        for k, (_, host) in enumerate(groups):
-            buf, n = self.buffers[k % 2], host.shape[0]
-            ready = torch.cuda.Event()
-            self.kernel_stream.wait_event(self.free[k % 2])
-            self._gather_group(buf[:n], ids[k])
-            ready.record(self.kernel_stream)
-            with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(self.copy_stream):  # the DMAs' stream; gathers name theirs
+            for k, (_, host) in enumerate(groups):
+                buf, n = self.buffers[k % 2], host.shape[0]
+                ready = torch.cuda.Event()
+                self.kernel_stream.wait_event(self.free[k % 2])
+                self._gather_group(buf[:n], ids[k])
+                ready.record(self.kernel_stream)
                 self.copy_stream.wait_event(ready)
                 host.copy_(buf[:n], non_blocking=True)
                 self.free[k % 2].record(self.copy_stream)
-            done = self.free[k % 2]
-        if done is not None:
-            done.synchronize()
+                done = self.free[k % 2]
+        if done is None:
+            return None
+        if not wait:
+            last = torch.cuda.Event()  # its own event: ``free`` is recorded again by later copies
+            last.record(self.copy_stream)
+            return last
+        done.synchronize()
+        return None
 
     def scatter(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any,
                 wait: bool = True) -> Any:

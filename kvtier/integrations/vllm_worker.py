@@ -8,10 +8,14 @@ after a save of the same chunk finds it:
 
 * **save** (``save``, from ``wait_for_save``): gather the chunks' blocks straight into reserved
   DRAM slots and commit them; demotion and write-through continue on the hierarchy's own
-  threads.  The step does not wait.  The blocks stay readable because vLLM does not reuse them
-  before we say so: a finished request's blocks are held (``request_finished`` returned True)
-  until ``finished`` reports it; a preempted request's are freed at once, so ``flush`` waits for
-  its jobs in ``handle_preemptions``, before the next forward can overwrite them.
+  threads.  The step does not wait.  On CUDA the mover only queues the copies; a *committer*
+  thread commits each save when its copies' event fires, so the mover reserves and queues the
+  next save while the DMA engine is still busy with this one (no idle link between saves).  A
+  load or pin of a chunk still being saved waits for that commit.  The blocks stay readable
+  because vLLM does not reuse them before we say so: a finished request's blocks are held
+  (``request_finished`` returned True) until ``finished`` reports it (after the commit); a
+  preempted request's are freed at once, so ``flush`` waits for its jobs in
+  ``handle_preemptions``, before the next forward can overwrite them.
 * **async load** (``load_async``): for hits below DRAM (disk, Redis, Mooncake): read into DRAM
   slots (promotion in place) and scatter into the request's new blocks while vLLM keeps
   stepping the other requests; ``finished`` reports the request as received.
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from kvtier.hierarchy import ContextMemory
+from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
 from kvtier.integrations.vllm_plan import LoadJob, PinJob, SaveJob
@@ -71,6 +75,7 @@ class WorkerCore:
         self.counters = ConnectorCounters()  # totals since the last take_counters
         self._lock = threading.Lock()  # guards everything below, shared with the mover thread
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-mover")
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-commit")
         self._jobs: dict[str, list[Future[None]]] = defaultdict(list)  # req id -> its unfinished jobs
         self._saving: dict[ChunkKey, Future[None]] = {}  # chunks being saved
         self._held: set[str] = set()  # finished requests whose blocks vLLM holds until we report them
@@ -86,13 +91,17 @@ class WorkerCore:
 
     # --- jobs ---------------------------------------------------------------------------------
     def _submit(self, req_ids: Iterable[str], fn: Callable[..., None], *args: object) -> Future[None]:
-        ids = tuple(set(req_ids))
         future: Future[None] = self._mover.submit(self._run, fn, *args)
+        self._track(req_ids, future)
+        return future
+
+    def _track(self, req_ids: Iterable[str], future: Future[None]) -> None:
+        """The requests' blocks are in use until ``future`` is done (``flush``, ``finished``)."""
+        ids = tuple(set(req_ids))
         with self._lock:
             for req_id in ids:
                 self._jobs[req_id].append(future)
         future.add_done_callback(partial(self._done, ids))
-        return future
 
     @staticmethod
     def _run(fn: Callable[..., None], *args: object) -> None:
@@ -118,20 +127,56 @@ class WorkerCore:
         if not jobs:
             return
         keys = [k for job in jobs for k in job.keys]
-        future = self._submit([job.req_id for job in jobs], self._save, keys,
-                              [b for job in jobs for b in job.block_ids], after)
+        committed: Future[None] = Future()  # done once the chunks are committed (or failed)
         with self._lock:
             for key in keys:
-                self._saving[key] = future
-        future.add_done_callback(lambda f: self._saved(keys, f))
+                self._saving[key] = committed
+        committed.add_done_callback(lambda f: self._saved(keys, f))
+        self._track([job.req_id for job in jobs], committed)
+        self._mover.submit(self._run, self._save, keys, [b for job in jobs for b in job.block_ids], after,
+                           committed)
 
-    def _save(self, keys: list[ChunkKey], block_ids: list[int], after: Any) -> None:
+    def _save(self, keys: list[ChunkKey], block_ids: list[int], after: Any, committed: Future[None]) -> None:
+        """On the mover: reserve DRAM slots and gather into them; commit here on CPU, on the
+        committer once the copies' event fires on CUDA."""
         t0 = time.perf_counter()
+        try:
+            op = self.memory.store_in_place(keys)  # straight into DRAM slots, no staging
+        except BaseException as exc:
+            self._saved_all(keys, None, t0, committed, exc)
+            raise
+        try:
+            copied = self.paged.gather_into(op.views, block_ids, after, wait=False)
+        except BaseException as exc:
+            self._saved_all(keys, op, t0, committed, exc)
+            raise
+        if copied is None:  # CPU (or nothing to copy): the bytes are there
+            self._saved_all(keys, op, t0, committed)
+        else:
+            self._committer.submit(self._commit_when_copied, keys, op, copied, t0, committed)
+
+    def _commit_when_copied(self, keys: list[ChunkKey], op: InPlaceStore, copied: Any, t0: float,
+                            committed: Future[None]) -> None:
+        try:
+            copied.synchronize()
+        except BaseException as exc:
+            self._saved_all(keys, op, t0, committed, exc)
+            logger.exception("kvtier: a save's copies failed; its chunks are not stored")
+            return
+        self._saved_all(keys, op, t0, committed)
+
+    def _saved_all(self, keys: list[ChunkKey], op: InPlaceStore | None, t0: float, committed: Future[None],
+                   failed: BaseException | None = None) -> None:
+        """Commit (or, after a failure, abort) a save and settle its future and counters."""
         stored = 0
         try:
-            with self.memory.store_in_place(keys) as op:  # straight into DRAM slots, no staging
-                self.paged.gather_into(op.views, block_ids, after)
-            stored = op.stored or 0
+            if op is not None and failed is None:
+                stored = op.commit()
+            elif op is not None:
+                op.abort()
+        except Exception as exc:  # the hierarchy raised (a tier bug): the chunks are misses
+            failed = failed or exc
+            logger.exception("kvtier: committing a save failed")
         finally:
             if stored < len(keys):  # no room (all pinned), or failed: the scheduler must not plan loads
                 lost = [k for k in keys if not self.memory.lookup([k]).num_chunks]
@@ -139,6 +184,17 @@ class WorkerCore:
                     self._missing.update(lost)
             self.count(save_chunks=stored, save_bytes=stored * self.memory.layout.chunk_bytes,
                        save_s=time.perf_counter() - t0)
+            if failed is None:
+                committed.set_result(None)
+            else:
+                committed.set_exception(failed)
+
+    def _wait_saves(self, keys: Iterable[ChunkKey]) -> None:
+        """Wait for in-flight saves of these chunks (their bytes come first)."""
+        with self._lock:
+            waits = {f for k in keys if (f := self._saving.get(k)) is not None}
+        for future in waits:
+            _wait_quietly(future)
 
     def _saved(self, keys: list[ChunkKey], future: Future[None]) -> None:
         with self._lock:
@@ -152,10 +208,7 @@ class WorkerCore:
         On CUDA the copies are queued and not waited for: ``wait_loads`` (all layers) or
         ``wait_layer`` (``layerwise``: one layer) makes the compute stream wait for them, and
         ``end_step`` releases the DRAM slots once they are done.  On CPU they are done on return."""
-        with self._lock:
-            waits = {f for k in job.keys if (f := self._saving.get(k)) is not None}
-        for future in waits:  # the chunk is being saved by an earlier step: its bytes come first
-            _wait_quietly(future)
+        self._wait_saves(job.keys)  # a chunk being saved by an earlier step: its bytes come first
         self._load(job, after, pending=True, layerwise=layerwise)
 
     def wait_layer(self, layer: int) -> None:
@@ -194,6 +247,8 @@ class WorkerCore:
     def _load(self, job: LoadJob, after: Any = None, *, pending: bool = False, layerwise: bool = False) -> None:
         """``pending``: queue the DRAM part's copies and keep its slots borrowed (``end_step``)."""
         memory, paged, m = self.memory, self.paged, self.paged.blocks_per_chunk
+        if not pending:  # on the mover: a save queued before this load may still be committing
+            self._wait_saves(job.keys)
         t0 = time.perf_counter()
         loaded = 0
         hits_before = [t.stats.hits for t in memory.tiers]
@@ -234,6 +289,7 @@ class WorkerCore:
 
     def _pin(self, job: PinJob) -> None:
         memory = self.memory
+        self._wait_saves(job.keys)  # pin what the save before it stores
         try:
             if job.unpin:
                 memory.unpin(job.keys)
@@ -295,6 +351,7 @@ class WorkerCore:
         """Finish every job, then close the hierarchy (flushes write-through)."""
         self.end_step()
         self._mover.shutdown(wait=True)
+        self._committer.shutdown(wait=True)
         self.memory.close()
 
 

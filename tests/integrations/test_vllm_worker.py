@@ -1,0 +1,140 @@
+"""The connector's worker core: a save is committed when its copies finish, not when queued.
+
+On CUDA the mover only queues a save's copies and a committer thread commits it once their
+event fires.  These tests stand in for CUDA with a ``PagedKV`` whose copies land when a gate
+opens (its "event" fires), so the ordering rules are checked on CPU: nothing is visible or
+released before the bytes are there, the mover goes on meanwhile, a load or pin queued after a
+save waits for it, and a failed copy is a miss.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kvtier.hierarchy import ContextMemory  # noqa: E402
+from kvtier.integrations.vllm_config import make_layout  # noqa: E402
+from kvtier.integrations.vllm_paged import PagedKV, geometry_of  # noqa: E402
+from kvtier.integrations.vllm_plan import LoadJob, PinJob, SaveJob  # noqa: E402
+from kvtier.integrations.vllm_worker import WorkerCore  # noqa: E402
+from kvtier.keys import ChunkKey, chunk_keys, namespace_key  # noqa: E402
+from kvtier.tiers.dram import DramTier  # noqa: E402
+
+BS, HEADS, HD, LAYERS, NUM_BLOCKS, M = 4, 2, 8, 2, 64, 2  # M blocks per chunk
+CHUNK = M * BS
+
+
+class _Copy:
+    """A queued copy: its bytes land when ``synchronize`` finds the gate open (the event fires)."""
+
+    def __init__(self, run: Callable[[], Any], gate: threading.Event, fail: bool) -> None:
+        self.run, self.gate, self.fail = run, gate, fail
+
+    def synchronize(self) -> None:
+        assert self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("copy failed (an injected CUDA error)")
+        self.run()
+
+
+class _AsyncPaged(PagedKV):
+    """``gather_into(wait=False)`` returns a ``_Copy`` instead of copying, as the CUDA path does."""
+
+    def __init__(self, caches: dict[str, Any]) -> None:
+        super().__init__(caches, geometry_of(caches, BS), tokens_per_chunk=CHUNK)
+        self.gate = threading.Event()
+        self.queued: list[_Copy] = []
+        self.fail = False
+
+    def gather_into(self, views: Sequence[Any], block_ids: Sequence[int], after: Any = None, *,
+                    wait: bool = True) -> Any:
+        if wait:
+            return super().gather_into(views, block_ids, after)
+        copy = _Copy(lambda: PagedKV.gather_into(self, views, block_ids, after), self.gate, self.fail)
+        self.queued.append(copy)
+        return copy
+
+
+def _worker() -> tuple[WorkerCore, _AsyncPaged, dict[str, Any]]:
+    torch.manual_seed(0)
+    caches = {f"layer{i}": torch.randn(NUM_BLOCKS, HEADS, BS, 2 * HD) for i in range(LAYERS)}
+    paged = _AsyncPaged(caches)
+    layout = make_layout(paged.geometry, chunk_tokens=CHUNK, model_id="worker-test")
+    memory = ContextMemory(layout, [DramTier(layout, capacity_bytes=32 * layout.chunk_bytes)])
+    return WorkerCore(memory, paged), paged, caches
+
+
+def _keys(worker: WorkerCore, seed: int, chunks: int) -> tuple[ChunkKey, ...]:
+    layout = worker.memory.layout
+    return tuple(chunk_keys([seed] * (chunks * CHUNK), tokens_per_chunk=CHUNK, namespace=namespace_key(layout)))
+
+
+def _until(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_save_is_visible_and_released_only_once_its_copies_land() -> None:
+    worker, paged, _ = _worker()
+    a, b = _keys(worker, 1, 2), _keys(worker, 2, 3)
+    worker.save([SaveJob("a", a, (1, 2, 3, 4))])
+    worker.save([SaveJob("b", b, (5, 6, 7, 8, 9, 10))])
+    worker.hold(["a", "b"])
+    _until(lambda: len(paged.queued) == 2)  # the mover queued b's copies while a's are in flight
+    assert worker.memory.lookup(a).num_chunks == 0 and worker.memory.lookup(b).num_chunks == 0
+    assert worker.finished()[0] == set()  # vLLM must not reuse the blocks yet
+    paged.gate.set()
+    worker.flush(["a", "b"])
+    released: set[str] = set()
+    _until(lambda: released.update(worker.finished()[0]) or released == {"a", "b"})
+    assert worker.memory.lookup(a).num_chunks == 2 and worker.memory.lookup(b).num_chunks == 3
+    stage = paged.gather([5, 6, 7, 8, 9, 10])  # what b's blocks hold
+    out = PagedKV.payloads(paged._stage(3))
+    assert worker.memory.load(list(b), out) == 3
+    assert all(bytes(o) == bytes(s) for o, s in zip(out, PagedKV.payloads(stage), strict=True))
+    counters = worker.take_counters()
+    assert counters.values["save_chunks"] == 5
+    worker.close()
+
+
+def test_a_load_queued_after_a_save_of_the_same_chunks_waits_for_its_commit() -> None:
+    worker, paged, caches = _worker()
+    keys = _keys(worker, 3, 2)
+    worker.save([SaveJob("s", keys, (11, 12, 13, 14))])
+    worker.load_async(LoadJob("l", 0, 0, 2 * CHUNK, keys, (40, 41, 42, 43), async_load=True))
+    worker.pin([PinJob("p", keys)])
+    threading.Timer(0.2, paged.gate.set).start()  # the copies land after the load was queued
+    worker.flush(["s", "l", "p"])
+    assert worker.take_load_errors() == set()
+    for kv in caches.values():
+        assert torch.equal(kv[40:44], kv[11:15])
+    assert worker.memory.lookup(keys).num_chunks == 2
+    assert worker.take_counters().values["pinned_chunks"] == 2
+    worker.close()
+
+
+def test_a_failed_copy_is_a_miss_and_releases_the_blocks() -> None:
+    worker, paged, _ = _worker()
+    paged.fail = True
+    keys = _keys(worker, 4, 2)
+    worker.save([SaveJob("f", keys, (1, 2, 3, 4))])
+    worker.hold(["f"])
+    paged.gate.set()
+    worker.flush(["f"])
+    _until(lambda: "f" in worker.finished()[0])
+    assert worker.memory.lookup(keys).num_chunks == 0
+    report = worker.take_report()
+    assert report is not None and set(keys) <= report.missing  # the scheduler will not plan loads of them
+    paged.fail = False
+    worker.save([SaveJob("g", keys, (1, 2, 3, 4))])  # the slots were given back: a retry is stored
+    worker.flush(["g"])
+    assert worker.memory.lookup(keys).num_chunks == 2
+    worker.close()
