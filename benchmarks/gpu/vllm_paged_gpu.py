@@ -270,6 +270,9 @@ def _bandwidth_row(eng: Engine, size: int, nb: int, args: argparse.Namespace) ->
     pool_d2h, pool_h2d, split_d2h = _pool_copies(eng, n, args)
     if args.profile and size == min(int(s) for s in args.sizes.split(",")):
         _profile(save_direct, load)
+    if args.timeline and size == min(int(s) for s in args.sizes.split(",")) and args.device == "cuda":
+        _timeline(save, "save")
+        _timeline(load, "load")
     eng.memory.delete(keys)
     stream = _save_stream(eng, n, blocks, args)  # the DRAM tier is empty again: room for k requests
     behind = _save_behind_forward(eng, n, blocks, args)
@@ -395,6 +398,28 @@ def _pool_copies(eng: Engine, n: int, args: argparse.Namespace) -> tuple[float, 
         _sync("cuda")
 
     return d2h, h2d, _timed(grouped, args.reps)
+
+
+def _timeline(fn: Any, name: str) -> None:
+    """One call under torch.profiler: every GPU copy and kernel, and the host's CUDA calls, in
+    microseconds from the call's start (where the time between raw-rate DMAs goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync("cuda")
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.events() if e.device_type.name == "CUDA" or "cudaMemcpy" in e.name
+              or "cudaLaunch" in e.name or "Synchronize" in e.name or "cuLaunch" in e.name]
+    events.sort(key=lambda e: e.time_range.start)
+    start = min((e.time_range.start for e in prof.events()), default=0)
+    print(f"timeline of one {name}: wall {wall * 1e3:.2f} ms (profiled)", flush=True)
+    for e in events[:80]:
+        print(f"  {e.device_type.name:4} {e.time_range.start - start:9.0f} us +{e.time_range.elapsed_us():8.0f} us  "
+              f"{e.name[:70]}", flush=True)
 
 
 def _profile(*fns: Any) -> None:
@@ -548,6 +573,8 @@ def main() -> None:
     p.add_argument("--cuda-copy", default="fused,torch", help="PagedKV cuda_copy modes to run, in turn")
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", action="store_true", help="cProfile the smallest size's save and load")
+    p.add_argument("--timeline", action="store_true", help="torch.profiler timeline of the smallest size's "
+                   "save and load (GPU copies and kernels, host CUDA calls)")
     p.add_argument("--group-chunks", type=int, default=4, help="PagedKV group_chunks (chunks per DMA)")
     args = p.parse_args()
     GROUP[0] = args.group_chunks

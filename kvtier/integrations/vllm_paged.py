@@ -407,20 +407,30 @@ class _CudaPath:
         if after is not None:
             self.copy_stream.wait_event(after)
         groups = self._groups(runs)
-        ids: list[Any] = (self._ids(groups, block_ids, self.kernel_stream) if self.fused is not None
-                          else self._torch_targets(groups, block_ids, self.kernel_stream))
-        done = None
-        for k, (_, host) in enumerate(groups):
-            buf, n = self.buffers[k % 2], host.shape[0]
-            ready = torch.cuda.Event()
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(self.free[k % 2])
-                buf[:n].copy_(host, non_blocking=True)
-                ready.record(self.copy_stream)
-            self.kernel_stream.wait_event(ready)
-            self._scatter_group(buf[:n], ids[k])
-            self.free[k % 2].record(self.kernel_stream)
-            done = self.free[k % 2]
+        if len(groups) > 1 and groups[-1][1].shape[0] > 1:  # end on one chunk: a short last scatter
+            first, host = groups.pop()
+            groups += [(first, host[:-1]), (first + host.shape[0] - 1, host[-1:])]
+        ready = [torch.cuda.Event() for _ in groups]
+
+        def dma(k: int) -> None:
+            buf, host = self.buffers[k % 2], groups[k][1]
+            self.copy_stream.wait_event(self.free[k % 2])
+            buf[:host.shape[0]].copy_(host, non_blocking=True)
+            ready[k].record(self.copy_stream)
+
+        with torch.cuda.stream(self.copy_stream):
+            if groups:
+                dma(0)  # needs no block ids: the link starts before they are built and uploaded
+            ids: list[Any] = (self._ids(groups, block_ids, self.kernel_stream) if self.fused is not None
+                              else self._torch_targets(groups, block_ids, self.kernel_stream))
+            done = None
+            for k, (_, host) in enumerate(groups):
+                if k:
+                    dma(k)
+                self.kernel_stream.wait_event(ready[k])
+                self._scatter_group(self.buffers[k % 2][:host.shape[0]], ids[k])
+                self.free[k % 2].record(self.kernel_stream)
+                done = self.free[k % 2]
         if done is None:
             return None
         if not wait:
