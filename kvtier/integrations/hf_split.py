@@ -8,28 +8,35 @@
   reserved pinned DRAM slots, and the group is queued to the device on the copy engine's load
   stream at once (``KVLoad.copy_chunks``), so the host-to-device copy hides under the head's
   compute too;
-* the calling thread computes **forward** from chunk 0, ``step_tokens`` at a time, into a
-  plain ``DynamicCache`` (the head needs no loaded KV).
+* the calling thread computes **forward** from chunk 0, ``step_tokens`` at a time, into the
+  first rows of the same tensors (a ``PromptCache``; the head needs no loaded KV).
+
+Both write the prompt's KV in place: the loader's copies land in the rows of their chunks
+(``KVLoad``), the head's steps in theirs, so at the meeting nothing is copied or concatenated
+and the suffix reads every row where it is.
 
 ``Fronts`` is where they meet.  Adaptive (the default): compute continues while there are
 chunks the loader has not claimed, and the loader stops at the compute front, so a late
 loader means more computed chunks and a late compute means the loaded region starts earlier
 than ``c``; the plan's ``c`` is only the estimate.  At the meeting the compute waits for the
-loader's last group (at most one group's read) rather than computing chunks being read.
+loader's last group rather than computing chunks being read; the loader's groups shrink as
+the fronts close in (at most half the gap), so that wait is short.
 ``mode="planned"`` keeps the meeting point at ``c`` (deterministic: benchmarks of the plan,
 tests).  Either way the result is exact: the loaded region is a contiguous ``[f, k)`` of chunks
 that passed their checksums, the computed one ``[0, f)``; a group with a failed chunk ends the
 loader there, and the compute covers it.
 
 On CUDA the compute side keeps at most two steps queued (it waits for step ``i - 1`` after
-queueing step ``i``), so the front it publishes is never far ahead of the GPU.  The loaded
-chunks then reach the model through ``LoadedCache`` with the computed head in front.
+queueing step ``i``), so the front it publishes is never far ahead of the GPU.
+``SplitTimings`` records where the time went (head, loader, the wait at the meeting, the last
+host-to-device copy), for benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,11 +44,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers.cache_utils import DynamicCache
 
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
-from kvtier.integrations.hf_cache import LoadedCache
+from kvtier.integrations.hf_cache import PromptCache
 from kvtier.keys import ChunkKey
 from kvtier.tiers.cuda import CopyEngine, KVLoad
 
@@ -84,9 +90,14 @@ class Fronts:
         self._lock = threading.Lock()
 
     def claim_load(self, group: int) -> tuple[int, int] | None:
-        """The next group for the loader, ``[lo, hi)``; None: stop (met the compute front)."""
+        """The next group for the loader, ``[lo, hi)``; None: stop (met the compute front).
+
+        At most half the chunks left between the fronts (at least one): near the meeting the
+        compute side soon waits for the group in flight, so it should be short.
+        """
         with self._lock:
-            lo = max(self.computed, self.floor, self.loaded - group)
+            size = min(group, max(1, (self.loaded - max(self.computed, self.floor)) // 2))
+            lo = max(self.computed, self.floor, self.loaded - size)
             if self.stopped or lo >= self.loaded:
                 self.stopped = True
                 return None
@@ -117,12 +128,45 @@ class Fronts:
 
 
 @dataclass(slots=True)
+class SplitTimings:
+    """Where a split's time went, from the start of ``run_split``; ``seconds()`` reads it out.
+
+    Host clocks for the two threads; on CUDA also device events (on the compute stream: the start
+    and the end of the head; on the load stream: the last host-to-device copy), read once the
+    request is done (``seconds`` waits for them).
+    """
+
+    head_queued_s: float = 0.0  # the compute side had queued its last head step (host)
+    waited_s: float = 0.0  # the compute side then blocked for the loader's last group (host)
+    met_s: float = 0.0  # both fronts had stopped: the suffix could be queued (host)
+    loader_done_s: float = 0.0  # the loader thread returned (host)
+    read_s: float = 0.0  # loader time in reads (tier -> DRAM slots, checksums), summed over groups
+    queue_s: float = 0.0  # loader time queueing the groups' host-to-device copies
+    groups: int = 0  # groups the loader read
+    events: tuple[Any, Any, Any] | None = None  # CUDA: (start, head end, last copy) events
+
+    def seconds(self) -> dict[str, float]:
+        """The fields as a dict, plus on CUDA ``head_done_s`` and ``h2d_done_s`` (device clock)."""
+        out = {name: float(getattr(self, name)) for name in ("head_queued_s", "waited_s", "met_s",
+                                                                "loader_done_s", "read_s", "queue_s")}
+        out["groups"] = self.groups
+        if self.events is not None:
+            start, head, h2d = self.events
+            h2d.synchronize()
+            head.synchronize()
+            out["head_done_s"] = start.elapsed_time(head) / 1e3
+            out["h2d_done_s"] = start.elapsed_time(h2d) / 1e3
+        return out
+
+
+@dataclass(slots=True)
 class SplitOutcome:
-    cache: DynamicCache  # KV of chunks [0, end): computed head, then the loaded region
+    cache: PromptCache  # KV of chunks [0, end): computed head, then the loaded region
     load: KVLoad | None  # the copies of the loaded region (wait_host before borrows end)
     computed_chunks: int  # the meeting point f: chunks [0, f) were computed
     end: int  # chunks [f, end) were loaded
     failed_at: int | None  # first chunk that failed to load (it was computed instead), if any
+    timings: SplitTimings
 
 
 def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.Tensor,
@@ -135,35 +179,52 @@ def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.
     """
     c = memory.layout.tokens_per_chunk
     adaptive = options.mode == "adaptive"
+    timings = SplitTimings()
+    t0 = time.perf_counter()
+    start_event = _timing_event(engine, torch.cuda.current_stream(engine.device) if engine.is_cuda else None)
     fronts = Fronts(end, floor=0 if adaptive else compute_chunks)
-    load = engine.start_load(end, layerwise=False)  # rows are chunk indices; the head's stay unused
-    loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options.group_chunks, borrows)
+    # every layer of the whole prompt's KV, allocated now: the head is computed into its first
+    # rows while the loader's copies land in the last ones
+    load = engine.start_load(end, tokens=len(ids), layerwise=False)
+    cache = PromptCache(load)
+    loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options.group_chunks, borrows,
+                         timings, t0)
     step = max(1, options.step_tokens // c)
-    cache = DynamicCache()
     queued: list[Any] = []  # events of the steps in flight (CUDA)
     try:
         with torch.no_grad():
             _compute(model, engine, ids, cache, fronts, step, c, queued, until=None if adaptive else compute_chunks)
+            timings.head_queued_s = time.perf_counter() - t0
             loader.result()  # the loader has stopped: at the compute front, the floor or a failure
+            timings.waited_s = time.perf_counter() - t0 - timings.head_queued_s
             _compute(model, engine, ids, cache, fronts, step, c, queued, until=None)  # any gap left
     except BaseException:
         fronts.stop()
         loader.exception()  # wait for the loader; then no copy may still read a borrowed slot
-        load.finish()
         load.wait_host()
         raise
     load.finish()
+    if start_event is not None:
+        timings.events = (start_event, _timing_event(engine, torch.cuda.current_stream(engine.device)),
+                          _timing_event(engine, engine.load_stream))
+    timings.met_s = time.perf_counter() - t0
     f = fronts.computed
     if f >= end:
         load.wait_host()  # nothing of it is used; its host sources may be released once read
-        return SplitOutcome(cache, None, f, end, fronts.failed_at)
-    load.keep(f)
-    layers: Any = cache.layers  # DynamicLayers: keys and values (1, H, f * C, D)
-    head = [(layer.keys, layer.values) for layer in layers] if f else None
-    return SplitOutcome(LoadedCache(load, (end - f) * c, head=head), load, f, end, fronts.failed_at)
+        return SplitOutcome(cache, None, f, end, fronts.failed_at, timings)
+    cache.attach(end * c)  # rows [0, f*C) computed in place, [f*C, end*C) loaded
+    return SplitOutcome(cache, load, f, end, fronts.failed_at, timings)
 
 
-def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: DynamicCache, fronts: Fronts,
+def _timing_event(engine: CopyEngine, stream: Any) -> Any:
+    if not engine.is_cuda:
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: PromptCache, fronts: Fronts,
              step: int, c: int, queued: list[Any], *, until: int | None) -> None:
     device = engine.device
     while (span := fronts.claim_compute(step, until=until)) is not None:
@@ -176,18 +237,27 @@ def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: DynamicCa
 
 
 def _load_backwards(memory: ContextMemory, engine: CopyEngine, load: KVLoad, keys: Sequence[ChunkKey],
-                    fronts: Fronts, group: int, borrows: contextlib.ExitStack) -> None:
+                    fronts: Fronts, group: int, borrows: contextlib.ExitStack, timings: SplitTimings,
+                    t0: float) -> None:
     """The loader thread: groups of chunks from the end towards the compute front."""
     ctx = torch.cuda.device(engine.device) if engine.is_cuda else contextlib.nullcontext()
-    with ctx:
-        while (span := fronts.claim_load(group)) is not None:
-            lo, hi = span
-            views = _read(memory, keys[lo:hi], borrows)
-            if len(views) < hi - lo:
-                fronts.failed(lo + len(views))
-                return
-            load.copy_chunks(views, first=lo)
-            fronts.delivered(lo)
+    try:
+        with ctx:
+            while (span := fronts.claim_load(group)) is not None:
+                lo, hi = span
+                t_read = time.perf_counter()
+                views = _read(memory, keys[lo:hi], borrows)
+                t_queue = time.perf_counter()
+                timings.read_s += t_queue - t_read
+                timings.groups += 1
+                if len(views) < hi - lo:
+                    fronts.failed(lo + len(views))
+                    return
+                load.copy_chunks(views, first=lo)
+                timings.queue_s += time.perf_counter() - t_queue
+                fronts.delivered(lo)
+    finally:
+        timings.loader_done_s = time.perf_counter() - t0
 
 
 def _read(memory: ContextMemory, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack) -> list[np.ndarray]:

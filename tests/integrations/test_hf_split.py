@@ -67,15 +67,16 @@ def cold(model: LlamaForCausalLM, layout: KVLayout, tmp_path: Path) -> Iterator[
 
 # --- the fronts, without threads ---------------------------------------------------------------
 def test_a_late_loader_stops_at_the_compute_front() -> None:
-    fronts = Fronts(8)
-    assert fronts.claim_load(2) == (6, 8)
-    fronts.delivered(6)
-    assert fronts.claim_compute(4) == (0, 4)  # compute runs on while the loader is behind
-    assert fronts.claim_load(2) == (4, 6)  # the loader claims the next group ...
-    assert fronts.claim_compute(4) is None  # ... which compute leaves to it (no wasted read)
-    fronts.delivered(4)
+    fronts = Fronts(16)
+    assert fronts.claim_load(2) == (14, 16)
+    fronts.delivered(14)
+    assert fronts.claim_compute(8) == (0, 8)  # compute runs on while the loader is behind
+    assert fronts.claim_load(2) == (12, 14)  # the loader claims the next group ...
+    assert fronts.claim_compute(8) == (8, 12)  # ... which compute leaves to it (no wasted read)
+    assert fronts.claim_compute(8) is None
+    fronts.delivered(12)
     assert fronts.claim_load(2) is None and fronts.stopped  # nothing left between the fronts
-    assert fronts.claim_compute(4) is None and (fronts.computed, fronts.loaded) == (4, 4)
+    assert fronts.claim_compute(4) is None and (fronts.computed, fronts.loaded) == (12, 12)
 
 
 def test_compute_goes_on_up_to_the_group_in_flight() -> None:
@@ -91,24 +92,28 @@ def test_compute_goes_on_up_to_the_group_in_flight() -> None:
 def test_a_late_compute_meets_the_loader_earlier() -> None:
     fronts = Fronts(8)
     assert fronts.claim_compute(1) == (0, 1)
-    for lo in (6, 4, 2):
+    for lo in (6, 4):
         assert fronts.claim_load(2) == (lo, lo + 2)
         fronts.delivered(lo)
-    assert fronts.claim_load(2) == (1, 2)  # never below the compute front
+    assert fronts.claim_load(2) == (3, 4)  # groups shrink to half the gap near the meeting ...
+    fronts.delivered(3)
+    assert fronts.claim_load(2) == (2, 3)
+    fronts.delivered(2)
+    assert fronts.claim_load(2) == (1, 2)  # ... and never go below the compute front
     fronts.delivered(1)
     assert fronts.claim_load(2) is None and fronts.claim_compute(4) is None
 
 
 def test_planned_mode_keeps_the_floor_and_a_failure_moves_the_compute_on() -> None:
-    fronts = Fronts(8, floor=5)
+    fronts = Fronts(10, floor=5)
     assert fronts.claim_compute(8, until=5) == (0, 5)
     assert fronts.claim_compute(8, until=5) is None
-    assert fronts.claim_load(2) == (6, 8)
-    fronts.delivered(6)
-    assert fronts.claim_load(2) == (5, 6)
-    fronts.failed(5)  # chunk 5 is corrupt: [5, 6) stays unloaded
-    assert fronts.claim_load(2) is None and fronts.failed_at == 5 and fronts.loaded == 6
-    assert fronts.claim_compute(8) == (5, 6)  # compute takes the failed chunk over
+    assert fronts.claim_load(2) == (8, 10)
+    fronts.delivered(8)
+    assert fronts.claim_load(2) == (7, 8)  # half the 3 chunks left above the floor
+    fronts.failed(7)  # chunk 7 is corrupt: [5, 8) stays unloaded
+    assert fronts.claim_load(2) is None and fronts.failed_at == 7 and fronts.loaded == 8
+    assert fronts.claim_compute(8) == (5, 8)  # compute takes the failed chunk (and the gap) over
 
 
 def test_split_options_are_checked() -> None:

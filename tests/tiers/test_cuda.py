@@ -92,22 +92,45 @@ def test_load_from_dram_pool_round_trips(device: str, layerwise: bool, copy2d: b
         with dram.borrow(key) as view:
             assert view is not None
             borrowed.append(view)  # the pool stays allocated; nothing else writes during the test
-    load = engine.start_load(5, layerwise=layerwise)
+    extra = 3  # rows after the loaded chunks: the consumer's own (computed) tokens
+    load = engine.start_load(5, tokens=5 * LAYOUT.tokens_per_chunk + extra, layerwise=layerwise)
     load.copy_layers(borrowed)
     load.finish()
-    c, h, d = LAYOUT.tokens_per_chunk, LAYOUT.num_kv_heads, LAYOUT.head_dim
+    c = LAYOUT.tokens_per_chunk
     src_index = [4, 0, 1, 2, 3]
     for layer in range(LAYOUT.num_layers):
-        got = load.layer(layer).view(torch_dtype(LAYOUT)).view(5, 2, c, h, d)
-        for pos, src in enumerate(src_index):
-            for part in range(2):
-                want = kv[layer][part][0, :, src * c:(src + 1) * c].permute(1, 0, 2)
-                assert torch.equal(got[pos, part], want)
-        load.release_layer(layer)
+        load.ready(layer)
+        got = load.tensors(layer)  # (K, V), each (tokens, heads, head_dim)
+        for part in range(2):
+            assert got[part].shape == (5 * c + extra, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+            assert got[part].is_contiguous()
+            for pos, src in enumerate(src_index):
+                want = kv[layer][part][0, :, src * c:(src + 1) * c].permute(1, 0, 2)  # (C, H, D)
+                assert torch.equal(got[part][pos * c:(pos + 1) * c], want)
     load.wait_host()
-    assert load.buffer is None  # freed once every layer was consumed
-    with pytest.raises(IntegrationError):
-        load.layer(0)
+
+
+def test_a_layerwise_load_queues_layers_as_the_consumer_reaches_them() -> None:
+    """Copies (and the tensors they land in) are queued LOOKAHEAD layers ahead of the consumer."""
+    if not torch.cuda.is_available():
+        pytest.skip("layer-wise loads are CUDA-only (CPU copies are synchronous)")
+    dram = DramTier(LAYOUT, capacity_bytes=4 * LAYOUT.chunk_bytes)
+    engine = CopyEngine(LAYOUT, "cuda", pool=dram.pool)
+    load = engine.start_load(1, layerwise=True)
+    load.copy_layers([dram.pool.numpy()[:LAYOUT.chunk_bytes]])
+    assert load._bufs == [None] * LAYOUT.num_layers  # nothing allocated nor queued yet
+    load.finish()
+    assert load._queued == min(load.LOOKAHEAD, LAYOUT.num_layers)
+    load.ready(0)
+    assert load._queued == min(1 + load.LOOKAHEAD, LAYOUT.num_layers)
+    load.wait_host()
+    assert load._queued == LAYOUT.num_layers and all(e is not None for e in load._events)
+
+
+def test_a_load_must_fit_its_prompt() -> None:
+    engine = CopyEngine(LAYOUT, "cpu")
+    with pytest.raises(IntegrationError, match="fit"):
+        engine.start_load(2, tokens=LAYOUT.tokens_per_chunk)
 
 
 def test_engine_refuses_more_chunks_than_staging() -> None:
@@ -139,6 +162,5 @@ def test_cuda_pool_is_pinned_and_copies_are_asynchronous() -> None:
     load = engine.start_load(1, layerwise=True)
     assert load.layerwise and load._events == [None] * LAYOUT.num_layers
     load.copy_layers([dram.pool.numpy()[:LAYOUT.chunk_bytes]])
-    assert all(e is not None for e in load._events)  # one event per layer
-    load.finish()
     load.wait_host()
+    assert all(e is not None for e in load._events)  # one event per layer
