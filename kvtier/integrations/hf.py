@@ -116,9 +116,10 @@ class KVTierLM:
         keys = self.memory.keys_for(ids.numpy())
         hit = self.memory.lookup(keys)
         if self.cost is not None:
+            # a hit wholly in DRAM loads ~10x faster than it computes: no split can pay, skip the search
+            split = self.split is not None and not (self._dram is not None and not any(hit.tiers))
             plan: FetchPlan | None = self.cost.plan(hit.tiers, total_tokens=len(ids), tokens_per_chunk=c,
-                                                    chunk_bytes=self.layout.chunk_bytes,
-                                                    split=self.split is not None)
+                                                    chunk_bytes=self.layout.chunk_bytes, split=split)
             want = plan.load_chunks if plan else 0
         else:
             plan, want = None, min(hit.num_chunks, (len(ids) - 1) // c)
