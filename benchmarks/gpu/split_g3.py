@@ -15,10 +15,14 @@ Issue 16.  One run, every number against baselines measured in the same run:
      plan's estimated meeting point and the one reached;
    * ``ideal``: ``1 / (1/t_recompute + 1/t_load)``, both rates combined with no overhead.
 
-   Split logits are checked against recompute (max |diff|, argmax).
+   Split logits are checked against recompute (max |diff|, argmax), and each split's phases are
+   logged (``SplitTimings``: head queued / done, loader done, the compute side's wait at the
+   meeting, the last host-to-device copy, the time after the meeting).
 2. **Session**: ``--turns`` turns of ``--turn-tokens`` new tokens each, every turn's prompt the
    whole history; kvtier (DRAM + disk, the process's first kvtier use, turn 1 included) vs the KV
    kept in HBM (one growing ``DynamicCache``): TTFT per turn and the ratio (the first-hit penalty).
+   ``--trace-turn N`` runs turn ``N`` of both under ``torch.profiler``: the top-25 ops (self device
+   and CPU time) go to the log, chrome traces to ``<out>/trace_{kvtier,hbm}_turn<N>.json.gz``.
 
 Model: Llama-3.1-8B-shaped, random weights, bf16, built from a config (no downloads);
 ``--layers`` keeps fewer of its 32 layers (faster; KV bytes per token shrink in proportion).
@@ -26,6 +30,7 @@ Model: Llama-3.1-8B-shaped, random weights, bf16, built from a config (no downlo
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python benchmarks/gpu/split_g3.py --out $OUT/split   # H200, ~4 min
     PYTHONPATH=. python benchmarks/gpu/split_g3.py --smoke --out /tmp/split-smoke      # CPU, seconds
+    PYTHONPATH=. python benchmarks/gpu/split_g3.py --contexts '' --trace-turn 6 --out $OUT/trace  # session only
 
 Writes ``<out>/split_g3.json`` (checkpointed after every row) and ``<out>/split_g3.log``.
 """
@@ -33,7 +38,6 @@ Writes ``<out>/split_g3.json`` (checkpointed after every row) and ``<out>/split_
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 import logging
@@ -202,36 +206,25 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
     ids = torch.randint(0, vocab, (args.turns * tt,), generator=torch.Generator().manual_seed(7))
     cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), LinkCost(bandwidth_Bps=args.session_disk_GBps * 1e9)),
                      prefill=prefill, stages=layout.num_layers)
-    last = ids[:args.turns * tt]  # the last turn's prompt: the one --trace profiles again
     kvtier: list[dict[str, Any]] = []
     with Run(model, layout, dram, root, cost=cost, write_through=True) as lm:  # stores each turn in DRAM + disk
-        for turn in range(args.turns):
-            prompt = ids[:(turn + 1) * tt]
-            t, res = to_logits(partial(lm.prefill, prompt, logits_to_keep=1), device)
-            kvtier.append({"turn": turn + 1, "prompt_tokens": len(prompt), "ttft_s": t,
-                           "loaded_tokens": res.loaded_tokens, "head_tokens": res.head_tokens})
+        for turn in range(1, args.turns + 1):
+            prompt = ids[:turn * tt]
+            t, res = timed_turn(partial(lm.prefill, prompt, logits_to_keep=1), device, args, turn, "kvtier")
+            kvtier.append({"turn": turn, "prompt_tokens": len(prompt), "ttft_s": t,
+                           "loaded_tokens": res.loaded_tokens, "head_tokens": res.head_tokens,
+                           "profiled": turn == args.trace_turn})
             del res
             lm.flush()  # the background store of this turn's chunks, outside the timing
             lm.memory.flush()
-        if args.trace and args.turns > 1:
-            # the last turn again, as it ran: its own new chunks forgotten, nothing stored
-            keys = lm.memory.keys_for(last.numpy())
-            lm.memory.delete(keys[(args.turns - 1) * tt // layout.tokens_per_chunk:])
-            lm.store_enabled = False
-            profile(partial(lm.prefill, last, logits_to_keep=1), device, args.out, "kvtier")
     free(device)
     hbm: list[float] = []
     cache = DynamicCache()
-    for turn in range(args.turns):
-        new = ids[turn * tt:(turn + 1) * tt][None].to(device)
-        before = copy.deepcopy(cache) if args.trace and turn == args.turns - 1 and turn else None
-        t, _ = to_logits(partial(model, input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1),
-                         device)
+    for turn in range(1, args.turns + 1):
+        new = ids[(turn - 1) * tt:turn * tt][None].to(device)
+        t, _ = timed_turn(partial(model, input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                          device, args, turn, "hbm")
         hbm.append(t)
-        if before is not None:  # the same last turn with its KV kept in HBM, for comparison
-            profile(partial(model, input_ids=new, past_key_values=before, use_cache=True, logits_to_keep=1),
-                    device, args.out, "hbm")
-            del before
     del cache
     free(device)
     for row, t in zip(kvtier, hbm, strict=True):
@@ -241,15 +234,24 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
             "turn 1's); HBM: one DynamicCache kept on the device across turns; no answers decoded"}
 
 
-def profile(fn: Callable[[], Any], device: torch.device, out: Path, name: str) -> None:
-    """``fn`` under torch.profiler: the top-25 ops by device and by CPU time to the log, a chrome
-    trace to ``<out>/trace_<name>.json.gz`` (open it in ui.perfetto.dev or chrome://tracing)."""
+def timed_turn(fn: Callable[[], Any], device: torch.device, args: argparse.Namespace, turn: int,
+               name: str) -> tuple[float, Any]:
+    """A session turn's TTFT; turn ``--trace-turn`` runs under the profiler (its TTFT then includes
+    the profiler's overhead: the row says ``profiled``)."""
+    if turn != args.trace_turn:
+        return to_logits(fn, device)
+    return profile(fn, device, args.out, f"{name}_turn{turn}")
+
+
+def profile(fn: Callable[[], Any], device: torch.device, out: Path, name: str) -> tuple[float, Any]:
+    """``to_logits(fn)`` under torch.profiler: the top-25 ops by device and by CPU time to the log,
+    a chrome trace to ``<out>/trace_<name>.json.gz`` (ui.perfetto.dev or chrome://tracing)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        t, _ = to_logits(fn, device)
+        t, result = to_logits(fn, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the side streams' copies too, inside the trace
     averages = prof.key_averages()
@@ -265,6 +267,7 @@ def profile(fn: Callable[[], Any], device: torch.device, out: Path, name: str) -
         shutil.copyfileobj(src, dst)
     raw.unlink()
     log.info("trace %s: chrome trace %s.gz", name, raw)
+    return t, result
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -274,7 +277,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, small contexts: a dry run")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; smoke 2)")
     ap.add_argument("--device", default=None, help="default cuda (smoke: cpu)")
-    ap.add_argument("--contexts", default=None, help="cached tokens, comma-separated (default 16K,32K,64K,128K)")
+    ap.add_argument("--contexts", default=None,
+                    help="cached tokens, comma-separated (default 16K,32K,64K,128K; '' skips the G3 section)")
     ap.add_argument("--suffix", type=int, default=None, help="new tokens after the cached context (256)")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (256)")
     ap.add_argument("--reps", type=int, default=1, help="timings per cell (median)")
@@ -286,9 +290,9 @@ def main() -> int:
     ap.add_argument("--session-disk-GBps", type=float, default=1.6, help="the session cost model's disk link")
     ap.add_argument("--root", default=None, help="directory on the local disk for G3 (default: a temp dir)")
     ap.add_argument("--force-split", action="store_true", help="cost model that always splits (smoke default)")
-    ap.add_argument("--trace", action="store_true",
-                    help="profile the session's last turn again (kvtier and KV kept in HBM): top-25 ops to the "
-                         "log, chrome traces to <out>/trace_{kvtier,hbm}.json.gz")
+    ap.add_argument("--trace-turn", type=int, default=0,
+                    help="run this session turn (1-based; 0: none) under torch.profiler, kvtier and KV kept in "
+                         "HBM: top-25 ops to the log, chrome traces to <out>/trace_{kvtier,hbm}_turn<N>.json.gz")
     args = ap.parse_args()
     smoke = args.smoke
     defaults = {"layers": 2 if smoke else 32, "device": "cpu" if smoke else "cuda",
@@ -325,7 +329,7 @@ def main() -> int:
     log.info("model %s", result["model"])
     vocab = model.config.vocab_size
     c = layout.tokens_per_chunk
-    pool_chunks = max(max(contexts) + args.suffix, args.turns * args.turn_tokens) // c + 2
+    pool_chunks = max(max(contexts, default=0) + args.suffix, args.turns * args.turn_tokens) // c + 2
     dram = DramTier(layout, capacity_bytes=pool_chunks * layout.chunk_bytes)
     result["dram"] = {"pool_bytes": dram.capacity_bytes, "pinned": dram.pinned}
 
@@ -338,7 +342,7 @@ def main() -> int:
                           "io_threads": args.io_threads,
                           "page_cache": "cold: os.sync + posix_fadvise(DONTNEED) per chunk file; warm: as left"}
         # prefill cost (kernels warmed by its first, discarded, repeat)
-        top = min(max(contexts), 16384)
+        top = min(max(contexts, default=16384), 16384)
         points = ((0, top // 8), (0, top // 4), (0, top // 2), (0, top), (top // 2, top // 8))
         t_cal, prefill = to_logits(lambda: calibrate_prefill(model, points=points, repeats=1, vocab=vocab), device)
         result["prefill_cost"] = {"fixed_s": prefill.fixed_s, "per_token_s": prefill.per_token_s,
@@ -399,7 +403,8 @@ def report(result: dict[str, Any]) -> None:
                   "| turn | prompt | kvtier | HBM | ratio | loaded |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in result["session"]["turns"]:
             lines.append(f"| {r['turn']} | {r['prompt_tokens']:,} | {r['ttft_s']:.3f} | {r['hbm_ttft_s']:.3f} | "
-                         f"{r['ratio_vs_hbm']:.2f}x | {r['loaded_tokens']:,} |")
+                         f"{r['ratio_vs_hbm']:.2f}x{' (profiled)' if r.get('profiled') else ''} | "
+                         f"{r['loaded_tokens']:,} |")
     log.info("\n".join(lines))
 
 
