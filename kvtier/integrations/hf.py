@@ -104,6 +104,7 @@ class KVTierLM:
         self._dram = top if isinstance(top, DramTier) else None
         self.engine = CopyEngine(self.layout, self.device, pool=self._dram.pool if self._dram else None,
                                  staging_bytes=staging_bytes, copy2d=copy2d)
+        self.engine.warm_up()  # no first-hit penalty: the load path's first-use costs are paid here
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-store")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-split")
         self._stores: list[Future[int]] = []

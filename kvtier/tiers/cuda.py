@@ -387,6 +387,20 @@ class CopyEngine:
         return KVLoad(self, num_chunks, layerwise=layerwise,
                       tokens=num_chunks * self.layout.tokens_per_chunk if tokens is None else tokens)
 
+    def warm_up(self) -> None:
+        """Run one chunk of the pool through a layer-wise load (CUDA): the first request then pays
+        none of the load path's first-use costs (the strided copy's first call, the load stream's
+        first allocation and events).  The bytes (the pool's first slot) are never read."""
+        pool = self.host_pool.tensor
+        if not self.is_cuda or pool is None or pool.numel() < self.layout.chunk_bytes:
+            return
+        load = self.start_load(1, layerwise=True)
+        load.copy_layers([self.host_pool.slots_tensor(0, 1).numpy()])
+        load.finish()
+        for layer in range(self.layout.num_layers):
+            load.ready(layer)
+        load.wait_host()
+
     # --- stores -------------------------------------------------------------------------------
     def gather(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], first_token: int,
                num_chunks: int, *, after: Any = None) -> tuple[torch.Tensor, Any]:
