@@ -20,35 +20,16 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.hierarchy import ContextMemory  # noqa: E402
-from kvtier.integrations.hf import KVTierLM, layout_for  # noqa: E402
+from kvtier.integrations.hf import KVTierLM  # noqa: E402
 from kvtier.integrations.hf_split import Fronts, SplitOptions, run_split  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
 from tests.conftest import flip_byte  # noqa: E402
-from tests.integrations.test_hf import (  # noqa: E402
-    DEVICES,
-    C,
-    greedy_reference,
-    open_memory,
-    prompt,
-    reference,
-    tiny_llama,
-    warm,
-)
+from tests.integrations.hf_helpers import C, greedy_reference, open_memory, prompt, reference, warm  # noqa: E402
 
 N = 6  # cached chunks of the prompts below
 TAIL = 7  # tokens after them
-
-
-@pytest.fixture(scope="module", params=DEVICES)
-def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
-    return tiny_llama(request.param)
-
-
-@pytest.fixture
-def layout(model: LlamaForCausalLM) -> KVLayout:
-    return layout_for(model, tokens_per_chunk=C)
 
 
 @pytest.fixture
