@@ -3,11 +3,12 @@
 ``CostModel.plan(..., split=True)`` may answer "recompute chunks ``[0, c)`` while chunks
 ``[c, k)`` load" (see ``kvtier.policy.cost``).  ``run_split`` executes that on one request:
 
-* a **loader** thread walks *backwards* from chunk ``k - 1``, a group of chunks at a time:
-  ``ContextMemory.borrow_prefix`` reads them (checksums; corrupt = miss) straight into
-  reserved pinned DRAM slots, and the group is queued to the device on the copy engine's load
-  stream at once (``KVLoad.copy_chunks``), so the host-to-device copy hides under the head's
-  compute too;
+* a **loader** thread walks *backwards* from chunk ``k - 1``, a group of chunks at a time,
+  ``reads_in_flight`` groups being read at once (so the tier's I/O never drains between
+  groups): ``ContextMemory.borrow_prefix`` reads them (checksums; corrupt = miss) straight into
+  reserved pinned DRAM slots, and each group, in order from the top, is queued to the device on
+  the copy engine's load stream at once (``KVLoad.copy_chunks``), so the host-to-device copy
+  hides under the head's compute too;
 * the calling thread computes **forward** from chunk 0, ``step_tokens`` at a time, into the
   first rows of the same tensors (a ``PromptCache``; the head needs no loaded KV).
 
@@ -35,10 +36,12 @@ host-to-device copy), for benchmarks.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,12 +62,15 @@ class SplitOptions:
     mode: Literal["adaptive", "planned"] = "adaptive"  # planned: meet exactly at the plan's c
     step_tokens: int = 2048  # tokens per forward call of the head (rounded to whole chunks)
     group_chunks: int = 4  # chunks per loader read (read in parallel by the disk tier's I/O pool)
+    # groups being read at once: the next group's reads start while the last one's finish, so the
+    # tier's I/O pool never drains between groups (deliveries stay in order, from the end back)
+    reads_in_flight: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "planned"):
             raise IntegrationError(f"SplitOptions.mode must be 'adaptive' or 'planned', got {self.mode!r}")
-        if self.step_tokens < 1 or self.group_chunks < 1:
-            raise IntegrationError("SplitOptions.step_tokens and group_chunks must be >= 1")
+        if self.step_tokens < 1 or self.group_chunks < 1 or self.reads_in_flight < 1:
+            raise IntegrationError("SplitOptions.step_tokens, group_chunks and reads_in_flight must be >= 1")
 
 
 DEFAULT_SPLIT = SplitOptions()
@@ -74,10 +80,12 @@ class Fronts:
     """The compute front (forward from chunk 0) and the loaded front (backward from ``end``).
 
     ``computed``: chunks ``[0, computed)`` are computed or queued to be; ``loaded``: chunks
-    ``[loaded, end)`` are read and queued to the device; ``reading``: the group in flight starts
-    there.  The loader never goes below ``floor`` nor below the compute front.  The compute side
-    stops at ``reading``, not at ``loaded``: computing the group in flight would waste its read
-    and still wait for it (its borrows must end before the request does).
+    ``[loaded, end)`` are read and queued to the device; ``reading``: the lowest group claimed
+    (being read) starts there; the groups in flight lie in ``[reading, loaded)`` and are
+    delivered in order, from the top.  The loader never goes below ``floor`` nor below the
+    compute front.  The compute side stops at ``reading``, not at ``loaded``: computing a group
+    in flight would waste its read and still wait for it (its borrows must end before the
+    request does).
     """
 
     def __init__(self, end: int, *, floor: int = 0) -> None:
@@ -96,20 +104,22 @@ class Fronts:
         compute side soon waits for the group in flight, so it should be short.
         """
         with self._lock:
-            size = min(group, max(1, (self.loaded - max(self.computed, self.floor)) // 2))
-            lo = max(self.computed, self.floor, self.loaded - size)
-            if self.stopped or lo >= self.loaded:
+            base = max(self.computed, self.floor)
+            size = min(group, max(1, (self.reading - base) // 2))
+            lo = max(base, self.reading - size)
+            if self.stopped or lo >= self.reading:
                 self.stopped = True
                 return None
-            self.reading = lo
-            return lo, self.loaded
+            hi, self.reading = self.reading, lo
+            return lo, hi
 
     def delivered(self, lo: int) -> None:
         with self._lock:
             self.loaded = lo
 
     def failed(self, at: int) -> None:
-        """A chunk of the group could not be loaded: the loaded region stays where it was."""
+        """A chunk of the next group to deliver could not be loaded: the loaded region stays where
+        it was, and the groups in flight below it are given up (the compute covers them)."""
         with self._lock:
             self.failed_at, self.stopped, self.reading = at, True, self.loaded
 
@@ -140,7 +150,7 @@ class SplitTimings:
     waited_s: float = 0.0  # the compute side then blocked for the loader's last group (host)
     met_s: float = 0.0  # both fronts had stopped: the suffix could be queued (host)
     loader_done_s: float = 0.0  # the loader thread returned (host)
-    read_s: float = 0.0  # loader time in reads (tier -> DRAM slots, checksums), summed over groups
+    read_s: float = 0.0  # time in reads (tier -> DRAM slots, checksums), summed over groups (they overlap)
     queue_s: float = 0.0  # loader time queueing the groups' host-to-device copies
     groups: int = 0  # groups the loader read
     events: tuple[Any, Any, Any] | None = None  # CUDA: (start, head end, last copy) events
@@ -187,8 +197,7 @@ def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.
     # rows while the loader's copies land in the last ones
     load = engine.start_load(end, tokens=len(ids), layerwise=False)
     cache = PromptCache(load)
-    loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options.group_chunks, borrows,
-                         timings, t0)
+    loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options, borrows, timings, t0)
     step = max(1, options.step_tokens // c)
     queued: list[Any] = []  # events of the steps in flight (CUDA)
     try:
@@ -237,22 +246,29 @@ def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: PromptCac
 
 
 def _load_backwards(memory: ContextMemory, engine: CopyEngine, load: KVLoad, keys: Sequence[ChunkKey],
-                    fronts: Fronts, group: int, borrows: contextlib.ExitStack, timings: SplitTimings,
-                    t0: float) -> None:
-    """The loader thread: groups of chunks from the end towards the compute front."""
+                    fronts: Fronts, options: SplitOptions, borrows: contextlib.ExitStack,
+                    timings: SplitTimings, t0: float) -> None:
+    """The loader thread: groups of chunks from the end towards the compute front, up to
+    ``options.reads_in_flight`` being read at once (by reader threads), queued to the device in
+    order.  After a failed group nothing below it is queued: its rows are the compute's."""
     ctx = torch.cuda.device(engine.device) if engine.is_cuda else contextlib.nullcontext()
+    lock = threading.Lock()  # one ExitStack of borrows, entered from the reader threads
+    inflight: deque[tuple[int, int, Future[list[np.ndarray]]]] = deque()
     try:
-        with ctx:
-            while (span := fronts.claim_load(group)) is not None:
-                lo, hi = span
-                t_read = time.perf_counter()
-                views = _read(memory, keys[lo:hi], borrows)
-                t_queue = time.perf_counter()
-                timings.read_s += t_queue - t_read
-                timings.groups += 1
+        with ctx, ThreadPoolExecutor(options.reads_in_flight, thread_name_prefix="kvtier-split-read") as readers:
+            while True:
+                while len(inflight) < options.reads_in_flight and (
+                        span := fronts.claim_load(options.group_chunks)) is not None:
+                    lo, hi = span
+                    inflight.append((lo, hi, readers.submit(_read, memory, keys[lo:hi], borrows, lock, timings)))
+                if not inflight:
+                    return
+                lo, hi, future = inflight.popleft()
+                views = future.result()
                 if len(views) < hi - lo:
                     fronts.failed(lo + len(views))
-                    return
+                    return  # leaving the pool waits for the reads still in flight (their borrows)
+                t_queue = time.perf_counter()
                 load.copy_chunks(views, first=lo)
                 timings.queue_s += time.perf_counter() - t_queue
                 fronts.delivered(lo)
@@ -260,10 +276,24 @@ def _load_backwards(memory: ContextMemory, engine: CopyEngine, load: KVLoad, key
         timings.loader_done_s = time.perf_counter() - t0
 
 
-def _read(memory: ContextMemory, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack) -> list[np.ndarray]:
-    """Host views of ``keys`` (the longest readable prefix): DRAM slots, promoted in place."""
-    views = list(borrows.enter_context(memory.borrow_prefix(keys)))
-    if len(views) < len(keys):  # no DRAM top tier (or promotion off), or a borrow missed: plain buffers
-        rest = [np.empty(memory.layout.chunk_bytes, np.uint8) for _ in keys[len(views):]]
-        views += rest[:memory.load(keys[len(views):], rest)]
+def _read(memory: ContextMemory, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack, lock: threading.Lock,
+          timings: SplitTimings) -> list[np.ndarray]:
+    """Host views of ``keys`` (the longest readable prefix): DRAM slots, promoted in place.
+
+    The read happens outside ``lock`` (reads of several groups overlap); only the borrow's
+    registration in ``borrows`` is under it."""
+    t_read = time.perf_counter()
+    held = memory.borrow_prefix(keys)
+    views = list(held.__enter__())
+    try:
+        if len(views) < len(keys):  # no DRAM top tier (or promotion off), or a borrow missed: plain buffers
+            rest = [np.empty(memory.layout.chunk_bytes, np.uint8) for _ in keys[len(views):]]
+            views += rest[:memory.load(keys[len(views):], rest)]
+    except BaseException:
+        held.__exit__(*sys.exc_info())
+        raise
+    with lock:
+        borrows.push(held)  # released with the request's other borrows
+        timings.read_s += time.perf_counter() - t_read
+        timings.groups += 1
     return views

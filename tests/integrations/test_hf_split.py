@@ -85,6 +85,18 @@ def test_a_late_compute_meets_the_loader_earlier() -> None:
     assert fronts.claim_load(2) is None and fronts.claim_compute(4) is None
 
 
+def test_groups_in_flight_are_claimed_downwards_and_a_failure_gives_up_those_below() -> None:
+    fronts = Fronts(16)
+    assert fronts.claim_load(4) == (12, 16)
+    assert fronts.claim_load(4) == (8, 12)  # a second group read at once, below the first
+    assert fronts.claim_compute(16) == (0, 8)  # compute stops at the lowest group in flight
+    fronts.delivered(12)  # delivered in order, from the top
+    fronts.failed(9)  # the next one, [8, 12), has a bad chunk at 9
+    assert (fronts.loaded, fronts.failed_at, fronts.reading) == (12, 9, 12)
+    assert fronts.claim_load(4) is None
+    assert fronts.claim_compute(16) == (8, 12)  # the compute covers the group given up
+
+
 def test_planned_mode_keeps_the_floor_and_a_failure_moves_the_compute_on() -> None:
     fronts = Fronts(10, floor=5)
     assert fronts.claim_compute(8, until=5) == (0, 5)
@@ -102,6 +114,8 @@ def test_split_options_are_checked() -> None:
         SplitOptions(mode="sometimes")  # type: ignore[arg-type]
     with pytest.raises(IntegrationError, match="step_tokens"):
         SplitOptions(step_tokens=0)
+    with pytest.raises(IntegrationError, match="reads_in_flight"):
+        SplitOptions(reads_in_flight=0)
 
 
 # --- the executor on a real model and disk -------------------------------------------------------
@@ -132,17 +146,19 @@ def test_split_at_any_point_matches_recompute(model: LlamaForCausalLM, cold: tup
     assert (logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("reads_in_flight", [1, 3])
 def test_a_corrupt_chunk_in_the_loaded_region_is_computed(model: LlamaForCausalLM, layout: KVLayout,
                                                           cold: tuple[ContextMemory, torch.Tensor],
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, reads_in_flight: int) -> None:
+    """Reads of the groups below the corrupt one may be in flight: none of them is queued."""
     mem, ids = cold
     keys = mem.keys_for(ids.numpy())
     disk = DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30)
     flip_byte(disk.path_of(keys[4]), -5)  # bit rot in chunk 4, inside the loaded region [2, 6)
     disk.close()
     with KVTierLM(model, mem, store=False) as lm:
-        logits, computed, failed = split_prefill(model, lm, ids, 2, SplitOptions(mode="planned", step_tokens=C,
-                                                                                 group_chunks=1))
+        options = SplitOptions(mode="planned", step_tokens=C, group_chunks=1, reads_in_flight=reads_in_flight)
+        logits, computed, failed = split_prefill(model, lm, ids, 2, options)
     assert failed == 4 and computed == 5  # chunk 5 loaded, 4 failed: computed up to it
     assert mem.tiers[1].stats.corrupt == 1
     ref_logits, _ = reference(model, ids)
