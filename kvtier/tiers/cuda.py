@@ -245,12 +245,15 @@ class KVLoad:
 
     # --- issuing copies (host side; returns at once on CUDA) --------------------------------
     def _host_runs(self, host: Sequence[np.ndarray], first: int) -> list[tuple[torch.Tensor, int, int, bool]]:
-        """(host bytes, first chunk position, chunks, strided-copy capable) per run of host slots."""
-        pool = self.engine.host_pool
-        slots = [pool.slot(v) for v in host]
-        runs = [(pool.slots_tensor(r.slot, r.length), first + r.index, r.length, True) for r in coalesce(slots)]
-        runs += [(pool.as_tensor(v), first + i, 1, False) for i, (v, s) in enumerate(zip(host, slots, strict=True))
-                 if s is None]
+        """(host bytes, first chunk position, chunks, pinned) per run of consecutive slots of the DRAM
+        pool or the load staging; any other view is a run of its own (not known to be pinned)."""
+        runs: list[tuple[torch.Tensor, int, int, bool]] = []
+        left: list[np.ndarray | None] = list(host)  # views not placed in a pool yet
+        for pool in (self.engine.host_pool, self.engine.load_staging_pool):
+            slots = [pool.slot(v) if v is not None else None for v in left]
+            runs += [(pool.slots_tensor(r.slot, r.length), first + r.index, r.length, True) for r in coalesce(slots)]
+            left = [v if slot is None else None for v, slot in zip(left, slots, strict=True)]
+        runs += [(self.engine.host_pool.as_tensor(v), first + i, 1, False) for i, v in enumerate(left) if v is not None]
         return runs
 
     def _queue(self, layer: int, runs: Sequence[tuple[torch.Tensor, int, int, bool]]) -> None:
@@ -347,6 +350,7 @@ class CopyEngine:
         self.store_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self.load_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self._staging_pool = HostPool(self.store_staging, layout.chunk_bytes)  # views of it stay pinned
+        self.load_staging_pool = HostPool(self.load_staging, layout.chunk_bytes)  # loads copy runs of it
         # Strided host-to-device copies (one per layer per run of pool slots) when the CUDA
         # runtime that torch loaded can be called; else one copy per layer per chunk.
         self.memcpy2d = Memcpy2D.find() if self.is_cuda and copy2d is not False else None
