@@ -9,8 +9,9 @@
   reserved pinned DRAM slots, and each group, in order from the top, is queued to the device on
   the copy engine's load stream at once (``KVLoad.copy_chunks``), so the host-to-device copy
   hides under the head's compute too;
-* the calling thread computes **forward** from chunk 0, ``step_tokens`` at a time, into the
-  first rows of the same tensors (a ``PromptCache``; the head needs no loaded KV).
+* the calling thread computes **forward** from chunk 0 into the first rows of the same tensors
+  (a ``PromptCache``; the head needs no loaded KV): ``first_step_share`` of the plan's head in
+  one forward (causal attention without a mask), then ``step_tokens`` at a time.
 
 Both write the prompt's KV in place: the loader's copies land in the rows of their chunks
 (``KVLoad``), the head's steps in theirs, so at the meeting nothing is copied or concatenated
@@ -65,12 +66,19 @@ class SplitOptions:
     # groups being read at once: the next group's reads start while the last one's finish, so the
     # tier's I/O pool never drains between groups (deliveries stay in order, from the end back)
     reads_in_flight: int = 2
+    # the head's first step covers this share of the plan's head at once: one forward from token
+    # 0 runs causal attention without a mask (flash), the steps after it attend to their past
+    # through a mask, measured ~1.6x slower per attention FLOP (H200); the plan's head is an
+    # estimate, so the rest stays in steps that adapt to the loader
+    first_step_share: float = 0.75
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "planned"):
             raise IntegrationError(f"SplitOptions.mode must be 'adaptive' or 'planned', got {self.mode!r}")
         if self.step_tokens < 1 or self.group_chunks < 1 or self.reads_in_flight < 1:
             raise IntegrationError("SplitOptions.step_tokens, group_chunks and reads_in_flight must be >= 1")
+        if not 0 <= self.first_step_share <= 1:
+            raise IntegrationError(f"SplitOptions.first_step_share must be in [0, 1], got {self.first_step_share}")
 
 
 DEFAULT_SPLIT = SplitOptions()
@@ -199,10 +207,12 @@ def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.
     cache = PromptCache(load)
     loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options, borrows, timings, t0)
     step = max(1, options.step_tokens // c)
+    first = max(step, int(options.first_step_share * compute_chunks))
     queued: list[Any] = []  # events of the steps in flight (CUDA)
     try:
         with torch.no_grad():
-            _compute(model, engine, ids, cache, fronts, step, c, queued, until=None if adaptive else compute_chunks)
+            _compute(model, engine, ids, cache, fronts, step, c, queued, until=None if adaptive else compute_chunks,
+                     first=first)
             timings.head_queued_s = time.perf_counter() - t0
             loader.result()  # the loader has stopped: at the compute front, the floor or a failure
             timings.waited_s = time.perf_counter() - t0 - timings.head_queued_s
@@ -234,10 +244,13 @@ def _timing_event(engine: CopyEngine, stream: Any) -> Any:
 
 
 def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: PromptCache, fronts: Fronts,
-             step: int, c: int, queued: list[Any], *, until: int | None) -> None:
+             step: int, c: int, queued: list[Any], *, until: int | None, first: int | None = None) -> None:
+    """Forward steps of ``step`` chunks (the first of ``first``) up to the fronts' limit."""
     device = engine.device
-    while (span := fronts.claim_compute(step, until=until)) is not None:
+    size = first or step
+    while (span := fronts.claim_compute(size, until=until)) is not None:
         lo, hi = span
+        size = step
         model(input_ids=ids[lo * c:hi * c].to(device)[None, :], past_key_values=cache, use_cache=True,
               logits_to_keep=1)
         queued.append(engine.record_now())

@@ -116,6 +116,8 @@ def test_split_options_are_checked() -> None:
         SplitOptions(step_tokens=0)
     with pytest.raises(IntegrationError, match="reads_in_flight"):
         SplitOptions(reads_in_flight=0)
+    with pytest.raises(IntegrationError, match="first_step_share"):
+        SplitOptions(first_step_share=1.5)
 
 
 # --- the executor on a real model and disk -------------------------------------------------------
@@ -144,6 +146,31 @@ def test_split_at_any_point_matches_recompute(model: LlamaForCausalLM, cold: tup
     assert mem.tiers[1].stats.hits == N - c  # only the loaded region was read
     ref_logits, _ = reference(model, ids)
     assert (logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(("share", "forwards"), [(0.0, 4), (0.5, 3), (1.0, 1)])
+def test_the_heads_first_step_covers_its_share_of_the_plan(model: LlamaForCausalLM,
+                                                           cold: tuple[ContextMemory, torch.Tensor],
+                                                           share: float, forwards: int) -> None:
+    mem, ids = cold
+    calls: list[int] = []
+
+    def counting(**kwargs: object) -> object:
+        calls.append(1)
+        return model(**kwargs)
+
+    with KVTierLM(model, mem, store=False) as lm:
+        keys = lm.memory.keys_for(ids.numpy())
+        options = SplitOptions(mode="planned", step_tokens=C, group_chunks=1, first_step_share=share)
+        with contextlib.ExitStack() as borrows, ThreadPoolExecutor(1) as pool, torch.no_grad():
+            split = run_split(counting, lm.memory, lm.engine, ids, keys, compute_chunks=4, end=N, options=options,
+                              borrows=borrows, pool=pool)
+            out = model(input_ids=ids[N * C:].to(model.device)[None], past_key_values=split.cache, use_cache=True)
+            assert split.load is not None
+            split.load.wait_host()
+    assert len(calls) == forwards and split.computed_chunks == 4
+    ref_logits, _ = reference(model, ids)
+    assert (out.logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("reads_in_flight", [1, 3])
