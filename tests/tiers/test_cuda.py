@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
-from kvtier.tiers.cuda import CopyEngine, HostPool, Run, coalesce, torch_dtype  # noqa: E402
+from kvtier.tiers.cuda import CopyEngine, HostPool, Run, coalesce  # noqa: E402
 from kvtier.tiers.dram import DramTier  # noqa: E402
 from tests.conftest import make_keys  # noqa: E402
 
@@ -125,6 +125,39 @@ def test_a_layerwise_load_queues_layers_as_the_consumer_reaches_them() -> None:
     assert load._queued == min(1 + load.LOOKAHEAD, LAYOUT.num_layers)
     load.wait_host()
     assert load._queued == LAYOUT.num_layers and all(e is not None for e in load._events)
+
+
+def test_the_strided_copy_call_lands_each_part_in_its_rows() -> None:
+    """The ``cudaMemcpy2DAsync`` arguments, checked on CPU with a memmove stand-in of the same
+    contract (rows of ``width`` bytes, source rows ``spitch`` apart, destination ``dpitch``)."""
+    import ctypes
+
+    def memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: object) -> None:
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+
+    dram = DramTier(LAYOUT, capacity_bytes=8 * LAYOUT.chunk_bytes, pin_memory=False)
+    engine = CopyEngine(LAYOUT, "cpu", pool=dram.pool)
+    engine.memcpy2d = memcpy2d  # type: ignore[assignment]
+    kv = random_kv(4 * LAYOUT.tokens_per_chunk, "cpu", seed=3)
+    keys = make_keys(LAYOUT, 4)
+    views = engine.to_host(*engine.gather(kv, 0, 4))
+    assert all(dram.put(k, v) for k, v in zip(keys, views, strict=True))
+    borrowed = []
+    for key in keys:
+        with dram.borrow(key) as view:
+            assert view is not None
+            borrowed.append(view)
+    assert coalesce([engine.host_pool.slot(v) for v in borrowed]) == [Run(0, 0, 4)]  # one run: one call per part
+    c = LAYOUT.tokens_per_chunk
+    load = engine.start_load(4, tokens=4 * c + 1, layerwise=False)
+    load.copy_layers(borrowed)
+    load.finish()
+    for layer in range(LAYOUT.num_layers):
+        load.ready(layer)
+        for part, got in enumerate(load.tensors(layer)):
+            assert torch.equal(got[:4 * c], kv[layer][part][0].permute(1, 0, 2))  # (T, H, D)
+    load.wait_host()
 
 
 def test_a_load_must_fit_its_prompt() -> None:
