@@ -395,12 +395,13 @@ def report(result: dict[str, Any]) -> None:
     if phases:
         lines += ["", "Split phases, s from the split's start (host clock; head done and last H2D copy: device)",
                   "| cached | cache | head queued | head done | loader done | waited | met | last H2D | "
-                  "after meeting | total | read | groups |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "suffix wait | after meeting | total | read | groups |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for n, s, p in phases:
             lines.append(f"| {n:,} | {s} | {p['head_queued_s']:.3f} | {p.get('head_done_s', float('nan')):.3f} | "
                          f"{p['loader_done_s']:.3f} | {p['waited_s']:.3f} | {p['met_s']:.3f} | "
-                         f"{p.get('h2d_done_s', float('nan')):.3f} | {p['after_meeting_s']:.3f} | "
+                         f"{p.get('h2d_done_s', float('nan')):.3f} | {p.get('suffix_wait_s', float('nan')):.3f} | "
+                         f"{p['after_meeting_s']:.3f} | "
                          f"{p['total_s']:.3f} | {p['read_s']:.3f} | {p['groups']} |")
     if "session" in result:
         lines += ["", "Session TTFT, s: kvtier vs KV kept in HBM",

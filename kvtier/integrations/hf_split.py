@@ -164,7 +164,8 @@ class SplitTimings:
     events: tuple[Any, Any, Any] | None = None  # CUDA: (start, head end, last copy) events
 
     def seconds(self) -> dict[str, float]:
-        """The fields as a dict, plus on CUDA ``head_done_s`` and ``h2d_done_s`` (device clock)."""
+        """The fields as a dict, plus on CUDA ``head_done_s``, ``h2d_done_s`` (device clock) and
+        ``suffix_wait_s`` (how long after the head the last loaded chunk reached the device)."""
         out = {name: float(getattr(self, name)) for name in ("head_queued_s", "waited_s", "met_s",
                                                                 "loader_done_s", "read_s", "queue_s")}
         out["groups"] = self.groups
@@ -174,6 +175,8 @@ class SplitTimings:
             head.synchronize()
             out["head_done_s"] = start.elapsed_time(head) / 1e3
             out["h2d_done_s"] = start.elapsed_time(h2d) / 1e3
+            # the suffix's first layer waits on the device for the last copy, if it is still running
+            out["suffix_wait_s"] = max(0.0, out["h2d_done_s"] - out["head_done_s"])
         return out
 
 
