@@ -261,7 +261,11 @@ def profile(fn: Callable[[], Any], device: torch.device, out: Path, name: str) -
     if device.type == "cuda":
         sorts.insert(0, ("self_device_time_total", "device"))
     for sort_by, label in sorts:
-        log.info("trace %s: top 25 ops by self %s time\n%s", name, label, averages.table(sort_by=sort_by, row_limit=25))
+        try:
+            table = averages.table(sort_by=sort_by, row_limit=25)
+        except (AttributeError, KeyError):  # a torch that still calls device time "cuda"
+            table = averages.table(sort_by=sort_by.replace("device", "cuda"), row_limit=25)
+        log.info("trace %s: top 25 ops by self %s time\n%s", name, label, table)
     raw = out / f"trace_{name}.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
