@@ -117,7 +117,8 @@ class KVTierLM:
         keys = self.memory.keys_for(ids.numpy())
         hit = self.memory.lookup(keys)
         if self.cost is not None:
-            # a hit wholly in DRAM loads ~10x faster than it computes: no split can pay, skip the search
+            # a split pays where a chunk loads about as slowly as it computes (disk, G4); a hit wholly
+            # in DRAM (~10x faster than an 8B model computes it on an H200) needs a pure decision only
             split = self.split is not None and not (self._dram is not None and not any(hit.tiers))
             plan: FetchPlan | None = self.cost.plan(hit.tiers, total_tokens=len(ids), tokens_per_chunk=c,
                                                     chunk_bytes=self.layout.chunk_bytes, split=split)
