@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,16 +52,20 @@ GiB = 1 << 30
 
 
 # --- setup ---------------------------------------------------------------------------------------
-def build_model(kind: str, device: str) -> Any:
+def build_model(kind: str, device: str, *, layers: int | None = None) -> Any:
+    """A random-weight Llama built from a config (no downloads): ``llama-3.1-8b`` (bf16) or ``tiny``
+    (bf16 on CUDA, fp32 on CPU); ``layers`` keeps that many decoder layers (default: all, 32 / 4)."""
     if kind == "llama-3.1-8b":
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                          name_or_path="random-init/Llama-3.1-8B-shaped")
+        n = layers or 32
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=n,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 8192,
+                          name_or_path="random-init/Llama-3.1-8B-shaped" + (f"-{n}L" if n != 32 else ""))
         dtype = torch.bfloat16
     else:
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        n = layers or 4
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=n,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
-                          name_or_path="random-init/tiny-llama")
+                          name_or_path="random-init/tiny-llama" + (f"-{n}L" if n != 4 else ""))
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -79,11 +83,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+def timed(fn: Callable[[], Any], device: torch.device, *,
+          until: Literal["device", "stream"] = "device") -> tuple[float, Any]:
+    """Seconds from an idle device until ``fn``'s work is done, and its result.
+
+    ``until="device"``: every stream (copies on side streams included); ``"stream"``: the work
+    queued on the current (compute) stream, e.g. a TTFT up to the logits, without kvtier's
+    background store of the new chunks, which runs on its own streams after the forward.
+    """
     sync(device)
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    if until == "stream" and device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    else:
+        sync(device)
     return time.perf_counter() - t0, out
 
 

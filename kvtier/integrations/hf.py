@@ -14,9 +14,11 @@ Follow one request through ``KVTierLM.prefill(input_ids)``:
    DRAM slots reserved for them -- the promotion is the read.  Without a DRAM tier (or with
    no room in it) chunks go through ``ContextMemory.load`` into pinned staging.  A chunk that
    fails to load ends the prefix there: those tokens are recomputed;
-4. **copy**: the copy engine streams the bytes to the model's device, layer by layer
-   (``layerwise=True``: layer ``l`` computes as soon as *its* bytes are in) or in bulk;
-5. **compute**: the model runs on the uncached suffix with a ``LoadedCache``;
+4. **copy**: the copy engine streams the bytes straight into the prompt's KV tensors on the
+   model's device, layer by layer (``layerwise=True``: queued as the forward reaches each
+   layer, and layer ``l`` computes as soon as *its* bytes are in) or in bulk;
+5. **compute**: the model runs on the uncached suffix with a ``PromptCache`` over those
+   tensors, writing the suffix's K and V into their rows (``kvtier.integrations.hf_cache``);
 6. **store**: the suffix's new full chunks are gathered on the device and copied by a
    background thread (``flush()`` waits), off the request's critical path, straight into DRAM
    slots that kvtier reserved for them (``ContextMemory.store_in_place``), then committed.
@@ -41,8 +43,8 @@ from transformers.cache_utils import DynamicCache
 
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory, InPlaceStore
-from kvtier.integrations.hf_cache import LoadedCache
-from kvtier.integrations.hf_split import DEFAULT_SPLIT, SplitOptions, run_split
+from kvtier.integrations.hf_cache import PromptCache
+from kvtier.integrations.hf_split import DEFAULT_SPLIT, SplitOptions, SplitTimings, run_split
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel, FetchPlan, PrefillCost
@@ -79,6 +81,7 @@ class PrefillResult:
     computed_tokens: int  # prompt tokens the model computed
     store: Future[int] | None  # background store of the new full chunks (result: chunks stored)
     head_tokens: int = 0  # of computed_tokens, those computed while the loaded ones streamed in (a split)
+    split_timings: SplitTimings | None = None  # a split: where its time went (benchmarks)
 
 
 class KVTierLM:
@@ -101,6 +104,7 @@ class KVTierLM:
         self._dram = top if isinstance(top, DramTier) else None
         self.engine = CopyEngine(self.layout, self.device, pool=self._dram.pool if self._dram else None,
                                  staging_bytes=staging_bytes, copy2d=copy2d)
+        self.engine.warm_up()  # no first-hit penalty: the load path's first-use costs are paid here
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-store")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-hf-split")
         self._stores: list[Future[int]] = []
@@ -113,18 +117,20 @@ class KVTierLM:
         keys = self.memory.keys_for(ids.numpy())
         hit = self.memory.lookup(keys)
         if self.cost is not None:
+            # a split pays where a chunk loads about as slowly as it computes (disk, G4); a hit wholly
+            # in DRAM (~10x faster than an 8B model computes it on an H200) needs a pure decision only
+            split = self.split is not None and not (self._dram is not None and not any(hit.tiers))
             plan: FetchPlan | None = self.cost.plan(hit.tiers, total_tokens=len(ids), tokens_per_chunk=c,
-                                                    chunk_bytes=self.layout.chunk_bytes,
-                                                    split=self.split is not None)
+                                                    chunk_bytes=self.layout.chunk_bytes, split=split)
             want = plan.load_chunks if plan else 0
         else:
             plan, want = None, min(hit.num_chunks, (len(ids) - 1) // c)
         if plan is not None and plan.is_split:
             return self._prefill_split(ids, keys, hit.num_chunks, plan, forward_kwargs)
         with contextlib.ExitStack() as borrows:
-            load, loaded = self._fetch(keys[:want], borrows) if want else (None, 0)
+            load, loaded = self._fetch(keys[:want], borrows, tokens=len(ids)) if want else (None, 0)
             try:
-                cache = LoadedCache(load, loaded * c) if load is not None else DynamicCache()
+                cache = PromptCache(load, loaded * c) if load is not None else DynamicCache()
                 suffix = ids[loaded * c:].to(self.device)[None, :]
                 out = self.model(input_ids=suffix, past_key_values=cache, use_cache=True, **forward_kwargs)
             finally:
@@ -160,7 +166,7 @@ class KVTierLM:
         store = self._store_async(keys, first_new, len(ids) // c, out.past_key_values)
         return PrefillResult(logits=out.logits, cache=out.past_key_values, plan=plan, loaded_tokens=loaded,
                              computed_tokens=len(ids) - loaded, store=store,
-                             head_tokens=split.computed_chunks * c)
+                             head_tokens=split.computed_chunks * c, split_timings=split.timings)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int) -> tuple[list[int],
@@ -177,9 +183,11 @@ class KVTierLM:
         return tokens, result
 
     # --- fetch: host bytes -> device ------------------------------------------------------------
-    def _fetch(self, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack) -> tuple[KVLoad | None, int]:
-        """Start copying the longest loadable prefix of ``keys``; returns (load, chunks)."""
-        load = self.engine.start_load(len(keys), layerwise=self.layerwise)
+    def _fetch(self, keys: Sequence[ChunkKey], borrows: contextlib.ExitStack, *,
+               tokens: int | None = None) -> tuple[KVLoad | None, int]:
+        """Start copying the longest loadable prefix of ``keys`` into the KV of a ``tokens``-token
+        prompt (default: just those chunks); returns (load, chunks)."""
+        load = self.engine.start_load(len(keys), tokens=tokens, layerwise=self.layerwise)
         dram_views: list[np.ndarray] = []
         if self._dram is not None:
             # DRAM chunks zero-copy from the pinned pool; lower-tier chunks read straight into
@@ -190,7 +198,7 @@ class KVTierLM:
         if n == 0:
             return None, 0
         load.num_chunks = n  # chunks past a failed one are never read
-        load.copy_layers(dram_views)  # layer-wise: events per layer after everything queued before
+        load.copy_layers(dram_views)  # layer-wise: queued layer by layer as the forward reaches them
         load.finish()
         return load, n
 
@@ -199,11 +207,10 @@ class KVTierLM:
         done, group = 0, self.engine.group_chunks
         while done < len(keys):
             if done:
-                load.wait_host()  # the staging is reused: the previous group's copy must be out
+                load.wait_queued()  # the staging is reused: the previous group's copy must be out
             views = self.engine.views(self.engine.load_staging, min(group, len(keys) - done))
             got = self.memory.load(keys[done:done + len(views)], views)
             load.copy_chunks(views[:got], first=first + done)
-            load.finish()
             done += got
             if got < len(views):
                 break

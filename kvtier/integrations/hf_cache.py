@@ -1,17 +1,25 @@
-"""A transformers ``DynamicCache`` whose layers start from a kvtier load still in flight.
+"""A transformers ``DynamicCache`` written in place into a prompt's KV, which a kvtier load fills.
 
-``LoadedLayer`` reports the loaded prefix length from ``get_seq_length`` at once (the model
-asks for it before layer 0 runs, to build positions and the mask) but touches the loaded bytes
-only in its first ``update``, i.e. when *its* layer's attention runs.  There it calls
-``KVLoad.layer(l)``, which makes the compute stream wait for that layer's copy alone, so layer
-``l + 1``'s KV is still crossing PCIe while layer ``l`` computes.
+``PromptCache`` holds, per layer, the K and V of the whole prompt as ``KVLoad.tensors(l)``:
+``(tokens, heads, head_dim)`` token-major tensors on the device, the loaded chunks' rows filled
+by host-to-device copies straight from the DRAM slots.  The model sees them through
+``(1, heads, length, head_dim)`` transposed views; attention takes any strides, and the
+transformers SDPA path copies K and V once anyway (``repeat_kv``), as it does for a plain cache.
 
-The first update writes prefix and new tokens into one ``(1, heads, prefix + new, head_dim)``
-tensor: the chunk-major bytes are permuted into the transformers order in the same single copy
-that a ``torch.cat`` would have cost anyway.  Later updates (decoding) concatenate as a plain
-``DynamicLayer`` does.
+* ``attach(tokens)``: rows ``[0, tokens)`` are there (loaded, or computed before): the next
+  ``update`` appends after them.  ``get_seq_length`` reports them at once (the model asks
+  before layer 0 runs, to build positions and the mask), but layer ``l`` waits for *its* copies
+  only in its own ``update`` (``KVLoad.ready(l)``, a device-side wait), so layer ``l + 1``'s
+  KV is still crossing PCIe while layer ``l`` computes.
+* ``update`` writes the new tokens' K and V into their rows (the one copy a ``torch.cat`` would
+  have cost for them) and returns views of rows ``[0, length)``: the loaded rows are never
+  copied on the device, and no buffer is concatenated or allocated per call.  A split's head
+  (``kvtier.integrations.hf_split``) is computed step by step into the same rows in front of
+  the loaded ones.
+* Once the prompt's rows are all written, or for tokens beyond them (decoding), a layer is a
+  plain ``DynamicLayer`` over its views (concatenation).
 
-Tested with transformers 5.17 and 5.19 (``Cache.layers``, ``DynamicLayer.update``).
+Batch size 1.  Tested with transformers 5.17 and 5.19 (``Cache.layers``, ``DynamicLayer``).
 """
 
 from __future__ import annotations
@@ -24,60 +32,78 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from kvtier.tiers.cuda import KVLoad, torch_dtype
 
 
-class LoadedLayer(DynamicLayer):
-    """One layer's cache, seeded from ``load`` on first use."""
+class PromptLayer(DynamicLayer):
+    """One layer's cache over ``load``'s (K, V) of the prompt; see the module docstring."""
 
-    def __init__(self, load: KVLoad, layer_idx: int, prefix_tokens: int,
-                 head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(self, load: KVLoad, layer_idx: int) -> None:
         super().__init__()
-        self._load: KVLoad | None = load
+        lay = load.layout
+        self._load: KVLoad | None = load  # None: a plain DynamicLayer from here on
         self._layer_idx = layer_idx
-        self._prefix = prefix_tokens
-        self._head = head  # (K, V) computed in front of the loaded tokens (a split), each (1, H, T, D)
+        self._length = 0  # rows [0, _length) are in place (or, with _wait, being loaded)
+        self._wait = False  # rows being loaded: wait for this layer's copies before reading them
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, H, D) each, once used
+        self.dtype, self.device = torch_dtype(lay), load.engine.device
+        empty = torch.empty((1, lay.num_kv_heads, 0, lay.head_dim), dtype=self.dtype, device=self.device)
+        self.keys, self.values = empty, empty
+        self.is_initialized = True
+
+    def attach(self, tokens: int) -> None:
+        """Rows ``[0, tokens)`` are in place or being loaded: the next update appends after them."""
+        assert self._load is not None and tokens <= self._load.tokens
+        self._length, self._wait = tokens, True
 
     def get_seq_length(self) -> int:
-        if self._load is not None:
-            return (self._head[0].shape[-2] if self._head is not None else 0) + self._prefix
-        return super().get_seq_length()
+        return self._length if self._load is not None else super().get_seq_length()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._load is None:
+        load = self._load
+        if load is None:
             return super().update(key_states, value_states, *args, **kwargs)
-        load, self._load = self._load, None
-        head, self._head = self._head, None
-        lay = load.layout
-        n, c, h, d = load.num_chunks, lay.tokens_per_chunk, lay.num_kv_heads, lay.head_dim
-        first = head[0].shape[-2] if head is not None else 0  # loaded tokens start here
-        prefix = first + self._prefix
-        src = load.layer(self._layer_idx).view(torch_dtype(lay))  # (n, P*C*H*D), waits for this layer
-        parts = src.view(n, lay.num_kv_parts, c, h, d)
-        batch, heads, new, _ = key_states.shape
-        out = []
-        for part, states in enumerate((key_states, value_states)):
-            full = states.new_empty((batch, heads, prefix + new, d))
-            if head is not None:
-                full[:, :, :first] = head[part]
-            # (n, C, H, D) -> (H, n, C, D), written straight into the (H, T, D) prefix slice
-            full[0, :, first:prefix].view(h, n, c, d).copy_(parts[:, part].permute(2, 0, 1, 3))
-            full[:, :, prefix:] = states
-            out.append(full)
-        self.keys, self.values = out
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-        load.release_layer(self._layer_idx)
-        return self.keys, self.values
+        start, new = self._length, key_states.shape[-2]
+        if self._wait:  # this update's attention reads the loaded rows
+            load.ready(self._layer_idx)
+            self._wait = False
+        if self._kv is None:
+            self._kv = load.tensors(self._layer_idx)
+        k, v = self._kv
+        end = start + new
+        if key_states.shape[0] != 1 or end > load.tokens:  # not the prompt's rows: concatenate from here on
+            self._views(k, v, start)
+            self._load = self._kv = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        # (1, H, new, D) -> (new, H, D), written into the rows of the new tokens
+        k[start:end].copy_(key_states[0].transpose(0, 1))
+        v[start:end].copy_(value_states[0].transpose(0, 1))
+        self._length = end
+        self._views(k, v, end)
+        if end == load.tokens:  # the prompt is complete: a plain DynamicLayer over its views
+            self._load = self._kv = None
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        return keys, values
+
+    def _views(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        # (T, H, D) -> (1, H, T, D): the transformers layout, as a view
+        self.keys = k[:length].unsqueeze(0).transpose(1, 2)
+        self.values = v[:length].unsqueeze(0).transpose(1, 2)
 
 
-class LoadedCache(DynamicCache):
-    """A ``DynamicCache`` of ``LoadedLayer``s over one ``KVLoad`` (batch size 1).
+class PromptCache(DynamicCache):
+    """A ``DynamicCache`` of ``PromptLayer``s over one ``KVLoad`` (batch size 1).
 
-    ``head``: per layer, the (K, V) of tokens computed in front of the loaded ones (a compute +
-    load split, ``kvtier.integrations.hf_split``); the loaded tokens follow them.
+    Empty at first (a split's head is computed into it from row 0); ``attach`` names the rows in
+    place (the loaded prefix, behind a computed head if any).
     """
 
-    def __init__(self, load: KVLoad, prefix_tokens: int,
-                 head: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        layers = [LoadedLayer(load, i, prefix_tokens, head[i] if head is not None else None)
-                  for i in range(load.layout.num_layers)]
+    def __init__(self, load: KVLoad, attached_tokens: int | None = None) -> None:
+        layers = [PromptLayer(load, i) for i in range(load.layout.num_layers)]
         Cache.__init__(self, layers=layers)  # type: ignore[arg-type]
+        if attached_tokens is not None:
+            self.attach(attached_tokens)
+
+    def attach(self, tokens: int) -> None:
+        for layer in self.layers:
+            assert isinstance(layer, PromptLayer)
+            layer.attach(tokens)

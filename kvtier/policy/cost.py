@@ -17,7 +17,8 @@ Model (all figures measured once on the serving box, or configured):
 For a hit whose chunks sit at levels ``tiers[0..K)``, ``plan`` evaluates every ``k`` in
 ``0..K`` (load chunks ``[0, k)``, recompute the rest) and picks the cheapest, so it can load
 a DRAM-resident head and recompute a disk-resident tail.  Ties go to loading (less compute
-on a shared accelerator).  Each decision is logged at INFO on ``kvtier.policy.cost``.
+on a shared accelerator).  O(K), with or without the split below.  Each decision is logged at
+DEBUG on ``kvtier.policy.cost`` (an engine plans every request; benchmarks turn it on).
 
 Compute + load split (``plan(..., split=True)``; the idea of Cake, "Compute or Load KV Cache?
 Why Not Both?", 2024): for a hit in a slow tier the accelerator idles while the disk reads,
@@ -27,9 +28,10 @@ recomputed (they need no loaded KV) *while* chunks ``[c, k)`` stream in, then th
     total = max(prefill(0, c*T), load(c, k)) + prefill(k*T, total - k*T)
 
 ``prefill(0, c*T)`` grows with ``c`` (faster than linearly: attention), ``load(c, k)`` shrinks,
-so for each ``k`` the best ``c`` is where they cross, found by bisection (both finish
-together).  ``c = 0`` is the pure load above, ``c = k`` pure recompute; a split is chosen only
-when strictly cheaper than both.  The engine that executes the split may move the meeting
+so for each ``k`` the best ``c`` is where they cross (both finish together); the crossing
+only moves right as ``k`` grows, so one pointer finds it for every ``k``.  ``c = 0`` is the
+pure load above, ``c = k`` pure recompute; a split is chosen only when it beats the best
+pure decision by ``split_margin``.  The engine that executes the split may move the meeting
 point at run time (``kvtier.integrations.hf_split``); ``c`` is the estimate.
 """
 
@@ -151,32 +153,60 @@ class CostModel:
         loads = self._load_sums(tiers[:usable], chunk_bytes)
         recompute = self.prefill.seconds(0, total_tokens)
         best = _Choice(total=recompute, c=0, k=0, load=0.0, compute=recompute)
-        best_split: _Choice | None = None
+        suffixes = [recompute]  # per k: prefill of the tokens after chunk k
         for k in range(1, usable + 1):
             past = k * tokens_per_chunk
             suffix = self.prefill.seconds(past, total_tokens - past)
+            suffixes.append(suffix)
             load = loads(0, k)
             total = self._combine(load, suffix)
             if total <= best.total:  # ties go to loading
                 best = _Choice(total=total, c=0, k=k, load=load, compute=suffix)
-            if split and k > 1:
-                c = self._meeting_point(loads, k, tokens_per_chunk)
-                head = self.prefill.seconds(0, c * tokens_per_chunk)
-                total = max(head, loads(c, k)) + suffix
-                if best_split is None or total < best_split.total:
-                    best_split = _Choice(total=total, c=c, k=k, load=loads(c, k), compute=head + suffix)
-        if best_split is not None and best_split.total < (1 - self.split_margin) * best.total:
-            best = best_split
+        if split:
+            best_split = self._best_split(loads, suffixes, tokens_per_chunk, beat=(1 - self.split_margin) * best.total)
+            if best_split is not None:
+                best = best_split
         plan = FetchPlan(load_chunks=best.k, cached_chunks=usable, est_load_s=best.load,
                          est_compute_s=best.compute, est_total_s=best.total, est_recompute_s=recompute,
                          compute_chunks=best.c)
-        log.info("fetch-or-recompute: %d tokens, %d cached chunks (levels %s): %sload %d, recompute %d "
-                 "tokens; est %.1f ms (load %.1f + compute %.1f) vs recompute-all %.1f ms",
-                 total_tokens, usable, _levels(tiers[:usable]),
-                 f"split: compute {best.c} chunks while loading, " if best.c else "", best.k - best.c,
-                 total_tokens - best.k * tokens_per_chunk + best.c * tokens_per_chunk,
-                 best.total * 1e3, best.load * 1e3, best.compute * 1e3, recompute * 1e3)
+        if log.isEnabledFor(logging.DEBUG):  # an engine plans every request: no formatting unless asked
+            log.debug("fetch-or-recompute: %d tokens, %d cached chunks (levels %s): %sload %d, recompute %d "
+                      "tokens; est %.1f ms (load %.1f + compute %.1f) vs recompute-all %.1f ms",
+                      total_tokens, usable, _levels(tiers[:usable]),
+                      f"split: compute {best.c} chunks while loading, " if best.c else "", best.k - best.c,
+                      total_tokens - best.k * tokens_per_chunk + best.c * tokens_per_chunk,
+                      best.total * 1e3, best.load * 1e3, best.compute * 1e3, recompute * 1e3)
         return plan
+
+    def _best_split(self, loads: Callable[[int, int], float], suffixes: Sequence[float], tokens_per_chunk: int,
+                    *, beat: float) -> _Choice | None:
+        """The cheapest split estimated under ``beat`` seconds, or None.
+
+        For each end ``k`` the best ``c`` in ``[1, k)`` is where ``head(c)`` (growing with ``c``)
+        crosses ``load(c, k)`` (shrinking with ``c``, growing with ``k``), so the crossing never
+        moves left as ``k`` grows: one pointer walks it for every ``k``, O(K) in all.  An end whose
+        suffix plus the smallest head, ``head(1)``, is already ``beat`` or more is skipped: no split
+        ending there can win.  So a hit that loads much faster than it computes (every chunk in
+        DRAM, say) costs a pass over the ends and nothing else.
+        """
+        def head(c: int) -> float:
+            return self.prefill.seconds(0, c * tokens_per_chunk)
+
+        def meet(c: int, k: int) -> float:
+            return max(head(c), loads(c, k))
+
+        head1, c = head(1), 1
+        best: _Choice | None = None
+        for k in range(2, len(suffixes)):
+            if suffixes[k] + head1 >= beat:
+                continue
+            while c < k - 1 and head(c) < loads(c, k):  # the first c where the head takes longer
+                c += 1
+            at = c - 1 if c > 1 and meet(c - 1, k) <= meet(c, k) else c
+            total = meet(at, k) + suffixes[k]
+            if total < beat and (best is None or total < best.total):
+                best = _Choice(total=total, c=at, k=k, load=loads(at, k), compute=head(at) + suffixes[k])
+        return best
 
     def _load_sums(self, tiers: Sequence[int], chunk_bytes: int) -> Callable[[int, int], float]:
         """``loads(c, k)``: seconds to load chunks ``[c, k)``; a run of one tier pays its latency once."""
@@ -194,21 +224,6 @@ class CostModel:
             return starts[k] - starts[c] + (self.links[tiers[c]].latency_s if rejoin else 0.0)
 
         return loads
-
-    def _meeting_point(self, loads: Callable[[int, int], float], k: int, tokens_per_chunk: int) -> int:
-        """The ``c`` in ``[1, k)`` minimising ``max(head(c), load(c, k))``: where the two cross."""
-        lo, hi = 1, k - 1  # head(c) grows with c, load(c, k) shrinks: bisect the first c where head wins
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.prefill.seconds(0, mid * tokens_per_chunk) >= loads(mid, k):
-                hi = mid
-            else:
-                lo = mid + 1
-
-        def cost(c: int) -> float:
-            return max(self.prefill.seconds(0, c * tokens_per_chunk), loads(c, k))
-
-        return min((c for c in (lo - 1, lo) if 1 <= c < k), key=cost)
 
     def _combine(self, load: float, compute: float) -> float:
         if self.stages == 1:

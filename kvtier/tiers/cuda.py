@@ -5,23 +5,24 @@ and makes no policy decisions (what to load is ``kvtier.policy.cost``'s call, wh
 from is the hierarchy's).
 
 Byte order.  A chunk payload is ``(num_layers, num_kv_parts, tokens_per_chunk, heads, head_dim)``
-(``kvtier.layout``), so layer ``l`` of a chunk is the contiguous range
-``[l * layer_bytes, (l + 1) * layer_bytes)``.  On the device a load lands in one
-``(num_chunks, chunk_bytes)`` uint8 buffer, chunk-major like the host, and ``KVLoad.layer(l)``
-is the strided ``(num_chunks, layer_bytes)`` view of layer ``l``; the consumer (the
-transformers cache) permutes it into ``(heads, tokens, head_dim)`` in the one copy it needs
-anyway.
+(``kvtier.layout``), so part ``p`` of layer ``l`` of a chunk is one contiguous block of
+``(tokens_per_chunk, heads, head_dim)``.  A load lands straight in the prompt's KV on the device:
+per layer a K and a V tensor of ``(tokens, heads, head_dim)`` (token-major; ``KVLoad``), so each
+such block is one contiguous destination, and the consumer (the transformers cache) uses the
+tensors as they are, through a ``(1, heads, tokens, head_dim)`` transposed view: the loaded KV is
+copied once, host to device, and never again on the device.
 
 CUDA.  Host sources are pinned (the DRAM pool is allocated pinned once, at start; staging
 buffers likewise), so every copy is an asynchronous DMA (``non_blocking=True``) on a dedicated
 stream per direction, never on the compute stream:
 
-* bulk load: runs of chunks in consecutive pool slots are one copy each (coalesced), one event
-  for the whole load;
-* layer-wise load: layer 0 of every chunk, record event 0, layer 1 of every chunk, event 1, ...
-  Layer ``l`` of a run of consecutive pool slots is one strided ``cudaMemcpy2DAsync`` (rows of
-  ``layer_bytes`` at a pitch of ``chunk_bytes``; torch has no strided host-to-device copy
-  without a host temporary); without it, one copy per layer and chunk.
+* bulk load: every layer of a run of chunks in consecutive pool slots is one strided copy per
+  part, one event for the whole load;
+* layer-wise load: layer 0 of every run, event 0, layer 1, event 1, ..., each layer queued when
+  the consumer is ``LOOKAHEAD`` layers before it.  Part ``p`` of layer ``l`` of a run of
+  consecutive pool slots is one strided ``cudaMemcpy2DAsync`` (rows of ``layer_bytes / 2`` at a
+  pitch of ``chunk_bytes`` on the host, contiguous on the device; torch has no strided
+  host-to-device copy without a host temporary); without it, one copy per part, layer and chunk.
   A consumer of layer ``l`` makes the *compute stream* wait on event ``l`` (a device-side wait:
   the host never blocks), so layer ``l+1`` streams in while layer ``l`` computes.
 * store: per group of chunks, gather every layer's K and V into a ``(chunks, chunk_bytes)``
@@ -31,8 +32,8 @@ stream per direction, never on the compute stream:
   ``copy_to_host``), committed once the copy's event has completed: no staging, no host memcpy.
   Without a DRAM top tier, one copy into pinned staging (``to_host``), then ``store``.
 
-Before its first copy the side stream waits for the compute stream, because the caching
-allocator may hand the load a block that queued compute kernels still use.  Host buffers must
+A load's tensors are allocated on the load stream and marked used by the compute stream, so
+the caching allocator never hands them a block that queued compute kernels still use.  Host buffers must
 stay alive and unchanged until ``KVLoad.wait_host()`` (or the store's event) says the copies
 are done; the callers hold DRAM borrows until then.
 
@@ -170,100 +171,165 @@ class Memcpy2D:
 
 
 class KVLoad:
-    """One in-flight load of ``num_chunks`` chunks into a device buffer; see the module docstring."""
+    """One load of ``num_chunks`` chunks into a prompt's per-layer K and V on the device.
 
-    def __init__(self, engine: CopyEngine, num_chunks: int, *, layerwise: bool) -> None:
+    The destination is the prompt's KV itself, not a staging buffer: ``tensors(l)`` is layer
+    ``l``'s ``(K, V)``, each ``(tokens, heads, head_dim)`` (token-major) over all ``tokens`` of
+    the prompt.  Chunk ``i`` lands at rows ``[i * C, (i + 1) * C)``; the consumer writes the
+    other rows (the tokens it computes) itself.  Both sides store a part of a chunk as one
+    ``(C, heads, head_dim)`` block, so a run of consecutive host slots is one strided copy per
+    layer and part (rows of ``part_bytes``: pitch ``chunk_bytes`` on the host, contiguous on the
+    device), and the loaded KV is never copied again on the device.
+
+    Layer-wise (CUDA): ``copy_layers`` only registers host runs; ``finish`` queues the first
+    ``LOOKAHEAD`` layers and ``ready(l)`` (the consumer reaching layer ``l``) the ones up to
+    ``l + LOOKAHEAD``, each layer's tensors allocated as it is queued.  So neither the copies'
+    launches nor the allocation of the prompt's KV wait in front of the forward: they run while
+    the forward's own launches do, as a plain ``DynamicCache``'s concatenations would.  A
+    layer-wise load is driven by one thread.  Otherwise (bulk, CPU) every layer is allocated at
+    once, and ``copy_chunks`` queues every layer of its chunks at once (any thread: a split's
+    loader).
+
+    Streams: the tensors are allocated on the load stream (so the caching allocator never hands
+    out a block that queued compute kernels still use, without the load stream waiting for the
+    compute stream) and marked used by the compute stream (``record_stream``), which reads and
+    writes them.
+    """
+
+    LOOKAHEAD = 2  # layer-wise: layers queued ahead of the one the consumer reached
+
+    def __init__(self, engine: CopyEngine, num_chunks: int, *, tokens: int, layerwise: bool) -> None:
+        lay = engine.layout
+        if lay.num_kv_parts != 2:
+            raise IntegrationError("KVLoad loads K/V layouts only (not MLA)")
+        if tokens < num_chunks * lay.tokens_per_chunk:
+            raise IntegrationError(f"{num_chunks} chunks do not fit a prompt of {tokens} tokens")
         self.engine = engine
-        self.layout = engine.layout
+        self.layout = lay
         self.num_chunks = num_chunks
+        self.tokens = tokens  # rows of every layer's K and V
         self.layerwise = layerwise and engine.is_cuda
-        self.buffer: torch.Tensor | None = torch.empty((num_chunks, self.layout.chunk_bytes), dtype=torch.uint8,
-                                  device=engine.device)  # (chunks, chunk_bytes), chunk-major
-        self._events: list[Any] = [None] * self.layout.num_layers
+        self._row_bytes = lay.num_kv_heads * lay.head_dim * lay.itemsize  # one token of one part
+        self._bufs: list[torch.Tensor | None] = [None] * lay.num_layers  # per layer: K rows, then V rows
+        self._runs: list[tuple[torch.Tensor, int, int, bool]] = []  # registered, queued layer by layer
+        self._queued = 0  # layer-wise: layers [0, _queued) have every registered run queued
+        self._events: list[Any] = [None] * lay.num_layers
         self._final: Any = None
-        self._released: set[int] = set()
-        if engine.is_cuda:  # the buffer may be memory that queued compute kernels still use
-            engine.load_stream.wait_stream(torch.cuda.current_stream(engine.device))
-            # and if it is freed early (an error mid-forward), the allocator must not hand it out
-            # again before the copies queued on the load stream are done
-            self.buffer.record_stream(engine.load_stream)
+        self._compute: Any = None  # the stream the consumer reads and writes the tensors on
+        if engine.is_cuda:  # which may reuse memory a load stream copy still wrote
+            self._compute = torch.cuda.current_stream(engine.device)
+            self._compute.wait_stream(engine.load_stream)
+        if not self.layerwise:
+            for layer in range(lay.num_layers):
+                self._alloc(layer)
 
-    def _buf(self) -> torch.Tensor:
-        if self.buffer is None:
-            raise IntegrationError("this load was released: every layer has been consumed")
-        return self.buffer
+    def _alloc(self, layer: int) -> torch.Tensor:
+        buf = self._bufs[layer]
+        if buf is None:
+            eng = self.engine
+            with eng.stream_ctx(eng.load_stream):
+                buf = torch.empty(2 * self.tokens * self._row_bytes, dtype=torch.uint8, device=eng.device)
+            if eng.is_cuda:
+                buf.record_stream(self._compute)
+            self._bufs[layer] = buf
+        return buf
+
+    def tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s (K, V), each ``(tokens, heads, head_dim)``; rows of loaded chunks are
+        safe to read only after ``ready(layer)``, the others at once."""
+        lay, half = self.layout, self.tokens * self._row_bytes
+        buf = self._alloc(layer)
+        dtype = torch_dtype(lay)
+        shape = (self.tokens, lay.num_kv_heads, lay.head_dim)
+        return buf[:half].view(dtype).view(shape), buf[half:].view(dtype).view(shape)
 
     # --- issuing copies (host side; returns at once on CUDA) --------------------------------
+    def _host_runs(self, host: Sequence[np.ndarray], first: int) -> list[tuple[torch.Tensor, int, int, bool]]:
+        """(host bytes, first chunk position, chunks, pinned) per run of consecutive slots of the DRAM
+        pool or the load staging; any other view is a run of its own (not known to be pinned)."""
+        runs: list[tuple[torch.Tensor, int, int, bool]] = []
+        left: list[np.ndarray | None] = list(host)  # views not placed in a pool yet
+        for pool in (self.engine.host_pool, self.engine.load_staging_pool):
+            slots = [pool.slot(v) if v is not None else None for v in left]
+            runs += [(pool.slots_tensor(r.slot, r.length), first + r.index, r.length, True) for r in coalesce(slots)]
+            left = [v if slot is None else None for v, slot in zip(left, slots, strict=True)]
+        runs += [(self.engine.host_pool.as_tensor(v), first + i, 1, False) for i, v in enumerate(left) if v is not None]
+        return runs
+
+    def _queue(self, layer: int, runs: Sequence[tuple[torch.Tensor, int, int, bool]]) -> None:
+        """Queue layer ``layer``'s part of ``runs`` on the load stream (the caller holds it current)."""
+        eng, lay, rb = self.engine, self.layout, self._row_bytes
+        cb, lb, pb = lay.chunk_bytes, lay.layer_bytes, lay.layer_bytes // 2
+        buf = self._alloc(layer)
+        for src, pos, length, pooled in runs:
+            for part in range(2):
+                dst = (part * self.tokens + pos * lay.tokens_per_chunk) * rb  # the run's rows, contiguous
+                off = layer * lb + part * pb  # this layer and part within each host chunk
+                if pooled and eng.memcpy2d is not None:  # rows of pb bytes: pitch cb on the host, pb here
+                    eng.memcpy2d(buf.data_ptr() + dst, pb, src.data_ptr() + off, cb, pb, length, eng.load_stream)
+                    continue
+                for i in range(length):
+                    buf[dst + i * pb:dst + (i + 1) * pb].copy_(src[i * cb + off:i * cb + off + pb],
+                                                                non_blocking=eng.is_cuda)
+
     def copy_chunks(self, host: Sequence[np.ndarray], first: int = 0) -> None:
-        """Whole-chunk copies of ``host[i]`` to position ``first + i``, coalescing pool runs."""
-        pool, eng, buf = self.engine.host_pool, self.engine, self._buf()
-        slots = [pool.slot(v) for v in host]
+        """Queue every layer of ``host[i]`` (chunk position ``first + i``) now; the host buffers may
+        be reused once ``wait_host`` returns."""
+        runs, eng = self._host_runs(host, first), self.engine
         with eng.stream_ctx(eng.load_stream):
-            for run in coalesce(slots):
-                dst = buf[first + run.index:first + run.index + run.length].view(-1)
-                dst.copy_(pool.slots_tensor(run.slot, run.length), non_blocking=True)
-            for i, slot in enumerate(slots):
-                if slot is None:
-                    buf[first + i].copy_(pool.as_tensor(host[i]), non_blocking=True)
+            for layer in range(self.layout.num_layers):
+                self._queue(layer, runs)
 
     def copy_layers(self, host: Sequence[np.ndarray], first: int = 0) -> None:
-        """Layer by layer: layer ``l`` of every chunk, then event ``l`` (layer-wise pipelining).
-
-        Without CUDA (or with ``layerwise=False``) this is ``copy_chunks`` plus one event.
-        """
+        """Layer-wise: register ``host`` (which must stay unchanged until ``wait_host``) to be queued
+        layer by layer, one event per layer.  Without CUDA (or with ``layerwise=False``) this is
+        ``copy_chunks``."""
         if not self.layerwise:
             self.copy_chunks(host, first)
             return
-        eng, lb, cb, buf = self.engine, self.layout.layer_bytes, self.layout.chunk_bytes, self._buf()
-        pool = eng.host_pool
-        slots = [pool.slot(v) for v in host] if eng.memcpy2d is not None else [None] * len(host)
-        runs = coalesce(slots)  # with cudaMemcpy2DAsync: one strided copy per layer and run
-        singles = [(i, pool.as_tensor(v)) for i, (v, s) in enumerate(zip(host, slots, strict=True)) if s is None]
-        stream = eng.load_stream
-        with eng.stream_ctx(stream):
-            for layer in range(self.layout.num_layers):
-                lo = layer * lb
-                for run in runs:  # rows of layer_bytes, pitch chunk_bytes, on both sides
-                    assert eng.memcpy2d is not None and pool.tensor is not None
-                    eng.memcpy2d(buf[first + run.index].data_ptr() + lo, cb,
-                                 pool.tensor.data_ptr() + run.slot * cb + lo, cb, lb, run.length, stream)
-                for i, src in singles:
-                    buf[first + i, lo:lo + lb].copy_(src[lo:lo + lb], non_blocking=True)
-                self._events[layer] = eng.record(stream)
+        self._runs += self._host_runs(host, first)
 
-    def keep(self, first: int) -> None:
-        """Use chunks ``[first, num_chunks)`` only: the consumer computed the ones before (a split)."""
-        self.buffer = self._buf()[first:]
-        self.num_chunks -= first
+    def _queue_through(self, upto: int) -> None:
+        """Layer-wise: queue layers ``[_queued, upto)``, recording event ``l`` after layer ``l``."""
+        upto = min(upto, self.layout.num_layers)
+        if self._queued >= upto:
+            return
+        eng = self.engine
+        with eng.stream_ctx(eng.load_stream):
+            for layer in range(self._queued, upto):
+                self._queue(layer, self._runs)
+                self._events[layer] = eng.record(eng.load_stream)
+        self._queued = upto
 
     def finish(self) -> None:
-        """Mark the end of the issued copies (call once, after the last copy_*)."""
-        self._final = self.engine.record(self.engine.load_stream)
+        """No more copies are registered (call once, after the last copy_*); starts layer-wise ones."""
+        if self.layerwise:
+            self._queue_through(self.LOOKAHEAD)
+        else:
+            self._final = self.engine.record(self.engine.load_stream)
 
     # --- consuming (compute side) -----------------------------------------------------------
-    def layer(self, layer: int) -> torch.Tensor:
-        """``(num_chunks, layer_bytes)`` uint8 view of one layer, safe to read on the current stream."""
-        if self.buffer is None:
-            raise IntegrationError("this load was released: every layer has been consumed")
+    def ready(self, layer: int) -> None:
+        """Make the current stream wait for layer ``layer``'s copies (a device-side wait)."""
+        if self.layerwise:
+            self._queue_through(layer + 1 + self.LOOKAHEAD)
+        elif self._final is None:  # bulk: every copy was queued before the consumer's first layer
+            self._final = self.engine.record(self.engine.load_stream)
         event = self._events[layer] if self._events[layer] is not None else self._final
         if event is not None:
             torch.cuda.current_stream(self.engine.device).wait_event(event)
-        lb = self.layout.layer_bytes
-        return self.buffer[:self.num_chunks, layer * lb:(layer + 1) * lb]
 
-    def release_layer(self, layer: int) -> None:
-        """The consumer copied layer ``layer`` out; the device buffer goes once all layers have.
-
-        Freeing on the compute stream is safe: it waited for every copy it read.
-        """
-        self._released.add(layer)
-        if len(self._released) == self.layout.num_layers:
-            self.buffer = None
+    def wait_queued(self) -> None:
+        """Block until the copies queued so far are done (e.g. before reusing a staging buffer)."""
+        CopyEngine.wait(self.engine.record(self.engine.load_stream))
 
     def wait_host(self) -> None:
-        """Block until every copy has read its host source (then host buffers may be reused)."""
-        if self._final is not None:
-            self._final.synchronize()
+        """Block until every copy has read its host source (then host buffers may be reused).
+
+        Queues the registered layers not queued yet first (a consumer that stopped early)."""
+        if self.layerwise:
+            self._queue_through(self.layout.num_layers)
+        self.wait_queued()
 
 
 class CopyEngine:
@@ -284,6 +350,7 @@ class CopyEngine:
         self.store_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self.load_staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self._staging_pool = HostPool(self.store_staging, layout.chunk_bytes)  # views of it stay pinned
+        self.load_staging_pool = HostPool(self.load_staging, layout.chunk_bytes)  # loads copy runs of it
         # Strided host-to-device copies (one per layer per run of pool slots) when the CUDA
         # runtime that torch loaded can be called; else one copy per layer per chunk.
         self.memcpy2d = Memcpy2D.find() if self.is_cuda and copy2d is not False else None
@@ -319,8 +386,24 @@ class CopyEngine:
         return [flat[i * cb:(i + 1) * cb] for i in range(count)]
 
     # --- loads --------------------------------------------------------------------------------
-    def start_load(self, num_chunks: int, *, layerwise: bool = True) -> KVLoad:
-        return KVLoad(self, num_chunks, layerwise=layerwise)
+    def start_load(self, num_chunks: int, *, tokens: int | None = None, layerwise: bool = True) -> KVLoad:
+        """A load of ``num_chunks`` chunks into the KV of a ``tokens``-token prompt (default: just them)."""
+        return KVLoad(self, num_chunks, layerwise=layerwise,
+                      tokens=num_chunks * self.layout.tokens_per_chunk if tokens is None else tokens)
+
+    def warm_up(self) -> None:
+        """Run one chunk of the pool through a layer-wise load (CUDA): the first request then pays
+        none of the load path's first-use costs (the strided copy's first call, the load stream's
+        first allocation and events).  The bytes (the pool's first slot) are never read."""
+        pool = self.host_pool.tensor
+        if not self.is_cuda or pool is None or pool.numel() < self.layout.chunk_bytes:
+            return
+        load = self.start_load(1, layerwise=True)
+        load.copy_layers([self.host_pool.slots_tensor(0, 1).numpy()])
+        load.finish()
+        for layer in range(self.layout.num_layers):
+            load.ready(layer)
+        load.wait_host()
 
     # --- stores -------------------------------------------------------------------------------
     def gather(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], first_token: int,

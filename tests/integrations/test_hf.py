@@ -16,8 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.hierarchy import ContextMemory  # noqa: E402
@@ -25,38 +24,8 @@ from kvtier.integrations.hf import KVTierLM, calibrate_prefill, layout_for  # no
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
-from kvtier.tiers.dram import DramTier  # noqa: E402
 from tests.conftest import flip_byte  # noqa: E402
-
-C = 16  # tokens per chunk: small, so prompts of a few chunks stay fast on CPU
-VOCAB = 256
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def tiny_llama(device: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      name_or_path="kvtier-test/tiny-random-llama")
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.float32).eval()
-    return model
-
-
-@pytest.fixture(scope="module", params=DEVICES)
-def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
-    return tiny_llama(request.param)
-
-
-@pytest.fixture
-def layout(model: LlamaForCausalLM) -> KVLayout:
-    return layout_for(model, tokens_per_chunk=C)
-
-
-def open_memory(layout: KVLayout, root: Path, *, dram_chunks: int = 64, promotion: str = "always") -> ContextMemory:
-    tiers = [DramTier(layout, capacity_bytes=dram_chunks * layout.chunk_bytes),
-             DiskTier(layout, path=root, capacity_bytes=1 << 30, fsync=False)]
-    return ContextMemory(layout, tiers, promotion=promotion)
+from tests.integrations.hf_helpers import C, greedy_reference, open_memory, prompt, reference, warm  # noqa: E402
 
 
 @pytest.fixture
@@ -64,36 +33,6 @@ def memory(layout: KVLayout, tmp_path: Path) -> Iterator[ContextMemory]:
     mem = open_memory(layout, tmp_path)
     yield mem
     mem.close()
-
-
-def prompt(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def reference(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-    out = model(input_ids=ids[None].to(model.device), past_key_values=DynamicCache(), use_cache=True)
-    return out.logits, out.past_key_values
-
-
-@torch.no_grad()
-def greedy_reference(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> list[int]:
-    logits, cache = reference(model, ids)
-    token = logits[0, -1].argmax()
-    tokens = [int(token)]
-    for _ in range(n - 1):
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-        token = out.logits[0, -1].argmax()
-        tokens.append(int(token))
-    return tokens
-
-
-def warm(lm: KVTierLM, ids: torch.Tensor) -> None:
-    """Put the prompt's full chunks into kvtier (a first request that recomputes everything)."""
-    with torch.no_grad():
-        first = lm.prefill(ids)
-    assert first.loaded_tokens == 0
-    lm.flush()
 
 
 @pytest.mark.parametrize("layerwise", [True, False])
@@ -217,7 +156,7 @@ def test_cost_model_decides_and_logs(model: LlamaForCausalLM, memory: ContextMem
     ref_logits, _ = reference(model, ids)
     with KVTierLM(model, memory, cost=slow) as lm:
         warm(lm, ids)
-        with caplog.at_level(logging.INFO, logger="kvtier.policy.cost"), torch.no_grad():
+        with caplog.at_level(logging.DEBUG, logger="kvtier.policy.cost"), torch.no_grad():
             result = lm.prefill(ids)
         assert result.plan is not None and result.plan.load_chunks == 0 and result.loaded_tokens == 0
         assert "fetch-or-recompute" in caplog.text and "load 0" in caplog.text

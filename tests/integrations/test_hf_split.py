@@ -20,35 +20,16 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.hierarchy import ContextMemory  # noqa: E402
-from kvtier.integrations.hf import KVTierLM, layout_for  # noqa: E402
+from kvtier.integrations.hf import KVTierLM  # noqa: E402
 from kvtier.integrations.hf_split import Fronts, SplitOptions, run_split  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
 from tests.conftest import flip_byte  # noqa: E402
-from tests.integrations.test_hf import (  # noqa: E402
-    DEVICES,
-    C,
-    greedy_reference,
-    open_memory,
-    prompt,
-    reference,
-    tiny_llama,
-    warm,
-)
+from tests.integrations.hf_helpers import C, greedy_reference, open_memory, prompt, reference, warm  # noqa: E402
 
 N = 6  # cached chunks of the prompts below
 TAIL = 7  # tokens after them
-
-
-@pytest.fixture(scope="module", params=DEVICES)
-def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
-    return tiny_llama(request.param)
-
-
-@pytest.fixture
-def layout(model: LlamaForCausalLM) -> KVLayout:
-    return layout_for(model, tokens_per_chunk=C)
 
 
 @pytest.fixture
@@ -67,15 +48,16 @@ def cold(model: LlamaForCausalLM, layout: KVLayout, tmp_path: Path) -> Iterator[
 
 # --- the fronts, without threads ---------------------------------------------------------------
 def test_a_late_loader_stops_at_the_compute_front() -> None:
-    fronts = Fronts(8)
-    assert fronts.claim_load(2) == (6, 8)
-    fronts.delivered(6)
-    assert fronts.claim_compute(4) == (0, 4)  # compute runs on while the loader is behind
-    assert fronts.claim_load(2) == (4, 6)  # the loader claims the next group ...
-    assert fronts.claim_compute(4) is None  # ... which compute leaves to it (no wasted read)
-    fronts.delivered(4)
+    fronts = Fronts(16)
+    assert fronts.claim_load(2) == (14, 16)
+    fronts.delivered(14)
+    assert fronts.claim_compute(8) == (0, 8)  # compute runs on while the loader is behind
+    assert fronts.claim_load(2) == (12, 14)  # the loader claims the next group ...
+    assert fronts.claim_compute(8) == (8, 12)  # ... which compute leaves to it (no wasted read)
+    assert fronts.claim_compute(8) is None
+    fronts.delivered(12)
     assert fronts.claim_load(2) is None and fronts.stopped  # nothing left between the fronts
-    assert fronts.claim_compute(4) is None and (fronts.computed, fronts.loaded) == (4, 4)
+    assert fronts.claim_compute(4) is None and (fronts.computed, fronts.loaded) == (12, 12)
 
 
 def test_compute_goes_on_up_to_the_group_in_flight() -> None:
@@ -91,24 +73,40 @@ def test_compute_goes_on_up_to_the_group_in_flight() -> None:
 def test_a_late_compute_meets_the_loader_earlier() -> None:
     fronts = Fronts(8)
     assert fronts.claim_compute(1) == (0, 1)
-    for lo in (6, 4, 2):
+    for lo in (6, 4):
         assert fronts.claim_load(2) == (lo, lo + 2)
         fronts.delivered(lo)
-    assert fronts.claim_load(2) == (1, 2)  # never below the compute front
+    assert fronts.claim_load(2) == (3, 4)  # groups shrink to half the gap near the meeting ...
+    fronts.delivered(3)
+    assert fronts.claim_load(2) == (2, 3)
+    fronts.delivered(2)
+    assert fronts.claim_load(2) == (1, 2)  # ... and never go below the compute front
     fronts.delivered(1)
     assert fronts.claim_load(2) is None and fronts.claim_compute(4) is None
 
 
+def test_groups_in_flight_are_claimed_downwards_and_a_failure_gives_up_those_below() -> None:
+    fronts = Fronts(16)
+    assert fronts.claim_load(4) == (12, 16)
+    assert fronts.claim_load(4) == (8, 12)  # a second group read at once, below the first
+    assert fronts.claim_compute(16) == (0, 8)  # compute stops at the lowest group in flight
+    fronts.delivered(12)  # delivered in order, from the top
+    fronts.failed(9)  # the next one, [8, 12), has a bad chunk at 9
+    assert (fronts.loaded, fronts.failed_at, fronts.reading) == (12, 9, 12)
+    assert fronts.claim_load(4) is None
+    assert fronts.claim_compute(16) == (8, 12)  # the compute covers the group given up
+
+
 def test_planned_mode_keeps_the_floor_and_a_failure_moves_the_compute_on() -> None:
-    fronts = Fronts(8, floor=5)
+    fronts = Fronts(10, floor=5)
     assert fronts.claim_compute(8, until=5) == (0, 5)
     assert fronts.claim_compute(8, until=5) is None
-    assert fronts.claim_load(2) == (6, 8)
-    fronts.delivered(6)
-    assert fronts.claim_load(2) == (5, 6)
-    fronts.failed(5)  # chunk 5 is corrupt: [5, 6) stays unloaded
-    assert fronts.claim_load(2) is None and fronts.failed_at == 5 and fronts.loaded == 6
-    assert fronts.claim_compute(8) == (5, 6)  # compute takes the failed chunk over
+    assert fronts.claim_load(2) == (8, 10)
+    fronts.delivered(8)
+    assert fronts.claim_load(2) == (7, 8)  # half the 3 chunks left above the floor
+    fronts.failed(7)  # chunk 7 is corrupt: [5, 8) stays unloaded
+    assert fronts.claim_load(2) is None and fronts.failed_at == 7 and fronts.loaded == 8
+    assert fronts.claim_compute(8) == (5, 8)  # compute takes the failed chunk (and the gap) over
 
 
 def test_split_options_are_checked() -> None:
@@ -116,6 +114,10 @@ def test_split_options_are_checked() -> None:
         SplitOptions(mode="sometimes")  # type: ignore[arg-type]
     with pytest.raises(IntegrationError, match="step_tokens"):
         SplitOptions(step_tokens=0)
+    with pytest.raises(IntegrationError, match="reads_in_flight"):
+        SplitOptions(reads_in_flight=0)
+    with pytest.raises(IntegrationError, match="first_step_share"):
+        SplitOptions(first_step_share=1.5)
 
 
 # --- the executor on a real model and disk -------------------------------------------------------
@@ -146,17 +148,44 @@ def test_split_at_any_point_matches_recompute(model: LlamaForCausalLM, cold: tup
     assert (logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize(("share", "forwards"), [(0.0, 4), (0.5, 3), (1.0, 1)])
+def test_the_heads_first_step_covers_its_share_of_the_plan(model: LlamaForCausalLM,
+                                                           cold: tuple[ContextMemory, torch.Tensor],
+                                                           share: float, forwards: int) -> None:
+    mem, ids = cold
+    calls: list[int] = []
+
+    def counting(**kwargs: object) -> object:
+        calls.append(1)
+        return model(**kwargs)
+
+    with KVTierLM(model, mem, store=False) as lm:
+        keys = lm.memory.keys_for(ids.numpy())
+        options = SplitOptions(mode="planned", step_tokens=C, group_chunks=1, first_step_share=share)
+        with contextlib.ExitStack() as borrows, ThreadPoolExecutor(1) as pool, torch.no_grad():
+            split = run_split(counting, lm.memory, lm.engine, ids, keys, compute_chunks=4, end=N, options=options,
+                              borrows=borrows, pool=pool)
+            out = model(input_ids=ids[N * C:].to(model.device)[None], past_key_values=split.cache, use_cache=True)
+            assert split.load is not None
+            split.load.wait_host()
+    assert len(calls) == forwards and split.computed_chunks == 4
+    ref_logits, _ = reference(model, ids)
+    assert (out.logits - ref_logits[:, N * C:]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("reads_in_flight", [1, 3])
 def test_a_corrupt_chunk_in_the_loaded_region_is_computed(model: LlamaForCausalLM, layout: KVLayout,
                                                           cold: tuple[ContextMemory, torch.Tensor],
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, reads_in_flight: int) -> None:
+    """Reads of the groups below the corrupt one may be in flight: none of them is queued."""
     mem, ids = cold
     keys = mem.keys_for(ids.numpy())
     disk = DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30)
     flip_byte(disk.path_of(keys[4]), -5)  # bit rot in chunk 4, inside the loaded region [2, 6)
     disk.close()
     with KVTierLM(model, mem, store=False) as lm:
-        logits, computed, failed = split_prefill(model, lm, ids, 2, SplitOptions(mode="planned", step_tokens=C,
-                                                                                 group_chunks=1))
+        options = SplitOptions(mode="planned", step_tokens=C, group_chunks=1, reads_in_flight=reads_in_flight)
+        logits, computed, failed = split_prefill(model, lm, ids, 2, options)
     assert failed == 4 and computed == 5  # chunk 5 loaded, 4 failed: computed up to it
     assert mem.tiers[1].stats.corrupt == 1
     ref_logits, _ = reference(model, ids)

@@ -11,21 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from kvtier.hierarchy import ContextMemory  # noqa: E402
-from kvtier.integrations.hf import KVTierLM, layout_for  # noqa: E402
-from kvtier.layout import KVLayout  # noqa: E402
+from kvtier.integrations.hf import KVTierLM  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
 from kvtier.tiers.dram import DramTier  # noqa: E402
-from tests.integrations.test_hf import DEVICES, C, open_memory, prompt, reference, tiny_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=DEVICES)
-def model(request: pytest.FixtureRequest) -> Any:
-    return tiny_llama(request.param)
-
-
-@pytest.fixture
-def layout(model: Any) -> KVLayout:
-    return layout_for(model, tokens_per_chunk=C)
+from tests.integrations.hf_helpers import C, open_memory, prompt, reference  # noqa: E402
 
 
 def test_store_writes_in_place_and_demotes(model: Any, layout: Any, tmp_path: Path) -> None:

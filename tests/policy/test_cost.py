@@ -100,7 +100,7 @@ def test_unknown_tier_level_is_an_error() -> None:
 
 
 def test_decision_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="kvtier.policy.cost"):
+    with caplog.at_level(logging.DEBUG, logger="kvtier.policy.cost"):
         model(LinkCost(bandwidth_Bps=50e9), LinkCost(bandwidth_Bps=1e9)).plan(
             [0, 0, 1], total_tokens=3 * C + 5, tokens_per_chunk=C, chunk_bytes=CB)
     assert "fetch-or-recompute" in caplog.text and "levels 0x2,1x1" in caplog.text
@@ -173,8 +173,29 @@ def test_split_is_not_chosen_when_a_pure_decision_is_as_good() -> None:
     assert not one.is_split  # one chunk cannot be split
 
 
+def test_the_split_search_is_linear_in_the_hit() -> None:
+    """One pointer walks the meeting point for every end (no bisection per end), and ends that
+    cannot win by the margin are skipped: head evaluations stay a few per chunk."""
+    calls = {"head": 0}
+
+    class Counting(PrefillCost):
+        def seconds(self, past: int, new: int) -> float:
+            calls["head"] += past == 0
+            return PrefillCost.seconds(self, past, new)
+
+    prefill = Counting(fixed_s=PREFILL.fixed_s, per_token_s=PREFILL.per_token_s,
+                       per_token_ctx_s=PREFILL.per_token_ctx_s)
+    n = 4000
+    cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), DISK), prefill=prefill, stages=32)
+    for level, splits in ((0, False), (1, True)):
+        calls["head"] = 0
+        plan = cost.plan([level] * n, total_tokens=n * C + 256, tokens_per_chunk=C, chunk_bytes=CB, split=True)
+        assert plan.is_split == splits and plan.load_chunks == n
+        assert calls["head"] < 4 * n
+
+
 def test_split_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="kvtier.policy.cost"):
+    with caplog.at_level(logging.DEBUG, logger="kvtier.policy.cost"):
         plan = model(DISK).plan([0] * 128, total_tokens=128 * C + 256, tokens_per_chunk=C, chunk_bytes=CB,
                                 split=True)
     assert f"split: compute {plan.compute_chunks} chunks while loading" in caplog.text

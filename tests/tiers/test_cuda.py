@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
-from kvtier.tiers.cuda import CopyEngine, HostPool, Run, coalesce, torch_dtype  # noqa: E402
+from kvtier.tiers.cuda import CopyEngine, HostPool, Run, coalesce  # noqa: E402
 from kvtier.tiers.dram import DramTier  # noqa: E402
 from tests.conftest import make_keys  # noqa: E402
 
@@ -92,22 +92,78 @@ def test_load_from_dram_pool_round_trips(device: str, layerwise: bool, copy2d: b
         with dram.borrow(key) as view:
             assert view is not None
             borrowed.append(view)  # the pool stays allocated; nothing else writes during the test
-    load = engine.start_load(5, layerwise=layerwise)
+    extra = 3  # rows after the loaded chunks: the consumer's own (computed) tokens
+    load = engine.start_load(5, tokens=5 * LAYOUT.tokens_per_chunk + extra, layerwise=layerwise)
     load.copy_layers(borrowed)
     load.finish()
-    c, h, d = LAYOUT.tokens_per_chunk, LAYOUT.num_kv_heads, LAYOUT.head_dim
+    c = LAYOUT.tokens_per_chunk
     src_index = [4, 0, 1, 2, 3]
     for layer in range(LAYOUT.num_layers):
-        got = load.layer(layer).view(torch_dtype(LAYOUT)).view(5, 2, c, h, d)
-        for pos, src in enumerate(src_index):
-            for part in range(2):
-                want = kv[layer][part][0, :, src * c:(src + 1) * c].permute(1, 0, 2)
-                assert torch.equal(got[pos, part], want)
-        load.release_layer(layer)
+        load.ready(layer)
+        got = load.tensors(layer)  # (K, V), each (tokens, heads, head_dim)
+        for part in range(2):
+            assert got[part].shape == (5 * c + extra, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+            assert got[part].is_contiguous()
+            for pos, src in enumerate(src_index):
+                want = kv[layer][part][0, :, src * c:(src + 1) * c].permute(1, 0, 2)  # (C, H, D)
+                assert torch.equal(got[part][pos * c:(pos + 1) * c], want)
     load.wait_host()
-    assert load.buffer is None  # freed once every layer was consumed
-    with pytest.raises(IntegrationError):
-        load.layer(0)
+
+
+def test_a_layerwise_load_queues_layers_as_the_consumer_reaches_them() -> None:
+    """Copies (and the tensors they land in) are queued LOOKAHEAD layers ahead of the consumer."""
+    if not torch.cuda.is_available():
+        pytest.skip("layer-wise loads are CUDA-only (CPU copies are synchronous)")
+    dram = DramTier(LAYOUT, capacity_bytes=4 * LAYOUT.chunk_bytes)
+    engine = CopyEngine(LAYOUT, "cuda", pool=dram.pool)
+    load = engine.start_load(1, layerwise=True)
+    load.copy_layers([dram.pool.numpy()[:LAYOUT.chunk_bytes]])
+    assert load._bufs == [None] * LAYOUT.num_layers  # nothing allocated nor queued yet
+    load.finish()
+    assert load._queued == min(load.LOOKAHEAD, LAYOUT.num_layers)
+    load.ready(0)
+    assert load._queued == min(1 + load.LOOKAHEAD, LAYOUT.num_layers)
+    load.wait_host()
+    assert load._queued == LAYOUT.num_layers and all(e is not None for e in load._events)
+
+
+def test_the_strided_copy_call_lands_each_part_in_its_rows() -> None:
+    """The ``cudaMemcpy2DAsync`` arguments, checked on CPU with a memmove stand-in of the same
+    contract (rows of ``width`` bytes, source rows ``spitch`` apart, destination ``dpitch``)."""
+    import ctypes
+
+    def memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: object) -> None:
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+
+    dram = DramTier(LAYOUT, capacity_bytes=8 * LAYOUT.chunk_bytes, pin_memory=False)
+    engine = CopyEngine(LAYOUT, "cpu", pool=dram.pool)
+    engine.memcpy2d = memcpy2d  # type: ignore[assignment]
+    kv = random_kv(4 * LAYOUT.tokens_per_chunk, "cpu", seed=3)
+    keys = make_keys(LAYOUT, 4)
+    views = engine.to_host(*engine.gather(kv, 0, 4))
+    assert all(dram.put(k, v) for k, v in zip(keys, views, strict=True))
+    borrowed = []
+    for key in keys:
+        with dram.borrow(key) as view:
+            assert view is not None
+            borrowed.append(view)
+    assert coalesce([engine.host_pool.slot(v) for v in borrowed]) == [Run(0, 0, 4)]  # one run: one call per part
+    c = LAYOUT.tokens_per_chunk
+    load = engine.start_load(4, tokens=4 * c + 1, layerwise=False)
+    load.copy_layers(borrowed)
+    load.finish()
+    for layer in range(LAYOUT.num_layers):
+        load.ready(layer)
+        for part, got in enumerate(load.tensors(layer)):
+            assert torch.equal(got[:4 * c], kv[layer][part][0].permute(1, 0, 2))  # (T, H, D)
+    load.wait_host()
+
+
+def test_a_load_must_fit_its_prompt() -> None:
+    engine = CopyEngine(LAYOUT, "cpu")
+    with pytest.raises(IntegrationError, match="fit"):
+        engine.start_load(2, tokens=LAYOUT.tokens_per_chunk)
 
 
 def test_engine_refuses_more_chunks_than_staging() -> None:
@@ -139,6 +195,5 @@ def test_cuda_pool_is_pinned_and_copies_are_asynchronous() -> None:
     load = engine.start_load(1, layerwise=True)
     assert load.layerwise and load._events == [None] * LAYOUT.num_layers
     load.copy_layers([dram.pool.numpy()[:LAYOUT.chunk_bytes]])
-    assert all(e is not None for e in load._events)  # one event per layer
-    load.finish()
     load.wait_host()
+    assert all(e is not None for e in load._events)  # one event per layer
