@@ -207,6 +207,15 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
     ids = torch.randint(0, vocab, (args.turns * tt,), generator=torch.Generator().manual_seed(7))
     cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), LinkCost(bandwidth_Bps=args.session_disk_GBps * 1e9)),
                      prefill=prefill, stages=layout.num_layers)
+    # cuDNN's SDPA plans per (new tokens, past tokens) shape, whatever the strides, and keeps the
+    # plan for the process: untimed, the in-HBM turns build every shape first, so neither timed side
+    # pays another's planning (timed first, kvtier paid 30-80 ms per turn that the baseline reused)
+    warm = DynamicCache()
+    for turn in range(1, args.turns + 1):
+        to_logits(partial(model, input_ids=ids[(turn - 1) * tt:turn * tt][None].to(device), past_key_values=warm,
+                          use_cache=True, logits_to_keep=1), device)
+    del warm
+    free(device)
     kvtier: list[dict[str, Any]] = []
     with Run(model, layout, dram, root, cost=cost, write_through=True) as lm:  # stores each turn in DRAM + disk
         for turn in range(1, args.turns + 1):
@@ -231,8 +240,9 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
     for row, t in zip(kvtier, hbm, strict=True):
         row["hbm_ttft_s"] = t
         row["ratio_vs_hbm"] = row["ttft_s"] / t
-    return {"turns": kvtier, "turn_tokens": tt, "note": "kvtier first (the process's first kvtier use is "
-            "turn 1's); HBM: one DynamicCache kept on the device across turns; no answers decoded"}
+    return {"turns": kvtier, "turn_tokens": tt, "note": "an untimed in-HBM pass first (attention plans for "
+            "every shape), then kvtier (the process's first kvtier use is turn 1's), then HBM: one "
+            "DynamicCache kept on the device across turns; no answers decoded"}
 
 
 def timed_turn(fn: Callable[[], Any], device: torch.device, args: argparse.Namespace, turn: int,

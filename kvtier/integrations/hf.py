@@ -115,10 +115,10 @@ class KVTierLM:
         """One throwaway forward over a cache shaped like a hit's (``PromptCache``: the KV read
         through strided views, a past longer than the new tokens).
 
-        Attention backends plan per memory layout on first use: on an H200 cuDNN's SDPA spent
-        77 ms planning for these strides in the first turn that loaded (the in-HBM baseline's
-        contiguous cache had been planned by its first prompt).  Paid here, not by the first
-        hit.  The cache's rows are never written: the logits are garbage and dropped."""
+        The first attention over a past (a hit) pays one-time set-up: on an H200 cuDNN's SDPA
+        took 77 ms in the first turn that loaded, 48 ms after this warm-up, the rest being the
+        plan for that turn's (new, past) shape, which any cache pays for a new shape, the in-HBM
+        baseline too.  The cache's rows are never written: the logits are garbage and dropped."""
         if not self.engine.is_cuda:
             return
         c = self.layout.tokens_per_chunk
