@@ -171,6 +171,7 @@ class ContextMemory:
         if not tiers:
             raise ValueError("ContextMemory needs at least one tier")
         self.layout = layout
+        self.chunk_bytes = layout.chunk_bytes  # read per chunk on every path; the layout computes it per call
         self.tiers = list(tiers)
         self.namespace = namespace_key(layout, tenant)
         self.promotion = promotion
@@ -182,6 +183,7 @@ class ContextMemory:
         self.indexes = [TierIndex(t.name, t.capacity_bytes, policy)
                         for t, policy in zip(self.tiers, make_policies(eviction, len(self.tiers)), strict=True)]
         self.pins = PinSet()  # this process's pins
+        self._evictable_at = [partial(self._evictable, level) for level in range(len(self.tiers))]
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
         self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
@@ -299,7 +301,7 @@ class ContextMemory:
             copies = [(out, view) for out, view in zip(outs, views, strict=False) if view is not out]
             for out, view in copies:
                 np.copyto(out[:view.nbytes], view)
-        self.tiers[0].stats.bytes_read += len(copies) * self.layout.chunk_bytes
+        self.tiers[0].stats.bytes_read += len(copies) * self.chunk_bytes
         if len(views) < len(keys):
             self.account_load([], [], miss_at=len(views))
         return len(views)
@@ -327,7 +329,7 @@ class ContextMemory:
         DRAM) lands in ``outs[i]`` (None: a fresh buffer); with promotion on it is promoted
         (``_commit``) after the block, once the hold on the prefix is released.
         """
-        top, size = self.tiers[0], self.layout.chunk_bytes
+        top, size = self.tiers[0], self.chunk_bytes
         with contextlib.ExitStack() as stack:  # unwinds: borrows, unpublished slots, the hold
             keys, levels = stack.enter_context(self._hold(keys))
             promote = [i for i, level in enumerate(levels) if level > 0] if self.promotion == "always" else []
@@ -433,8 +435,8 @@ class ContextMemory:
                 index = self.indexes[level]
                 if key in index:
                     index.touch(key)
-                elif index.used_bytes + self.layout.chunk_bytes <= index.capacity_bytes:
-                    index.add(key, self.layout.chunk_bytes)  # another process wrote it: adopt
+                elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes:
+                    index.add(key, self.chunk_bytes)  # another process wrote it: adopt
                 for lower in self.indexes[level + 1:]:  # write-through copies below
                     if key in lower:
                         lower.touch_copy(key)
@@ -504,7 +506,7 @@ class ContextMemory:
             for i, slot in slots.items():
                 res.views[i] = None if slot is None else slot[0]
         for i in res.spilled:
-            res.views[i] = spill[i] if spill is not None else np.empty(self.layout.chunk_bytes, np.uint8)
+            res.views[i] = spill[i] if spill is not None else np.empty(self.chunk_bytes, np.uint8)
         return res
 
     def _commit(self, res: _Reservation, *, promotion: bool = False) -> int:
@@ -557,11 +559,12 @@ class ContextMemory:
         if (level, key) in self._leaving:
             return None
         index = self.indexes[level]
-        victims = index.plan_room(self.layout.chunk_bytes, lambda k: self._evictable(level, k), admit=key)
+        victims = index.plan_room(self.chunk_bytes, self._evictable_at[level], admit=key)
         if victims is not None:
-            index.add(key, self.layout.chunk_bytes)
+            index.add(key, self.chunk_bytes)
             self._pending.add((level, key))
-            self._leaving.update((level, v) for v in victims)
+            for victim in victims:
+                self._leaving.add((level, victim))
         return victims
 
     def _settle(self, level: int, keys: Sequence[ChunkKey], *, stored: bool) -> None:
@@ -582,9 +585,10 @@ class ContextMemory:
     def _put(self, level: int, key: ChunkKey, payload: np.ndarray) -> int | None:
         """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
         for lv in range(level, len(self.tiers)):
+            index = self.indexes[lv]
             with self._lock:
-                if key in self.indexes[lv]:
-                    self.indexes[lv].touch(key)
+                if key in index:
+                    index.touch(key)
                     return lv
                 victims = self._make_room(lv, key)
             if victims is None:  # everything here is pinned, or the chunk is larger than the tier
@@ -594,8 +598,11 @@ class ContextMemory:
                 for victim in victims:
                     self._demote(lv, victim)
                 stored = self.tiers[lv].put(key, payload)
-            finally:  # also when a put raises: the chunk must not stay pending for good
-                self._settle(lv, [key], stored=stored)
+            finally:  # also when a put raises: the chunk must not stay pending for good (``_settle``)
+                with self._lock:
+                    self._pending.discard((lv, key))
+                    if not stored:
+                        index.discard(key)
             if stored:
                 return lv
         return None
@@ -622,7 +629,8 @@ class ContextMemory:
     def _persist_share(self, keys: list[ChunkKey]) -> list[ChunkKey]:
         """What an exclusive hierarchy writes through: pinned chunks and the batch's leading share."""
         lead = math.ceil(len(keys) * self.write_through_share)
-        return [key for i, key in enumerate(keys) if i < lead or self.pinned(key)]
+        with self._lock:
+            return [key for i, key in enumerate(keys) if i < lead or self._pinned(key)]
 
     def _drop_below(self, keys: list[ChunkKey]) -> None:
         """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""
@@ -710,9 +718,10 @@ class ContextMemory:
         """Is ``key`` pinned, by this process or by a persistent record?"""
         (key,) = chunk_keys_arg([key], "key")
         with self._lock:
-            if key in self.pins:
-                return True
-        return self.pin_files is not None and key in self.pin_files
+            return self._pinned(key)
+
+    def _pinned(self, key: ChunkKey) -> bool:
+        return key in self.pins or (self.pin_files is not None and key in self.pin_files)
 
     # --- maintenance ------------------------------------------------------------------------
     def delete(self, keys: Sequence[ChunkKey]) -> None:

@@ -23,6 +23,7 @@ prefix-closed, over the total capacity of all tiers; no online policy may beat i
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -123,6 +124,8 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     n_req, n_tiers = len(work.requests), len(specs)
     hits = np.zeros((n_req, n_tiers), dtype=np.int64)
     tiers = memory.tiers
+    collecting = gc.isenabled()
+    gc.disable()  # the replay allocates millions of small objects but makes no cycles: collections only cost time
     started = time.perf_counter()
     try:
         for i, ks in enumerate(work.keys):
@@ -144,6 +147,8 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
                                "promotions": t.stats.promotions} for t in tiers}
     finally:
         memory.close()
+        if collecting:
+            gc.enable()
     wall = time.perf_counter() - started
     return _finish(work, cost, specs, hits * work.chunk_tokens, policy, label or policy, replicas, tier_bytes, wall)
 
