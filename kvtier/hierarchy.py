@@ -363,9 +363,10 @@ class ContextMemory:
         """``lookup``, and hold the prefix found (no top-tier victims) for the block."""
         hit = self.lookup(keys)
         keys, levels = list(keys[:hit.num_chunks]), list(hit.tiers)
+        slotted = isinstance(self.tiers[0], DramTier)
         with self._lock:
             for i, key in enumerate(keys):
-                if levels[i] == 0 and isinstance(self.tiers[0], DramTier) and key not in self.indexes[0]:
+                if levels[i] == 0 and slotted and key not in self.indexes[0]:
                     level = self._locate(key, below=0)  # evicted since the lookup: demoted?
                     if level is None:
                         del keys[i:], levels[i:]
@@ -427,18 +428,19 @@ class ContextMemory:
         slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
         ``levels[i]``; ``miss_at`` (if not None) says the lookup missed after the served prefix.
         """
+        below = [self.indexes[level + 1:] for level in range(len(self.indexes))]
         with self._lock:
             for key, level in zip(keys, levels, strict=False):
                 self.tiers[level].stats.hits += 1
                 for above in range(level):
                     self.tiers[above].stats.misses += 1
                 index = self.indexes[level]
-                if key in index:
+                if key in index.sizes:
                     index.touch(key)
                 elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes:
                     index.add(key, self.chunk_bytes)  # another process wrote it: adopt
-                for lower in self.indexes[level + 1:]:  # write-through copies below
-                    if key in lower:
+                for lower in below[level]:  # write-through copies below
+                    if key in lower.sizes:
                         lower.touch_copy(key)
             if miss_at is not None:
                 for tier in self.tiers:
@@ -491,8 +493,7 @@ class ContextMemory:
                 (res.slotted if made is not None else res.spilled).append(i)
                 victims += made or []
         try:
-            for victim in victims:
-                self._demote(0, victim)
+            self._demote(0, victims)
         except BaseException:  # a tier raised (a bug): the new chunks must not stay pending for good
             self._settle(0, [keys[i] for i in res.slotted], stored=False)
             raise
@@ -587,7 +588,7 @@ class ContextMemory:
         for lv in range(level, len(self.tiers)):
             index = self.indexes[lv]
             with self._lock:
-                if key in index:
+                if key in index.sizes:
                     index.touch(key)
                     return lv
                 victims = self._make_room(lv, key)
@@ -595,8 +596,8 @@ class ContextMemory:
                 continue
             stored = False
             try:
-                for victim in victims:
-                    self._demote(lv, victim)
+                if victims:
+                    self._demote(lv, victims)
                 stored = self.tiers[lv].put(key, payload)
             finally:  # also when a put raises: the chunk must not stay pending for good (``_settle``)
                 with self._lock:
@@ -607,23 +608,23 @@ class ContextMemory:
                 return lv
         return None
 
-    def _demote(self, level: int, key: ChunkKey) -> None:
-        """Move victim ``key`` (out of tier ``level``'s index, *leaving*) down a tier, then delete it."""
+    def _demote(self, level: int, victims: list[ChunkKey]) -> None:
+        """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""
         tier = self.tiers[level]
-        tier.stats.evictions += 1
-        below = level + 1
-        try:
-            if below < len(self.tiers):
-                with self._lock:
-                    already = key in self.indexes[below]
-                if not already:
+        below = self.indexes[level + 1] if level + 1 < len(self.tiers) else None
+        for key in victims:
+            tier.stats.evictions += 1
+            try:
+                # One dict read needs no lock: the answer may change right after it either way, and
+                # ``_put`` asks again under the lock.
+                if below is not None and key not in below.sizes:
                     with tier.borrow(key) as view:
-                        if view is not None and self._put(below, key, view) is not None:
+                        if view is not None and self._put(level + 1, key, view) is not None:
                             tier.stats.demotions += 1
-        finally:  # even when a put below raised: the index no longer has it, so neither may the tier
-            tier.delete(key)
-            with self._lock:
-                self._leaving.discard((level, key))
+            finally:  # even when a put below raised: the index no longer has it, so neither may the tier
+                tier.delete(key)
+                with self._lock:
+                    self._leaving.discard((level, key))
 
     # --- exclusive tiers: a chunk in one place, written through only where it must be ---------
     def _persist_share(self, keys: list[ChunkKey]) -> list[ChunkKey]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def _as_list(values: object, name: str, what: str) -> list[object]:
 def chunk_keys_arg(keys: object, name: str = "keys") -> list[ChunkKey]:
     """``keys`` as a list of 16-byte chunk keys."""
     got = _as_list(keys, name, f"{KEY_BYTES}-byte chunk keys")
-    if all(type(k) is bytes and len(k) == KEY_BYTES for k in got):  # the common case, kept cheap
+    if set(map(type, got)) <= {bytes} and set(map(len, cast("list[bytes]", got))) <= {KEY_BYTES}:  # common case, in C
         return got  # type: ignore[return-value]
     for i, key in enumerate(got):
         if not isinstance(key, bytes):
@@ -46,12 +47,14 @@ def chunk_keys_arg(keys: object, name: str = "keys") -> list[ChunkKey]:
 
 
 def _chunk_arrays(values: list[object], name: str, layout: KVLayout, *, writable: bool) -> list[np.ndarray]:
-    """``values`` if each is a chunk buffer; the checks run per chunk, so messages are built only on failure."""
+    """``values`` if each is a chunk buffer.  Each distinct object is checked once (a caller may pass
+    one scratch buffer for every chunk), and a message is built only on failure."""
     size = layout.chunk_bytes
-    for i, value in enumerate(values):
+    for value in {id(v): v for v in values}.values():
         if (type(value) is np.ndarray and value.dtype == np.uint8 and value.ndim == 1 and value.nbytes == size
                 and value.flags.c_contiguous and (value.flags.writeable or not writable)):
             continue  # the common case, kept cheap
+        i = next(j for j, v in enumerate(values) if v is value)
         want = f"a 1-D contiguous uint8 numpy array of {size} bytes"
         where = f"{name}[{i}]"
         if not isinstance(value, np.ndarray):

@@ -127,9 +127,9 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     collecting = gc.isenabled()
     gc.disable()  # the replay allocates millions of small objects but makes no cycles: collections only cost time
     started = time.perf_counter()
+    requests = [[ChunkKey(k.to_bytes(16, "little")) for k in ks] for ks in work.keys]  # chunk keys are 16 bytes
     try:
-        for i, ks in enumerate(work.keys):
-            keys = [ChunkKey(k.to_bytes(16, "little")) for k in ks]  # chunk keys are 16 bytes
+        for i, keys in enumerate(requests):
             memory.hint(keys, session=work.requests[i].session, now=work.requests[i].time_s)
             before = [t.stats.hits for t in tiers]
             n = memory.load(keys, [dummy] * len(keys)) if keys else 0
