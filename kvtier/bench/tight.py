@@ -2,6 +2,7 @@
 
     kvtier bench tight ../shared/traces/mooncake_synthetic_trace.jsonl ../shared/traces/kv-cache-tester/
     kvtier bench tight TRACES... --g2 1%,2%,5% --g2-g3 1%+2%,1%+5% --json docs/results/tight.json --md out.md
+    kvtier bench tight TRACES... --synthetic 0,1,2   # also the synthetic agents of 'kvtier bench agentic'
 
 Each path is one trace (a folder of kv-cache-tester conversations replays them concurrently;
 ``--each`` adds every file of a folder as a trace of its own).  For each capacity, given as a
@@ -18,6 +19,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from kvtier.bench import report
 from kvtier.bench.costmodel import CostModel
 from kvtier.bench.sim import RunResult, TierSpec, Workload, ideal, prefix_bound, prepare, simulate
 from kvtier.bench.trace import cost_model, load_paths
+from kvtier.bench.workloads.synthetic import AgentWorkload, generate
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICIES
 
@@ -34,6 +37,8 @@ DEFAULT_POLICY = "agent"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="trace files or folders (each one trace)")
     parser.add_argument("--each", action="store_true", help="also every file of a folder as its own trace")
+    parser.add_argument("--synthetic", default="", help="also the synthetic agent workload ('kvtier bench agentic' "
+                        "defaults) for these seeds, e.g. 0,1,2")
     parser.add_argument("--g2", default="1%,2%,5%", help="G2-only capacities, %% of the working set")
     parser.add_argument("--g2-g3", default="1%+2%,1%+5%", help="G2+G3 capacities (exclusive tiers)")
     parser.add_argument("--policy", default="lru,lru-prefix,s3fifo,agent", help=f"of {sorted(POLICIES)}")
@@ -139,8 +144,14 @@ def run(args: argparse.Namespace) -> int:
     cost = cost_model(args)
     started, load_before = time.perf_counter(), os.getloadavg()
     results, tables = [], []
-    for name, files in traces(args.paths, args.each):
-        work = prepare(load_paths(files))
+    try:
+        seeds = [int(s) for s in args.synthetic.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--synthetic {args.synthetic!r}: expected seeds, e.g. 0,1,2") from None
+    streams = [(name, partial(load_paths, files)) for name, files in traces(args.paths, args.each)]
+    streams += [(f"synthetic agents, seed {seed}", partial(generate, AgentWorkload(seed=seed))) for seed in seeds]
+    for name, load in streams:
+        work = prepare(load())
         result = measure(name, work, cost, capacities, policies)
         results.append(result)
         tables.append(markdown(result, policies, args.default))

@@ -156,7 +156,7 @@ def test_pinned_prompt_survives_eviction_and_restart(tiny_model: Path, tmp_path:
     tiny = {"dram": {"capacity": "512KiB"}, "disk": {"path": str(disk), "capacity": "1MiB", "fsync": False}}
     P, Q = _tokens(30, 300), _tokens(31, 300)  # 2 chunks (256 KiB each) + 44-token tails
     flood = [_tokens(40 + i, 300) for i in range(6)]  # 12 chunks: 6x the DRAM, 3x the disk
-    pin = {"tokens": P, "kv_transfer_params": {"kvtier": {"pin": True}}}
+    pin = {"tokens": P, "kv_transfer_params": {"kvtier": {"pin": True, "session": "warehouse-1"}}}  # a session too
 
     def kvtier(name: str) -> dict[str, Any]:
         spec = _kvtier(tmp_path / name, disk)
