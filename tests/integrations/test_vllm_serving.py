@@ -111,8 +111,10 @@ def test_cache_salt_separates_tenants_and_an_evicted_prefix_is_saved_again(tiny_
 
     s = _tokens(21, 300)
     flood = [_tokens(30 + i, 300) for i in range(3)]  # 6 chunks: 3x the DRAM, 1.5x the disk
+    # a recency policy, so that the flood evicts s (the default agent policy would refuse to admit
+    # a flood of one-off prompts over the chunks already held)
     tiny = {"dram": {"capacity": "512KiB"}, "disk": {"path": str(tmp_path / "shared"), "capacity": "1MiB",
-                                                     "fsync": False}}
+                                                     "fsync": False}, "eviction": "lru-prefix"}
     first = run_vllm(_spec(tiny_model, [[s]], **_kvtier(_dir(tmp_path / "a"), **tiny)), tmp_path / "a", "a")
     # a fresh engine finds s on disk at start-up; the flood evicts it from disk
     second = run_vllm(_spec(tiny_model, [flood, [s], [s]], **_kvtier(_dir(tmp_path / "b"), **tiny)),
