@@ -171,7 +171,10 @@ def test_a_frozen_redis_does_not_stall_the_scheduler(tiny_model: Path, tmp_path:
     redis = {"url": frozen_redis.url, "password": frozen_redis.password, "key_prefix": unique_prefix(),
              "socket_timeout_s": 3.0, "breaker": {"failure_threshold": 2, "base_backoff_s": 0.2,
                                                    "max_backoff_s": 1.0}}
-    g4 = _kvtier(_dir(tmp_path / "g4"), tiers=["dram", "redis"], dram={"capacity": "1MiB"}, redis=redis)
+    # a recency policy, so that the fresh prompts evict r from DRAM (the default agent policy would
+    # refuse to admit one-off prompts over it, and r would never need Redis)
+    g4 = _kvtier(_dir(tmp_path / "g4"), tiers=["dram", "redis"], dram={"capacity": "1MiB"}, redis=redis,
+                 eviction="lru-prefix")
     pid = frozen_redis.proc.pid if frozen_redis.proc is not None else None
     assert pid is not None
 
