@@ -171,6 +171,7 @@ class ContextMemory:
         if not tiers:
             raise ValueError("ContextMemory needs at least one tier")
         self.layout = layout
+        self.chunk_bytes = layout.chunk_bytes  # read per chunk on every path; the layout computes it per call
         self.tiers = list(tiers)
         self.namespace = namespace_key(layout, tenant)
         self.promotion = promotion
@@ -182,6 +183,7 @@ class ContextMemory:
         self.indexes = [TierIndex(t.name, t.capacity_bytes, policy)
                         for t, policy in zip(self.tiers, make_policies(eviction, len(self.tiers)), strict=True)]
         self.pins = PinSet()  # this process's pins
+        self._evictable_at = [partial(self._evictable, level) for level in range(len(self.tiers))]
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
         self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
@@ -299,7 +301,7 @@ class ContextMemory:
             copies = [(out, view) for out, view in zip(outs, views, strict=False) if view is not out]
             for out, view in copies:
                 np.copyto(out[:view.nbytes], view)
-        self.tiers[0].stats.bytes_read += len(copies) * self.layout.chunk_bytes
+        self.tiers[0].stats.bytes_read += len(copies) * self.chunk_bytes
         if len(views) < len(keys):
             self.account_load([], [], miss_at=len(views))
         return len(views)
@@ -327,7 +329,7 @@ class ContextMemory:
         DRAM) lands in ``outs[i]`` (None: a fresh buffer); with promotion on it is promoted
         (``_commit``) after the block, once the hold on the prefix is released.
         """
-        top, size = self.tiers[0], self.layout.chunk_bytes
+        top, size = self.tiers[0], self.chunk_bytes
         with contextlib.ExitStack() as stack:  # unwinds: borrows, unpublished slots, the hold
             keys, levels = stack.enter_context(self._hold(keys))
             promote = [i for i, level in enumerate(levels) if level > 0] if self.promotion == "always" else []
@@ -361,9 +363,10 @@ class ContextMemory:
         """``lookup``, and hold the prefix found (no top-tier victims) for the block."""
         hit = self.lookup(keys)
         keys, levels = list(keys[:hit.num_chunks]), list(hit.tiers)
+        slotted = isinstance(self.tiers[0], DramTier)
         with self._lock:
             for i, key in enumerate(keys):
-                if levels[i] == 0 and isinstance(self.tiers[0], DramTier) and key not in self.indexes[0]:
+                if levels[i] == 0 and slotted and key not in self.indexes[0]:
                     level = self._locate(key, below=0)  # evicted since the lookup: demoted?
                     if level is None:
                         del keys[i:], levels[i:]
@@ -425,18 +428,19 @@ class ContextMemory:
         slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
         ``levels[i]``; ``miss_at`` (if not None) says the lookup missed after the served prefix.
         """
+        below = [self.indexes[level + 1:] for level in range(len(self.indexes))]
         with self._lock:
             for key, level in zip(keys, levels, strict=False):
                 self.tiers[level].stats.hits += 1
                 for above in range(level):
                     self.tiers[above].stats.misses += 1
                 index = self.indexes[level]
-                if key in index:
+                if key in index.sizes:
                     index.touch(key)
-                elif index.used_bytes + self.layout.chunk_bytes <= index.capacity_bytes:
-                    index.add(key, self.layout.chunk_bytes)  # another process wrote it: adopt
-                for lower in self.indexes[level + 1:]:  # write-through copies below
-                    if key in lower:
+                elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes:
+                    index.add(key, self.chunk_bytes)  # another process wrote it: adopt
+                for lower in below[level]:  # write-through copies below
+                    if key in lower.sizes:
                         lower.touch_copy(key)
             if miss_at is not None:
                 for tier in self.tiers:
@@ -489,8 +493,7 @@ class ContextMemory:
                 (res.slotted if made is not None else res.spilled).append(i)
                 victims += made or []
         try:
-            for victim in victims:
-                self._demote(0, victim)
+            self._demote(0, victims)
         except BaseException:  # a tier raised (a bug): the new chunks must not stay pending for good
             self._settle(0, [keys[i] for i in res.slotted], stored=False)
             raise
@@ -504,7 +507,7 @@ class ContextMemory:
             for i, slot in slots.items():
                 res.views[i] = None if slot is None else slot[0]
         for i in res.spilled:
-            res.views[i] = spill[i] if spill is not None else np.empty(self.layout.chunk_bytes, np.uint8)
+            res.views[i] = spill[i] if spill is not None else np.empty(self.chunk_bytes, np.uint8)
         return res
 
     def _commit(self, res: _Reservation, *, promotion: bool = False) -> int:
@@ -557,11 +560,12 @@ class ContextMemory:
         if (level, key) in self._leaving:
             return None
         index = self.indexes[level]
-        victims = index.plan_room(self.layout.chunk_bytes, lambda k: self._evictable(level, k), admit=key)
+        victims = index.plan_room(self.chunk_bytes, self._evictable_at[level], admit=key)
         if victims is not None:
-            index.add(key, self.layout.chunk_bytes)
+            index.add(key, self.chunk_bytes)
             self._pending.add((level, key))
-            self._leaving.update((level, v) for v in victims)
+            for victim in victims:
+                self._leaving.add((level, victim))
         return victims
 
     def _settle(self, level: int, keys: Sequence[ChunkKey], *, stored: bool) -> None:
@@ -582,47 +586,52 @@ class ContextMemory:
     def _put(self, level: int, key: ChunkKey, payload: np.ndarray) -> int | None:
         """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
         for lv in range(level, len(self.tiers)):
+            index = self.indexes[lv]
             with self._lock:
-                if key in self.indexes[lv]:
-                    self.indexes[lv].touch(key)
+                if key in index.sizes:
+                    index.touch(key)
                     return lv
                 victims = self._make_room(lv, key)
             if victims is None:  # everything here is pinned, or the chunk is larger than the tier
                 continue
             stored = False
             try:
-                for victim in victims:
-                    self._demote(lv, victim)
+                if victims:
+                    self._demote(lv, victims)
                 stored = self.tiers[lv].put(key, payload)
-            finally:  # also when a put raises: the chunk must not stay pending for good
-                self._settle(lv, [key], stored=stored)
+            finally:  # also when a put raises: the chunk must not stay pending for good (``_settle``)
+                with self._lock:
+                    self._pending.discard((lv, key))
+                    if not stored:
+                        index.discard(key)
             if stored:
                 return lv
         return None
 
-    def _demote(self, level: int, key: ChunkKey) -> None:
-        """Move victim ``key`` (out of tier ``level``'s index, *leaving*) down a tier, then delete it."""
+    def _demote(self, level: int, victims: list[ChunkKey]) -> None:
+        """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""
         tier = self.tiers[level]
-        tier.stats.evictions += 1
-        below = level + 1
-        try:
-            if below < len(self.tiers):
-                with self._lock:
-                    already = key in self.indexes[below]
-                if not already:
+        below = self.indexes[level + 1] if level + 1 < len(self.tiers) else None
+        for key in victims:
+            tier.stats.evictions += 1
+            try:
+                # One dict read needs no lock: the answer may change right after it either way, and
+                # ``_put`` asks again under the lock.
+                if below is not None and key not in below.sizes:
                     with tier.borrow(key) as view:
-                        if view is not None and self._put(below, key, view) is not None:
+                        if view is not None and self._put(level + 1, key, view) is not None:
                             tier.stats.demotions += 1
-        finally:  # even when a put below raised: the index no longer has it, so neither may the tier
-            tier.delete(key)
-            with self._lock:
-                self._leaving.discard((level, key))
+            finally:  # even when a put below raised: the index no longer has it, so neither may the tier
+                tier.delete(key)
+                with self._lock:
+                    self._leaving.discard((level, key))
 
     # --- exclusive tiers: a chunk in one place, written through only where it must be ---------
     def _persist_share(self, keys: list[ChunkKey]) -> list[ChunkKey]:
         """What an exclusive hierarchy writes through: pinned chunks and the batch's leading share."""
         lead = math.ceil(len(keys) * self.write_through_share)
-        return [key for i, key in enumerate(keys) if i < lead or self.pinned(key)]
+        with self._lock:
+            return [key for i, key in enumerate(keys) if i < lead or self._pinned(key)]
 
     def _drop_below(self, keys: list[ChunkKey]) -> None:
         """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""
@@ -710,9 +719,10 @@ class ContextMemory:
         """Is ``key`` pinned, by this process or by a persistent record?"""
         (key,) = chunk_keys_arg([key], "key")
         with self._lock:
-            if key in self.pins:
-                return True
-        return self.pin_files is not None and key in self.pin_files
+            return self._pinned(key)
+
+    def _pinned(self, key: ChunkKey) -> bool:
+        return key in self.pins or (self.pin_files is not None and key in self.pin_files)
 
     # --- maintenance ------------------------------------------------------------------------
     def delete(self, keys: Sequence[ChunkKey]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def _as_list(values: object, name: str, what: str) -> list[object]:
 def chunk_keys_arg(keys: object, name: str = "keys") -> list[ChunkKey]:
     """``keys`` as a list of 16-byte chunk keys."""
     got = _as_list(keys, name, f"{KEY_BYTES}-byte chunk keys")
-    if all(type(k) is bytes and len(k) == KEY_BYTES for k in got):  # the common case, kept cheap
+    if set(map(type, got)) <= {bytes} and set(map(len, cast("list[bytes]", got))) <= {KEY_BYTES}:  # common case, in C
         return got  # type: ignore[return-value]
     for i, key in enumerate(got):
         if not isinstance(key, bytes):
@@ -45,18 +46,27 @@ def chunk_keys_arg(keys: object, name: str = "keys") -> list[ChunkKey]:
     return got  # type: ignore[return-value]
 
 
-def _chunk_array(value: object, name: str, layout: KVLayout, *, writable: bool) -> np.ndarray:
-    want = f"a 1-D contiguous uint8 numpy array of {layout.chunk_bytes} bytes"
-    if not isinstance(value, np.ndarray):
-        raise ArgumentTypeError(f"{name}: expected {want}, got {_show(value)}")
-    if value.dtype != np.uint8 or value.ndim != 1 or not value.flags.c_contiguous:
-        raise LayoutError(f"{name}: expected {want}, got dtype={value.dtype}, shape={value.shape}"
-                          + ("" if value.flags.c_contiguous else ", not contiguous"))
-    if value.nbytes != layout.chunk_bytes:
-        raise LayoutError(f"{name}: has {value.nbytes} bytes, layout {layout.describe()} needs {layout.chunk_bytes}")
-    if writable and not value.flags.writeable:
-        raise ArgumentValueError(f"{name}: the buffer is read-only")
-    return value
+def _chunk_arrays(values: list[object], name: str, layout: KVLayout, *, writable: bool) -> list[np.ndarray]:
+    """``values`` if each is a chunk buffer.  Each distinct object is checked once (a caller may pass
+    one scratch buffer for every chunk), and a message is built only on failure."""
+    size = layout.chunk_bytes
+    for value in {id(v): v for v in values}.values():
+        if (type(value) is np.ndarray and value.dtype == np.uint8 and value.ndim == 1 and value.nbytes == size
+                and value.flags.c_contiguous and (value.flags.writeable or not writable)):
+            continue  # the common case, kept cheap
+        i = next(j for j, v in enumerate(values) if v is value)
+        want = f"a 1-D contiguous uint8 numpy array of {size} bytes"
+        where = f"{name}[{i}]"
+        if not isinstance(value, np.ndarray):
+            raise ArgumentTypeError(f"{where}: expected {want}, got {_show(value)}")
+        if value.dtype != np.uint8 or value.ndim != 1 or not value.flags.c_contiguous:
+            raise LayoutError(f"{where}: expected {want}, got dtype={value.dtype}, shape={value.shape}"
+                              + ("" if value.flags.c_contiguous else ", not contiguous"))
+        if value.nbytes != size:
+            raise LayoutError(f"{where}: has {value.nbytes} bytes, layout {layout.describe()} needs {size}")
+        if writable and not value.flags.writeable:
+            raise ArgumentValueError(f"{where}: the buffer is read-only")
+    return values  # type: ignore[return-value]
 
 
 def payloads_arg(payloads: object, num_keys: int, layout: KVLayout, name: str = "payloads") -> list[np.ndarray]:
@@ -64,7 +74,7 @@ def payloads_arg(payloads: object, num_keys: int, layout: KVLayout, name: str = 
     got = _as_list(payloads, name, "numpy uint8 arrays")
     if len(got) != num_keys:
         raise ArgumentValueError(f"{name}: {len(got)} payloads for {num_keys} keys (one per key)")
-    return [_chunk_array(p, f"{name}[{i}]", layout, writable=False) for i, p in enumerate(got)]
+    return _chunk_arrays(got, name, layout, writable=False)
 
 
 def buffers_arg(outs: object, num_keys: int, layout: KVLayout, name: str = "outs") -> list[np.ndarray]:
@@ -72,7 +82,7 @@ def buffers_arg(outs: object, num_keys: int, layout: KVLayout, name: str = "outs
     got = _as_list(outs, name, "numpy uint8 arrays")
     if len(got) < num_keys:
         raise ArgumentValueError(f"{name}: {len(got)} buffers for {num_keys} keys (one per key)")
-    return [_chunk_array(o, f"{name}[{i}]", layout, writable=True) for i, o in enumerate(got[:num_keys])]
+    return _chunk_arrays(got[:num_keys], name, layout, writable=True)
 
 
 def ttl_arg(ttl_s: object, name: str = "ttl_s") -> float | None:

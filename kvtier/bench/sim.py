@@ -23,6 +23,7 @@ prefix-closed, over the total capacity of all tiers; no online policy may beat i
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -123,10 +124,12 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     n_req, n_tiers = len(work.requests), len(specs)
     hits = np.zeros((n_req, n_tiers), dtype=np.int64)
     tiers = memory.tiers
+    collecting = gc.isenabled()
+    gc.disable()  # the replay allocates millions of small objects but makes no cycles: collections only cost time
     started = time.perf_counter()
+    requests = [[ChunkKey(k.to_bytes(16, "little")) for k in ks] for ks in work.keys]  # chunk keys are 16 bytes
     try:
-        for i, ks in enumerate(work.keys):
-            keys = [ChunkKey(k.to_bytes(16, "little")) for k in ks]  # chunk keys are 16 bytes
+        for i, keys in enumerate(requests):
             memory.hint(keys, session=work.requests[i].session, now=work.requests[i].time_s)
             before = [t.stats.hits for t in tiers]
             n = memory.load(keys, [dummy] * len(keys)) if keys else 0
@@ -144,6 +147,8 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
                                "promotions": t.stats.promotions} for t in tiers}
     finally:
         memory.close()
+        if collecting:
+            gc.enable()
     wall = time.perf_counter() - started
     return _finish(work, cost, specs, hits * work.chunk_tokens, policy, label or policy, replicas, tier_bytes, wall)
 

@@ -2,6 +2,7 @@
 
     kvtier bench tight ../shared/traces/mooncake_synthetic_trace.jsonl ../shared/traces/kv-cache-tester/
     kvtier bench tight TRACES... --g2 1%,2%,5% --g2-g3 1%+2%,1%+5% --json docs/results/tight.json --md out.md
+    kvtier bench tight TRACES... --synthetic 0,1,2   # also the synthetic agents of 'kvtier bench agentic'
 
 Each path is one trace (a folder of kv-cache-tester conversations replays them concurrently;
 ``--each`` adds every file of a folder as a trace of its own).  For each capacity, given as a
@@ -18,6 +19,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from kvtier.bench import report
 from kvtier.bench.costmodel import CostModel
 from kvtier.bench.sim import RunResult, TierSpec, Workload, ideal, prefix_bound, prepare, simulate
 from kvtier.bench.trace import cost_model, load_paths
+from kvtier.bench.workloads.synthetic import AgentWorkload, generate
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICIES
 
@@ -34,6 +37,8 @@ DEFAULT_POLICY = "agent"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="trace files or folders (each one trace)")
     parser.add_argument("--each", action="store_true", help="also every file of a folder as its own trace")
+    parser.add_argument("--synthetic", default="", help="also the synthetic agent workload ('kvtier bench agentic' "
+                        "defaults) for these seeds, e.g. 0,1,2")
     parser.add_argument("--g2", default="1%,2%,5%", help="G2-only capacities, %% of the working set")
     parser.add_argument("--g2-g3", default="1%+2%,1%+5%", help="G2+G3 capacities (exclusive tiers)")
     parser.add_argument("--policy", default="lru,lru-prefix,s3fifo,agent", help=f"of {sorted(POLICIES)}")
@@ -86,13 +91,15 @@ def measure(name: str, work: Workload, cost: CostModel, capacities: list[Capacit
         total = sum(s.capacity_bytes for s in specs)
         row: dict[str, Any] = {"capacity": cap.label, "share_pct": cap.g2 + cap.g3,
                                "tokens": total // chunk * work.chunk_tokens, "bytes": total,
-                               "bound": rate(prefix_bound(work, cost, total)), "hit": {}, "ttft_mean_s": {}}
+                               "bound": rate(prefix_bound(work, cost, total)), "hit": {}, "ttft_mean_s": {},
+                               "chunk_accesses_per_s": {}}
         for policy in policies:
             run = simulate(work, cost, specs, policy=policy, exclusive=True)
             sim_s += run.wall_s
             sim_accesses += work.total_chunk_accesses
             row["hit"][policy] = rate(run)
             row["ttft_mean_s"][policy] = float(run.ttft_s.mean())
+            row["chunk_accesses_per_s"][policy] = work.total_chunk_accesses / run.wall_s if run.wall_s else 0.0
         rows.append(row)
     return {"trace": name, "requests": len(work.requests), "chunk_tokens": work.chunk_tokens,
             "chunk_bytes": chunk, "unique_chunks": work.unique_chunks,
@@ -139,15 +146,23 @@ def run(args: argparse.Namespace) -> int:
     cost = cost_model(args)
     started, load_before = time.perf_counter(), os.getloadavg()
     results, tables = [], []
-    for name, files in traces(args.paths, args.each):
-        work = prepare(load_paths(files))
+    try:
+        seeds = [int(s) for s in args.synthetic.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--synthetic {args.synthetic!r}: expected seeds, e.g. 0,1,2") from None
+    streams = [(name, partial(load_paths, files)) for name, files in traces(args.paths, args.each)]
+    streams += [(f"synthetic agents, seed {seed}", partial(generate, AgentWorkload(seed=seed))) for seed in seeds]
+    for name, load in streams:
+        work = prepare(load())
         result = measure(name, work, cost, capacities, policies)
         results.append(result)
         tables.append(markdown(result, policies, args.default))
         print(tables[-1] + "\n", flush=True)
     accesses = sum(r["chunk_accesses"] * len(capacities) * len(policies) for r in results)
     sim_s = sum(r["speed"]["sim_s"] for r in results)
+    runs = [row["chunk_accesses_per_s"][p] for r in results for row in r["rows"] for p in policies]
     speed = {"chunk_accesses_per_s": accesses / sim_s if sim_s else float("nan"), "sim_s": sim_s,
+             "slowest_run_chunk_accesses_per_s": min(runs, default=float("nan")),
              "wall_s": time.perf_counter() - started, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
              "cpus": os.cpu_count()}
     ratios = [row["hit"][args.default] / row["bound"] for r in results for row in r["rows"] if row["bound"]]
@@ -157,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
                "min_lead_over_lru_pp": min(leads, default=float("nan"))}
     print(f"{args.default}: worst ratio to the bound {summary['min_ratio_to_bound']:.2f} (target 0.85), worst lead "
           f"over LRU {summary['min_lead_over_lru_pp']:+.1f} pp (target > -0.5); simulator "
-          f"{speed['chunk_accesses_per_s']:,.0f} chunk accesses/s (load {load_before[0]:.1f} on "
+          f"{speed['chunk_accesses_per_s']:,.0f} chunk accesses/s, slowest run "
+          f"{speed['slowest_run_chunk_accesses_per_s']:,.0f}/s (load {load_before[0]:.1f} on "
           f"{os.cpu_count()} CPUs); TTFT figures: {cost.source}")
     doc = {"benchmark": "kvtier bench tight", "model": cost.shape.layout.model, "cost_model": cost.source,
            "policies": policies, "summary": summary, "speed": speed, "traces": results}

@@ -228,6 +228,7 @@ class KVTierConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.end_step()  # normally done in wait_for_save already
         plan = self._plan()
+        self._worker.hint(plan.hints)  # before the loads, whose reads the policy then attributes to them
         after = self._worker.paged.record() if plan.loads else None  # CUDA: after vLLM's block zeroing
         layerwise = self._layerwise
         for job in plan.loads:

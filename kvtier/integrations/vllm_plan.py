@@ -37,6 +37,11 @@ Plans, per request (``RequestState``):
   they are stored (a pin may precede its chunk), persistently when there is a disk tier.
   ``{"kvtier": {"unpin": true}}`` removes those pins.  A malformed value is logged and ignored:
   one bad request must not stop the engine.
+* hints: at its first lookup each request is announced to the worker's eviction policy
+  (``HintJob``: its full chunk keys and its session, ``ContextMemory.hint``), which the agent
+  policy uses to predict reuse.  The session is ``{"kvtier": {"session": "..."}}`` from
+  ``kv_transfer_params`` (a caller's conversation or agent id), else the request's
+  ``cache_salt``, else none.  The worker hints before the step's loads.
 """
 
 from __future__ import annotations
@@ -89,6 +94,13 @@ class PinJob:
 
 
 @dataclass(frozen=True, slots=True)
+class HintJob:
+    req_id: str
+    keys: tuple[ChunkKey, ...]  # every full chunk of the request, in prefix order
+    session: str | None  # the caller's session id, else the cache salt, else None
+
+
+@dataclass(frozen=True, slots=True)
 class PinRequest:
     unpin: bool = False
     ttl_s: float | None = None
@@ -101,9 +113,10 @@ def parse_pin_request(params: Any) -> PinRequest | None:
     spec = params["kvtier"]
     if not isinstance(spec, dict):
         raise ValueError(f"kv_transfer_params['kvtier'] must be an object, got {type(spec).__name__}")
-    unknown = set(spec) - {"pin", "unpin", "ttl_s"}
+    unknown = set(spec) - {"pin", "unpin", "ttl_s", "session"}
     if unknown:
-        raise ValueError(f"unknown kv_transfer_params['kvtier'] keys {sorted(unknown)}; known: pin, unpin, ttl_s")
+        raise ValueError(f"unknown kv_transfer_params['kvtier'] keys {sorted(unknown)}; "
+                         "known: pin, unpin, ttl_s, session")
     pin, unpin, ttl = spec.get("pin", False), spec.get("unpin", False), spec.get("ttl_s")
     if not isinstance(pin, bool) or not isinstance(unpin, bool):
         raise ValueError("kv_transfer_params['kvtier']: 'pin' and 'unpin' must be true or false")
@@ -117,6 +130,23 @@ def parse_pin_request(params: Any) -> PinRequest | None:
     if not pin and not unpin:
         return None
     return PinRequest(unpin=unpin, ttl_s=None if ttl is None else float(ttl))
+
+
+def request_session(request: Any) -> str | None:
+    """The session a request belongs to, for the eviction policy's predictions (see the module doc).
+
+    ``kv_transfer_params['kvtier']['session']`` (a non-empty string), else ``cache_salt``, else None;
+    ValueError when the session given is not a non-empty string.
+    """
+    params = getattr(request, "kv_transfer_params", None)
+    spec = params.get("kvtier") if isinstance(params, dict) else None
+    if isinstance(spec, dict) and "session" in spec:
+        session = spec["session"]
+        if not isinstance(session, str) or not session:
+            raise ValueError(f"kv_transfer_params['kvtier']['session'] must be a non-empty string, got {session!r}")
+        return session
+    salt = getattr(request, "cache_salt", None)
+    return salt if isinstance(salt, str) and salt else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +351,7 @@ class RequestState:
     load: tuple[int, int] | None = None  # token range [start, end) matched, to load once allocated
     load_async: bool = False
     pin_planned: bool = False  # the request's pin/unpin (if any) was sent to the worker
+    hinted: bool = False  # the worker's policy was told of the request (``HintJob``)
     saved: bool = False  # saves were planned: the worker may still read its blocks
 
 
@@ -331,6 +362,7 @@ class StepPlan:
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
     pins: list[PinJob] = field(default_factory=list)
+    hints: list[HintJob] = field(default_factory=list)  # new requests, for the eviction policy (before loads)
     preempted: set[str] = field(default_factory=set)  # requests whose blocks vLLM reuses: wait for their jobs
     held: set[str] = field(default_factory=set)  # finished requests whose blocks wait for the worker
     uncacheable: int = 0  # requests not cached since the last step (counted by the worker)
@@ -380,7 +412,11 @@ class Planner:
         if state.keys is None:
             return 0, False
         limit = request.num_tokens - 1  # vLLM must compute at least one token to sample from
-        found = self.directory.longest_prefix(state.keys(request.num_tokens))
+        keys = state.keys(request.num_tokens)
+        if not state.hinted:
+            state.hinted = True
+            self._next.hints.append(HintJob(request.request_id, tuple(keys), self._session(request)))
+        found = self.directory.longest_prefix(keys)
         if self.cost is not None:
             found = self._worth_loading(found, num_computed_tokens, request.num_tokens)
         hit = min(found.chunks * self.chunk, limit)
@@ -389,6 +425,14 @@ class Planner:
         state.load = (num_computed_tokens, hit)
         state.load_async = self.async_loads == "always" or (self.async_loads == "auto" and found.below_dram)
         return hit - num_computed_tokens, state.load_async
+
+    @staticmethod
+    def _session(request: Any) -> str | None:
+        try:
+            return request_session(request)
+        except ValueError as exc:
+            logger.warning("kvtier: request %s: %s; no session", request.request_id, exc)
+            return None
 
     def _worth_loading(self, found: Match, num_computed_tokens: int, num_tokens: int) -> Match:
         """The leading chunks of ``found`` that are faster to load than to recompute.

@@ -22,6 +22,8 @@ after a save of the same chunk finds it:
 * **sync load** (``load_now``): DRAM hits, scattered before the forward on the caller's thread
   (it first waits for any in-flight save of the same chunks).
 * **pin** (token warehousing): on the mover too, so pin records never cost the step.
+* **hint** (``hint``, before the step's loads, on the caller's thread: cheap, no I/O): tells the
+  eviction policy which chunks a new request reads and its session (``ContextMemory.hint``).
 
 Failed loads (evicted, corrupt, server down) are reported by block id (vLLM recomputes them) and
 by key.  Every change of the hierarchy's index (``ContextMemory.listen``) is queued and sent to
@@ -45,7 +47,7 @@ from typing import Any
 from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
-from kvtier.integrations.vllm_plan import LoadJob, PinJob, SaveJob
+from kvtier.integrations.vllm_plan import HintJob, LoadJob, PinJob, SaveJob
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")
@@ -282,6 +284,15 @@ class WorkerCore:
                         for t, before in zip(memory.tiers, hits_before, strict=True)}
             self.count(load_chunks=loaded, load_tokens=tokens, load_bytes=loaded * memory.layout.chunk_bytes,
                        load_s=time.perf_counter() - t0, load_failed_chunks=len(job.keys) - loaded, **per_tier)
+
+    def hint(self, jobs: Sequence[HintJob]) -> None:
+        """Announce new requests to the eviction policy, in the order they were looked up.
+
+        The policy treats the latest hint as the request being served (``kvtier.policy.agent``):
+        in a batched step that is approximate, as chunks of an earlier request of the batch may
+        be stored after a later one is hinted."""
+        for job in jobs:
+            self.memory.hint(list(job.keys), session=job.session)
 
     def pin(self, jobs: Sequence[PinJob]) -> None:
         for job in jobs:

@@ -70,8 +70,9 @@ class TierIndex:
         """
         if size > self.capacity_bytes:
             return None
-        full = self.used_bytes + size > self.capacity_bytes
-        if full and admit is not None and not self.policy.admit(admit, size):
+        if self.used_bytes + size <= self.capacity_bytes:
+            return []
+        if admit is not None and not self.policy.admit(admit, size):
             return None
         victims: list[ChunkKey] = []
         freed = 0

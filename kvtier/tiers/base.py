@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -97,14 +97,14 @@ class Tier(ABC):
     def keys(self) -> Iterator[ChunkKey]:
         """Every key this tier holds (for a local tier: those this process can see)."""
 
-    @contextmanager
-    def borrow(self, key: ChunkKey) -> Iterator[np.ndarray | None]:
+    def borrow(self, key: ChunkKey) -> AbstractContextManager[np.ndarray | None]:
         """A read-only view of a chunk (None on a miss), valid inside the ``with`` block.
 
-        This default reads into a fresh buffer; tiers in process memory yield zero-copy views.
+        This default reads into a fresh buffer (nothing to release after); tiers in process
+        memory yield zero-copy views.
         """
         out = np.empty(self.layout.chunk_bytes, dtype=np.uint8)
-        yield out if self.get_into(key, out) else None
+        return nullcontext(out if self.get_into(key, out) else None)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, connections, memory)."""

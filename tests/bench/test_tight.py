@@ -42,3 +42,8 @@ def test_an_unknown_policy_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[
     assert main(["bench", "tight", "nowhere.jsonl", "--policy", "lru,belady"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvtier: error: ") and "unknown policy 'belady'" in err and err.count("\n") == 1
+
+
+def test_synthetic_seeds_must_be_numbers(tiny_mooncake: Path, capsys) -> None:
+    assert main(["bench", "tight", str(tiny_mooncake), "--synthetic", "one", "--cost-model", "modelled"]) == 2
+    assert "expected seeds" in capsys.readouterr().err

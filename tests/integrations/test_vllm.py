@@ -153,10 +153,13 @@ def test_pinned_prompt_survives_eviction_and_restart(tiny_model: Path, tmp_path:
     prompts then overfills the tiers, yet a fresh process still loads the pinned prompt (and not
     an unpinned one stored alongside it); an unpin request removes the pin records."""
     disk = tmp_path / "shared-disk"
-    tiny = {"dram": {"capacity": "512KiB"}, "disk": {"path": str(disk), "capacity": "1MiB", "fsync": False}}
+    # a recency policy, so that the flood evicts whatever is not pinned (the default agent policy
+    # would instead refuse to admit a flood of one-off prompts, and Q would stay)
+    tiny = {"dram": {"capacity": "512KiB"}, "disk": {"path": str(disk), "capacity": "1MiB", "fsync": False},
+            "eviction": "lru-prefix"}
     P, Q = _tokens(30, 300), _tokens(31, 300)  # 2 chunks (256 KiB each) + 44-token tails
     flood = [_tokens(40 + i, 300) for i in range(6)]  # 12 chunks: 6x the DRAM, 3x the disk
-    pin = {"tokens": P, "kv_transfer_params": {"kvtier": {"pin": True}}}
+    pin = {"tokens": P, "kv_transfer_params": {"kvtier": {"pin": True, "session": "warehouse-1"}}}  # a session too
 
     def kvtier(name: str) -> dict[str, Any]:
         spec = _kvtier(tmp_path / name, disk)

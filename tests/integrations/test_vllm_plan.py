@@ -369,3 +369,26 @@ def test_a_cost_model_loads_only_the_chunks_faster_than_recomputing() -> None:
         _planner(cost=CostModel(links=(LinkCost(bandwidth_Bps=1e9),), prefill=prefill), chunk_bytes=chunk_bytes)
     with pytest.raises(ConfigError, match="chunk_bytes"):
         _planner(cost=fast)
+
+
+def test_each_request_is_hinted_once_with_its_keys_and_session() -> None:
+    planner = _planner()
+    tokens = list(range(1, 21))  # 2 full chunks + a 4-token tail
+    reqs = [Req("a", tokens, kv_transfer_params={"kvtier": {"session": "chat-7", "pin": True}}),
+            Req("b", tokens, cache_salt="tenant-1"),  # no session given: the salt stands in
+            Req("c", tokens)]
+    for req in reqs:
+        planner.match(req, 0)
+        planner.match(req, 0)  # looked up again while it waits for blocks: no second hint
+    hints = planner.build(Out([], {})).hints
+    assert [(h.req_id, h.session) for h in hints] == [("a", "chat-7"), ("b", "tenant-1"), ("c", None)]
+    assert hints[0].keys == hints[2].keys == tuple(_keys(tokens))  # every full chunk, the tail has none
+    assert len(hints[1].keys) == 2 and hints[1].keys != hints[0].keys  # the salt is in the keys too
+    assert planner.build(Out([], {})).hints == []
+
+
+def test_a_malformed_session_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    planner = _planner()
+    planner.match(Req("s", list(range(16)), kv_transfer_params={"kvtier": {"session": 42}}), 0)
+    assert [h.session for h in planner.build(Out([], {})).hints] == [None]
+    assert "no session" in caplog.text

@@ -111,8 +111,10 @@ def test_cache_salt_separates_tenants_and_an_evicted_prefix_is_saved_again(tiny_
 
     s = _tokens(21, 300)
     flood = [_tokens(30 + i, 300) for i in range(3)]  # 6 chunks: 3x the DRAM, 1.5x the disk
+    # a recency policy, so that the flood evicts s (the default agent policy would refuse to admit
+    # a flood of one-off prompts over the chunks already held)
     tiny = {"dram": {"capacity": "512KiB"}, "disk": {"path": str(tmp_path / "shared"), "capacity": "1MiB",
-                                                     "fsync": False}}
+                                                     "fsync": False}, "eviction": "lru-prefix"}
     first = run_vllm(_spec(tiny_model, [[s]], **_kvtier(_dir(tmp_path / "a"), **tiny)), tmp_path / "a", "a")
     # a fresh engine finds s on disk at start-up; the flood evicts it from disk
     second = run_vllm(_spec(tiny_model, [flood, [s], [s]], **_kvtier(_dir(tmp_path / "b"), **tiny)),
@@ -169,7 +171,10 @@ def test_a_frozen_redis_does_not_stall_the_scheduler(tiny_model: Path, tmp_path:
     redis = {"url": frozen_redis.url, "password": frozen_redis.password, "key_prefix": unique_prefix(),
              "socket_timeout_s": 3.0, "breaker": {"failure_threshold": 2, "base_backoff_s": 0.2,
                                                    "max_backoff_s": 1.0}}
-    g4 = _kvtier(_dir(tmp_path / "g4"), tiers=["dram", "redis"], dram={"capacity": "1MiB"}, redis=redis)
+    # a recency policy, so that the fresh prompts evict r from DRAM (the default agent policy would
+    # refuse to admit one-off prompts over it, and r would never need Redis)
+    g4 = _kvtier(_dir(tmp_path / "g4"), tiers=["dram", "redis"], dram={"capacity": "1MiB"}, redis=redis,
+                 eviction="lru-prefix")
     pid = frozen_redis.proc.pid if frozen_redis.proc is not None else None
     assert pid is not None
 
