@@ -308,10 +308,11 @@ class _CudaPath:
             event.record(self.copy_stream)
         self.memcpy2d = Memcpy2D.find()
 
-    def _groups(self, runs: list[tuple[int, torch.Tensor]], size: int = 1,
-                group: int = 0) -> list[tuple[int, torch.Tensor]]:
+    def _groups(self, runs: list[tuple[int, torch.Tensor]], size: int = 1, group: int = 0, *,
+                last_single: bool = False) -> list[tuple[int, torch.Tensor]]:
         """Runs cut into groups of ``group`` chunks; the first group is ``size`` (one) chunk, so the
-        first DMA starts after one chunk's gather (or the first scatter after one chunk's DMA)."""
+        first DMA starts after one chunk's gather (or the first scatter after one chunk's DMA).
+        ``last_single``: the last group is one chunk too (a scatter's tail after the last DMA)."""
         out = []
         for first, host in runs:
             s = 0
@@ -319,7 +320,24 @@ class _CudaPath:
                 out.append((first + s, host[s:s + size]))
                 s += size
                 size = group or self.group
+        if last_single and len(out) > 1 and out[-1][1].shape[0] > 1:
+            first, host = out.pop()
+            out += [(first, host[:-1]), (first + host.shape[0] - 1, host[-1:])]
         return out
+
+    @staticmethod
+    def _last(done: Any, stream: Any, wait: bool) -> Any:
+        """End of a gather or scatter whose last copy recorded ``done`` (None: nothing copied):
+        wait for it, or (``wait=False``) return an event of its own on ``stream`` (``done`` is a
+        reused ``free`` event, recorded again by later copies)."""
+        if done is None:
+            return None
+        if wait:
+            done.synchronize()
+            return None
+        last = torch.cuda.Event()
+        last.record(stream)
+        return last
 
     def _upload(self, values: list[int], stream: Any) -> torch.Tensor:
         """A long tensor on the device, copied without blocking the host (pinned source)."""
@@ -391,14 +409,7 @@ class _CudaPath:
                 host.copy_(buf[:n], non_blocking=True)
                 self.free[k % 2].record(self.copy_stream)
                 done = self.free[k % 2]
-        if done is None:
-            return None
-        if not wait:
-            last = torch.cuda.Event()  # its own event: ``free`` is recorded again by later copies
-            last.record(self.copy_stream)
-            return last
-        done.synchronize()
-        return None
+        return self._last(done, self.copy_stream, wait)
 
     def scatter(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int], after: Any,
                 wait: bool = True) -> Any:
@@ -406,10 +417,7 @@ class _CudaPath:
         instead of waiting for it (the caller keeps the host buffers alive until it fires)."""
         if after is not None:
             self.copy_stream.wait_event(after)
-        groups = self._groups(runs)
-        if len(groups) > 1 and groups[-1][1].shape[0] > 1:  # end on one chunk: a short last scatter
-            first, host = groups.pop()
-            groups += [(first, host[:-1]), (first + host.shape[0] - 1, host[-1:])]
+        groups = self._groups(runs, last_single=True)  # a short last scatter after the last DMA
         ready = [torch.cuda.Event() for _ in groups]
 
         def dma(k: int) -> None:
@@ -431,14 +439,7 @@ class _CudaPath:
                 self._scatter_group(self.buffers[k % 2][:host.shape[0]], ids[k])
                 self.free[k % 2].record(self.kernel_stream)
                 done = self.free[k % 2]
-        if done is None:
-            return None
-        if not wait:
-            last = torch.cuda.Event()  # its own event: ``free`` is recorded again by later copies
-            last.record(self.kernel_stream)
-            return last
-        done.synchronize()
-        return None
+        return self._last(done, self.kernel_stream, wait)
 
     def scatter_layers(self, runs: list[tuple[int, torch.Tensor]], block_ids: Sequence[int],
                        after: Any) -> list[Any] | None:

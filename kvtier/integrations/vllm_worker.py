@@ -142,12 +142,9 @@ class WorkerCore:
         """On the mover: reserve DRAM slots and gather into them; commit here on CPU, on the
         committer once the copies' event fires on CUDA."""
         t0 = time.perf_counter()
+        op: InPlaceStore | None = None
         try:
             op = self.memory.store_in_place(keys)  # straight into DRAM slots, no staging
-        except BaseException as exc:
-            self._saved_all(keys, None, t0, committed, exc)
-            raise
-        try:
             copied = self.paged.gather_into(op.views, block_ids, after, wait=False)
         except BaseException as exc:
             self._saved_all(keys, op, t0, committed, exc)
