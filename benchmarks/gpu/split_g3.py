@@ -162,7 +162,8 @@ def g3_row(model: Any, layout: KVLayout, dram: DramTier, root: Path, ids: torch.
         link = LinkCost(bandwidth_Bps=kv_bytes / max(t_load - prefill.seconds(n, len(ids) - n), 1e-6))
         cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), link), prefill=prefill)
         options = SplitOptions(mode="adaptive", step_tokens=args.step_tokens, group_chunks=args.group_chunks,
-                               reads_in_flight=args.reads_in_flight, first_step_share=args.first_step_share)
+                               reads_in_flight=args.reads_in_flight, first_step_share=args.first_step_share,
+                               lower_right=not args.masked_steps)
         if args.force_split:  # smoke: make the model believe in a split whatever the box
             cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), LinkCost(
                 bandwidth_Bps=kv_bytes / row["recompute_s"])), prefill=PrefillCost(
@@ -302,6 +303,8 @@ def main() -> int:
     ap.add_argument("--reads-in-flight", type=int, default=2, help="groups a split's loader reads at once")
     ap.add_argument("--first-step-share", type=float, default=0.75,
                     help="share of the plan's head a split computes in its first forward")
+    ap.add_argument("--masked-steps", action="store_true",
+                    help="a split's head steps attend through the model's own masked attention, not lower-right flash")
     ap.add_argument("--io-threads", type=int, default=8, help="the disk tier's parallel reads")
     ap.add_argument("--turns", type=int, default=None, help="session turns (6); 0 skips the session")
     ap.add_argument("--turn-tokens", type=int, default=None, help="new tokens per turn (8192)")

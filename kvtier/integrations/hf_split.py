@@ -11,7 +11,8 @@
   hides under the head's compute too;
 * the calling thread computes **forward** from chunk 0 into the first rows of the same tensors
   (a ``PromptCache``; the head needs no loaded KV): ``first_step_share`` of the plan's head in
-  one forward (causal attention without a mask), then ``step_tokens`` at a time.
+  one forward (causal attention without a mask), then ``step_tokens`` at a time, each attending
+  to its past through a lower-right causal kernel rather than a mask (``hf_attention``).
 
 Both write the prompt's KV in place: the loader's copies land in the rows of their chunks
 (``KVLoad``), the head's steps in theirs, so at the meeting nothing is copied or concatenated
@@ -51,6 +52,7 @@ import torch
 
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
+from kvtier.integrations.hf_attention import lower_right_attention
 from kvtier.integrations.hf_cache import PromptCache
 from kvtier.keys import ChunkKey
 from kvtier.tiers.cuda import CopyEngine, KVLoad
@@ -71,6 +73,9 @@ class SplitOptions:
     # through a mask, measured ~1.6x slower per attention FLOP (H200); the plan's head is an
     # estimate, so the rest stays in steps that adapt to the loader
     first_step_share: float = 0.75
+    # the steps after the first attend through PyTorch's lower-right causal flash kernel instead of
+    # a mask (``kvtier.integrations.hf_attention``); False: the model's own attention
+    lower_right: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "planned"):
@@ -212,8 +217,9 @@ def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.
     step = max(1, options.step_tokens // c)
     first = max(step, int(options.first_step_share * compute_chunks))
     queued: list[Any] = []  # events of the steps in flight (CUDA)
+    attention = lower_right_attention(model) if options.lower_right else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention:
             _compute(model, engine, ids, cache, fronts, step, c, queued, until=None if adaptive else compute_chunks,
                      first=first)
             timings.head_queued_s = time.perf_counter() - t0
