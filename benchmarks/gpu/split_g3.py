@@ -38,6 +38,7 @@ Writes ``<out>/split_g3.json`` (checkpointed after every row) and ``<out>/split_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import logging
@@ -60,6 +61,7 @@ from transformers.cache_utils import DynamicCache
 from benchmarks.gpu.bench_gpu import build_model, evict_page_cache, free, timed
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations.hf import KVTierLM, calibrate_prefill, layout_for
+from kvtier.integrations.hf_attention import lower_right_attention
 from kvtier.integrations.hf_split import SplitOptions
 from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost
@@ -97,12 +99,13 @@ class Run:
     """One fresh ContextMemory (empty DRAM, the disk root as left) and one KVTierLM over it."""
 
     io_threads = 8  # the disk tier's parallel reads (set from --io-threads)
+    lower_right = True  # KVTierLM's attention over a past (False from --stock-attention)
 
     def __init__(self, model: Any, layout: KVLayout, dram: DramTier, root: Path, **lm: Any) -> None:
         clear(dram)
         disk = DiskTier(layout, path=root, capacity_bytes=1 << 42, fsync=False, io_threads=self.io_threads)
         self.memory = ContextMemory(layout, [dram, disk], write_through=lm.pop("write_through", False))
-        self.lm = KVTierLM(model, self.memory, **lm)
+        self.lm = KVTierLM(model, self.memory, lower_right=self.lower_right, **lm)
 
     def __enter__(self) -> KVTierLM:
         return self.lm
@@ -162,8 +165,7 @@ def g3_row(model: Any, layout: KVLayout, dram: DramTier, root: Path, ids: torch.
         link = LinkCost(bandwidth_Bps=kv_bytes / max(t_load - prefill.seconds(n, len(ids) - n), 1e-6))
         cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), link), prefill=prefill)
         options = SplitOptions(mode="adaptive", step_tokens=args.step_tokens, group_chunks=args.group_chunks,
-                               reads_in_flight=args.reads_in_flight, first_step_share=args.first_step_share,
-                               lower_right=not args.masked_steps)
+                               reads_in_flight=args.reads_in_flight, first_step_share=args.first_step_share)
         if args.force_split:  # smoke: make the model believe in a split whatever the box
             cost = CostModel(links=(LinkCost(bandwidth_Bps=50e9), LinkCost(
                 bandwidth_Bps=kv_bytes / row["recompute_s"])), prefill=PrefillCost(
@@ -211,10 +213,13 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
     # cuDNN's SDPA plans per (new tokens, past tokens) shape, whatever the strides, and keeps the
     # plan for the process: untimed, the in-HBM turns build every shape first, so neither timed side
     # pays another's planning (timed first, kvtier paid 30-80 ms per turn that the baseline reused)
+    # (the in-HBM baseline attends as kvtier does: lower-right flash unless --stock-attention)
+    attention = partial(lower_right_attention, model) if Run.lower_right else contextlib.nullcontext
     warm = DynamicCache()
-    for turn in range(1, args.turns + 1):
-        to_logits(partial(model, input_ids=ids[(turn - 1) * tt:turn * tt][None].to(device), past_key_values=warm,
-                          use_cache=True, logits_to_keep=1), device)
+    with attention():
+        for turn in range(1, args.turns + 1):
+            to_logits(partial(model, input_ids=ids[(turn - 1) * tt:turn * tt][None].to(device),
+                              past_key_values=warm, use_cache=True, logits_to_keep=1), device)
     del warm
     free(device)
     kvtier: list[dict[str, Any]] = []
@@ -233,15 +238,17 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
     cache = DynamicCache()
     for turn in range(1, args.turns + 1):
         new = ids[(turn - 1) * tt:turn * tt][None].to(device)
-        t, _ = timed_turn(partial(model, input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1),
-                          device, args, turn, "hbm")
+        with attention():
+            t, _ = timed_turn(partial(model, input_ids=new, past_key_values=cache, use_cache=True,
+                                      logits_to_keep=1), device, args, turn, "hbm")
         hbm.append(t)
     del cache
     free(device)
     for row, t in zip(kvtier, hbm, strict=True):
         row["hbm_ttft_s"] = t
         row["ratio_vs_hbm"] = row["ttft_s"] / t
-    return {"turns": kvtier, "turn_tokens": tt, "note": "an untimed in-HBM pass first (attention plans for "
+    return {"turns": kvtier, "turn_tokens": tt, "attention": "lower-right flash" if Run.lower_right else "stock",
+            "note": "an untimed in-HBM pass first (attention plans for "
             "every shape), then kvtier (the process's first kvtier use is turn 1's), then HBM: one "
             "DynamicCache kept on the device across turns; no answers decoded"}
 
@@ -303,8 +310,9 @@ def main() -> int:
     ap.add_argument("--reads-in-flight", type=int, default=2, help="groups a split's loader reads at once")
     ap.add_argument("--first-step-share", type=float, default=0.75,
                     help="share of the plan's head a split computes in its first forward")
-    ap.add_argument("--masked-steps", action="store_true",
-                    help="a split's head steps attend through the model's own masked attention, not lower-right flash")
+    ap.add_argument("--stock-attention", action="store_true",
+                    help="kvtier's forwards over a past (and the in-HBM baseline's) attend through the model's own "
+                         "masked SDPA, not lower-right causal flash")
     ap.add_argument("--io-threads", type=int, default=8, help="the disk tier's parallel reads")
     ap.add_argument("--turns", type=int, default=None, help="session turns (6); 0 skips the session")
     ap.add_argument("--turn-tokens", type=int, default=None, help="new tokens per turn (8192)")
@@ -332,6 +340,7 @@ def main() -> int:
                                   logging.FileHandler(args.out / "split_g3.log", mode="w")])
     logging.getLogger("kvtier.policy.cost").setLevel(logging.DEBUG)  # every plan, with its estimates
     Run.io_threads = args.io_threads
+    Run.lower_right = not args.stock_attention
     device = torch.device(args.device)
     contexts = [int(x) for x in args.contexts.split(",") if x]
     out_json = args.out / "split_g3.json"

@@ -11,8 +11,8 @@
   hides under the head's compute too;
 * the calling thread computes **forward** from chunk 0 into the first rows of the same tensors
   (a ``PromptCache``; the head needs no loaded KV): ``first_step_share`` of the plan's head in
-  one forward (causal attention without a mask), then ``step_tokens`` at a time, each attending
-  to its past through a lower-right causal kernel rather than a mask (``hf_attention``).
+  one forward (causal attention without a mask), then ``step_tokens`` at a time (``KVTierLM``
+  runs them through a lower-right causal kernel rather than a mask: ``hf_attention``).
 
 Both write the prompt's KV in place: the loader's copies land in the rows of their chunks
 (``KVLoad``), the head's steps in theirs, so at the meeting nothing is copied or concatenated
@@ -30,7 +30,9 @@ that passed their checksums, the computed one ``[0, f)``; a group with a failed 
 loader there, and the compute covers it.
 
 On CUDA the compute side keeps at most two steps queued (it waits for step ``i - 1`` after
-queueing step ``i``), so the front it publishes is never far ahead of the GPU.
+queueing step ``i``), so the front it publishes is never far ahead of the GPU; in adaptive mode
+each step after the first is sized to the compute side's share of what is left (``Pacer``), so
+near the meeting the steps shrink and neither side idles while the other finishes.
 ``SplitTimings`` records where the time went (head, loader, the wait at the meeting, the last
 host-to-device copy), for benchmarks.
 """
@@ -42,7 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,7 +54,6 @@ import torch
 
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
-from kvtier.integrations.hf_attention import lower_right_attention
 from kvtier.integrations.hf_cache import PromptCache
 from kvtier.keys import ChunkKey
 from kvtier.tiers.cuda import CopyEngine, KVLoad
@@ -73,9 +74,6 @@ class SplitOptions:
     # through a mask, measured ~1.6x slower per attention FLOP (H200); the plan's head is an
     # estimate, so the rest stays in steps that adapt to the loader
     first_step_share: float = 0.75
-    # the steps after the first attend through PyTorch's lower-right causal flash kernel instead of
-    # a mask (``kvtier.integrations.hf_attention``); False: the model's own attention
-    lower_right: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "planned"):
@@ -216,12 +214,11 @@ def run_split(model: Any, memory: ContextMemory, engine: CopyEngine, ids: torch.
     loader = pool.submit(_load_backwards, memory, engine, load, keys, fronts, options, borrows, timings, t0)
     step = max(1, options.step_tokens // c)
     first = max(step, int(options.first_step_share * compute_chunks))
-    queued: list[Any] = []  # events of the steps in flight (CUDA)
-    attention = lower_right_attention(model) if options.lower_right else contextlib.nullcontext()
+    queued: list[tuple[Any, int]] = []  # the steps in flight: (event (CUDA), last chunk + 1)
     try:
-        with torch.no_grad(), attention:
+        with torch.no_grad():
             _compute(model, engine, ids, cache, fronts, step, c, queued, until=None if adaptive else compute_chunks,
-                     first=first)
+                     first=first, pacer=Pacer(fronts) if adaptive else None)
             timings.head_queued_s = time.perf_counter() - t0
             loader.result()  # the loader has stopped: at the compute front, the floor or a failure
             timings.waited_s = time.perf_counter() - t0 - timings.head_queued_s
@@ -253,18 +250,69 @@ def _timing_event(engine: CopyEngine, stream: Any) -> Any:
 
 
 def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: PromptCache, fronts: Fronts,
-             step: int, c: int, queued: list[Any], *, until: int | None, first: int | None = None) -> None:
-    """Forward steps of ``step`` chunks (the first of ``first``) up to the fronts' limit."""
+             step: int, c: int, queued: list[tuple[Any, int]], *, until: int | None, first: int | None = None,
+             pacer: Pacer | None = None) -> None:
+    """Forward steps of ``step`` chunks (the first of ``first``) up to the fronts' limit; with a
+    ``pacer``, each later step sized to the compute side's share of what is left (``Pacer``)."""
     device = engine.device
     size = first or step
     while (span := fronts.claim_compute(size, until=until)) is not None:
         lo, hi = span
-        size = step
         model(input_ids=ids[lo * c:hi * c].to(device)[None, :], past_key_values=cache, use_cache=True,
               logits_to_keep=1)
-        queued.append(engine.record_now())
+        queued.append((engine.record_now(), hi))
         if len(queued) > 1:  # keep two steps in flight: the published front stays near the GPU's
-            engine.wait(queued.pop(0))
+            _retire(engine, queued, pacer)
+        if pacer is None:
+            size = step
+            continue
+        size = pacer.size(step, fronts)
+        if size == 0:  # the loader should reach this front before the GPU has worked off its queue
+            while queued:
+                _retire(engine, queued, pacer)
+            size = max(1, pacer.size(step, fronts))  # the GPU is idle: its share of the rest
+
+
+def _retire(engine: CopyEngine, queued: list[tuple[Any, int]], pacer: Pacer | None) -> None:
+    event, hi = queued.pop(0)
+    engine.wait(event)
+    if pacer is not None:
+        pacer.computed(hi)
+
+
+class Pacer:
+    """Sizes the head's steps so that both fronts stop together (adaptive mode).
+
+    The front the loader sees runs ahead of the GPU by the steps in flight; a full step claimed
+    near the meeting leaves the disk idle while the GPU catches up (H200, 64K: the loader done
+    0.4 s before the head).  So each step is the compute side's share of the chunks still
+    unclaimed once the GPU has worked off its queue, ``gap x r_c / (r_c + r_l)``, from the two
+    measured rates (chunks per second: the GPU's between step completions, the loader's since
+    the start); 0: leave the rest to the loader for now.
+    """
+
+    def __init__(self, fronts: Fronts, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._t0 = self._done_t = clock()
+        self._done = fronts.computed  # the GPU's front: steps up to here have completed
+        self._rate: float | None = None  # the GPU's chunks per second, over the last completed step
+
+    def computed(self, hi: int) -> None:
+        """A step ending at chunk ``hi`` completed (seen now)."""
+        now = self._clock()
+        if now > self._done_t and hi > self._done:
+            self._rate = (hi - self._done) / (now - self._done_t)
+        self._done, self._done_t = hi, now
+
+    def size(self, step: int, fronts: Fronts) -> int:
+        loaded = fronts.end - fronts.loaded
+        elapsed = self._clock() - self._t0
+        if self._rate is None or loaded == 0 or elapsed <= 0:
+            return step  # nothing measured yet
+        load_rate = loaded / elapsed
+        queued_s = (fronts.computed - self._done) / self._rate  # the GPU's work already queued
+        gap = fronts.reading - fronts.computed - load_rate * queued_s
+        return max(0, min(step, int(gap * self._rate / (self._rate + load_rate))))
 
 
 def _load_backwards(memory: ContextMemory, engine: CopyEngine, load: KVLoad, keys: Sequence[ChunkKey],
