@@ -374,7 +374,8 @@ def main() -> int:
         # prefill cost (kernels warmed by its first, discarded, repeat)
         top = min(max(contexts, default=16384), 16384)
         points = ((0, top // 8), (0, top // 4), (0, top // 2), (0, top), (top // 2, top // 8))
-        t_cal, prefill = to_logits(lambda: calibrate_prefill(model, points=points, repeats=1, vocab=vocab), device)
+        t_cal, prefill = to_logits(lambda: calibrate_prefill(model, points=points, repeats=1, vocab=vocab,
+                                                               lower_right=Run.lower_right), device)
         result["prefill_cost"] = {"fixed_s": prefill.fixed_s, "per_token_s": prefill.per_token_s,
                                   "per_token_ctx_s": prefill.per_token_ctx_s, "points": points, "seconds": t_cal}
         log.info("prefill cost %s", result["prefill_cost"])

@@ -345,13 +345,21 @@ def _as_ids(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_prefill(model: Any, *, points: Sequence[tuple[int, int]] = ((0, 512), (0, 2048), (0, 4096),
                                                                           (4096, 256), (2048, 1024)),
-                      repeats: int = 2, vocab: int | None = None) -> PrefillCost:
+                      repeats: int = 2, vocab: int | None = None, lower_right: bool = True) -> PrefillCost:
     """Measure prefill times at ``(past, new)`` token counts and fit a ``PrefillCost``.
 
     Run once per model and box; save it with the link figures as a ``CostModel`` JSON.
+    ``lower_right``: attend over a past as ``KVTierLM`` does (its argument of that name).
     """
     device = next(model.parameters()).device
     vocab = vocab or model.config.get_text_config(decoder=True).vocab_size
+    with lower_right_attention(model) if lower_right else contextlib.nullcontext(False):
+        samples = _time_prefills(model, points, repeats, vocab, device)
+    return PrefillCost.fit(samples)
+
+
+def _time_prefills(model: Any, points: Sequence[tuple[int, int]], repeats: int, vocab: int,
+                   device: torch.device) -> list[tuple[int, int, float]]:
     gen = torch.Generator().manual_seed(0)
     samples: list[tuple[int, int, float]] = []
     for past, new in points:
@@ -367,7 +375,7 @@ def calibrate_prefill(model: Any, *, points: Sequence[tuple[int, int]] = ((0, 51
             _sync(device)
             times.append(time.perf_counter() - t0)
         samples.append((past, new, float(np.median(times[1:]))))
-    return PrefillCost.fit(samples)
+    return samples
 
 
 def _sync(device: torch.device) -> None:
