@@ -125,7 +125,9 @@ class KVTierLM:
         The first attention over a past (a hit) pays one-time set-up: on an H200 cuDNN's SDPA
         took 77 ms in the first turn that loaded, 48 ms after this warm-up, the rest being the
         plan for that turn's (new, past) shape, which any cache pays for a new shape, the in-HBM
-        baseline too.  The cache's rows are never written: the logits are garbage and dropped."""
+        baseline too.  With ``lower_right`` (the default) there is no per-shape plan; the warm-up
+        still pays the first call's set-up.  The cache's rows are never written: the logits are
+        garbage and dropped."""
         if not self.engine.is_cuda:
             return
         c = self.layout.tokens_per_chunk
