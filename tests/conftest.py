@@ -34,6 +34,16 @@ def make_payloads(layout: KVLayout, n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=layout.chunk_bytes, dtype=np.uint8) for _ in range(n)]
 
 
+class FakeClock:
+    """A clock the test moves by hand (``clock.now``): for code that takes ``clock=``."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def flip_byte(path: Path, offset: int) -> None:
     """Corrupt a stored chunk file in place: invert the byte at ``offset`` (negative: from the end)."""
     data = bytearray(path.read_bytes())

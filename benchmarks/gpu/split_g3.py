@@ -38,7 +38,6 @@ Writes ``<out>/split_g3.json`` (checkpointed after every row) and ``<out>/split_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import logging
@@ -214,7 +213,7 @@ def session(model: Any, layout: KVLayout, dram: DramTier, root: Path, prefill: P
     # plan for the process: untimed, the in-HBM turns build every shape first, so neither timed side
     # pays another's planning (timed first, kvtier paid 30-80 ms per turn that the baseline reused)
     # (the in-HBM baseline attends as kvtier does: lower-right flash unless --stock-attention)
-    attention = partial(lower_right_attention, model) if Run.lower_right else contextlib.nullcontext
+    attention = partial(lower_right_attention, model, Run.lower_right)
     warm = DynamicCache()
     with attention():
         for turn in range(1, args.turns + 1):

@@ -134,18 +134,15 @@ class KVTierLM:
         load = self.engine.start_load(1, tokens=2 * c, layerwise=self.layerwise)
         load.finish()
         ids = torch.zeros((1, c), dtype=torch.long, device=self.device)
-        with self._attention():
+        with lower_right_attention(self.model, self.lower_right):
             self.model(input_ids=ids, past_key_values=PromptCache(load, c), use_cache=True)
         load.wait_host()
         torch.cuda.synchronize(self.device)
 
-    def _attention(self) -> contextlib.AbstractContextManager[bool]:
-        return lower_right_attention(self.model) if self.lower_right else contextlib.nullcontext(False)
-
     # --- the request path -----------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor | Sequence[int], **forward_kwargs: Any) -> PrefillResult:
         """Logits and cache for ``input_ids`` (1-D, or shape (1, T)), loading what kvtier holds."""
-        with self._attention():
+        with lower_right_attention(self.model, self.lower_right):
             return self._prefill(_as_ids(input_ids), forward_kwargs)
 
     def _prefill(self, ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> PrefillResult:
@@ -355,7 +352,7 @@ def calibrate_prefill(model: Any, *, points: Sequence[tuple[int, int]] = ((0, 51
     """
     device = next(model.parameters()).device
     vocab = vocab or model.config.get_text_config(decoder=True).vocab_size
-    with lower_right_attention(model) if lower_right else contextlib.nullcontext(False):
+    with lower_right_attention(model, lower_right):
         samples = _time_prefills(model, points, repeats, vocab, device)
     return PrefillCost.fit(samples)
 

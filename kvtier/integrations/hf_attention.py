@@ -35,14 +35,9 @@ def lower_right_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if attention_mask is not None:  # a padded batch: its mask says more than causality
         raise ValueError("lower_right_sdpa takes no attention mask (batch size 1, no padding)")
     q_len, kv_len = query.shape[2], key.shape[2]
-    gqa = query.shape[1] != key.shape[1]
-    if q_len == 1:  # one new token sees the whole past: no mask at all
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
-                                                                enable_gqa=gqa)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
-            enable_gqa=gqa)
+    causal = causal_lower_right(q_len, kv_len) if q_len > 1 else None  # one new token sees the whole past
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, dropout_p=dropout,
+                                                            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -50,12 +45,12 @@ AttentionInterface.register(NAME, lower_right_sdpa)
 
 
 @contextlib.contextmanager
-def lower_right_attention(model: Any) -> Iterator[bool]:
-    """Within: ``model`` attends through ``lower_right_sdpa`` if it used ``sdpa`` (yields whether
-    it switched).  Not for concurrent use of the same model from other threads."""
+def lower_right_attention(model: Any, enabled: bool = True) -> Iterator[bool]:
+    """Within: ``model`` attends through ``lower_right_sdpa`` if ``enabled`` and it used ``sdpa``
+    (yields whether it switched).  Not for concurrent use of the same model from other threads."""
     config: Any = getattr(model, "config", None)  # None: not a transformers model (a wrapper)
     before = getattr(config, "_attn_implementation", None)
-    if before != "sdpa":
+    if not enabled or before != "sdpa":
         yield False
         return
     config._attn_implementation = NAME

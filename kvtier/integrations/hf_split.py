@@ -266,11 +266,11 @@ def _compute(model: Any, engine: CopyEngine, ids: torch.Tensor, cache: PromptCac
         if pacer is None:
             size = step
             continue
-        size = pacer.size(step, fronts)
+        size = pacer.size(step)
         if size == 0:  # the loader should reach this front before the GPU has worked off its queue
             while queued:
                 _retire(engine, queued, pacer)
-            size = max(1, pacer.size(step, fronts))  # the GPU is idle: its share of the rest
+            size = max(1, pacer.size(step))  # the GPU is idle: its share of the rest
 
 
 def _retire(engine: CopyEngine, queued: list[tuple[Any, int]], pacer: Pacer | None) -> None:
@@ -292,6 +292,7 @@ class Pacer:
     """
 
     def __init__(self, fronts: Fronts, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._fronts = fronts
         self._clock = clock
         self._t0 = self._done_t = clock()
         self._done = fronts.computed  # the GPU's front: steps up to here have completed
@@ -304,7 +305,9 @@ class Pacer:
             self._rate = (hi - self._done) / (now - self._done_t)
         self._done, self._done_t = hi, now
 
-    def size(self, step: int, fronts: Fronts) -> int:
+    def size(self, step: int) -> int:
+        """The next step, at most ``step`` chunks; 0: none for now."""
+        fronts = self._fronts
         loaded = fronts.end - fronts.loaded
         elapsed = self._clock() - self._t0
         if self._rate is None or loaded == 0 or elapsed <= 0:

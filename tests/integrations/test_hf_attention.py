@@ -65,6 +65,8 @@ def test_steps_over_a_past_match_one_forward(model: Any) -> None:
 
 def test_other_attention_is_left_alone(model: Any) -> None:
     before = model.config._attn_implementation
+    with lower_right_attention(model, enabled=False) as switched:  # KVTierLM(lower_right=False)
+        assert not switched and model.config._attn_implementation == before
     model.config._attn_implementation = "eager"
     try:
         with lower_right_attention(model) as switched:

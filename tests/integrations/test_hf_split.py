@@ -25,7 +25,7 @@ from kvtier.integrations.hf_split import Fronts, Pacer, SplitOptions, run_split 
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
-from tests.conftest import flip_byte  # noqa: E402
+from tests.conftest import FakeClock, flip_byte  # noqa: E402
 from tests.integrations.hf_helpers import C, greedy_reference, open_memory, prompt, reference, warm  # noqa: E402
 
 N = 6  # cached chunks of the prompts below
@@ -109,35 +109,27 @@ def test_planned_mode_keeps_the_floor_and_a_failure_moves_the_compute_on() -> No
     assert fronts.claim_compute(8) == (5, 8)  # compute takes the failed chunk (and the gap) over
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_the_pacer_gives_the_compute_its_share_of_what_is_left() -> None:
     """Steps sized ``gap x r_c / (r_c + r_l)``, the gap net of what the loader reads while the
     GPU works off its queue; 0 once the loader should close the gap on its own."""
-    clock, fronts = _Clock(), Fronts(100)
+    clock, fronts = FakeClock(), Fronts(100)
     pacer = Pacer(fronts, clock=clock)
-    assert pacer.size(16, fronts) == 16  # nothing measured: a full step
+    assert pacer.size(16) == 16  # nothing measured: a full step
     assert fronts.claim_compute(20) == (0, 20)
     assert fronts.claim_load(20) == (80, 100)
-    clock.t = 1.0
+    clock.now = 1.0
     pacer.computed(20)  # the GPU: 20 chunks/s
-    assert pacer.size(16, fronts) == 16  # the loader has delivered nothing yet
+    assert pacer.size(16) == 16  # the loader has delivered nothing yet
     fronts.delivered(80)  # the loader: 20 chunks in 1 s
     # GPU idle, 60 chunks unclaimed, equal rates: 30 each, capped at the step
-    assert pacer.size(16, fronts) == 16 and pacer.size(64, fronts) == 30
+    assert pacer.size(16) == 16 and pacer.size(64) == 30
     assert fronts.claim_compute(20) == (20, 40)  # queued, not done: the loader reads 20 meanwhile
-    assert pacer.size(64, fronts) == 10  # (60 - 20 - 20) / 2
+    assert pacer.size(64) == 10  # (60 - 20 - 20) / 2
     assert fronts.claim_compute(20) == (40, 60)  # 40 queued: the loader reaches the front first
-    assert pacer.size(64, fronts) == 0
-    clock.t = 3.0
+    assert pacer.size(64) == 0
+    clock.now = 3.0
     pacer.computed(60)  # all done; the loader (20 chunks in 3 s) is now the slow side
-    assert pacer.size(64, fronts) == int(20 * 20 / (20 + 20 / 3))
+    assert pacer.size(64) == int(20 * 20 / (20 + 20 / 3))
 
 
 def test_split_options_are_checked() -> None:

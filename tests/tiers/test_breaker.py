@@ -7,20 +7,13 @@ import pytest
 from kvtier.config import BreakerConfig
 from kvtier.errors import ConfigError
 from kvtier.tiers.breaker import BreakerMode, BreakerState, CircuitBreaker, backoff_s
+from tests.conftest import FakeClock
 
 CFG = BreakerConfig(failure_threshold=3, base_backoff_s=0.5, max_backoff_s=4.0)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_stays_closed_below_the_threshold_and_success_resets() -> None:
-    b = CircuitBreaker(CFG, clock=FakeClock())
+    b = CircuitBreaker(CFG, clock=FakeClock(100.0))
     b.record_failure()
     b.record_failure()
     assert b.mode is BreakerMode.CLOSED and b.allow()
@@ -31,7 +24,7 @@ def test_stays_closed_below_the_threshold_and_success_resets() -> None:
 
 
 def test_opens_refuses_then_admits_exactly_one_probe() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     b = CircuitBreaker(CFG, clock=clock)
     for _ in range(3):
         b.record_failure()
@@ -48,7 +41,7 @@ def test_opens_refuses_then_admits_exactly_one_probe() -> None:
 
 
 def test_failed_probes_double_the_backoff_up_to_the_cap() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     b = CircuitBreaker(CFG, clock=clock)
     for _ in range(3):
         b.record_failure()
