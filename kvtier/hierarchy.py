@@ -54,7 +54,7 @@ from kvtier.config import KVTierConfig, load_config
 from kvtier.errors import ArgumentTypeError, ConfigError, TierError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
-from kvtier.policy.eviction import make_policies
+from kvtier.policy.eviction import EvictionPolicy, make_policies
 from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
@@ -167,7 +167,9 @@ class ContextMemory:
 
     def __init__(self, layout: KVLayout, tiers: Sequence[Tier], *, eviction: str = "lru",
                  promotion: str = "always", write_through: bool = True, tenant: str = "",
-                 exclusive: bool = False, write_through_share: float = 0.0) -> None:
+                 exclusive: bool = False, write_through_share: float = 0.0,
+                 policies: Sequence[EvictionPolicy] | None = None) -> None:
+        """``policies``: one prebuilt eviction policy per tier, in place of ``eviction``'s."""
         if not tiers:
             raise ValueError("ContextMemory needs at least one tier")
         self.layout = layout
@@ -181,7 +183,8 @@ class ContextMemory:
         self.exclusive = exclusive  # see the module docstring
         self.write_through_share = write_through_share  # exclusive: leading share written through
         self.indexes = [TierIndex(t.name, t.capacity_bytes, policy)
-                        for t, policy in zip(self.tiers, make_policies(eviction, len(self.tiers)), strict=True)]
+                        for t, policy in zip(self.tiers, policies or make_policies(eviction, len(self.tiers)),
+                                             strict=True)]
         self.pins = PinSet()  # this process's pins
         self._evictable_at = [partial(self._evictable, level) for level in range(len(self.tiers))]
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]

@@ -37,6 +37,7 @@ from kvtier.bench.workloads.stream import Request, block_keys
 from kvtier.errors import ConfigError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
+from kvtier.policy.eviction import EvictionPolicy
 from kvtier.tiers.null import NullTier
 
 Progress = Callable[[int], None]  # called with the number of requests just finished
@@ -113,14 +114,16 @@ def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray) -> list[Nul
 def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, policy: str = "lru",
              promotion: str = "always", write_through: bool = True, exclusive: bool = False,
              write_through_share: float = 0.0, replicas: int = 0, progress: Progress | None = None,
-             label: str = "") -> RunResult:
+             label: str = "", family: Callable[[int], Sequence[EvictionPolicy]] | None = None) -> RunResult:
     """Replay ``work`` through a ContextMemory over payload-free tiers (each request hinted with
-    its session and trace time, ``ContextMemory.hint``)."""
+    its session and trace time, ``ContextMemory.hint``).  ``family(n)`` builds the ``n`` tiers'
+    policies in place of ``policy``'s (a reference such as ``bench.foresight``)."""
     layout = replace(cost.shape.layout, tokens_per_chunk=work.chunk_tokens)
     dummy = np.zeros(layout.chunk_bytes, dtype=np.uint8)
     memory = ContextMemory(layout, _tiers_for(specs, layout, dummy), eviction=policy, promotion=promotion,
                            write_through=write_through, exclusive=exclusive,
-                           write_through_share=write_through_share)
+                           write_through_share=write_through_share,
+                           policies=family(len(specs)) if family else None)
     n_req, n_tiers = len(work.requests), len(specs)
     hits = np.zeros((n_req, n_tiers), dtype=np.int64)
     tiers = memory.tiers

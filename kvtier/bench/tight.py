@@ -3,6 +3,7 @@
     kvtier bench tight ../shared/traces/mooncake_synthetic_trace.jsonl ../shared/traces/kv-cache-tester/
     kvtier bench tight TRACES... --g2 1%,2%,5% --g2-g3 1%+2%,1%+5% --json docs/results/tight.json --md out.md
     kvtier bench tight TRACES... --synthetic 0,1,2   # also the synthetic agents of 'kvtier bench agentic'
+    kvtier bench tight TRACES... --foresight deaths,classes,next-use   # the agent told part of the future
 
 Each path is one trace (a folder of kv-cache-tester conversations replays them concurrently;
 ``--each`` adds every file of a folder as a trace of its own).  For each capacity, given as a
@@ -10,7 +11,8 @@ share of that trace's working set (unique chunks x chunk bytes) and reported in 
 too, it simulates every policy through the real ``ContextMemory`` (G2 only, or G2 + G3 with
 exclusive tiers), and the prefix-aware offline bound (``sim.prefix_bound``) over the same total
 capacity.  The table shows each policy's token hit rate, the bound's and the ideal's, the
-default policy's ratio to the bound and its lead over LRU in percentage points.
+default policy's ratio to the bound and its lead over LRU in percentage points.  ``--foresight``
+adds references that are told a part of the bound's knowledge (``bench.foresight``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any
 
 from kvtier.bench import report
 from kvtier.bench.costmodel import CostModel
+from kvtier.bench.foresight import TELLS, family
 from kvtier.bench.sim import RunResult, TierSpec, Workload, ideal, prefix_bound, prepare, simulate
 from kvtier.bench.trace import cost_model, load_paths
 from kvtier.bench.workloads.synthetic import AgentWorkload, generate
@@ -46,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--cost-model", default="auto", help="as for 'kvtier bench trace'")
     parser.add_argument("--gpu-flops", type=float, default=5.7e14)
+    parser.add_argument("--foresight", default="", help=f"also the agent told part of the future, of {list(TELLS)}")
+    parser.add_argument("--foresight-split-s", type=float, default=10.0,
+                        help="'classes': a next use within this many seconds is short, later long")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--md", type=Path, default=None, help="write the tables as Markdown here")
 
@@ -79,8 +86,8 @@ def rate(run: RunResult) -> float:
 
 
 def measure(name: str, work: Workload, cost: CostModel, capacities: list[Capacity],
-            policies: list[str]) -> dict[str, Any]:
-    """Every policy and the bound at every capacity of one trace."""
+            policies: list[str], foresight: Sequence[str] = (), split_s: float = 10.0) -> dict[str, Any]:
+    """Every policy, the bound and the ``foresight`` references at every capacity of one trace."""
     chunk = cost.shape.layout.bytes_per_token * work.chunk_tokens
     slots = lambda share: int(work.unique_chunks * share / 100)  # noqa: E731
     rows, sim_s, sim_accesses = [], 0.0, 0
@@ -100,6 +107,10 @@ def measure(name: str, work: Workload, cost: CostModel, capacities: list[Capacit
             row["hit"][policy] = rate(run)
             row["ttft_mean_s"][policy] = float(run.ttft_s.mean())
             row["chunk_accesses_per_s"][policy] = work.total_chunk_accesses / run.wall_s if run.wall_s else 0.0
+        if foresight:
+            row["foresight"] = {tell: rate(simulate(work, cost, specs, policy="agent", exclusive=True,
+                                                    family=family(work, tell, split_s=split_s)))
+                                for tell in foresight}
         rows.append(row)
     return {"trace": name, "requests": len(work.requests), "chunk_tokens": work.chunk_tokens,
             "chunk_bytes": chunk, "unique_chunks": work.unique_chunks,
@@ -108,9 +119,10 @@ def measure(name: str, work: Workload, cost: CostModel, capacities: list[Capacit
             "speed": {"sim_s": sim_s, "chunk_accesses_per_s": sim_accesses / sim_s if sim_s else float("nan")}}
 
 
-def markdown(result: dict[str, Any], policies: list[str], default: str) -> str:
+def markdown(result: dict[str, Any], policies: list[str], default: str, foresight: Sequence[str] = ()) -> str:
     gib = 1 << 30
-    head = ["capacity", "tokens", "GiB", *policies, "bound", f"{default} / bound", f"{default} - lru (pp)"]
+    head = ["capacity", "tokens", "GiB", *policies, "bound", f"{default} / bound", f"{default} - lru (pp)",
+            *(f"told {tell} (/ bound)" for tell in foresight)]
     lines = [f"**{result['trace']}**: {result['requests']:,} requests, working set "
              f"{result['unique_chunks']:,} chunks of {result['chunk_tokens']} tokens = "
              f"{result['working_set_bytes'] / gib:.1f} GiB; ideal {100 * result['ideal']:.1f}%", "",
@@ -121,6 +133,9 @@ def markdown(result: dict[str, Any], policies: list[str], default: str) -> str:
                  *(f"{100 * hit[p]:.1f}%" for p in policies), f"{100 * row['bound']:.1f}%",
                  f"{hit[default] / row['bound']:.2f}" if row["bound"] else "-",
                  f"{100 * (hit[default] - hit['lru']):+.1f}" if "lru" in hit else "-"]
+        for tell in foresight:
+            told = row["foresight"][tell]
+            cells.append(f"{100 * told:.1f}% ({told / row['bound']:.2f})" if row["bound"] else f"{100 * told:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -142,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     if args.default not in policies:
         policies.append(args.default)
     capacities = parse_capacities(args.g2, args.g2_g3)
+    foresight = [t.strip() for t in args.foresight.split(",") if t.strip()]
+    unknown = [t for t in foresight if t not in TELLS]
+    if unknown:
+        raise ConfigError(f"--foresight: unknown {unknown[0]!r}; known: {', '.join(TELLS)}")
+    if not args.foresight_split_s > 0:
+        raise ConfigError(f"--foresight-split-s must be > 0, got {args.foresight_split_s}")
     args.dram_gbps = args.disk_gbps = args.disk_latency_ms = args.remote_gbps = args.remote_latency_ms = None
     cost = cost_model(args)
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -154,9 +175,9 @@ def run(args: argparse.Namespace) -> int:
     streams += [(f"synthetic agents, seed {seed}", partial(generate, AgentWorkload(seed=seed))) for seed in seeds]
     for name, load in streams:
         work = prepare(load())
-        result = measure(name, work, cost, capacities, policies)
+        result = measure(name, work, cost, capacities, policies, foresight, args.foresight_split_s)
         results.append(result)
-        tables.append(markdown(result, policies, args.default))
+        tables.append(markdown(result, policies, args.default, foresight))
         print(tables[-1] + "\n", flush=True)
     accesses = sum(r["chunk_accesses"] * len(capacities) * len(policies) for r in results)
     sim_s = sum(r["speed"]["sim_s"] for r in results)
@@ -176,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
           f"{speed['slowest_run_chunk_accesses_per_s']:,.0f}/s (load {load_before[0]:.1f} on "
           f"{os.cpu_count()} CPUs); TTFT figures: {cost.source}")
     doc = {"benchmark": "kvtier bench tight", "model": cost.shape.layout.model, "cost_model": cost.source,
-           "policies": policies, "summary": summary, "speed": speed, "traces": results}
+           "policies": policies, "foresight": foresight, "foresight_split_s": args.foresight_split_s,
+           "summary": summary, "speed": speed, "traces": results}
     if args.json:
         report.write_json(args.json, doc)
         print(f"wrote {args.json}")

@@ -222,6 +222,7 @@ class AgentPolicy(EvictionPolicy):
     """
 
     name = "agent"
+    idle = _IDLE  # an idle chunk is expected back after ``idle`` x its idle time
 
     def __init__(self, model: AgentModel | None = None) -> None:
         self.model = model or AgentModel()
@@ -302,7 +303,7 @@ class AgentPolicy(EvictionPolicy):
         by_due, by_age = self._live(self._by_due, True), self._live(self._by_age, False)
         now = self.model.now
         due = None if by_due is None else (-by_due[0], -by_due[1], True)
-        aged = None if by_age is None else (now + _IDLE * (now - by_age[0]), -by_age[1], False)
+        aged = None if by_age is None else (now + self.idle * (now - by_age[0]), -by_age[1], False)
         if due is None or aged is None:
             return due or aged
         return due if due[:2] >= aged[:2] else aged
