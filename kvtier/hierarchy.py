@@ -15,6 +15,7 @@ Follow a chunk:
   pinned chunks and the leading ``write_through_share`` of each stored batch are written through
   to G3; other chunks reach it when DRAM evicts them (demotion), and a promoted chunk leaves it
   (unless pinned), so G2 + G3 add up.  Tiers further down (G4) still take every write-through.
+  ``close`` moves what only DRAM holds down to G3, so a restart finds it; a crash loses it.
   What each costs on a crash and for sharing: ``docs/benchmarks.md``.
 * ``lookup(keys)`` answers the longest cached prefix and which tier holds each chunk, from the
   in-process indexes plus one batched ``contains`` probe per shared tier past the local hits.
@@ -758,13 +759,37 @@ class ContextMemory:
         """(used, capacity) bytes per tier, as the indexes account them."""
         return {ix.name: (ix.used_bytes, ix.capacity_bytes) for ix in self.indexes}
 
-    def close(self) -> None:
-        """Finish the write-through and close every tier, even when one of them fails (raised after)."""
+    def close(self, *, keep: bool = True) -> None:
+        """Finish the write-through and close every tier, even when one of them fails (raised after).
+
+        Exclusive tiers, ``keep``: first the chunks only DRAM holds go down to the persistent tier
+        below (``_keep_top``), so a restart finds them; a crash still loses them.
+        """
         with contextlib.ExitStack() as stack:  # unwinds last first: the writer, then the tiers in order
             for tier in reversed(self.tiers):
                 stack.callback(tier.close)
             stack.callback(self._background.shutdown, wait=True)
             self.flush()
+            if keep:
+                self._keep_top()
+
+    def _keep_top(self) -> int:
+        """Exclusive tiers at close: copy DRAM's chunks that the tier below lacks into it, oldest
+        first (its policy makes room as for a demotion, so the newest stay when it is smaller);
+        returns how many went down."""
+        if not self.exclusive or len(self.tiers) < 2 or not self.tiers[1].persistent:
+            return 0
+        top, below = self.tiers[0], self.indexes[1]
+        with self._lock:
+            keys = [key for key in self.indexes[0].sizes if key not in below.sizes]
+        kept = 0
+        for key in keys:
+            with top.borrow(key) as view:
+                if view is not None and self._put(1, key, view) == 1:
+                    kept += 1
+        if keys:
+            log.info("close: %d of DRAM's %d chunks not on %s went down to it", kept, len(keys), self.tiers[1].name)
+        return kept
 
     def __enter__(self) -> ContextMemory:
         return self

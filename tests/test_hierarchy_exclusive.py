@@ -93,3 +93,31 @@ def test_agent_policy_keeps_the_head_of_a_context_larger_than_the_tiers(tmp_path
                 mem.store(keys[n:], payloads[n:])
                 mem.flush()
     assert served == {"lru": [0, 0, 0], "agent": [0, 5, 5]}
+
+
+def test_exclusive_close_keeps_what_only_dram_held(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 6), make_payloads(LAYOUT, 6)
+    with _memory(tmp_path, 4, 8, exclusive=True) as mem:
+        mem.store(keys, payloads)  # 0, 1 demoted; 2..5 only in DRAM
+        assert _on_disk(mem) == set(keys[:2])
+    with _memory(tmp_path, 4, 8, exclusive=True) as again:  # the restart finds every chunk on disk
+        assert again.lookup(keys).tiers == (1,) * 6
+        outs = _outs(6)
+        assert again.load(keys, outs) == 6
+        assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+
+
+def test_keeping_at_close_is_bounded_by_the_disk_and_optional(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 6), make_payloads(LAYOUT, 6)
+    mem = _memory(tmp_path / "small", 4, 3, exclusive=True, eviction="lru-prefix")
+    mem.store(keys, payloads)
+    mem.close()  # 4 chunks for 1 free disk slot: the disk's policy makes room, as for a demotion
+    with _memory(tmp_path / "small", 4, 3, exclusive=True) as again:
+        assert len(_on_disk(again)) == 3
+        n = again.lookup(keys).num_chunks
+        assert again.load(keys, _outs(6)) == n  # what it serves is whole
+    mem = _memory(tmp_path / "skip", 4, 8, exclusive=True)
+    mem.store(keys, payloads)
+    mem.close(keep=False)
+    with _memory(tmp_path / "skip", 4, 8, exclusive=True) as again:
+        assert _on_disk(again) == set(keys[:2])
