@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_py
 
 from kvtier.bench.servers import RedisServer
 from tests.integrations.vllm_helpers import run_vllm
@@ -178,13 +179,21 @@ def test_a_frozen_redis_does_not_stall_the_scheduler(tiny_model: Path, tmp_path:
     pid = frozen_redis.proc.pid if frozen_redis.proc is not None else None
     assert pid is not None
 
-    def freeze() -> None:
-        time.sleep(1.0)  # let phase 0's write-through reach Redis
+    def freeze() -> None:  # once phase 0's write-through has reached Redis
+        client = redis_py.Redis.from_url(frozen_redis.url, password=frozen_redis.password)
+        deadline = time.monotonic() + 60
+        while not any(client.scan_iter(match=f"{redis['key_prefix']}:*".encode())):
+            assert time.monotonic() < deadline, "phase 0's chunk never reached Redis"
+            time.sleep(0.05)
+        client.close()
         os.kill(pid, signal.SIGSTOP)
 
+    def thaw() -> None:
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(1.5)  # past the breaker's longest backoff (1 s): phase 2's first Redis call is its probe
+
     try:
-        frozen = _run_with_signals(_spec(tiny_model, phases, **g4), tmp_path / "g4", "g4",
-                                   {1: freeze, 2: lambda: os.kill(pid, signal.SIGCONT)})
+        frozen = _run_with_signals(_spec(tiny_model, phases, **g4), tmp_path / "g4", "g4", {1: freeze, 2: thaw})
     finally:
         os.kill(pid, signal.SIGCONT)
     plain = _run_with_signals(_spec(tiny_model, phases, **_kvtier(_dir(tmp_path / "dram"), tiers=["dram"])),
