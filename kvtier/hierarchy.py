@@ -52,10 +52,10 @@ from functools import partial
 import numpy as np
 
 from kvtier.config import KVTierConfig, load_config
-from kvtier.errors import ArgumentTypeError, ConfigError, TierError
+from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError, TierError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
-from kvtier.policy.eviction import EvictionPolicy, make_policies
+from kvtier.policy.eviction import AWAITS, EvictionPolicy, make_policies
 from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
@@ -656,6 +656,16 @@ class ContextMemory:
         """
         with self._lock:
             self.indexes[0].policy.observe(keys, session=session, now=now)
+
+    def hint_end(self, session: str, *, awaits: str) -> None:
+        """Tell the eviction policy ``session``'s request got its answer, and what that waits for:
+        ``"tool"`` (the agent runs a tool and calls back, seconds later) or ``"user"`` (a human's
+        turn: minutes).  Optional, as ``hint``; an engine knows it from the output (a tool call
+        or not), a replay from the trace (kv-cache-tester's ``stop``)."""
+        if awaits not in AWAITS:
+            raise ArgumentValueError(f"awaits must be one of {', '.join(AWAITS)}, got {awaits!r}")
+        with self._lock:
+            self.indexes[0].policy.observe_end(session, awaits=awaits)
 
     def _write_through_async(self, keys: list[ChunkKey]) -> None:
         targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]

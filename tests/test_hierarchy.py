@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvtier.config import DiskConfig, DramConfig, KVTierConfig
-from kvtier.errors import ConfigError
+from kvtier.errors import ArgumentValueError, ConfigError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
@@ -363,3 +363,19 @@ def test_promotion_off_reads_lower_tiers_into_the_callers_buffers(tmp_path: Path
         assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
         assert mem.lookup(keys).tiers == (0, 1, 1) and mem.tiers[0].stats.promotions == 0
         assert [t.stats.hits for t in mem.tiers] == [1, 2]
+
+
+def test_hint_end_reaches_the_policy_and_checks_its_value(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 2), make_payloads(LAYOUT, 2)
+    with _memory(tmp_path, 4, 8, eviction="agent") as mem:
+        for t, end in ((0.0, "tool"), (2.0, "user"), (62.0, "user")):
+            mem.hint(keys, session="s", now=t)
+            mem.store(keys, payloads)
+            mem.hint_end("s", awaits=end)
+        model = mem.indexes[0].policy.model  # type: ignore[attr-defined]
+        assert model.sessions["s"].class_gap == {"tool": 2.0, "user": 60.0}
+        assert model.nodes[keys[1]].due == 62.0 + 60.0
+        with pytest.raises(ArgumentValueError, match="awaits must be one of tool, user, got 'soon'"):
+            mem.hint_end("s", awaits="soon")
+    with _memory(tmp_path / "lru", 4, 8) as mem:
+        mem.hint_end("s", awaits="tool")  # a policy that predicts nothing ignores it

@@ -63,6 +63,11 @@ class ForesightModel(AgentModel):
         self._next = dict(zip(keys, nexts, strict=True))
         super().observe(keys, session=session, now=now)
 
+    def observe_end(self, session: str, awaits: str) -> None:
+        if self.tell == "deaths":  # the agent's own guess for the living: the end hints too
+            super().observe_end(session, awaits)
+        # told when (or its class): what an answer waits for says nothing more
+
     def predict(self, key: ChunkKey) -> tuple[float, int]:
         due, depth = super().predict(key)
         nxt = self._next.get(key)

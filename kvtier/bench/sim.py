@@ -139,6 +139,8 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
             if n < len(keys):
                 memory.store(keys[n:], [dummy] * (len(keys) - n))
                 memory.flush()
+            if (awaits := work.requests[i].awaits) is not None:  # its answer's end: a tool call, or the user's turn
+                memory.hint_end(work.requests[i].session, awaits=awaits)
             for level, tier in enumerate(tiers):
                 hits[i, level] = tier.stats.hits - before[level]
             if progress and i % 256 == 255:

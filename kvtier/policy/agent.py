@@ -38,10 +38,10 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtier.keys import ChunkKey
-from kvtier.policy.eviction import EvictionPolicy
+from kvtier.policy.eviction import AWAITS, EvictionPolicy
 
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
@@ -55,6 +55,8 @@ class _Session:
     last_t: float
     gap: float | None  # EWMA of inter-arrival gaps; None until the second call
     keys: Sequence[ChunkKey]  # the last request's keys (compaction detection)
+    awaits: str | None = None  # its last response's end (``AgentModel.observe_end``); None: not told
+    class_gap: dict[str, float] = field(default_factory=dict)  # EWMA of the gaps after each kind of end
 
 
 @dataclass(slots=True)
@@ -66,6 +68,7 @@ class _Node:
     owner: str | None  # session that last used it
     stamp: int  # request that last updated it (one update per request)
     tiers: int = 0  # tier policies holding it
+    own: float = _DEAD  # the next use its last session predicted for itself (``due`` may be another's, sooner)
 
 
 class AgentModel:
@@ -78,6 +81,7 @@ class AgentModel:
         self.nodes: dict[ChunkKey, _Node] = {}
         self.ghosts: OrderedDict[ChunkKey, _Node] = OrderedDict()  # recently evicted: history kept
         self.members: list[AgentPolicy] = []
+        self.class_gaps: dict[str, float] = {}  # EWMA over every session of the gaps after each kind of end
         self._stamp = 0
         self._session: _Session | None = None
         self._session_id: str | None = None
@@ -104,9 +108,39 @@ class AgentModel:
             self.sessions.move_to_end(session)
             gap = self.now - s.last_t
             s.gap = gap if s.gap is None else _EWMA * gap + (1 - _EWMA) * s.gap
+            if s.awaits is not None:  # the gap after that kind of end
+                for gaps in (s.class_gap, self.class_gaps):
+                    before = gaps.get(s.awaits)
+                    gaps[s.awaits] = gap if before is None else _EWMA * gap + (1 - _EWMA) * before
+                s.awaits = None
             self._bury_tail(session, s.keys, keys)
             s.last_t, s.keys = self.now, keys
         self._session = s
+
+    def observe_end(self, session: str, awaits: str) -> None:
+        """``session``'s last request got its answer, which ends waiting for ``awaits``: "tool" (the
+        agent runs a tool and calls back, seconds later) or "user" (a human's turn, minutes).  The
+        chunks that request used are then due after the gap this session (else any session) had
+        after that kind of end; a chunk another session is due to read sooner keeps that time."""
+        if awaits not in AWAITS:
+            raise ValueError(f"awaits must be one of {AWAITS}, got {awaits!r}")
+        s = self.sessions.get(session)
+        if s is None:
+            return
+        s.awaits = awaits
+        gap = s.class_gap.get(awaits, self.class_gaps.get(awaits))
+        if gap is None:  # no gap after this kind of end seen yet: the prediction stands
+            return
+        due = s.last_t + gap
+        for key in s.keys:
+            node = self.nodes.get(key)
+            if node is None or node.owner != session or node.last_t != s.last_t or node.due == _DEAD:
+                continue  # not this request's use (a later one's, or gone), or a buried tail
+            node.due = min(due, node.due) if node.due < node.own else due
+            node.own = due
+            for member in self.members:
+                if key in member.held:
+                    member.push(key, node)
 
     def _bury_tail(self, session: str, old: Sequence[ChunkKey], new: Sequence[ChunkKey]) -> None:
         """The session compacted (its new context leaves its old one): its old tail is dead."""
@@ -165,12 +199,13 @@ class AgentModel:
             return node  # used by this request already, or moving between tiers: not a use
         due, depth = self.predict(key)
         now = self.now
+        own = now + self._gap(node, now)
         if node is None:
             node = self.nodes[key] = _Node(last_t=now, due=due, depth=depth, gap=None, owner=None, stamp=0)
         else:
             reuse = now - node.last_t
             node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
-        node.last_t, node.due, node.depth, node.stamp = now, due, depth, self._stamp
+        node.last_t, node.due, node.depth, node.stamp, node.own = now, due, depth, self._stamp, max(own, due)
         if self._hinted and depth >= self._floor_depth:
             self._floor, self._floor_depth = due, depth
         node.owner = self._session_id
@@ -241,6 +276,9 @@ class AgentPolicy(EvictionPolicy):
 
     def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
         self.model.observe(keys, session=session, now=now)
+
+    def observe_end(self, session: str, *, awaits: str) -> None:
+        self.model.observe_end(session, awaits)
 
     def push(self, key: ChunkKey, node: _Node) -> None:
         self._seq += 1

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 from kvtier.keys import ChunkKey
 
+AWAITS = ("tool", "user")  # what an answer waits for (``observe_end``): a tool's result, or a human
+
 
 class EvictionPolicy(ABC):
     name: str
@@ -42,6 +44,11 @@ class EvictionPolicy(ABC):
 
         A hint; policies that predict reuse use it (``AgentPolicy``), the others ignore it.
         """
+        return None
+
+    def observe_end(self, session: str, *, awaits: str) -> None:
+        """``session``'s request got its answer, which waits for ``awaits``: "tool" (a tool loop
+        calls back soon) or "user" (a human's turn).  A hint, as ``observe``."""
         return None
 
     @abstractmethod

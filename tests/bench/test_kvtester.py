@@ -90,3 +90,12 @@ def test_shared_samples(shared_traces: Path) -> None:
     # contexts grow turn by turn and the ids of a turn extend the previous turn's (mostly)
     first = [r for r in reqs if r.session == "trace_0001"]
     assert first[0].input_tokens == 71175 and first[0].hash_ids[:3] == (1, 2, 3)
+
+
+def test_the_stop_reason_says_what_the_answer_waits_for() -> None:
+    doc = conversation()
+    doc["requests"][0]["stop"] = "tool_use"
+    doc["requests"][1]["stop"] = "end_turn"
+    doc["requests"][3]["stop"] = "max_tokens"  # neither: not known
+    reqs = parse_conversation(doc, name="conv")
+    assert [r.awaits for r in reqs if r.session == "conv"] == ["tool", "user", None]

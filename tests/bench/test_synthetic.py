@@ -65,3 +65,24 @@ def test_invalid_config() -> None:
         AgentWorkload(gap_mean_s=1.0, human_prob=0.1, human_mean_s=30.0)
     with pytest.raises(ConfigError):
         AgentWorkload(sessions=0)
+
+
+def test_each_call_says_what_its_answer_waits_for() -> None:
+    w = AgentWorkload(sessions=20, turns=40, subagent_prob=0.2, seed=2)
+    reqs = generate(w)
+    assert {r.awaits for r in reqs} == {"tool", "user"}
+    sessions = {r.session for r in reqs}
+    for name in sessions:  # a session's last answer waits for nobody's tool: "user"
+        assert [r for r in reqs if r.session == name][-1].awaits == "user"
+    top = [r for r in reqs if "/" not in r.session]
+    for name in {r.session for r in top}:
+        calls = [r for r in top if r.session == name]
+        for a, b in itertools.pairwise(calls):
+            forked = any(s.session.startswith(f"{name}/") and a.time_s < s.time_s < b.time_s for s in reqs)
+            if forked:
+                assert a.awaits == "tool"  # it waits for its sub-agents
+            elif b.time_s - a.time_s > 30.0:  # no tool round-trip (exponential, mean 2.5 s) takes 30 s
+                assert a.awaits == "user"
+    # the human share of the gaps (5%, less the gaps after a fork), give or take: the rest are tools
+    ends = [r.awaits for r in top]
+    assert 0.01 < (ends.count("user") - len({r.session for r in top})) / len(ends) < 0.10

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kvtier.keys import ChunkKey
 from kvtier.policy.agent import AgentModel, AgentPolicy
 from kvtier.policy.eviction import LRUPolicy, make_policies
@@ -128,3 +130,40 @@ def test_heaps_stay_consistent_under_random_operations() -> None:
             held.discard(victim)  # type: ignore[arg-type]
         assert policy.held == held and len(policy) == len(held)
         assert all(n.tiers == 1 for k, n in policy.model.nodes.items() if k in held)
+
+
+def test_an_answer_that_waits_for_the_user_goes_before_one_that_calls_a_tool() -> None:
+    # two sessions of the same rhythm: after a tool call each is back in 2 s, after the user's turn
+    # in 60 s; told how their last answers ended, the policy evicts the one waiting for a human
+    index = TierIndex("g2", 8, AgentPolicy())
+    a, b = keys("a", 4), keys("b", 4)
+    for t, end in ((0.0, "tool"), (2.0, "user"), (62.0, "tool"), (64.0, None)):
+        for session, ks, offset in (("a", a, 0.0), ("b", b, 0.5)):
+            request(index, ks, session=session, now=t + offset)
+            if end is not None:
+                index.policy.observe_end(session, awaits=end)
+    model = index.policy.model
+    assert model.sessions["a"].class_gap == {"tool": 2.0, "user": 60.0}
+    index.policy.observe_end("a", awaits="user")
+    index.policy.observe_end("b", awaits="tool")
+    assert model.nodes[a[0]].due == 64.0 + 60.0 and model.nodes[b[0]].due == 64.5 + 2.0
+    victims = [index.policy.pop_victim(lambda _: True) for _ in range(4)]
+    assert set(victims) == set(a)
+
+
+def test_an_end_keeps_a_shared_chunk_due_with_a_sooner_caller() -> None:
+    model = AgentModel()
+    policy = AgentPolicy(model)
+    system, own = keys("sys", 1), keys("own", 1)
+    calls = [(float(t), "f", system) for t in range(0, 106, 3)]  # session f: a tool loop, every 3 s
+    calls += [(7.0, "h", system + own), (107.0, "h", system + own)]  # session h: a human, 100 s apart
+    for t, session, ks in sorted(calls, key=lambda c: c[0]):
+        model.observe(ks, session=session, now=t)
+        for key in ks:
+            policy.insert(key, 1) if key not in policy.held else policy.access(key)
+        if session == "h":
+            model.observe_end("h", "user")
+    assert model.nodes[own[0]].due == 207.0  # h's own chunk: its next call, 100 s on
+    assert model.nodes[system[0]].due < 110.0  # the shared one: f's next call comes first
+    with pytest.raises(ValueError, match="awaits must be one of"):
+        model.observe_end("h", "later")

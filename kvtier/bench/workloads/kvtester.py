@@ -8,8 +8,10 @@ Format: one JSON object per conversation file::
                   {"t": 95.0, "type": "subagent", "agent_id": "a1", "requests": [...]}, ...]}
 
 ``t`` is seconds since the conversation started; ``hash_ids`` are ``block_size``-token blocks of
-the input, in order.  A ``"subagent"`` entry has no ids of its own but nests a conversation
-(``requests[]``, ``agent_id``) that runs as its own session and may nest further.
+the input, in order; ``stop`` is the API's stop reason (``tool_use``: the answer calls a tool, so
+the agent calls back once it ran; ``end_turn``: the user's turn), kept as ``Request.awaits``.
+A ``"subagent"`` entry has no ids of its own but nests a conversation (``requests[]``,
+``agent_id``) that runs as its own session and may nest further.
 
 Scopes: with ``hash_id_scope: "local"`` ids mean something only inside one conversation, so
 each conversation gets its own scope (``kvtester:<id>``) and shares no block with another
@@ -55,6 +57,9 @@ def load_kvtester_dir(paths: Iterable[str | Path], *, stagger_s: float = 0.0) ->
     return out
 
 
+_AWAITS = {"tool_use": "tool", "end_turn": "user"}  # the API's stop reason: what the answer waits for
+
+
 def parse_conversation(doc: dict[str, Any], *, name: str, offset_s: float = 0.0,
                        where: str = "<trace>") -> list[Request]:
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
@@ -88,6 +93,7 @@ def _walk(entries: Sequence[Any], *, session: str, block: int, global_scope: boo
             last_t = float(rec["t"])
             out.append(Request(time_s=start_s + last_t, session=session, scope=scope,
                                hash_ids=tuple(int(h) for h in rec["hash_ids"]), block_tokens=block,
-                               input_tokens=int(rec["in"]), output_tokens=int(rec.get("out", 0))))
+                               input_tokens=int(rec["in"]), output_tokens=int(rec.get("out", 0)),
+                               awaits=_AWAITS.get(rec.get("stop"))))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{where}: request {n} of {session} is malformed ({exc!r})") from exc

@@ -35,6 +35,7 @@ class Request:
     block_tokens: int  # tokens per block (Mooncake 512, kv-cache-tester 64)
     input_tokens: int
     output_tokens: int
+    awaits: str | None = None  # its answer waits for a "tool" result or the "user"; None: not known
 
     @property
     def num_full_blocks(self) -> int:

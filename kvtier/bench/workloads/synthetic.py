@@ -17,7 +17,7 @@ given means; everything comes from ``numpy.random.default_rng([seed, session])``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -110,11 +110,17 @@ def generate(w: AgentWorkload) -> list[Request]:
 
 def _session(w: AgentWorkload, rng: np.random.Generator, ids: _Ids, ctx: _Context, name: str, t: float,
              system_ids: list[int], out: list[Request], turns: int | None = None, depth: int = 0) -> float:
-    """Emit one session's calls starting at ``t``; returns when its last call arrived."""
+    """Emit one session's calls starting at ``t``; returns when its last call arrived.  Each call's
+    ``awaits`` says what its answer waits for: "tool" before a tool round-trip (or its sub-agents),
+    "user" before a human's think time and after the session's last call (kv-cache-tester's stop)."""
+    last = -1  # index in ``out`` of this session's previous call
     for turn in range(turns if turns is not None else w.turns):
         if turn:
             ctx.append(_size(rng, w.tool_result_tokens, w.size_sigma), w.block_tokens)
-            t += _gap(rng, w)
+            gap, human = _draw_gap(rng, w)
+            t += gap
+            if out[last].awaits is None:  # a call that forked sub-agents waits for them: "tool" already
+                out[last] = replace(out[last], awaits="user" if human else "tool")
         if ctx.tokens(w.block_tokens) > w.context_cap:  # compaction: shared prompt + a summary
             ctx = _Context(list(system_ids), 0, ids)
             room = (w.context_cap - w.system_tokens) // 4
@@ -123,8 +129,10 @@ def _session(w: AgentWorkload, rng: np.random.Generator, ids: _Ids, ctx: _Contex
         out.append(Request(time_s=t, session=name, scope=SCOPE, hash_ids=ctx.request_ids(),
                            block_tokens=w.block_tokens, input_tokens=ctx.tokens(w.block_tokens),
                            output_tokens=n_out))
+        last = len(out) - 1
         ctx.append(n_out, w.block_tokens)
         if depth == 0 and rng.random() < w.subagent_prob:
+            out[last] = replace(out[last], awaits="tool")
             end = t
             for k in range(int(rng.integers(1, w.max_subagents + 1))):
                 child = ctx.fork(ids)
@@ -133,6 +141,8 @@ def _session(w: AgentWorkload, rng: np.random.Generator, ids: _Ids, ctx: _Contex
                                         system_ids, out, turns=w.subagent_turns, depth=depth + 1))
             ctx.append(_size(rng, w.output_tokens, w.size_sigma), w.block_tokens)  # their results
             t = end
+    if last >= 0:
+        out[last] = replace(out[last], awaits="user")  # the session's last answer: nothing calls back
     return t
 
 
@@ -143,9 +153,14 @@ def _size(rng: np.random.Generator, mean: float, sigma: float) -> int:
 
 
 def _gap(rng: np.random.Generator, w: AgentWorkload) -> float:
+    return _draw_gap(rng, w)[0]
+
+
+def _draw_gap(rng: np.random.Generator, w: AgentWorkload) -> tuple[float, bool]:
+    """(seconds, whether it is a human's think time rather than a tool round-trip)."""
     if rng.random() < w.human_prob:
         alpha = 1.5
         xm = w.human_mean_s * (alpha - 1) / alpha
-        return float(xm * (1 + rng.pareto(alpha)))
+        return float(xm * (1 + rng.pareto(alpha))), True
     tool_mean = (w.gap_mean_s - w.human_prob * w.human_mean_s) / (1 - w.human_prob)
-    return float(rng.exponential(tool_mean))
+    return float(rng.exponential(tool_mean)), False
