@@ -165,7 +165,8 @@ class KVTierConnector(KVConnectorBase_V1):
                                     block_size=self.geometry.block_size, directory=self._directory(),
                                     async_loads=self.options.async_loads,
                                     cost=load_cost_model(self.options, list(self.config.tiers)),
-                                    chunk_bytes=rank_layout(self.layout, 0, self.world_size).chunk_bytes)
+                                    chunk_bytes=rank_layout(self.layout, 0, self.world_size).chunk_bytes,
+                                    tool_call_tokens=self.options.tool_call_tokens)
         logger.info("KVTierConnector (%s): %s, tiers %s, TP %d", role.name.lower(), self.layout.describe(),
                     ", ".join(self.config.tiers), self.world_size)
 
@@ -228,6 +229,7 @@ class KVTierConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.end_step()  # normally done in wait_for_save already
         plan = self._plan()
+        self._worker.hint_ends(plan.ends)  # earlier answers' ends, then the new requests
         self._worker.hint(plan.hints)  # before the loads, whose reads the policy then attributes to them
         after = self._worker.paged.record() if plan.loads else None  # CUDA: after vLLM's block zeroing
         layerwise = self._layerwise

@@ -3,7 +3,8 @@
 One place maps vLLM's untyped ``kv_connector_extra_config`` dict onto kvtier's typed config:
 
 * connector-only keys (``ConnectorOptions`` below: ``stats_file``, ``log_interval_s``,
-  ``model_id``, ``on_load_error``, ``async_loads``, ``probe_deadline_s``, ``cost_model``) are
+  ``model_id``, ``on_load_error``, ``async_loads``, ``probe_deadline_s``, ``cost_model``,
+  ``tool_call_tokens``, ...) are
   taken out first;
 * every other key is a ``KVTierConfig`` field (``chunk_tokens``, ``tiers``, ``dram``, ``disk``,
   ``redis``, ...), applied over kvtier's usual sources (defaults < ``KVTIER_CONFIG`` file <
@@ -40,6 +41,10 @@ class ConnectorOptions:
     probe_deadline_s: float = 0.02  # longest a scheduler lookup waits for a Redis/Mooncake probe
     layerwise_loads: bool = False  # CUDA: each attention layer waits only for its own layer of a DRAM hit
     cost_model: Path | None = None  # CostModel JSON (one link per tier): load only chunks faster than recomputing
+    # token ids that start a tool call in the model's output (Hermes' <tool_call>, Llama 3.1's
+    # <|python_tag|>, ...): an answer that holds one waits for a tool, one that stopped without
+    # one waits for the user (``ContextMemory.hint_end``); empty: the policy is not told
+    tool_call_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.log_interval_s < 0:

@@ -101,6 +101,21 @@ class HintJob:
 
 
 @dataclass(frozen=True, slots=True)
+class EndJob:
+    session: str
+    awaits: str  # what the finished request's answer waits for: "tool" or "user" (``ContextMemory.hint_end``)
+
+
+def answer_awaits(request: Any, tool_call_tokens: frozenset[int]) -> str | None:
+    """What a finished request's answer waits for: "tool" when its output holds a tool-call token,
+    "user" when it stopped without one (end of sequence, a stop string); None when not told
+    (no ``tool_call_tokens``) or cut short (length, abort: the caller may go on at once)."""
+    if not tool_call_tokens or getattr(request.status, "name", "") != "FINISHED_STOPPED":
+        return None
+    return "tool" if any(t in tool_call_tokens for t in request.output_token_ids) else "user"
+
+
+@dataclass(frozen=True, slots=True)
 class PinRequest:
     unpin: bool = False
     ttl_s: float | None = None
@@ -352,6 +367,7 @@ class RequestState:
     load_async: bool = False
     pin_planned: bool = False  # the request's pin/unpin (if any) was sent to the worker
     hinted: bool = False  # the worker's policy was told of the request (``HintJob``)
+    session: str | None = None  # its session, as hinted
     saved: bool = False  # saves were planned: the worker may still read its blocks
 
 
@@ -363,6 +379,7 @@ class StepPlan:
     saves: list[SaveJob] = field(default_factory=list)
     pins: list[PinJob] = field(default_factory=list)
     hints: list[HintJob] = field(default_factory=list)  # new requests, for the eviction policy (before loads)
+    ends: list[EndJob] = field(default_factory=list)  # finished requests' answers, for the policy (before hints)
     preempted: set[str] = field(default_factory=set)  # requests whose blocks vLLM reuses: wait for their jobs
     held: set[str] = field(default_factory=set)  # finished requests whose blocks wait for the worker
     uncacheable: int = 0  # requests not cached since the last step (counted by the worker)
@@ -373,7 +390,8 @@ class Planner:
 
     def __init__(self, *, namespace: ChunkKey, tokens_per_chunk: int, block_size: int,
                  directory: ChunkDirectory, keyer: KeyerFactory = request_keyer,
-                 async_loads: str = "auto", cost: CostModel | None = None, chunk_bytes: int = 0) -> None:
+                 async_loads: str = "auto", cost: CostModel | None = None, chunk_bytes: int = 0,
+                 tool_call_tokens: Iterable[int] = ()) -> None:
         self.namespace = namespace
         self.chunk = tokens_per_chunk
         self.block_size = block_size
@@ -383,6 +401,7 @@ class Planner:
         self.async_loads = async_loads  # auto: when a hit is below DRAM; always; never
         self.cost = cost  # None: load every chunk found; else only the chunks worth loading
         self.chunk_bytes = chunk_bytes  # one chunk's bytes on one worker (for the cost model)
+        self.tool_call_tokens = frozenset(tool_call_tokens)  # see ``answer_awaits``
         if cost is not None and len(cost.links) < len(directory.tiers):
             raise ConfigError(f"cost_model has {len(cost.links)} link(s) for the tiers {directory.tiers}: "
                               "one link per tier, top first")
@@ -414,8 +433,8 @@ class Planner:
         limit = request.num_tokens - 1  # vLLM must compute at least one token to sample from
         keys = state.keys(request.num_tokens)
         if not state.hinted:
-            state.hinted = True
-            self._next.hints.append(HintJob(request.request_id, tuple(keys), self._session(request)))
+            state.hinted, state.session = True, self._session(request)
+            self._next.hints.append(HintJob(request.request_id, tuple(keys), state.session))
         found = self.directory.longest_prefix(keys)
         if self.cost is not None:
             found = self._worth_loading(found, num_computed_tokens, request.num_tokens)
@@ -548,6 +567,10 @@ class Planner:
     def finished(self, request: Any) -> bool:
         """The request is done; True if vLLM must keep its blocks until the worker reports it."""
         state = self.requests.pop(request.request_id, None)
+        if state is not None and state.session is not None:
+            awaits = answer_awaits(request, self.tool_call_tokens)
+            if awaits is not None:
+                self._next.ends.append(EndJob(state.session, awaits))
         if state is None or not state.saved:
             return False
         if getattr(request.status, "name", "") == "WAITING_FOR_REMOTE_KVS":

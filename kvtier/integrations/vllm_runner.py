@@ -9,7 +9,8 @@ connector's DRAM pool) and lets a "second process" share the first one's disk ti
 SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
 "kv_cache_gib": float, "num_gpu_blocks": int | null, "batch": bool, "reset_prefix_cache": bool,
-"tensor_parallel_size": int, "handshake_dir": path | null (before each phase after the first: write
+"tensor_parallel_size": int, "stop_token_ids": [int] (an answer stops at any of them; else only at
+``max_tokens``), "handshake_dir": path | null (before each phase after the first: write
 ``phase-N.ready`` there and wait for ``phase-N.go``),
 "phases": [[prompt, ...], ...], "stats_file": path | null}``, a prompt being ``[token ids]`` or
 ``{"tokens": [token ids], "kv_transfer_params": {...}, "cache_salt": str, "abort_after_steps": int}``
@@ -87,7 +88,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     llm = make_llm(spec)
     startup = time.perf_counter() - t0
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, detokenize=False,
-                            ignore_eos=True)
+                            ignore_eos=True, stop_token_ids=spec.get("stop_token_ids"))
     stats_file = spec.get("stats_file")
     phases = []
     for i, prompts in enumerate(spec["phases"]):

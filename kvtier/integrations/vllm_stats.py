@@ -8,6 +8,7 @@
     save_chunks / save_bytes / save_s                 chunks copied out of vLLM blocks into kvtier
     corrupt_<tier>                                    chunks a tier found corrupt (never served)
     pinned_chunks / unpinned_chunks                   prompt chunks pinned/unpinned on request
+    answers_awaiting_<tool|user>                      finished answers told to the eviction policy
 
 vLLM collects ``KVTierConnectorStats`` from the worker after each step, sums them
 (``aggregate``) in the engine and logs them with its own stats when ``log_stats`` is on; the
@@ -24,6 +25,7 @@ with vLLM's ``model_name`` and ``engine`` like vLLM's own metrics:
     kvtier_unpinned_chunks_total, kvtier_async_loads_total, kvtier_uncacheable_requests_total
     kvtier_hit_tokens_total{tier}          from hit_tokens_<tier>
     kvtier_corrupt_chunks_total{tier}      from corrupt_<tier> (see below)
+    kvtier_answers_total{awaits}           from answers_awaiting_<tool|user> (``tool_call_tokens``)
     kvtier_inflight_<what> (gauges)        from inflight_<what>: queue depth at the last step
 
 ``EXPORTS`` and ``FAMILIES`` below hold the whole mapping. A name in neither is exported as
@@ -86,6 +88,8 @@ FAMILIES: dict[str, Export] = {  # worker counter name prefix -> metric; the res
                           label="tier"),
     "corrupt_": Export("kvtier_corrupt_chunks", "Chunks a tier found corrupt (dropped, never served), by tier.",
                        Kind.RUNNING_TOTAL, label="tier"),
+    "answers_awaiting_": Export("kvtier_answers", "Finished answers told to the eviction policy, by what they "
+                                "wait for (tool, user).", label="awaits"),
     "inflight_": Export("kvtier_inflight_{}", "kvtier's {} in flight at the last step, summed over workers.",
                         Kind.GAUGE),
 }

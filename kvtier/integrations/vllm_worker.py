@@ -47,7 +47,7 @@ from typing import Any
 from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
-from kvtier.integrations.vllm_plan import HintJob, LoadJob, PinJob, SaveJob
+from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")
@@ -290,6 +290,12 @@ class WorkerCore:
         be stored after a later one is hinted."""
         for job in jobs:
             self.memory.hint(list(job.keys), session=job.session)
+
+    def hint_ends(self, jobs: Sequence[EndJob]) -> None:
+        """Tell the eviction policy what finished requests' answers wait for (a tool or the user)."""
+        for job in jobs:
+            self.memory.hint_end(job.session, awaits=job.awaits)
+            self.count(**{f"answers_awaiting_{job.awaits}": 1})
 
     def pin(self, jobs: Sequence[PinJob]) -> None:
         for job in jobs:

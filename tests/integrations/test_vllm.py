@@ -148,6 +148,19 @@ def test_bad_extra_config_fails_at_startup(tiny_model: Path, tmp_path: Path) -> 
 
 
 
+def test_a_finished_answer_tells_the_policy_what_it_waits_for(tiny_model: Path, tmp_path: Path) -> None:
+    """``tool_call_tokens`` through vLLM: every sampled token stops the answer and counts as a tool
+    call, so each request with a session ends awaiting a tool; the one without a session is not told."""
+    every = list(range(2048))  # the tiny model's vocabulary
+    spec = _kvtier(tmp_path, tmp_path / "disk", tool_call_tokens=every)
+    prompts = [{"tokens": _tokens(60 + i, 300), "kv_transfer_params": {"kvtier": {"session": f"agent-{i}"}}}
+               for i in range(2)] + [_tokens(62, 300)]
+    out = run_vllm(_spec(tiny_model, [prompts, [_tokens(63, 10)]], stop_token_ids=every, **spec), tmp_path, "ends")
+    assert all(len(o) == 1 for o in out["phases"][0]["outputs"])  # stopped at the first token
+    counters = out["phases"][-1]["stats"]["counters"]  # the ends reach the worker with the next step
+    assert counters["answers_awaiting_tool"] == 2 and "answers_awaiting_user" not in counters
+
+
 def test_pinned_prompt_survives_eviction_and_restart(tiny_model: Path, tmp_path: Path) -> None:
     """Token warehousing through vLLM: a request asks for its prompt to be pinned; a flood of other
     prompts then overfills the tiers, yet a fresh process still loads the pinned prompt (and not

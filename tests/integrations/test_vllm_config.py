@@ -18,7 +18,9 @@ def test_keys_split_between_kvtier_and_connector(tmp_path: Path) -> None:
          "disk": {"path": str(tmp_path)}, "stats_file": str(tmp_path / "s.json"), "log_interval_s": 0}, env={})
     assert config.chunk_tokens == 128 and config.dram.capacity == 64 << 20 and config.disk.path == tmp_path
     assert options.stats_file == tmp_path / "s.json" and options.log_interval_s == 0
-    assert options.on_load_error == "recompute"
+    assert options.on_load_error == "recompute" and options.tool_call_tokens == ()
+    _, options = parse_extra_config({"tool_call_tokens": [151657, 128010]}, env={})
+    assert options.tool_call_tokens == (151657, 128010)
 
 
 def test_environment_still_applies() -> None:
@@ -32,6 +34,7 @@ def test_environment_still_applies() -> None:
     ({"on_load_error": "ignore"}, "is not one of"),
     ({"log_interval_s": -1}, "log_interval_s"),
     ({"tiers": ["dram", "dram"]}, "twice"),
+    ({"tool_call_tokens": ["<tool_call>"]}, "tool_call_tokens: expected an integer"),
 ])
 def test_bad_keys_are_errors(extra: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

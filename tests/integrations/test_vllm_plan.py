@@ -37,6 +37,7 @@ class Req:
     lora_request: Any = None
     prompt_embeds: Any = None
     num_computed_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -385,6 +386,30 @@ def test_each_request_is_hinted_once_with_its_keys_and_session() -> None:
     assert hints[0].keys == hints[2].keys == tuple(_keys(tokens))  # every full chunk, the tail has none
     assert len(hints[1].keys) == 2 and hints[1].keys != hints[0].keys  # the salt is in the keys too
     assert planner.build(Out([], {})).hints == []
+
+
+@dataclass
+class Status:
+    name: str
+
+
+def test_a_finished_answer_tells_the_policy_whether_it_waits_for_a_tool() -> None:
+    planner = _planner(tool_call_tokens=[900, 901])
+    tokens = list(range(1, 21))
+    done = [Req("t", tokens, cache_salt="s1", status=Status("FINISHED_STOPPED"), output_token_ids=[5, 901, 6]),
+            Req("u", tokens, cache_salt="s2", status=Status("FINISHED_STOPPED"), output_token_ids=[5, 6]),
+            Req("cut", tokens, cache_salt="s3", status=Status("FINISHED_LENGTH_CAPPED"), output_token_ids=[900]),
+            Req("anon", tokens, status=Status("FINISHED_STOPPED"), output_token_ids=[901])]  # no session
+    for req in done:
+        planner.match(req, 0)
+    planner.build(Out([], {}))
+    for req in done:
+        planner.finished(req)
+    assert [(e.session, e.awaits) for e in planner.build(Out([], {})).ends] == [("s1", "tool"), ("s2", "user")]
+    quiet = _planner()  # no tool-call tokens configured: nothing is told
+    quiet.match(done[0], 0)
+    quiet.finished(done[0])
+    assert quiet.build(Out([], {})).ends == []
 
 
 def test_a_malformed_session_is_ignored_not_fatal(caplog: pytest.LogCaptureFixture) -> None:

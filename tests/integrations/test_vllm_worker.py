@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from kvtier.hierarchy import ContextMemory  # noqa: E402
 from kvtier.integrations.vllm_config import make_layout  # noqa: E402
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of  # noqa: E402
-from kvtier.integrations.vllm_plan import HintJob, LoadJob, PinJob, SaveJob  # noqa: E402
+from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob  # noqa: E402
 from kvtier.integrations.vllm_worker import WorkerCore  # noqa: E402
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
@@ -174,5 +174,7 @@ def test_a_hint_tells_the_agent_policy_the_requests_chunks_and_session() -> None
         payload = np.zeros(LAYOUT.chunk_bytes, np.uint8)
         assert core.memory.store(keys[:4], [payload] * 4) == 4  # the hinted request's chunks are admitted
         assert core.memory.lookup(keys).num_chunks == 4
+        core.hint_ends([EndJob("chat-7", "user")])  # its answer waits for the user
+        assert model.sessions["chat-7"].awaits == "user" and core.counters.values["answers_awaiting_user"] == 1
     finally:
         core.close()
