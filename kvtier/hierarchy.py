@@ -441,7 +441,7 @@ class ContextMemory:
                 index = self.indexes[level]
                 if key in index.sizes:
                     index.touch(key)
-                elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes:
+                elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes and self._still_there(level, key):
                     index.add(key, self.chunk_bytes)  # another process wrote it: adopt
                 for lower in below[level]:  # write-through copies below
                     if key in lower.sizes:
@@ -449,6 +449,15 @@ class ContextMemory:
             if miss_at is not None:
                 for tier in self.tiers:
                     tier.stats.misses += 1
+
+    def _still_there(self, level: int, key: ChunkKey) -> bool:
+        """Under the lock: may a chunk read from tier ``level`` but not in its index be adopted?
+        Not while it is leaving (an eviction or a delete since the read), nor once a local tier
+        no longer has it: an index entry with no bytes behind it would be a lie."""
+        if (level, key) in self._leaving:
+            return False
+        tier = self.tiers[level]
+        return not isinstance(tier, DramTier | DiskTier) or tier.contains(key)
 
     # --- store: bytes in --------------------------------------------------------------------
     def store(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> int:
@@ -643,10 +652,15 @@ class ContextMemory:
             return
         for key in keys:
             with self._lock:
-                if key not in self.indexes[1] or not self._evictable(1, key):
+                if key not in self.indexes[1] or not self._evictable(1, key) or (1, key) in self._leaving:
                     continue
                 self.indexes[1].discard(key)
-            self.tiers[1].delete(key)
+                self._leaving.add((1, key))  # a reader's accounting must not adopt it again meanwhile
+            try:
+                self.tiers[1].delete(key)
+            finally:
+                with self._lock:
+                    self._leaving.discard((1, key))
 
     def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
         """Tell the eviction policy a request is coming: its full keys, its session, the time.

@@ -137,3 +137,42 @@ def test_threads_storing_loading_deleting_and_pinning_keep_every_invariant(tmp_p
         if mem.lookup([key]).num_chunks:
             assert mem.load([key], [out]) == 1 and (out == want[key]).all()
     mem.close()
+
+
+class _GatedReadDisk(DiskTier):
+    """A disk tier whose read of one chosen key, once done, waits until the test lets it go."""
+
+    gate_key: ChunkKey | None = None
+    entered = threading.Event()
+    release = threading.Event()
+
+    def get_many_into(self, keys, outs):  # type: ignore[no-untyped-def]
+        got = super().get_many_into(keys, outs)
+        if self.gate_key in keys:
+            self.entered.set()
+            assert self.release.wait(timeout=60)
+        return got
+
+
+def test_a_chunk_deleted_while_it_is_read_is_not_adopted_again(tmp_path: Path) -> None:
+    """A load reads a chunk from disk; before the load accounts for it, another thread deletes it.
+    The accounting must not take it back into the disk's index (its file is gone)."""
+    keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+    disk = _GatedReadDisk(LAYOUT, path=tmp_path, capacity_bytes=8 * CB, fsync=False)
+    disk.entered, disk.release = threading.Event(), threading.Event()
+    mem = ContextMemory(LAYOUT, [DramTier(LAYOUT, capacity_bytes=2 * CB), disk])
+    mem.store(keys[:1], payloads[:1])
+    mem.flush()
+    mem.store(keys[1:], payloads[1:])  # keys[0] leaves DRAM; its disk copy stays
+    mem.flush()
+    assert mem.lookup(keys[:1]).tiers == (1,)
+    disk.gate_key = keys[0]
+    out = np.zeros(CB, np.uint8)
+    loading = threading.Thread(target=mem.load, args=(keys[:1], [out]))
+    loading.start()
+    assert disk.entered.wait(timeout=60)  # read, not yet accounted
+    mem.delete(keys[:1])
+    disk.release.set()
+    loading.join()
+    _agree(mem)
+    mem.close()
