@@ -131,16 +131,24 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     gc.disable()  # the replay allocates millions of small objects but makes no cycles: collections only cost time
     started = time.perf_counter()
     requests = [[ChunkKey(k.to_bytes(16, "little")) for k in ks] for ks in work.keys]  # chunk keys are 16 bytes
+    ends: list[tuple[float, int]] = []  # (when an answer ends, its request): told to the policy then
+    latest: dict[str, int] = {}  # session -> its latest request
     try:
         for i, keys in enumerate(requests):
-            memory.hint(keys, session=work.requests[i].session, now=work.requests[i].time_s)
+            request = work.requests[i]
+            while ends and ends[0][0] <= request.time_s:
+                _tell_end(memory, work.requests, heapq.heappop(ends)[1], latest)
+            latest[request.session] = i
+            memory.hint(keys, session=request.session, now=request.time_s)
             before = [t.stats.hits for t in tiers]
             n = memory.load(keys, [dummy] * len(keys)) if keys else 0
             if n < len(keys):
                 memory.store(keys[n:], [dummy] * (len(keys) - n))
                 memory.flush()
-            if (awaits := work.requests[i].awaits) is not None:  # its answer's end: a tool call, or the user's turn
-                memory.hint_end(work.requests[i].session, awaits=awaits)
+            if request.awaits is not None and request.answer_s:  # its answer's end: told when it comes
+                heapq.heappush(ends, (request.time_s + request.answer_s, i))
+            elif request.awaits is not None:  # no answer time known: at once
+                _tell_end(memory, work.requests, i, latest)
             for level, tier in enumerate(tiers):
                 hits[i, level] = tier.stats.hits - before[level]
             if progress and i % 256 == 255:
@@ -156,6 +164,14 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
             gc.enable()
     wall = time.perf_counter() - started
     return _finish(work, cost, specs, hits * work.chunk_tokens, policy, label or policy, replicas, tier_bytes, wall)
+
+
+def _tell_end(memory: ContextMemory, requests: Sequence[Request], i: int, latest: dict[str, int]) -> None:
+    """Tell the policy what request ``i``'s answer waits for, unless its session called again since
+    (the trace's next call came before the answer's recorded end: the hint is stale)."""
+    request = requests[i]
+    if latest.get(request.session) == i and request.awaits is not None:
+        memory.hint_end(request.session, awaits=request.awaits)
 
 
 def ideal(work: Workload, cost: CostModel, *, replicas: int = 0) -> RunResult:

@@ -97,5 +97,8 @@ def test_the_stop_reason_says_what_the_answer_waits_for() -> None:
     doc["requests"][0]["stop"] = "tool_use"
     doc["requests"][1]["stop"] = "end_turn"
     doc["requests"][3]["stop"] = "max_tokens"  # neither: not known
+    doc["requests"][0]["api_time"] = 7.5  # the answer took 7.5 s
+    doc["requests"][1]["api_time"] = "slow"  # malformed: not known
     reqs = parse_conversation(doc, name="conv")
     assert [r.awaits for r in reqs if r.session == "conv"] == ["tool", "user", None]
+    assert [r.answer_s for r in reqs if r.session == "conv"] == [7.5, None, None]

@@ -162,3 +162,29 @@ def test_null_tier_keeps_the_tier_contract() -> None:
     assert tier.delete(b"a") and not tier.delete(b"a") and tier.used_bytes == layout.chunk_bytes
     assert tier.stats.bytes_written == 3 * layout.chunk_bytes
     assert NullTier.named("disk", persistent=True).persistent
+
+
+def test_an_answers_end_is_told_when_it_comes_and_not_once_the_session_called_again() -> None:
+    """The policy hears what an answer waits for ``answer_s`` after its request, and not at all
+    when the session's next call came first (the hint would describe the wrong request)."""
+    from kvtier.policy.agent import AgentPolicy
+
+    def req(t: float, awaits: str | None, answer_s: float | None) -> Request:
+        return Request(time_s=t, session="s", scope="x", hash_ids=(1, 2), block_tokens=64, input_tokens=128,
+                       output_tokens=1, awaits=awaits, answer_s=answer_s)
+
+    models = []
+
+    def family(n: int):  # type: ignore[no-untyped-def]
+        policies = AgentPolicy.family(n)
+        models.append(policies[0].model)  # type: ignore[attr-defined]
+        return policies
+
+    # r0's answer ends at 1 (before r1 at 10); r1's at 60, after r2 came at 20: stale, never told
+    work = prepare([req(0.0, "tool", 1.0), req(10.0, "user", 50.0), req(20.0, None, None)])
+    simulate(work, COST, [TierSpec(name="dram", capacity_bytes=1 << 30)], policy="agent", family=family)
+    assert models[0].sessions["s"].class_gap == {"tool": 10.0}
+    # without answer times every end is told at once: r1's "user" then precedes r2
+    work = prepare([req(0.0, "tool", None), req(10.0, "user", None), req(20.0, None, None)])
+    simulate(work, COST, [TierSpec(name="dram", capacity_bytes=1 << 30)], policy="agent", family=family)
+    assert models[1].sessions["s"].class_gap == {"tool": 10.0, "user": 10.0}

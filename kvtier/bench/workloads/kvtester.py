@@ -9,7 +9,8 @@ Format: one JSON object per conversation file::
 
 ``t`` is seconds since the conversation started; ``hash_ids`` are ``block_size``-token blocks of
 the input, in order; ``stop`` is the API's stop reason (``tool_use``: the answer calls a tool, so
-the agent calls back once it ran; ``end_turn``: the user's turn), kept as ``Request.awaits``.
+the agent calls back once it ran; ``end_turn``: the user's turn), kept as ``Request.awaits``, and
+``api_time`` how long the answer took (``Request.answer_s``: when the end is known).
 A ``"subagent"`` entry has no ids of its own but nests a conversation (``requests[]``,
 ``agent_id``) that runs as its own session and may nest further.
 
@@ -60,6 +61,13 @@ def load_kvtester_dir(paths: Iterable[str | Path], *, stagger_s: float = 0.0) ->
 _AWAITS = {"tool_use": "tool", "end_turn": "user"}  # the API's stop reason: what the answer waits for
 
 
+def _seconds(value: Any) -> float | None:
+    """A non-negative number of seconds, else None (absent or malformed: not known)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None
+    return float(value)
+
+
 def parse_conversation(doc: dict[str, Any], *, name: str, offset_s: float = 0.0,
                        where: str = "<trace>") -> list[Request]:
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
@@ -94,6 +102,6 @@ def _walk(entries: Sequence[Any], *, session: str, block: int, global_scope: boo
             out.append(Request(time_s=start_s + last_t, session=session, scope=scope,
                                hash_ids=tuple(int(h) for h in rec["hash_ids"]), block_tokens=block,
                                input_tokens=int(rec["in"]), output_tokens=int(rec.get("out", 0)),
-                               awaits=_AWAITS.get(rec.get("stop"))))
+                               awaits=_AWAITS.get(rec.get("stop")), answer_s=_seconds(rec.get("api_time"))))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{where}: request {n} of {session} is malformed ({exc!r})") from exc

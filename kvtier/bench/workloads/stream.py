@@ -36,6 +36,7 @@ class Request:
     input_tokens: int
     output_tokens: int
     awaits: str | None = None  # its answer waits for a "tool" result or the "user"; None: not known
+    answer_s: float | None = None  # seconds from its arrival to its answer's end; None: not known
 
     @property
     def num_full_blocks(self) -> int:
