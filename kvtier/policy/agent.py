@@ -138,9 +138,7 @@ class AgentModel:
                 continue  # not this request's use (a later one's, or gone), or a buried tail
             node.due = min(due, node.due) if node.due < node.own else due
             node.own = due
-            for member in self.members:
-                if key in member.held:
-                    member.push(key, node)
+            self._repush(key, node)
 
     def _bury_tail(self, session: str, old: Sequence[ChunkKey], new: Sequence[ChunkKey]) -> None:
         """The session compacted (its new context leaves its old one): its old tail is dead."""
@@ -155,9 +153,13 @@ class AgentModel:
             node = self.nodes.get(key)
             if node is not None and node.owner == session and node.due != _DEAD:
                 node.due = _DEAD
-                for member in self.members:
-                    if key in member.held:
-                        member.push(key, node)
+                self._repush(key, node)
+
+    def _repush(self, key: ChunkKey, node: _Node) -> None:
+        """``node``'s due changed outside a use: every tier policy holding it re-queues it."""
+        for member in self.members:
+            if key in member.held:
+                member.push(key, node)
 
     @property
     def stamp(self) -> int:
