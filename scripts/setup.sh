@@ -9,7 +9,9 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # test certificates for Redis TLS
 for lib in libibverbs.so.1 librdmacm.so.1; do
-  ldconfig -p | grep -q "$lib" || need_apt+=(libibverbs1 librdmacm1)
+  # grep reads all of ldconfig's output: `grep -q` exits at the first match, and under pipefail the
+  # SIGPIPE that ldconfig then gets would read as "missing"
+  ldconfig -p | grep -F "$lib" >/dev/null || need_apt+=(libibverbs1 librdmacm1)
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
