@@ -48,10 +48,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 from vllm.logger import init_logger
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
+from kvtier.integrations import vllm_compat
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_keys import check_supported
@@ -136,10 +136,11 @@ def rank_layout(layout: KVLayout, rank: int, world_size: int) -> KVLayout:
 class KVTierConnector(KVConnectorBase_V1):
     """kvtier's tiered KV store (DRAM -> disk -> Redis/Mooncake) behind vLLM's connector API."""
 
-    _cache_hit_source = CacheHitSource.HOST
+    _cache_hit_source = vllm_compat.cache_hit_source("HOST")  # 0.32+; None before (unused there)
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
+        vllm_compat.check_version(vllm_compat.VLLM_VERSION)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config, self.options = parse_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         # kvtier is a cache: a failed load is a miss to recompute, not a failed request.

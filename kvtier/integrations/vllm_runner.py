@@ -6,7 +6,7 @@ connector's DRAM pool) and lets a "second process" share the first one's disk ti
 
     python -m kvtier.integrations.vllm_runner SPEC.json OUT.json
 
-SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config": {...},
+SPEC: ``{"model": path, "connector": "kvtier" | "example" | "offload" | "lmcache" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
 "kv_cache_gib": float, "num_gpu_blocks": int | null, "batch": bool, "reset_prefix_cache": bool,
 "tensor_parallel_size": int, "stop_token_ids": [int] (an answer stops at any of them; else only at
@@ -17,6 +17,12 @@ SPEC: ``{"model": path, "connector": "kvtier" | "example" | null, "extra_config"
 (per-request connector parameters, e.g. kvtier's ``{"kvtier": {"pin": true}}``; vLLM's per-tenant
 cache salt; in a ``batch`` phase, abort the request after that many engine steps: its output is
 ``[]``).
+Engine settings (defaults: the CPU settings the tests use): ``dtype`` ("float32"), ``enforce_eager``
+(true), ``gpu_memory_utilization`` (0.3), ``attention_backend`` (vLLM's choice), ``load_format``
+(vLLM's; "dummy": random weights from the model's config), ``max_num_seqs`` (vLLM's),
+``max_num_batched_tokens`` (``max_model_len``), ``offload_cpu_gib`` (8: the CPU space of vLLM's own
+``OffloadingConnector``, connector "offload", unless ``extra_config`` sets ``cpu_bytes_to_use``).
+Connector "lmcache" is ``LMCacheConnectorV1`` (configured by its ``LMCACHE_*`` environment).
 Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
 ``max_tokens`` is 1), or all in one ``generate`` call with ``batch`` (one time for the phase).
 ``num_gpu_blocks`` caps vLLM's KV blocks (to force preemption).
@@ -34,8 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+CONNECTORS = ("kvtier", "example", "offload", "lmcache")
 
-def kv_transfer_config(connector: str | None, extra: dict[str, Any] | None) -> Any:
+
+def kv_transfer_config(connector: str | None, extra: dict[str, Any] | None, *, offload_cpu_gib: float = 8) -> Any:
+    """vLLM's ``KVTransferConfig`` for one of ``CONNECTORS`` (None: no connector)."""
     from vllm.config import KVTransferConfig
 
     if connector is None:
@@ -46,7 +55,35 @@ def kv_transfer_config(connector: str | None, extra: dict[str, Any] | None) -> A
     if connector == "example":
         return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
                                 kv_connector_extra_config=extra or {})
-    raise ValueError(f"unknown connector {connector!r}")
+    if connector == "offload":  # vLLM's own CPU offloading (vllm/v1/kv_offload/cpu/spec.py)
+        return KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"cpu_bytes_to_use": int(offload_cpu_gib * 2**30),
+                                                           **(extra or {})})
+    if connector == "lmcache":
+        return KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both",
+                                kv_connector_extra_config=extra or {})
+    raise ValueError(f"connector must be one of {', '.join(CONNECTORS)} or null, got {connector!r}")
+
+
+def engine_args(spec: dict[str, Any]) -> dict[str, Any]:
+    """``LLM(...)``'s keyword arguments for ``spec`` (the module doc's keys; CPU settings by default)."""
+    extra = dict(spec.get("extra_config") or {})
+    if spec.get("stats_file") and spec.get("connector") == "kvtier":
+        extra["stats_file"] = spec["stats_file"]
+    args: dict[str, Any] = dict(
+        model=spec["model"], dtype=spec.get("dtype", "float32"), skip_tokenizer_init=True,
+        enforce_eager=spec.get("enforce_eager", True), max_model_len=spec.get("max_model_len", 4096),
+        block_size=spec.get("block_size", 128), enable_prefix_caching=spec.get("prefix_caching", False),
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.3),
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", spec.get("max_model_len", 4096)),
+        kv_transfer_config=kv_transfer_config(spec.get("connector"), extra,
+                                              offload_cpu_gib=spec.get("offload_cpu_gib", 8)),
+        num_gpu_blocks_override=spec.get("num_gpu_blocks"), seed=0,
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1))
+    for key in ("attention_backend", "load_format", "max_num_seqs"):  # vLLM's defaults unless set
+        if spec.get(key) is not None:
+            args[key] = spec[key]
+    return args
 
 
 class _NoChatWarmupNoise(logging.Filter):
@@ -66,19 +103,10 @@ def quiet_chat_warmup() -> None:
 
 def make_llm(spec: dict[str, Any]) -> Any:
     quiet_chat_warmup()
-    extra = dict(spec.get("extra_config") or {})
-    if spec.get("stats_file") and spec.get("connector") == "kvtier":
-        extra["stats_file"] = spec["stats_file"]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
     from vllm import LLM
 
-    return LLM(model=spec["model"], dtype="float32", skip_tokenizer_init=True, enforce_eager=True,
-               max_model_len=spec.get("max_model_len", 4096), block_size=spec.get("block_size", 128),
-               enable_prefix_caching=spec.get("prefix_caching", False), gpu_memory_utilization=0.3,
-               max_num_batched_tokens=spec.get("max_num_batched_tokens", spec.get("max_model_len", 4096)),
-               kv_transfer_config=kv_transfer_config(spec.get("connector"), extra),
-               num_gpu_blocks_override=spec.get("num_gpu_blocks"), seed=0,
-               tensor_parallel_size=spec.get("tensor_parallel_size", 1))
+    return LLM(**engine_args(spec))
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
