@@ -38,6 +38,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,6 +54,7 @@ from kvtier.errors import IntegrationError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations import vllm_compat
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
+from kvtier.integrations.vllm_cost import Calibration, ModelShape, calibrate, calibration_path, scheduler_cost
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
@@ -164,12 +166,23 @@ class KVTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._planner = Planner(namespace=self.namespace, tokens_per_chunk=self.layout.tokens_per_chunk,
                                     block_size=self.geometry.block_size, directory=self._directory(),
-                                    async_loads=self.options.async_loads,
-                                    cost=load_cost_model(self.options, list(self.config.tiers)),
+                                    async_loads=self.options.async_loads, cost=self._cost_model(),
                                     chunk_bytes=rank_layout(self.layout, 0, self.world_size).chunk_bytes,
                                     tool_call_tokens=self.options.tool_call_tokens)
         logger.info("KVTierConnector (%s): %s, tiers %s, TP %d", role.name.lower(), self.layout.describe(),
                     ", ".join(self.config.tiers), self.world_size)
+
+    def _cost_model(self) -> Any:
+        """Fetch or recompute: a configured model, the default one (``vllm_cost``), or None ("off")."""
+        if self.options.cost_model != "auto":
+            return load_cost_model(self.options, list(self.config.tiers))
+        calibration = Calibration.take(calibration_path(self._kv_transfer_config.engine_id or ""))
+        return scheduler_cost(self.config.tiers, calibration, device=self._vllm_config.device_config.device_type,
+                              shape=self._shape(), chunk_bytes=rank_layout(self.layout, 0, self.world_size).chunk_bytes,
+                              fixed=self.options.link_rates.fixed())
+
+    def _shape(self) -> ModelShape:
+        return ModelShape.from_hf_config(self._vllm_config.model_config.hf_text_config, self.world_size)
 
     def _directory(self) -> ChunkDirectory:
         ranks = [rank_layout(self.layout, r, self.world_size) for r in range(self.world_size)]
@@ -195,7 +208,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
         if self._planner is not None and isinstance(meta, KVTierWorkerMeta):
-            self._planner.worker_report(meta.report.changes, meta.report.missing)
+            report = meta.report
+            self._planner.worker_report(report.changes, report.missing, report.loads, report.forwards)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._planner is not None
@@ -216,6 +230,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker = WorkerCore(ContextMemory.open(layout, self.config), paged, rank=rank)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}  # PagedKV's layer order
         self._layerwise = self.options.layerwise_loads and paged.device.type == "cuda"
+        dram_Bps, warm_s = self._worker.warm_up()  # the first hit as fast as the next ones
+        if self.options.cost_model == "auto" and rank == 0:  # the scheduler reads it when vLLM builds it
+            disk = Path(self.config.disk.path).expanduser() if "disk" in self.config.tiers else None
+            calibration = calibrate(dram_Bps=dram_Bps, layout=layout, disk_root=disk, shape=self._shape(),
+                                    dtype=paged.dtype, device=paged.device)
+            calibration.save(calibration_path(self._kv_transfer_config.engine_id or ""))
+            logger.info("kvtier: warm-up %.3f s, calibration %.3f s", warm_s, calibration.seconds)
 
     def _plan(self) -> StepPlan:
         meta = self._get_connector_metadata()
@@ -242,6 +263,8 @@ class KVTierConnector(KVConnectorBase_V1):
         if not layerwise:
             self._worker.wait_loads()
         self._layers_waited.clear()
+        timed = not any(not job.async_load for job in plan.loads)  # a sync load would be timed with it
+        self._worker.forward_starts(plan.forward if timed else None)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         index = self._layer_index.get(layer_name)
@@ -256,6 +279,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata() or self._worker is None:
             return
         plan = self._plan()
+        self._worker.forward_ends()
         if self._layerwise and plan.loads and len(self._layers_waited) < len(self._layer_index):
             # a layer read its blocks without waiting (vLLM skipped the hook: a captured graph):
             # layer-wise loads are not safe with this engine's settings
@@ -269,6 +293,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker.hold(plan.held)
         if plan.uncacheable:
             self._worker.count(uncacheable_requests=plan.uncacheable)
+        self._worker.count(**plan.decisions)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:

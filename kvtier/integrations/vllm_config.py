@@ -23,10 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kvtier.config import KVTierConfig, from_dict, load_config
+from kvtier.config import ByteSize, KVTierConfig, from_dict, load_config
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkRates:
+    """Bytes per second from a tier into vLLM's blocks, end to end; set: never measured nor refined."""
+
+    dram: ByteSize | None = None
+    disk: ByteSize | None = None
+    redis: ByteSize | None = None
+    mooncake: ByteSize | None = None
+
+    def fixed(self) -> dict[str, float]:
+        return {f.name: float(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +53,10 @@ class ConnectorOptions:
     async_loads: Literal["auto", "always", "never"] = "auto"  # auto: hits below DRAM load off the step
     probe_deadline_s: float = 0.02  # longest a scheduler lookup waits for a Redis/Mooncake probe
     layerwise_loads: bool = False  # CUDA: each attention layer waits only for its own layer of a DRAM hit
-    cost_model: Path | None = None  # CostModel JSON (one link per tier): load only chunks faster than recomputing
+    # fetch or recompute (``kvtier.integrations.vllm_cost``): "auto" calibrates at start-up and
+    # learns online; "off" loads every chunk kvtier holds; else a CostModel JSON (one link per tier)
+    cost_model: str = "auto"
+    link_rates: LinkRates = dataclasses.field(default_factory=lambda: LinkRates())  # fixed links for "auto"
     # token ids that start a tool call in the model's output (Hermes' <tool_call>, Llama 3.1's
     # <|python_tag|>, ...): an answer that holds one waits for a tool, one that stopped without
     # one waits for the user (``ContextMemory.hint_end``); empty: the policy is not told
@@ -51,6 +67,10 @@ class ConnectorOptions:
             raise ConfigError("log_interval_s must be >= 0")
         if self.probe_deadline_s < 0:
             raise ConfigError("probe_deadline_s must be >= 0")
+        if not self.cost_model.strip():
+            raise ConfigError('cost_model must be "auto", "off" or the path of a CostModel JSON')
+        if any(v <= 0 for v in self.link_rates.fixed().values()):
+            raise ConfigError("link_rates: every rate must be > 0 (bytes per second)")
 
 
 CONNECTOR_KEYS = frozenset(f.name for f in dataclasses.fields(ConnectorOptions))
@@ -70,11 +90,14 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *,
 
 
 def load_cost_model(options: ConnectorOptions, tiers: list[str]) -> CostModel | None:
-    """The connector's ``cost_model`` file, checked against the tiers; ConfigError naming it."""
-    if options.cost_model is None:
+    """The connector's ``cost_model`` file, checked against the tiers; ConfigError naming it.
+
+    None for ``"auto"`` (``kvtier.integrations.vllm_cost`` builds one) and ``"off"``."""
+    if options.cost_model in ("auto", "off"):
         return None
+    path = Path(options.cost_model).expanduser()
     try:
-        cost = CostModel.load(options.cost_model)
+        cost = CostModel.load(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"kv_connector_extra_config.cost_model={str(options.cost_model)!r}: {exc}") from exc
     if len(cost.links) < len(tiers):

@@ -39,6 +39,7 @@ copies are done (they run on the connector's mover thread, or before a forward t
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -277,6 +278,53 @@ class PagedKV:
             runs.append((i, tensor.view(self._shape(j - i))))
             i = j
         return runs
+
+    # --- start-up -------------------------------------------------------------------------------
+    def warm_up(self, num_chunks: int = 2) -> float | None:
+        """Run the calling thread's first copies now, not on the first hit; returns the bytes/s of a
+        timed scatter (host chunks -> blocks: what a DRAM hit costs), or None without blocks.
+
+        A first copy pays for what is built on first use: on CUDA the thread's side streams,
+        events and device staging buffers (``_CudaPath``), the Triton kernel's compilation for each
+        direction (and, layer-wise, for the layer-index specialisations), the pinned allocator of
+        the block-id uploads, ``cudaMemcpy2DAsync``'s lookup; on CPU the staging buffer's pages.
+        The copies read the first blocks and write the same bytes back: nothing changes (vLLM has
+        not used a block yet when the connector registers)."""
+        m = self.blocks_per_chunk
+        n = min(num_chunks, int(self.layers[0].shape[0]) // m)
+        if n == 0:
+            return None
+        ids = list(range(n * m))
+        stage = self.gather(ids)  # compiles/creates the gather side
+        self.scatter(stage, ids)  # ... and the scatter side
+        cuda = self._cuda
+        if cuda is not None:
+            events = cuda.scatter_layers([(0, stage)], ids, None)  # layer-wise loads' variants
+            if events:
+                events[-1].synchronize()
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self.scatter(stage, ids)
+            best = min(best, time.perf_counter() - t0)
+        return n * self.chunk_elems * self.dtype.itemsize / max(best, 1e-9)
+
+    def timing_mark(self) -> Any:
+        """A point on the current stream to time device work from (``elapsed``): an event on CUDA."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    @staticmethod
+    def elapsed(start: Any, end: Any) -> float | None:
+        """Seconds between two ``timing_mark``s; None while the device has not reached ``end``."""
+        if isinstance(start, float):
+            return float(end - start)
+        if not end.query():
+            return None
+        return float(start.elapsed_time(end)) / 1e3
 
     def current_stream(self) -> Any:
         """The calling thread's current CUDA stream (vLLM's compute stream in a worker hook)."""

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.integrations.vllm_cost import ForwardSample, LoadSample, OnlineCost
 from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey
 from kvtier.policy.cost import CostModel
@@ -383,6 +384,10 @@ class StepPlan:
     preempted: set[str] = field(default_factory=set)  # requests whose blocks vLLM reuses: wait for their jobs
     held: set[str] = field(default_factory=set)  # finished requests whose blocks wait for the worker
     uncacheable: int = 0  # requests not cached since the last step (counted by the worker)
+    # fetch-or-recompute decisions since the last step (counted by the worker): fetch_<decision>
+    decisions: dict[str, int] = field(default_factory=dict)
+    # this step's forward for the cost model, when prefill-heavy: (new tokens, sum of new*(past+new/2))
+    forward: tuple[int, float] | None = None
 
 
 class Planner:
@@ -390,7 +395,7 @@ class Planner:
 
     def __init__(self, *, namespace: ChunkKey, tokens_per_chunk: int, block_size: int,
                  directory: ChunkDirectory, keyer: KeyerFactory = request_keyer,
-                 async_loads: str = "auto", cost: CostModel | None = None, chunk_bytes: int = 0,
+                 async_loads: str = "auto", cost: CostModel | OnlineCost | None = None, chunk_bytes: int = 0,
                  tool_call_tokens: Iterable[int] = ()) -> None:
         self.namespace = namespace
         self.chunk = tokens_per_chunk
@@ -399,16 +404,22 @@ class Planner:
         self.directory = directory
         self.keyer = keyer
         self.async_loads = async_loads  # auto: when a hit is below DRAM; always; never
-        self.cost = cost  # None: load every chunk found; else only the chunks worth loading
+        # None: load every chunk found; else only the chunks worth loading (OnlineCost: learns
+        # from the worker's samples, ``worker_report``)
+        self._cost = cost
         self.chunk_bytes = chunk_bytes  # one chunk's bytes on one worker (for the cost model)
         self.tool_call_tokens = frozenset(tool_call_tokens)  # see ``answer_awaits``
-        if cost is not None and len(cost.links) < len(directory.tiers):
-            raise ConfigError(f"cost_model has {len(cost.links)} link(s) for the tiers {directory.tiers}: "
+        if self.cost is not None and len(self.cost.links) < len(directory.tiers):
+            raise ConfigError(f"cost_model has {len(self.cost.links)} link(s) for the tiers {directory.tiers}: "
                               "one link per tier, top first")
         if cost is not None and chunk_bytes <= 0:
             raise ConfigError("a cost model needs the chunk's size: chunk_bytes must be > 0")
         self.requests: dict[str, RequestState] = {}
         self._next = StepPlan()
+
+    @property
+    def cost(self) -> CostModel | None:
+        return self._cost.model if isinstance(self._cost, OnlineCost) else self._cost
 
     def _state(self, request: Any) -> RequestState:
         state = self.requests.get(request.request_id)
@@ -436,8 +447,8 @@ class Planner:
             state.hinted, state.session = True, self._session(request)
             self._next.hints.append(HintJob(request.request_id, tuple(keys), state.session))
         found = self.directory.longest_prefix(keys)
-        if self.cost is not None:
-            found = self._worth_loading(found, num_computed_tokens, request.num_tokens)
+        if self._cost is not None:
+            found = self._worth_loading(found, num_computed_tokens, request.num_tokens, request.request_id)
         hit = min(found.chunks * self.chunk, limit)
         if hit <= num_computed_tokens:
             return 0, False
@@ -453,7 +464,7 @@ class Planner:
             logger.warning("kvtier: request %s: %s; no session", request.request_id, exc)
             return None
 
-    def _worth_loading(self, found: Match, num_computed_tokens: int, num_tokens: int) -> Match:
+    def _worth_loading(self, found: Match, num_computed_tokens: int, num_tokens: int, req_id: str) -> Match:
         """The leading chunks of ``found`` that are faster to load than to recompute.
 
         vLLM loads a prefix only and computes what follows, so the plan is a pure one (no
@@ -462,10 +473,22 @@ class Planner:
         prefix cache holds are free; the plan covers the rest (as if it started at token 0:
         the attention over vLLM's cached part is left out of the estimate).
         """
-        assert self.cost is not None
+        cost = self.cost
+        assert cost is not None
         first = min(num_computed_tokens // self.chunk, found.chunks)
-        plan = self.cost.plan(found.levels[first:], total_tokens=num_tokens - first * self.chunk,
-                              tokens_per_chunk=self.chunk, chunk_bytes=self.chunk_bytes)
+        plan = cost.plan(found.levels[first:], total_tokens=num_tokens - first * self.chunk,
+                         tokens_per_chunk=self.chunk, chunk_bytes=self.chunk_bytes)
+        if plan.cached_chunks:  # the hit offered something beyond vLLM's cache: count the decision
+            decision = ("load_all" if plan.load_chunks == plan.cached_chunks
+                        else "recompute" if plan.load_chunks == 0 else "load_head")
+            skipped = plan.cached_chunks - plan.load_chunks
+            counts = self._next.decisions
+            counts[f"fetch_{decision}"] = counts.get(f"fetch_{decision}", 0) + 1
+            if skipped:
+                counts["fetch_skipped_chunks"] = counts.get("fetch_skipped_chunks", 0) + skipped
+            logger.debug("kvtier: request %s: %s (%d of %d cached chunks; est %.1f ms vs recompute %.1f ms)",
+                         req_id, decision.replace("_", " "), plan.load_chunks, plan.cached_chunks,
+                         plan.est_total_s * 1e3, plan.est_recompute_s * 1e3)
         return Match(found.levels[:first + plan.load_chunks])
 
     def allocated(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
@@ -514,7 +537,21 @@ class Planner:
                 state.block_ids += new_ids[0]
             self._plan_saves(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan.saves)
         plan.preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        if isinstance(self._cost, OnlineCost):
+            plan.forward = self._forward(scheduler_output)
         return plan
+
+    def _forward(self, scheduler_output: Any) -> tuple[int, float] | None:
+        """(new tokens, sum of new * (past + new/2)) of this step, if it is prefill-heavy enough to
+        teach the cost model (at least a chunk of new tokens); else None."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        if sum(scheduled.values()) < self.chunk:
+            return None
+        past = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        past.update(zip(cached.req_ids, cached.num_computed_tokens, strict=False))
+        pairs = sum(n * (past.get(r, 0) + n / 2) for r, n in scheduled.items())
+        return sum(scheduled.values()), pairs
 
     def _plan_pin(self, state: RequestState, pins: list[PinJob]) -> None:
         if state.pin_planned or state.keys is None:
@@ -550,7 +587,13 @@ class Planner:
             state.saved = True
 
     # --- what the worker reports --------------------------------------------------------------
-    def worker_report(self, changes: Sequence[tuple[int, str, ChunkKey, bool]], missing: set[ChunkKey]) -> None:
+    def worker_report(self, changes: Sequence[tuple[int, str, ChunkKey, bool]], missing: set[ChunkKey],
+                      loads: Sequence[LoadSample] = (), forwards: Sequence[ForwardSample] = ()) -> None:
+        if isinstance(self._cost, OnlineCost):
+            for load in loads:
+                self._cost.observe_load(load)
+            for forward in forwards:
+                self._cost.observe_forward(forward)
         self.directory.apply(changes)
         if not missing:
             return

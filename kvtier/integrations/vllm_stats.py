@@ -9,6 +9,8 @@
     corrupt_<tier>                                    chunks a tier found corrupt (never served)
     pinned_chunks / unpinned_chunks                   prompt chunks pinned/unpinned on request
     answers_awaiting_<tool|user>                      finished answers told to the eviction policy
+    fetch_<load_all|load_head|recompute>              cost-model decisions of lookups that found chunks
+    fetch_skipped_chunks                              cached chunks left to recompute (faster than loading)
 
 vLLM collects ``KVTierConnectorStats`` from the worker after each step, sums them
 (``aggregate``) in the engine and logs them with its own stats when ``log_stats`` is on; the
@@ -26,6 +28,7 @@ with vLLM's ``model_name`` and ``engine`` like vLLM's own metrics:
     kvtier_hit_tokens_total{tier}          from hit_tokens_<tier>
     kvtier_corrupt_chunks_total{tier}      from corrupt_<tier> (see below)
     kvtier_answers_total{awaits}           from answers_awaiting_<tool|user> (``tool_call_tokens``)
+    kvtier_fetch_decisions_total{decision} from fetch_<load_all|load_head|recompute> (cost model)
     kvtier_inflight_<what> (gauges)        from inflight_<what>: queue depth at the last step
 
 ``EXPORTS`` and ``FAMILIES`` below hold the whole mapping. A name in neither is exported as
@@ -82,6 +85,8 @@ EXPORTS: dict[str, Export] = {  # worker counter name -> metric
     "unpinned_chunks": Export("kvtier_unpinned_chunks", "Prompt chunks unpinned on request."),
     "async_loads": Export("kvtier_async_loads", "Chunk loads run asynchronously, off the step."),
     "uncacheable_requests": Export("kvtier_uncacheable_requests", "Requests kvtier could not cache."),
+    "fetch_skipped_chunks": Export("kvtier_fetch_skipped_chunks",
+                                   "Cached chunks the cost model left to vLLM to recompute (faster than loading)."),
 }
 FAMILIES: dict[str, Export] = {  # worker counter name prefix -> metric; the rest of the name goes into it
     "hit_tokens_": Export("kvtier_hit_tokens", "Tokens loaded from kvtier, by the tier that held them.",
@@ -90,6 +95,8 @@ FAMILIES: dict[str, Export] = {  # worker counter name prefix -> metric; the res
                        Kind.RUNNING_TOTAL, label="tier"),
     "answers_awaiting_": Export("kvtier_answers", "Finished answers told to the eviction policy, by what they "
                                 "wait for (tool, user).", label="awaits"),
+    "fetch_": Export("kvtier_fetch_decisions", "Fetch-or-recompute decisions of lookups that found chunks, by "
+                     "decision (load_all, load_head, recompute).", label="decision"),
     "inflight_": Export("kvtier_inflight_{}", "kvtier's {} in flight at the last step, summed over workers.",
                         Kind.GAUGE),
 }

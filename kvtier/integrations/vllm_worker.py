@@ -45,6 +45,7 @@ from functools import partial
 from typing import Any
 
 from kvtier.hierarchy import ContextMemory, InPlaceStore
+from kvtier.integrations.vllm_cost import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
 from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob
@@ -59,10 +60,14 @@ class WorkerReport:
 
     changes: list[tuple[int, str, ChunkKey, bool]] = field(default_factory=list)  # (rank, tier, key, added)
     missing: set[ChunkKey] = field(default_factory=set)  # planned chunks that could not be loaded/stored
+    loads: list[LoadSample] = field(default_factory=list)  # timed loads, for the scheduler's cost model
+    forwards: list[ForwardSample] = field(default_factory=list)  # timed prefill-heavy forwards
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         self.changes += other.changes
         self.missing |= other.missing
+        self.loads += other.loads
+        self.forwards += other.forwards
         return self
 
 
@@ -86,6 +91,10 @@ class WorkerCore:
         self._missing: set[ChunkKey] = set()
         self._changes: list[tuple[int, str, ChunkKey, bool]] = []
         self._pending: list[tuple[list[Any], contextlib.ExitStack]] = []  # this step's queued loads (CUDA)
+        self._load_samples: list[LoadSample] = []
+        self._forward_samples: list[ForwardSample] = []
+        self._forward: tuple[Any, int, float] | None = None  # the forward being timed: (start, new, pairs)
+        self._forwards_timed: list[tuple[Any, Any, int, float]] = []  # CUDA: (start, end, ...) not yet read
         memory.listen(self._on_change)
 
     def _on_change(self, tier: str, key: ChunkKey, added: bool) -> None:
@@ -250,6 +259,7 @@ class WorkerCore:
             self._wait_saves(job.keys)
         t0 = time.perf_counter()
         loaded = 0
+        timed = True  # False: the copies were only queued (CUDA, this step): the host time is not theirs
         hits_before = [t.stats.hits for t in memory.tiers]
         try:
             # DRAM hits are read in place, lower-tier hits promoted into DRAM slots and read there
@@ -259,6 +269,7 @@ class WorkerCore:
                 events = paged.scatter_pending(views, ids, after, layerwise=layerwise) if pending else None
                 if events is not None:
                     self._pending.append((events, borrowed.pop_all()))
+                    timed = False
                 elif not pending:
                     paged.scatter_from(views, ids, after)
                 loaded = len(views)
@@ -277,10 +288,16 @@ class WorkerCore:
                                "recomputes %d blocks", job.req_id, len(job.keys) - loaded, len(job.keys),
                                len(failed))
             tokens = max(0, min(job.end, job.first_token + loaded * self.tokens_per_chunk) - job.start)
-            per_tier = {f"hit_tokens_{t.name}": (t.stats.hits - before) * self.tokens_per_chunk
-                        for t, before in zip(memory.tiers, hits_before, strict=True)}
+            hits = [t.stats.hits - before for t, before in zip(memory.tiers, hits_before, strict=True)]
+            per_tier = {f"hit_tokens_{t.name}": n * self.tokens_per_chunk for t, n in zip(memory.tiers, hits,
+                                                                                          strict=True)}
+            seconds = time.perf_counter() - t0
             self.count(load_chunks=loaded, load_tokens=tokens, load_bytes=loaded * memory.layout.chunk_bytes,
-                       load_s=time.perf_counter() - t0, load_failed_chunks=len(job.keys) - loaded, **per_tier)
+                       load_s=seconds, load_failed_chunks=len(job.keys) - loaded, **per_tier)
+            if timed and loaded == len(job.keys) and any(hits):  # a whole load: a sample of its lowest tier
+                level = max(i for i, n in enumerate(hits) if n)
+                with self._lock:
+                    self._load_samples.append(LoadSample(level, hits[level] * memory.layout.chunk_bytes, seconds))
 
     def hint(self, jobs: Sequence[HintJob]) -> None:
         """Announce new requests to the eviction policy, in the order they were looked up.
@@ -341,16 +358,54 @@ class WorkerCore:
         return failed
 
     def take_report(self) -> WorkerReport | None:
+        self._read_forwards()
         with self._lock:
             changes, self._changes = self._changes, []
             missing, self._missing = self._missing, set()
-        if not changes and not missing:
+            loads, self._load_samples = self._load_samples, []
+            forwards, self._forward_samples = self._forward_samples, []
+        if not changes and not missing and not loads and not forwards:
             return None
-        return WorkerReport(changes=changes, missing=missing)
+        return WorkerReport(changes=changes, missing=missing, loads=loads, forwards=forwards)
+
+    # --- timing the forward, for the scheduler's cost model --------------------------------------
+    def forward_starts(self, work: tuple[int, float] | None) -> None:
+        """Before a forward of ``work`` = (new tokens, attention pairs); None: not timed."""
+        self._forward = None if work is None else (self.paged.timing_mark(), *work)
+
+    def forward_ends(self) -> None:
+        """After the forward (``wait_for_save``): CUDA events are read later, without a sync."""
+        if self._forward is None:
+            return
+        start, new, pairs = self._forward
+        self._forward = None
+        self._forwards_timed.append((start, self.paged.timing_mark(), new, pairs))
+        self._read_forwards()
+
+    def _read_forwards(self) -> None:
+        while self._forwards_timed:
+            start, end, new, pairs = self._forwards_timed[0]
+            seconds = self.paged.elapsed(start, end)
+            if seconds is None:  # not done yet
+                if len(self._forwards_timed) > 8:  # never read: drop the oldest
+                    self._forwards_timed.pop(0)
+                return
+            self._forwards_timed.pop(0)
+            with self._lock:
+                self._forward_samples.append(ForwardSample(new, pairs, seconds))
 
     def inflight(self) -> int:
         with self._lock:
             return len({id(f) for jobs in self._jobs.values() for f in jobs})
+
+    def warm_up(self) -> tuple[float | None, float]:
+        """Take the lazy costs of a first copy off the first hit, on both threads that copy.
+
+        Returns (bytes/s of a timed DRAM-to-blocks copy, seconds the warm-up took)."""
+        t0 = time.perf_counter()
+        rate = self.paged.warm_up()  # the step's thread: DRAM hits
+        self._mover.submit(self.paged.warm_up).result()  # the mover: saves and lower-tier hits
+        return rate, time.perf_counter() - t0
 
     def count(self, **deltas: float) -> None:
         with self._lock:

@@ -113,12 +113,29 @@ def test_warm_start_and_corrupt_chunk(tiny_model: Path, tmp_path: Path, referenc
     victim = _disk_path(tiny_model, disk, H, chunk=1)
     flip_byte(victim, HEADER_BYTES + 1000)  # one flipped payload byte
 
-    second = run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "b", disk)), _mkdir(tmp_path / "b"), "b")
+    # cost_model "off": every chunk found is loaded, however slow its link is said to be
+    off = _kvtier(tmp_path / "b", disk, cost_model="off", link_rates={"disk": "1KB"})
+    second = run_vllm(_spec(tiny_model, [[G, H]], **off), _mkdir(tmp_path / "b"), "b")
     assert second["phases"][0]["outputs"] == want
     counters = second["phases"][0]["stats"]["counters"]
     assert counters["hit_tokens_disk"] == 256 + 128  # G: chunks 0-1; H: chunk 0, then the corrupt chunk 1
     assert counters["corrupt_disk"] == 1
     assert counters["load_failed_chunks"] == 1
+
+
+def test_a_hit_on_a_slow_disk_is_recomputed(tiny_model: Path, tmp_path: Path, reference: dict[str, Any]) -> None:
+    """The default cost model: a fresh process whose disk link is set to 1 KB/s (a chunk would take
+    minutes) recomputes the chunks it finds there instead of loading them; outputs are unchanged."""
+    disk = tmp_path / "shared-disk"
+    want = reference["outputs"]["phases"][2]["outputs"]
+    run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "a", disk)), _mkdir(tmp_path / "a"), "a")
+    slow = _kvtier(tmp_path / "b", disk, link_rates={"disk": "1KB"})
+    second = run_vllm(_spec(tiny_model, [[G, H]], **slow), _mkdir(tmp_path / "b"), "b")
+    assert second["phases"][0]["outputs"] == want
+    counters = second["phases"][0]["stats"]["counters"]
+    assert "hit_tokens_disk" not in counters and counters.get("load_tokens", 0) == 0
+    assert counters["fetch_recompute"] == 2  # G and H each found 2 chunks on disk
+    assert counters["fetch_skipped_chunks"] == 4
 
 
 def test_preemption(tiny_model: Path, tmp_path: Path) -> None:

@@ -417,3 +417,32 @@ def test_a_malformed_session_is_ignored_not_fatal(caplog: pytest.LogCaptureFixtu
     planner.match(Req("s", list(range(16)), kv_transfer_params={"kvtier": {"session": 42}}), 0)
     assert [h.session for h in planner.build(Out([], {})).hints] == [None]
     assert "no session" in caplog.text
+
+
+def test_decisions_are_counted_and_the_workers_samples_change_them() -> None:
+    """The default (online) model: a disk hit is loaded while the disk looks fast; after the worker
+    reports slow disk loads the same hit is recomputed; each decision is counted for the stats."""
+    from kvtier.integrations.vllm_cost import LoadSample, OnlineCost
+    from kvtier.policy.cost import LinkCost, PrefillCost
+
+    chunk_bytes = 1 << 20
+    online = OnlineCost([LinkCost(bandwidth_Bps=1e12), LinkCost(bandwidth_Bps=1e12)], PrefillCost(per_token_s=1e-3),
+                        chunk_bytes=chunk_bytes)
+    planner = _planner(cost=online, chunk_bytes=chunk_bytes)
+    tokens = list(range(1, 34))  # 4 whole chunks + 1 token
+    keys = _keys(tokens)
+    planner.directory.apply([(0, "dram", keys[0], True), (0, "dram", keys[1], True),
+                             (0, "disk", keys[2], True), (0, "disk", keys[3], True)])
+    assert planner.match(Req("a", tokens), 0) == (32, True)
+    planner.worker_report([], set(), loads=[LoadSample(1, 2 * chunk_bytes, 2.0)] * 20)  # 1 MB/s
+    assert planner.match(Req("b", tokens), 0) == (16, False)  # the DRAM head only
+    planner.directory.apply([(0, "dram", keys[0], False), (0, "dram", keys[1], False),
+                             (0, "disk", keys[0], True), (0, "disk", keys[1], True)])
+    assert planner.match(Req("c", tokens), 0) == (0, False)
+    assert planner.match(Req("d", list(range(100, 120))), 0) == (0, False)  # nothing found: no decision
+    out = Out([NewReq("a", ([],), 0)], {"a": 33})
+    plan = planner.build(out)
+    assert plan.decisions == {"fetch_load_all": 1, "fetch_load_head": 1, "fetch_recompute": 1,
+                              "fetch_skipped_chunks": 2 + 4}
+    assert plan.forward == (33, 33 * 33 / 2)  # a prefill of 33 new tokens: timed by the worker
+    assert planner.build(Out([], {"a": 1})).forward is None  # a decode step teaches nothing

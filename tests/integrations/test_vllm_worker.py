@@ -178,3 +178,36 @@ def test_a_hint_tells_the_agent_policy_the_requests_chunks_and_session() -> None
         assert model.sessions["chat-7"].awaits == "user" and core.counters.values["answers_awaiting_user"] == 1
     finally:
         core.close()
+
+
+def test_warm_up_times_a_copy_and_changes_no_block() -> None:
+    worker, _, caches = _worker()
+    before = {name: t.clone() for name, t in caches.items()}
+    rate, seconds = worker.warm_up()
+    assert rate is not None and rate > 0 and seconds >= 0
+    assert all(torch.equal(caches[name], t) for name, t in before.items())
+    worker.close()
+
+
+def test_loads_and_forwards_are_timed_for_the_schedulers_cost_model() -> None:
+    from kvtier.integrations.vllm_cost import ForwardSample
+
+    worker, paged, _ = _worker()
+    keys = _keys(worker, 1, 2)
+    worker.save([SaveJob("r", keys, tuple(range(2 * M)))])
+    paged.gate.set()
+    _until(lambda: worker.memory.lookup(list(keys)).num_chunks == 2)
+    worker.take_report()  # the save's index changes
+    worker.load_now(LoadJob("s", 0, 0, 2 * CHUNK, keys, tuple(range(10, 10 + 2 * M))))
+    worker.forward_starts((300, 300 * 150.0))
+    worker.forward_ends()
+    worker.forward_starts(None)  # a step the planner did not ask to time
+    worker.forward_ends()
+    report = worker.take_report()
+    assert report is not None
+    (load,) = report.loads
+    assert (load.level, load.nbytes) == (0, 2 * worker.memory.layout.chunk_bytes) and load.seconds > 0
+    (forward,) = report.forwards
+    assert isinstance(forward, ForwardSample) and (forward.new_tokens, forward.ctx_pairs) == (300, 45000.0)
+    assert worker.take_report() is None  # taken once
+    worker.close()
