@@ -118,7 +118,8 @@ def main() -> int:
     disk = work / "disk"
 
     def kvtier(name: str, **extra: Any) -> dict[str, Any]:
-        config = {"chunk_tokens": CHUNK, "dram": {"capacity": "2GiB"},
+        # cost_model off: every cached chunk is loaded, so the loads themselves are checked
+        config = {"chunk_tokens": CHUNK, "dram": {"capacity": "2GiB"}, "cost_model": "off",
                   "disk": {"path": str(disk), "capacity": "16GiB", "fsync": False}, **extra}
         return {"connector": "kvtier", "extra_config": config, "stats_file": str(work / f"{name}.stats.json")}
 
