@@ -21,7 +21,7 @@ def signatures() -> dict[str, Any]:
 
     compared, mismatches = [], []
     for name, ours in vars(KVTierConnector).items():
-        if name.startswith("__") or not hasattr(KVConnectorBase_V1, name):
+        if (name.startswith("__") and name != "__init__") or not hasattr(KVConnectorBase_V1, name):
             continue
         theirs = inspect.getattr_static(KVConnectorBase_V1, name)
         if type(ours) is not type(theirs):
