@@ -44,7 +44,8 @@ def test_connector_hooks_match_the_release_base_class(version: str) -> None:
     assert result["mismatches"] == []
     assert result["abstract_unimplemented"] == []
     hooks = {"__init__", "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
-             "request_finished", "register_kv_caches", "start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_save",
+             "request_finished", "register_kv_caches", "start_load_kv", "wait_for_layer_load", "save_kv_layer",
+             "wait_for_save",
              "get_finished", "handle_preemptions", "build_connector_worker_meta", "update_connector_output"}
     if version == "0.34.0":  # what 0.34 asks each connector to declare
         hooks |= {"requires_kv_delivery", "supports_sleep_mode", "kv_cache_access", "may_load_async",
