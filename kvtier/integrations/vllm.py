@@ -142,7 +142,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
-        vllm_compat.check_version(vllm_compat.VLLM_VERSION)
+        vllm_compat.check_version(vllm_compat.installed_version())
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config, self.options = parse_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         # kvtier is a cache: a failed load is a miss to recompute, not a failed request.
@@ -183,6 +183,26 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def _shape(self) -> ModelShape:
         return ModelShape.from_hf_config(self._vllm_config.model_config.hf_text_config, self.world_size)
+
+    # ==== what newer vLLMs ask of a connector (``vllm_compat``; older ones never call these) =====
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return vllm_compat.REQUIRES_KV_DELIVERY
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        return vllm_compat.SUPPORTS_SLEEP_MODE
+
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config: Any) -> Any:
+        return vllm_compat.kv_cache_access()
+
+    def may_load_async(self, request: Request) -> bool:
+        return self._planner is not None and self._planner.may_load_async(request)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        assert self._planner is not None
+        return vllm_compat.hit_sources(self._planner.hit_tiers(request, num_external_tokens))
 
     def _directory(self) -> ChunkDirectory:
         ranks = [rank_layout(self.layout, r, self.world_size) for r in range(self.world_size)]

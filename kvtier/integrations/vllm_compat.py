@@ -7,7 +7,25 @@ three releases' sources, with the releases it applies to:
 
 * ``vllm.v1.metrics.cache_hit_source.CacheHitSource`` (0.32+): per-tier hit labels; 0.26 has no such
   module, and its base class neither reads ``_cache_hit_source`` nor calls
-  ``get_external_cache_hit_sources`` (``cache_hit_source``).
+  ``get_external_cache_hit_sources`` (``cache_hit_source``, ``hit_sources``).
+* ``SchedulerOutput.scheduled_cached_reqs.resumed_req_ids`` (0.26-0.33; gone in 0.34, where a
+  preempted request comes back in ``scheduled_new_reqs`` with its whole block table):
+  ``resumed_req_ids``.
+* ``KVConnectorBase_V1.requires_kv_delivery`` (0.32+; True by default for a ``kv_both`` connector):
+  a preempted request with a save pending is recomputed.  kvtier is a best-effort cache (a dropped
+  save is a later miss): ``REQUIRES_KV_DELIVERY = False``.
+* ``KVConnectorBase_V1.supports_sleep_mode`` (0.34; True by default): sleep mode remaps the KV cache,
+  while kvtier's worker keeps the raw ``data_ptr`` of each KV tensor (``PagedKV``, the fused copy's
+  address table): ``SUPPORTS_SLEEP_MODE = False``, so vLLM refuses ``enable_sleep_mode`` with
+  kvtier at start-up instead of kvtier copying from unmapped memory.
+* ``KVConnectorBase_V1.kv_cache_access`` (0.34; drives the "extensible" driver-mapped KV cache):
+  kvtier reaches the KV in-process only (torch ops, its Triton copy): ``kv_cache_access``.
+* ``KVConnectorBase_V1.may_load_async`` (0.34, read with ``--max-num-inflight-kv-loads``): whether a
+  waiting request may load asynchronously (``Planner.may_load_async``).
+* ``KVConnectorBase_V1.get_external_cache_hit_sources`` (0.32+): the hit tokens per tier
+  (``Planner.hit_tiers`` then ``hit_sources``).
+
+vLLM-free itself (the planner imports it): only the functions that return vLLM objects import vLLM.
 """
 
 from __future__ import annotations
@@ -52,10 +70,38 @@ def cache_hit_source(name: str) -> Any:
     return CacheHitSource[name]
 
 
-def _installed_version() -> str:
+# kvtier tier name -> vLLM's CacheHitSource member (Redis, Mooncake: remote stores, no label of their own)
+_TIER_SOURCES = {"dram": "HOST", "disk": "DISK"}
+REQUIRES_KV_DELIVERY = False  # 0.32+: kvtier is best-effort, a dropped save is only a later miss
+SUPPORTS_SLEEP_MODE = False  # 0.34: kvtier keeps raw data_ptrs of the KV tensors
+
+
+def hit_sources(tokens_per_tier: dict[str, int]) -> dict[Any, int]:
+    """``get_external_cache_hit_sources``'s answer (0.32+) from kvtier's hit tokens per tier name."""
+    out: dict[Any, int] = {}
+    for tier, n in tokens_per_tier.items():
+        if n > 0:
+            source = cache_hit_source(_TIER_SOURCES.get(tier, "EXTERNAL_UNSPECIFIED"))
+            out[source] = out.get(source, 0) + n
+    return out
+
+
+def resumed_req_ids(cached_reqs: Any) -> set[str] | frozenset[str]:
+    """Requests of ``SchedulerOutput.scheduled_cached_reqs`` back from preemption with a new block
+    table: the field on 0.26-0.33; empty on 0.34+, which has no such field (a resumed request is in
+    ``scheduled_new_reqs`` with its whole block table, and its cached-request ids are appended)."""
+    return getattr(cached_reqs, "resumed_req_ids", frozenset())
+
+
+def kv_cache_access() -> Any:
+    """``KVCacheAccess.IN_PROCESS`` (0.34; only 0.34+ asks): kvtier registers nothing and exports nothing."""
+    from vllm.config.kv_transfer import KVCacheAccess  # type: ignore[attr-defined,unused-ignore]
+
+    return KVCacheAccess.IN_PROCESS
+
+
+def installed_version() -> str:
+    """The installed vLLM's version, as it reports it (``vllm.__version__``)."""
     import vllm
 
     return str(vllm.__version__)
-
-
-VLLM_VERSION = _installed_version()  # as vLLM reports it (``vllm.__version__``)

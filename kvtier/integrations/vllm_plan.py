@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.integrations.vllm_compat import resumed_req_ids
 from kvtier.integrations.vllm_cost import ForwardSample, LoadSample, OnlineCost
 from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey
@@ -366,6 +367,7 @@ class RequestState:
     next_save: int = 0  # first chunk not yet saved (or skipped because kvtier has it)
     load: tuple[int, int] | None = None  # token range [start, end) matched, to load once allocated
     load_async: bool = False
+    hit: tuple[int, tuple[int, ...]] = (0, ())  # the last lookup's (first token, tier level per chunk)
     pin_planned: bool = False  # the request's pin/unpin (if any) was sent to the worker
     hinted: bool = False  # the worker's policy was told of the request (``HintJob``)
     session: str | None = None  # its session, as hinted
@@ -453,8 +455,33 @@ class Planner:
         if hit <= num_computed_tokens:
             return 0, False
         state.load = (num_computed_tokens, hit)
+        state.hit = (num_computed_tokens, found.levels)
         state.load_async = self.async_loads == "always" or (self.async_loads == "auto" and found.below_dram)
         return hit - num_computed_tokens, state.load_async
+
+    def may_load_async(self, request: Any) -> bool:
+        """Whether ``match`` may answer "load asynchronously" for ``request`` (cheap: no lookup)."""
+        if self.async_loads == "auto":
+            return len(self.directory.tiers) > 1 or bool(self.directory.disk_roots)
+        return self.async_loads == "always"
+
+    def hit_tiers(self, request: Any, num_external_tokens: int) -> dict[str, int]:
+        """The ``num_external_tokens`` vLLM takes from the last ``match`` of ``request``, per tier name."""
+        state = self.requests.get(request.request_id)
+        if state is None or num_external_tokens <= 0:
+            return {}
+        start, levels = state.hit
+        out: dict[str, int] = {}
+        end = start + num_external_tokens
+        for i, level in enumerate(levels):
+            n = min(end, (i + 1) * self.chunk) - max(start, i * self.chunk)
+            if n > 0:
+                tier = self.directory.tiers[level] if level < len(self.directory.tiers) else "remote"
+                out[tier] = out.get(tier, 0) + n
+        missing = num_external_tokens - sum(out.values())
+        if missing > 0:  # more than matched: vLLM's business, unlabelled
+            out["remote"] = out.get("remote", 0) + missing
+        return out
 
     @staticmethod
     def _session(request: Any) -> str | None:
@@ -526,12 +553,13 @@ class Planner:
             self._plan_pin(state, plan.pins)
             self._plan_saves(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), plan.saves)
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = resumed_req_ids(cached)
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests.get(req_id)
             if state is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:  # preempted and back: a whole new block table
+            if req_id in resumed:  # preempted and back: a whole new block table
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
             elif new_ids is not None:
                 state.block_ids += new_ids[0]

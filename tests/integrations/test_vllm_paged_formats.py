@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.integrations.vllm_config import PagedGeometry  # noqa: E402
-from kvtier.integrations.vllm_paged import PagedKV  # noqa: E402
+from kvtier.integrations.vllm_paged import PagedKV, geometry_of  # noqa: E402
 
 BS, HEADS, HD, LAYERS, NB, M = 4, 2, 8, 3, 24, 2  # m = 2 blocks per chunk
 # (device, PagedKV cuda_copy): on CUDA every copy mode (the fused Triton kernel direct to pinned host
@@ -116,3 +116,44 @@ def test_layerwise_scatter_fires_one_event_per_layer_and_moves_the_same_bytes(la
         for j, b in enumerate(targets):
             if b >= 0:
                 assert torch.equal(dst[name][b], src[name][table[j]]), (name, j)
+
+
+@pytest.mark.parametrize(("device", "cuda_copy"), DEVICES)
+def test_vllm_026_flash_attn_3_layout_bf16(device: str, cuda_copy: str) -> None:
+    """vLLM 0.26's FLASH_ATTN (FA3) on Hopper: one bf16 tensor per layer, logical (num_blocks, heads,
+    block_size=16, 2*D) with K|V packed in the last dimension, NHD in memory (FlashAttentionBackend.
+    get_kv_cache_shape / get_kv_cache_stride_order (0, 2, 1, 3)), as register_kv_caches hands it."""
+    bs, heads, hd, layers, nb, m = 16, 4, 8, 2, 12, 2
+    g = torch.Generator().manual_seed(5)
+    src = {f"model.layers.{i}.self_attn.attn": torch.randn(nb, bs, heads, 2 * hd, generator=g)
+           .to(torch.bfloat16).to(device).transpose(1, 2) for i in range(layers)}  # logical (B, H, N, 2D)
+    first = next(iter(src.values()))
+    assert first.shape == (nb, heads, bs, 2 * hd) and first.stride() == (bs * heads * 2 * hd, 2 * hd, heads * 2 * hd, 1)
+    geometry = PagedGeometry(num_layers=layers, num_kv_heads=heads, head_dim=hd, dtype="bfloat16", block_size=bs,
+                             parts=2)
+    if device == "cuda":  # read off the tensors (CPU tensors must be the CPU backend's contiguous ones)
+        assert geometry_of(src, bs) == geometry
+    fmt = None if device == "cuda" else "packed"  # on CUDA: the format PagedKV picks itself
+    paged = PagedKV(src, geometry, tokens_per_chunk=m * bs, fmt=fmt, cuda_copy=cuda_copy)
+    assert paged.fmt == "packed-nh"
+    table = [7, 2, 9, 0]
+    stage = paged.gather(table, paged.record())
+    for i in range(2):  # chunk (layers, parts, tokens, heads, D): K is [..., :D], V [..., D:] of each token
+        for layer, kv in enumerate(src.values()):
+            nhd = kv.cpu().transpose(1, 2)  # (B, N, H, 2D)
+            want = torch.cat([nhd[b] for b in table[i * m:(i + 1) * m]])  # (tokens, H, 2D)
+            got = stage[i].reshape(layers, 2, m * bs, heads, hd)[layer]
+            assert torch.equal(got[0].cpu(), want[..., :hd]) and torch.equal(got[1].cpu(), want[..., hd:])
+    host = [np.array(p) for p in paged.payloads(stage)]
+    if device == "cuda":
+        host = [torch.from_numpy(h).pin_memory().numpy() for h in host]
+    dst = {name: torch.zeros_like(t) for name, t in src.items()}
+    back = PagedKV(dst, geometry, tokens_per_chunk=m * bs, fmt=fmt, cuda_copy=cuda_copy)
+    back.scatter_from(host, [3, 5, -1, 11], back.record())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for name in src:
+        for j, b in enumerate([3, 5, -1, 11]):
+            if b >= 0:
+                assert torch.equal(dst[name][b].cpu(), src[name][table[j]].cpu()), (name, j)
+        assert not dst[name][[i for i in range(nb) if i not in (3, 5, 11)]].any()

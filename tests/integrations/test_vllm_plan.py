@@ -129,6 +129,49 @@ def test_hits_below_dram_load_asynchronously_into_the_allocated_blocks() -> None
     assert always.match(Req("z", tokens), 0) == (16, True)
 
 
+def test_hit_tokens_are_split_by_the_tier_that_holds_them() -> None:
+    """What vLLM 0.32+'s ``get_external_cache_hit_sources`` reports: the tokens vLLM takes, per tier."""
+    planner = _planner()
+    tokens = list(range(1, 26))
+    keys = _keys(tokens)
+    planner.directory.apply([(0, "dram", keys[0], True), (0, "disk", keys[1], True), (0, "disk", keys[2], True)])
+    req = Req("s", tokens)
+    assert planner.match(req, 4) == (20, True)  # vLLM's own cache holds 4 tokens (a block)
+    planner.allocated(req, list(range(7)), 20)
+    assert planner.hit_tiers(req, 20) == {"dram": 4, "disk": 16}
+    assert planner.hit_tiers(req, 10) == {"dram": 4, "disk": 6}  # vLLM took fewer than matched
+    assert planner.hit_tiers(req, 0) == {} and planner.hit_tiers(Req("unknown", tokens), 8) == {}
+
+
+def test_may_load_async_is_answered_without_a_lookup() -> None:
+    """vLLM 0.34 asks it of every waiting request (``--max-num-inflight-kv-loads``)."""
+    req = Req("w", list(range(1, 18)))
+    assert _planner().may_load_async(req)  # a disk tier: a hit may be asynchronous
+    assert not Planner(namespace=NS, tokens_per_chunk=8, block_size=4,
+                       directory=ChunkDirectory(["dram"])).may_load_async(req)  # DRAM hits load at once
+    assert not _planner(async_loads="never").may_load_async(req)
+    assert _planner(async_loads="always").may_load_async(req)
+
+
+def test_a_resumed_request_without_resumed_req_ids_takes_its_new_table_whole() -> None:
+    """vLLM 0.34 has no ``resumed_req_ids``: a preempted request comes back as a new request."""
+
+    @dataclass
+    class Cached034:
+        req_ids: list[str] = field(default_factory=list)
+        new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
+        num_computed_tokens: list[int] = field(default_factory=list)
+
+    planner = _planner()
+    req = Req("r", list(range(1, 21)))
+    planner.match(req, 0)
+    planner.build(Out([NewReq("r", ([1, 2, 3],), 0)], {"r": 12}, Cached034()))  # type: ignore[arg-type]
+    planner.build(Out([], {"r": 4}, Cached034(["r"], [([4],)], [12])))  # type: ignore[arg-type]
+    assert planner.requests["r"].block_ids == [1, 2, 3, 4]
+    planner.build(Out([NewReq("r", ([9, 8, 7, 6, 5],), 0)], {"r": 4}, Cached034()))  # type: ignore[arg-type]
+    assert planner.requests["r"].block_ids == [9, 8, 7, 6, 5]
+
+
 def test_an_evicted_chunk_is_recomputed_once_saved_again_and_hit_next_time() -> None:
     """The stale-index scenario: the worker evicts a chunk below the scheduler's feet."""
     planner = _planner()
