@@ -7,7 +7,8 @@ token for token with plain vLLM (no connector) on the same prompts and engine se
     dram        store prompts, reset vLLM's prefix cache, prompts sharing their prefixes hit DRAM
     disk        a fresh engine on the same disk (page cache dropped first): hits from disk
     preempt     too few GPU KV blocks for a batch: preempted requests reload what they saved
-    salts       the same tokens under two ``cache_salt`` values: each salt hits only its own chunks
+    salts       (in the dram engines) the same tokens under two ``cache_salt`` values: each salt hits
+                only its own chunks
     graphs      ``dram`` with CUDA graphs on (no enforce_eager), bulk loads
     graphs-lw   ``dram`` with CUDA graphs on and ``layerwise_loads``: does vLLM call
                 ``wait_for_layer_load`` under its piecewise graphs (the worker's counters say)
@@ -126,7 +127,11 @@ def main() -> int:
     a, b, c = tokens(1, 3000, vocab), tokens(2, 1500, vocab), tokens(3, 700, vocab)
     warm = [a[:2100], b, a[:600] + c]
     hits = [a[:2100] + c[:50], a[:3000], b[:1300] + c[:300], a[:700], c]  # shared prefixes of 2048/1536/1024/512/0
-    phases = [warm, hits]
+    # salts: the same tokens under two cache_salt values, then again with a third: each salt hits only
+    # its own chunks (tenant-a and tenant-b 4 chunks each, tenant-c none)
+    salted = [{"tokens": a[:1100], "cache_salt": s} for s in ("tenant-a", "tenant-b")]
+    again = [{"tokens": a[:1100] + c[:40], "cache_salt": s} for s in ("tenant-a", "tenant-b", "tenant-c")]
+    phases = [warm, hits, salted, again]
     results: dict[str, Any] = {"model": args.model, "device": "cpu" if args.cpu else _device(), "scenarios": {}}
 
     def run(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -138,10 +143,14 @@ def main() -> int:
     def record(name: str, want: list[list[int]], got: dict[str, Any], phase: int, extra: dict[str, Any] | None = None,
                ) -> None:
         outputs = got["phases"][phase]["outputs"]
-        stats = got["phases"][phase].get("stats") or {}
-        counters = stats.get("counters", stats)
-        entry = {"exact": outputs == want, "counters": {k: v for k, v in counters.items()
-                                                        if isinstance(v, (int, float))}, **(extra or {})}
+        def numbers(i: int) -> dict[str, float]:
+            stats = (got["phases"][i].get("stats") or {}) if i >= 0 else {}
+            counters = stats.get("counters", stats)
+            return {k: v for k, v in counters.items() if isinstance(v, (int, float))}
+
+        now, before = numbers(phase), numbers(phase - 1)  # the stats file is cumulative: this phase's share
+        entry = {"exact": outputs == want, "counters": {k: v - before.get(k, 0) for k, v in now.items()},
+                 **(extra or {})}
         if outputs != want:
             entry["mismatch"] = [i for i, (x, y) in enumerate(zip(outputs, want, strict=True)) if x != y]
         results["scenarios"][name] = entry
@@ -154,13 +163,17 @@ def main() -> int:
 
     ref = run("ref", {**base, "phases": phases, "prefix_caching": True, "reset_prefix_cache": True})
     want = ref["phases"][1]["outputs"]
-    if "dram" in wanted or "disk" in wanted:
+    dram_run: dict[str, Any] | None = None
+    if "dram" in wanted or "disk" in wanted or "salts" in wanted:
         try:
             got = run("dram", {**base, **kvtier("dram"), "phases": phases, "prefix_caching": True,
                                "reset_prefix_cache": True})
             record("dram", want, got, 1)
+            dram_run = got
         except VllmRunFailed as exc:
             failed("dram", exc)
+    if "salts" in wanted and dram_run is not None:
+        record("salts", ref["phases"][3]["outputs"], dram_run, 3, {"expected_hit_tokens": 2 * 4 * CHUNK})
     if "disk" in wanted:
         try:
             how = drop_page_cache(disk)
@@ -181,18 +194,6 @@ def main() -> int:
             record("preempt", want_p, got, 0)
         except VllmRunFailed as exc:
             failed("preempt", exc)
-    if "salts" in wanted:
-        try:
-            salted = [{"tokens": a[:1100], "cache_salt": s} for s in ("tenant-a", "tenant-b")]
-            again = [{"tokens": a[:1100] + c[:40], "cache_salt": s} for s in ("tenant-a", "tenant-b", "tenant-c")]
-            ref_s = run("salts-ref", {**base, "phases": [salted, again], "prefix_caching": True,
-                                      "reset_prefix_cache": True})
-            got = run("salts", {**base, **kvtier("salts"), "phases": [salted, again], "prefix_caching": True,
-                                "reset_prefix_cache": True})
-            # tenant-a and tenant-b hit their own 4 chunks; tenant-c nothing
-            record("salts", ref_s["phases"][1]["outputs"], got, 1, {"expected_hit_tokens": 2 * 4 * CHUNK})
-        except VllmRunFailed as exc:
-            failed("salts", exc)
     for name, extra in (("graphs", {}), ("graphs-lw", {"layerwise_loads": True})):
         if name in wanted and not args.cpu:
             try:
