@@ -48,7 +48,8 @@ def test_report_medians_spread_ideal_and_exactness(tmp_path: Path) -> None:
     doc = h.report()
     rows = {r["mode"]: r for r in doc["single"]}
     assert list(rows) == ["recompute", "vllm", "kvtier", "kvtier-disk"]
-    assert rows["recompute"]["ttft_s"] == pytest.approx(0.7) and rows["recompute"]["ttft_spread_s"] == pytest.approx(0.4)
+    assert rows["recompute"]["ttft_s"] == pytest.approx(0.7)
+    assert rows["recompute"]["ttft_spread_s"] == pytest.approx(0.4)
     assert rows["kvtier"]["ttft_s"] == pytest.approx(0.05) and rows["kvtier"]["ttft_spread_s"] == pytest.approx(0.04)
     kv_s = 512 * vs.MODELS["tiny"].kv_bytes_per_token / 1e6  # 1 MB/s: the copy bound wins over vllm's 0.2 s
     assert all(r["ideal_s"] == pytest.approx(max(kv_s, 0.2)) for r in doc["single"])
@@ -64,7 +65,8 @@ def test_merge_later_runs_win(tmp_path: Path) -> None:
     a = {"vllm_version": "0.26.0", "device": "H200", "exact": True,
          "single": [{**row, "mode": "kvtier", "ttft_s": 0.3}, {**row, "mode": "recompute", "ttft_s": 0.9}],
          "agentic": [], "no_reuse": [{"mode": "vllm", "output_tok_s": 100.0}]}
-    b = {"vllm_version": "0.26.0", "device": "H200", "exact": True, "single": [{**row, "mode": "kvtier", "ttft_s": 0.1}],
+    b = {"vllm_version": "0.26.0", "device": "H200", "exact": True,
+         "single": [{**row, "mode": "kvtier", "ttft_s": 0.1}],
          "agentic": [], "no_reuse": [{"mode": "kvtier", "output_tok_s": 99.0}]}
     paths = []
     for name, doc in (("a", a), ("b", b)):
