@@ -135,7 +135,9 @@ def write_model(model: ModelSpec, root: Path, max_positions: int) -> Path:
               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192},
               "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": model.dtype,
-              "bos_token_id": 128000, "eos_token_id": 128001, "initializer_range": 0.02, "use_cache": True}
+              "initializer_range": 0.02, "use_cache": True}
+    if shape["vocab_size"] > 128001:  # Llama 3.1's own ids (a tiny vocabulary has none)
+        config |= {"bos_token_id": 128000, "eos_token_id": 128001}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
@@ -235,10 +237,10 @@ class Engine:
             kw["attention_backend"] = e["attention_backend"]
         if e.get("executor"):
             kw["distributed_executor_backend"] = e["executor"]
-        if self.spec.get("kv_transfer"):
-            from vllm.config import KVTransferConfig
+        if self.spec["connector"] is not None:  # kvtier | offload | lmcache: the runner's KVTransferConfig
+            from kvtier.integrations.vllm_runner import kv_transfer_config
 
-            kw["kv_transfer_config"] = KVTransferConfig(**self.spec["kv_transfer"])
+            kw["kv_transfer_config"] = kv_transfer_config(self.spec["connector"], self.spec["extra_config"])
         t0 = time.perf_counter()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self.hits.factory()])
         return time.perf_counter() - t0
@@ -578,6 +580,7 @@ async def engine_async(spec: dict[str, Any], res: dict[str, Any], write: Any) ->
     finally:
         t = time.perf_counter()
         eng.llm.shutdown()
+        eng.llm = None  # its __del__ shuts down again: now, not at interpreter exit (a traceback then)
         res["shutdown_s"] = time.perf_counter() - t
         log(f"[{eng.mode}] engine shut down in {res['shutdown_s']:.1f} s")
 
@@ -623,8 +626,8 @@ class Plan:
     mode: str  # the engine's mode (the plain engine of a single part: "recompute")
     group: str  # "single" or "serve" (agentic and/or noreuse)
     role: str  # single: plain | store | disk | store-disk
-    connector: str | None  # None | kvtier | offload | lmcache
-    kv_transfer: dict[str, Any] | None
+    connector: str | None  # None | kvtier | offload | lmcache (``vllm_runner.kv_transfer_config``)
+    extra_config: dict[str, Any]  # kv_connector_extra_config
     env: dict[str, str]
     disk_dirs: list[str]
     stats_file: str | None
@@ -728,6 +731,15 @@ class Harness:
         toks = sum(self.contexts) + (a.reps + 1) * a.new_tokens * len(self.contexts) + 2 * a.warmup_tokens
         return int(toks * self.model.kv_bytes_per_token * 1.15) + 64 * MIB
 
+    def disk_default(self, want: int) -> int:
+        """``want``, but at most 40% of the work dir's free space (one disk tier lives there at a time; the
+        GPU machine has 64 GiB in all)."""
+        free = shutil.disk_usage(self.work).free
+        if want > 0.4 * free:
+            self.say(f"disk tiers: {want / GIB:.1f} GiB wanted, {free / GIB:.1f} GiB free: "
+                     f"using {0.4 * free / GIB:.1f}")
+        return int(min(want, 0.4 * free))
+
     def working_set(self, sessions: list[Any]) -> int:
         return sum(max(t.request.input_tokens for t in s.turns) for s in sessions)
 
@@ -737,11 +749,9 @@ class Harness:
         d = self.work / f"{group}-{mode.removesuffix('-disk')}-disk"
         stats = str(self.work / f"{group}-{mode}-stats.json")
         if mode in ("recompute", "vllm"):
-            return Plan(mode, group, "plain", None, None, {}, [], None)
+            return Plan(mode, group, "plain", None, {}, {}, [], None)
         if mode == "vllm-offload":
-            return Plan(mode, group, "store", "offload", {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
-                                                          "kv_connector_extra_config": {"cpu_bytes_to_use": dram}},
-                        {}, [], None)
+            return Plan(mode, group, "store", "offload", {"cpu_bytes_to_use": dram}, {}, [], None)
         if mode.startswith("lmcache"):
             env = {"LMCACHE_CHUNK_SIZE": str(chunk), "LMCACHE_TRACK_USAGE": "false", "PYTHONHASHSEED": "0"}
             disk_env = {"LMCACHE_LOCAL_DISK": f"file://{d}/", "LMCACHE_MAX_LOCAL_DISK_SIZE": f"{disk / GIB:.3f}"}
@@ -753,17 +763,15 @@ class Harness:
                 env |= {"LMCACHE_LOCAL_CPU": "False", **disk_env}
             with_disk = "LMCACHE_LOCAL_DISK" in env
             return Plan(mode, group, "store-disk" if mode == "lmcache-disk" else "store", "lmcache",
-                        {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}, env,
+                        {}, env,
                         [str(d)] if with_disk else [], None, [str(d)] if with_disk else [])
         extra: dict[str, Any] = {"chunk_tokens": chunk, "dram": {"capacity": f"{max(1, dram // MIB)}MiB"},
                                  "disk": {"path": str(d), "capacity": f"{max(1, disk // MIB)}MiB", "fsync": False},
                                  "stats_file": stats}
         if mode == "kvtier-disk":
             extra["promotion"] = "never"  # every repetition reads the disk (DRAM stays empty)
-        return Plan(mode, group, "disk" if mode == "kvtier-disk" else "store", "kvtier",
-                    {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
-                     "kv_role": "kv_both", "kv_connector_extra_config": extra},
-                    {}, [str(d)], stats, [str(d)] if mode == "kvtier" else [])
+        return Plan(mode, group, "disk" if mode == "kvtier-disk" else "store", "kvtier", extra, {}, [str(d)], stats,
+                    [str(d)] if mode == "kvtier" else [])
 
     def engine_flags(self, max_len: int, num_blocks: int | None) -> dict[str, Any]:
         a = self.a
@@ -792,7 +800,7 @@ class Harness:
         out = self.work / f"{name}.out.json"
         out.unlink(missing_ok=True)
         gpu = self.model.gpu
-        spec = {"mode": plan.mode, "group": plan.group, "connector": plan.connector, "kv_transfer": plan.kv_transfer,
+        spec = {"mode": plan.mode, "group": plan.group, "connector": plan.connector, "extra_config": plan.extra_config,
                 "disk_dirs": plan.disk_dirs, "stats_file": plan.stats_file, "out": str(out),
                 "engine": {"model": str(model_path), **flags}, "parts": parts, "seed": self.a.seed,
                 "vocab": self.vocab, "warmup_tokens": self.a.warmup_tokens, "chunk_tokens": self.a.chunk_tokens,
@@ -833,9 +841,7 @@ class Harness:
         return res
 
     def _dram_of(self, plan: Plan) -> int:
-        if plan.kv_transfer is None:
-            return 0
-        cfg = plan.kv_transfer.get("kv_connector_extra_config") or {}
+        cfg = plan.extra_config
         if "cpu_bytes_to_use" in cfg:
             return int(cfg["cpu_bytes_to_use"])
         if "dram" in cfg:
@@ -882,7 +888,7 @@ class Harness:
         t_part = time.time()
         max_len = self.single_max_len()
         dram = self.single_dram_bytes()
-        disk = int(a.disk_gib * GIB) if a.disk_gib else dram
+        disk = int(a.disk_gib * GIB) if a.disk_gib else self.disk_default(dram)
         flags = self.engine_flags(max_len, a.single_gpu_blocks)
         model_path = self.model_path
         base = {"contexts": self.contexts, "reps": a.reps, "new_tokens": a.new_tokens, "output_tokens": a.output_tokens,
@@ -945,7 +951,7 @@ class Harness:
         max_len = self.serve_max_len()
         blocks = max(math.ceil(ws * a.engine_kv_fraction / a.block_size), math.ceil(max_len / a.block_size) + 2)
         dram = int(a.dram_gib * GIB) if a.dram_gib else max(16 * MIB, ws * self.model.kv_bytes_per_token // 2)
-        disk = int(a.disk_gib * GIB) if a.disk_gib else 2 * dram
+        disk = int(a.disk_gib * GIB) if a.disk_gib else self.disk_default(2 * dram)
         flags = self.engine_flags(max_len, blocks)
         ncfg = {"streams": a.sessions, "requests": a.noreuse_requests, "input_tokens": a.noreuse_input,
                 "output_tokens": a.noreuse_output, "seed": a.seed, "vocab": self.vocab}
