@@ -293,7 +293,7 @@ class Engine:
         others: a bounded sleep sized by the bytes, then a step). Returns the seconds waited."""
         t0 = time.perf_counter()
         wait = self.spec["store_wait"]
-        if self.spec["connector"] == "kvtier":
+        if self.spec["connector"] == "kvtier" and not self._no_stats:
             deadline = time.monotonic() + 5 + kv_bytes / wait["bytes_per_s"]
             target = self._saved_before + new_chunks
             last_nudge = 0.0
@@ -308,6 +308,9 @@ class Engine:
             else:
                 log(f"[{self.mode}] stores not confirmed within the wait ({self.kvtier_counters().get('save_chunks')}"
                     f" chunks saved, {target} expected)")
+                if self.stats_file is not None and not self.stats_file.exists():
+                    log(f"[{self.mode}] no stats file {self.stats_file}: bounded sleeps from now on")
+                    self._no_stats = True
         elif self.spec["connector"] == "lmcache" and self.spec.get("disk_dirs"):
             await asyncio.sleep(min(wait["max_s"], 0.2 + kv_bytes / wait["bytes_per_s"]))
             await self.nudge()
@@ -321,6 +324,7 @@ class Engine:
         self._saved_before = self.kvtier_counters().get("save_chunks", 0)
 
     _saved_before: float = 0
+    _no_stats = False  # kvtier wrote no stats file: wait as for the other connectors
 
 
 async def _files_settled(dirs: list[Path], quiet_s: float, timeout_s: float) -> None:
@@ -940,12 +944,13 @@ class Harness:
     def run_serve(self, parts: list[str], modes: list[str]) -> None:
         a = self.a
         t_part = time.time()
+        if a.workload == "kvtester" and not (a.traces and Path(a.traces).exists()):
+            self.skip(f"kv-cache-tester traces not found ({a.traces or 'no --traces'}): the synthetic agents instead")
+            a.workload = "synthetic"
         acfg = {"workload": a.workload, "traces": str(a.traces) if a.traces else None, "sessions": a.sessions,
                 "turns": a.turns, "max_context": a.max_context, "max_output": a.max_output,
                 "time_scale": a.time_scale, "max_gap": a.max_gap, "stagger": a.stagger, "seed": a.seed,
                 "vocab": self.vocab}
-        if a.workload == "kvtester" and not (a.traces and Path(a.traces).exists()):
-            raise SystemExit(f"--workload kvtester needs --traces (not found: {a.traces})")
         sessions = build_sessions(acfg)
         ws = self.working_set(sessions)
         max_len = self.serve_max_len()
@@ -1097,13 +1102,24 @@ class Harness:
                 "single": rows, "agentic": agentic, "no_reuse": no_reuse, "meta": meta}
 
     def write(self) -> dict[str, Any]:
-        doc = self.report()
+        doc = _finite(self.report())
         if self.a.json:
             Path(self.a.json).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(str(self.a.json) + ".tmp")
             tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
             os.replace(tmp, self.a.json)
         return doc
+
+
+def _finite(x: Any) -> Any:
+    """NaN (a failed request's TTFT, an empty percentile) as null: the JSON stays strict."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _json_default(x: Any) -> Any:
@@ -1141,7 +1157,7 @@ def markdown(doc: dict[str, Any]) -> str:
         base = next((r["output_tok_s"] for r in doc["no_reuse"] if r["mode"] == "vllm"), None)
         out += ["| mode | output tok/s | vs vllm |", "|---|---:|---:|"]
         for r in doc["no_reuse"]:
-            ratio = f"{r['output_tok_s'] / base:.3f}x" if base else "–"
+            ratio = f"{r['output_tok_s'] / base:.3f}x" if base and r["output_tok_s"] else "–"
             out.append(f"| {r['mode']} | {_fmt(r['output_tok_s'], '')} | {ratio} |")
     return "\n".join(out)
 
