@@ -614,7 +614,7 @@ def engine_main(spec_path: Path) -> int:
         rc = 1
     try:
         res["device"] = device_name()
-        if spec.get("h2d_bytes"):
+        if spec.get("h2d_bytes") and Deadline(spec.get("deadline")).allows(5):
             res["h2d"] = measure_h2d(spec["h2d_bytes"])
             log(f"[{spec['mode']}] {res['h2d']['kind']}: {res['h2d']['bytes_per_s'] / 1e9:.2f} GB/s")
     except Exception as exc:
