@@ -115,3 +115,24 @@ def test_cpu_rehearsal_every_code_path(tmp_path: Path) -> None:
     assert [r["mode"] for r in doc["no_reuse"]] == ["kvtier"] and doc["no_reuse"][0]["output_tok_s"] > 0
     log = (tmp_path / "run.log").read_text()
     assert log.count("engine started in") == 4 and "single: part done in" in log
+
+
+def test_reference_run_stands_in_for_the_plain_engine(tmp_path: Path) -> None:
+    """A second GPU call reuses the first one's plain-engine results; other settings are refused."""
+    vs = _script()
+    argv = ["--model", "tiny", "--contexts", "512", "--reps", "1", "--work-dir", str(tmp_path)]
+    first = vs.Harness(vs.parse_args(argv))
+    first.results[("single", "recompute")] = {
+        "single": {"samples": [_sample(512, 0, "recompute", "s", 0.9, [4]), _sample(512, 0, "vllm", "v", 0.1, [5])]},
+        "h2d": {"bytes_per_s": 1e9}, "device": "cpu", "vllm_version": "0.32.0"}
+    ref = tmp_path / "first.json"
+    ref.write_text(json.dumps(first.write()))
+    second = vs.Harness(vs.parse_args([*argv, "--reference", str(ref)]))
+    second.load_reference(ref)
+    second.results[("single", "lmcache")] = {"single": {"samples": [_sample(512, 0, "lmcache", "s", 0.2, [4])]}}
+    doc = second.report()
+    assert [r["mode"] for r in doc["single"]] == ["recompute", "vllm", "lmcache"] and doc["exact"] is True
+    assert doc["device"] == "cpu" and doc["meta"]["reference_from"] == str(ref)
+    other = vs.Harness(vs.parse_args([*argv, "--new-tokens", "128"]))
+    with pytest.raises(SystemExit, match="made with other settings"):
+        other.load_reference(ref)
