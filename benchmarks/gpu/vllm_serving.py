@@ -812,6 +812,8 @@ class Harness:
             return None
         for d in plan.fresh_dirs:
             shutil.rmtree(d, ignore_errors=True)
+        for d in plan.disk_dirs:
+            Path(d).mkdir(parents=True, exist_ok=True)
         if plan.mode == "kvtier-disk" and not any(Path(plan.disk_dirs[0]).rglob("*.kvc")):
             self.skip(f"{plan.group} kvtier-disk: no kvtier chunks under {plan.disk_dirs[0]} (run kvtier first)")
             return None
@@ -847,8 +849,9 @@ class Harness:
         res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"errors": []}
         if rc != 0:
             res.setdefault("errors", []).append(f"engine process exited with {rc}")
-        if res.get("startup_s"):
-            self.est.startup = max(self.est.startup * 0.5, res["startup_s"] + 10)
+        if res.get("startup_s"):  # what an engine costs beyond its parts: imports, start-up, shut-down
+            overhead = wall - sum((res.get("part_wall_s") or {}).values())
+            self.est.startup = max(10.0, overhead - self.a.prefault_s_per_gib * self._dram_of(plan) / GIB)
         self.timings.append({"group": plan.group, "mode": plan.mode, "import_s": res.get("import_s"),
                              "startup_s": res.get("startup_s"), "shutdown_s": res.get("shutdown_s"),
                              "part_wall_s": res.get("part_wall_s"), "process_wall_s": wall,
