@@ -117,6 +117,9 @@ class DiskConfig:
     capacity: ByteSize = field(default=ByteSize(20 * GiB), metadata=_rule(positive))
     fsync: bool = True  # fsync file and directory before a put returns (crash safety)
     io_threads: int = field(default=4, metadata=_rule(at_least(1, 256)))
+    # "private": files 0600, directories 0700 (whatever the umask); "group": 0640 / 02770, for
+    # processes of several users in the root's group sharing one root
+    mode: Literal["private", "group"] = "private"
 
     def __post_init__(self) -> None:
         validate(self)

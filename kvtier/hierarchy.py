@@ -719,8 +719,8 @@ class ContextMemory:
 
         In-process pins are counted (nested pins need as many unpins).  ``persist=True`` writes
         a pin record to the disk tier instead (``PinFiles``): it survives restarts, every process
-        sharing the disk root honours it (within ``PinFiles.recheck_s``), and one ``unpin``
-        removes it.  Keys may be pinned before their chunks are stored.  Shared G4 stores keep
+        sharing the disk root honours it (within ``PinFiles.recheck_s``), and one
+        ``unpin(keys, persist=True)`` removes it.  Keys may be pinned before their chunks are stored.  Shared G4 stores keep
         their own retention rules.
         """
         keys = chunk_keys_arg(keys)
@@ -735,13 +735,20 @@ class ContextMemory:
         with self._lock:
             self.pins.pin(keys, ttl_s)
 
-    def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        """Drop one in-process pin of each key, and its persistent pin record if any."""
+    def unpin(self, keys: Sequence[ChunkKey], *, persist: bool = False) -> None:
+        """Drop one in-process pin of each key; ``persist=True``: remove its persistent pin record
+        instead (whichever process wrote it).  A process releases only what it pinned: a plain
+        ``unpin`` never touches the records that warehouse chunks for every process."""
         keys = chunk_keys_arg(keys)
+        if not isinstance(persist, bool):
+            raise ArgumentTypeError(f"persist: expected True or False, got {type(persist).__name__} {persist!r}")
+        if persist:
+            if self.pin_files is None:
+                raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
+            self.pin_files.unpin(keys)
+            return
         with self._lock:
             self.pins.unpin(keys)
-        if self.pin_files is not None:
-            self.pin_files.unpin(keys)
 
     def pinned(self, key: ChunkKey) -> bool:
         """Is ``key`` pinned, by this process or by a persistent record?"""
@@ -793,9 +800,11 @@ class ContextMemory:
             for tier in reversed(self.tiers):
                 stack.callback(tier.close)
             stack.callback(self._background.shutdown, wait=True)
-            self.flush()
-            if keep:
-                self._keep_top()
+            try:
+                self.flush()
+            finally:  # a failed write-through must not cost the chunks only DRAM holds
+                if keep:
+                    self._keep_top()
 
     def _keep_top(self) -> int:
         """Exclusive tiers at close: copy DRAM's chunks that the tier below lacks into it, oldest
@@ -806,13 +815,19 @@ class ContextMemory:
         top, below = self.tiers[0], self.indexes[1]
         with self._lock:
             keys = [key for key in self.indexes[0].sizes if key not in below.sizes]
-        kept = 0
+        kept, failures = 0, []
         for key in keys:
-            with top.borrow(key) as view:
-                if view is not None and self._put(1, key, view) == 1:
-                    kept += 1
+            try:  # one chunk's failure, whatever it is, must not keep the others from going down
+                with top.borrow(key) as view:
+                    if view is not None and self._put(1, key, view) == 1:
+                        kept += 1
+            except Exception as exc:  # noqa: BLE001 - raised below, after the rest went down
+                failures.append(exc)
         if keys:
             log.info("close: %d of DRAM's %d chunks not on %s went down to it", kept, len(keys), self.tiers[1].name)
+        if failures:
+            raise TierError(f"close: {len(failures)} chunk(s) did not go down to {self.tiers[1].name}, the first "
+                            f"with {type(failures[0]).__name__}: {failures[0]}") from failures[0]
         return kept
 
     def __enter__(self) -> ContextMemory:

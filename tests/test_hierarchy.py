@@ -287,7 +287,7 @@ def test_persistent_pins_outlive_the_process_and_bind_others(tmp_path: Path) -> 
         outs = _outs(2)
         assert second.load(keys, outs) == 2
         assert all(np.array_equal(o, p) for o, p in zip(outs, payloads, strict=True))
-        second.unpin(keys)
+        second.unpin(keys, persist=True)
         assert not second.pinned(keys[0])
         second.store(*(make_keys(LAYOUT, 6, seed=10), make_payloads(LAYOUT, 6, seed=10)))
         second.flush()

@@ -322,10 +322,11 @@ class WorkerCore:
         memory = self.memory
         self._wait_saves(job.keys)  # pin what the save before it stores
         try:
+            persist = memory.pin_files is not None  # the request's pins are records when there is a disk
             if job.unpin:
-                memory.unpin(job.keys)
+                memory.unpin(job.keys, persist=persist)
             else:
-                memory.pin(job.keys, job.ttl_s, persist=memory.pin_files is not None)
+                memory.pin(job.keys, job.ttl_s, persist=persist)
         except OSError as exc:  # a full or read-only disk: the chunks stay cached, just not pinned
             logger.warning("kvtier: request %s: pin records not written (%s)", job.req_id, exc)
             return

@@ -5,18 +5,30 @@ layout (so models can share a root without seeing each other's files), two level
 hex fan-out so no directory grows huge.  Bytes: the chunk format of ``kvtier.codec`` (64-byte
 header with checksums, then the payload).
 
-Crash safety: a put writes ``.tmp.<pid>.<random>`` in the chunk's directory, fsyncs it, and
-``os.replace``s it onto the final name (atomic on POSIX), then fsyncs the directory.  A crash
-leaves either the old state or the whole new file, plus at worst a temp file that the next
-open removes once its writer's pid is gone.  A torn or bit-rotted file fails its checksum on
-read: it is deleted, counted, and reported as a miss.
+Crash safety: a put writes ``.tmp.<pid>.<random>`` in the chunk's directory, holding an ``flock``
+on it while it writes, fsyncs it, and ``os.replace``s it onto the final name (atomic on POSIX),
+then fsyncs the directory.  A crash leaves either the old state or the whole new file, plus at
+worst a temp file that the next open removes: one nobody holds the lock of, whose writer's pid
+is gone or that is older than ``STRAY_AGE_S`` (the pid alone is not trusted: PID 1 of a
+restarted container is the same pid; the age covers the instant between creating a temp file
+and locking it).  A stray that stays (too young, or not ours to remove) takes room: it is
+subtracted from ``capacity_bytes``.  A torn or bit-rotted file fails its checksum on read: it
+is deleted, counted, and reported as a miss.
+
+Hostile roots: nothing under the layout subtree is trusted.  Paths are walked one directory at
+a time from a descriptor of the layout subtree, never through a symlink (``O_NOFOLLOW``), and
+only regular files are read (``O_NONBLOCK`` + ``fstat``: a FIFO, device or directory at a chunk
+or pin path is a miss, never a hang).  Files are created ``0600`` and directories ``0700``
+whatever the umask (``mode="group"``: ``0640`` / ``02770``, for processes of one group sharing
+a root); a root that others may write to is logged once, at WARNING.
 
 Sharing: several processes on one node may use one root.  Same key means same bytes, so two
 writers racing on a key are harmless (last rename wins).  Each process indexes what it wrote or
 found at open; a key another process wrote later is found by ``contains`` (one ``stat``), and a
-file another process evicted turns into a miss.  Capacity is enforced per process over the files
-it wrote or found at open (a file of another process that it merely reads is not counted: in a
-hierarchy the index is the one owner of capacity and adopts such a chunk when it has room).
+file another process evicted turns into a miss.  Capacity is enforced **per process** over the
+files it wrote or found at open (a file of another process that it merely reads is not counted:
+in a hierarchy the index is the one owner of capacity and adopts such a chunk when it has room);
+``root_usage`` measures the whole root.
 
 I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file
 reads (which release the GIL) overlap checksum work on another core.
@@ -30,8 +42,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -49,10 +64,66 @@ from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
 
+log = logging.getLogger(__name__)
+
 SUFFIX = ".kvc"
 PIN_SUFFIX = ".pin"
 TMP_PREFIX = ".tmp."
+STRAY_AGE_S = 2.0  # an unlocked temp file this old is a stray even if a process of its pid runs
 _READ_SEGMENT = 8 << 20  # read in 8 MiB pieces so hashing one overlaps reading the next
+_HEX = frozenset("0123456789abcdef")
+
+DiskMode = Literal["private", "group"]
+# (file mode, directory mode): private to the user, or shared with the root's group (setgid
+# directories, so every file gets that group); applied with fchmod, so the umask cannot narrow
+# nor widen them.
+MODES: dict[str, tuple[int, int]] = {"private": (0o600, 0o700), "group": (0o640, 0o2770)}
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class NotRegularFileError(OSError):
+    """A FIFO, device, socket or directory where a chunk or pin record belongs: never read."""
+
+
+def open_regular(name: str | Path, dir_fd: int | None = None) -> int:
+    """A read-only descriptor of the regular file ``name``; never a symlink (``ELOOP``), never a
+    FIFO or device (``O_NONBLOCK``: opening one cannot hang; ``NotRegularFileError``)."""
+    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFileError(errno.EINVAL, f"not a regular file: {name}")
+    return fd
+
+
+def open_dir(name: str, dir_fd: int, *, create_mode: int | None = None) -> int:
+    """A descriptor of the real directory ``name`` in ``dir_fd`` (a symlink there is ``ELOOP`` or
+    ``ENOTDIR``); ``create_mode``: create it first if missing, with exactly that mode."""
+    if create_mode is not None:
+        try:
+            os.mkdir(name, create_mode, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+        else:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            with contextlib.suppress(OSError):  # not the owner: keep what it has
+                os.fchmod(fd, create_mode)
+            return fd
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _read_small(name: str, dir_fd: int, limit: int = 256) -> bytes:
+    fd = open_regular(name, dir_fd)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,15 +134,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames inside a directory durable."""
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def layout_root(path: str | os.PathLike[str], layout: KVLayout) -> Path:
@@ -85,15 +147,85 @@ def chunk_path(layout_root: Path, key: ChunkKey) -> Path:
     return layout_root / h[:2] / h[2:4] / (h + SUFFIX)
 
 
-def _remove_stray_file(full: str, name: str) -> None:
-    """Remove a temp file ``.tmp.<pid>.<random>`` whose writer is gone (not this process)."""
+def _tmp_name() -> str:
+    return f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(8)}"
+
+
+def _create_locked(dir_fd: int, file_mode: int) -> tuple[int, str]:
+    """A new temp file in ``dir_fd``, opened for writing and flock'ed (``_remove_stray``)."""
+    name = _tmp_name()
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode,
+                 dir_fd=dir_fd)
     try:
-        pid = int(name.split(".")[2])
-    except (IndexError, ValueError):
-        pid = -1
-    if pid != os.getpid() and (pid <= 0 or not _pid_alive(pid)):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.fchmod(fd, file_mode)  # the umask narrowed (or widened) the mode given to open
+    except BaseException:
+        os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(full)
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    return fd, name
+
+
+def _remove_stray(dir_fd: int, name: str) -> int:
+    """Remove temp file ``name`` if its writer is gone; returns the bytes of a stray that stays.
+
+    Its writer holds an ``flock`` while it writes, so a temp file whose lock we get has none.
+    The lock is taken just after the file is created: one younger than ``STRAY_AGE_S`` whose
+    pid runs may be in that instant, and stays (the next open removes it).
+    """
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return 0  # gone, or a symlink: not ours
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # a live writer holds it
+        try:
+            pid = int(name.split(".")[2])
+        except (IndexError, ValueError):
+            pid = -1
+        if pid > 0 and _pid_alive(pid) and time.time() - st.st_mtime < STRAY_AGE_S:
+            return st.st_size
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return 0
+        except OSError:
+            return st.st_size
+        return 0
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _subdirs(dir_fd: int) -> list[str]:
+    """Names of the real (not symlinked) fan-out directories ``[0-9a-f]{2}`` in ``dir_fd``."""
+    with os.scandir(dir_fd) as entries:
+        return [e.name for e in entries if len(e.name) == 2 and set(e.name) <= _HEX
+                and e.is_dir(follow_symlinks=False)]
+
+
+def make_root(path: str | os.PathLike[str], dir_mode: int) -> int:
+    """Create the root (``dir_mode`` for what is created), warn once if others may write to it,
+    and return a descriptor of it.  The root itself may be a symlink: the operator named it."""
+    root = Path(path)
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+        with contextlib.suppress(OSError):
+            os.chmod(root, dir_mode)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    loose = stat.S_IWOTH if dir_mode & stat.S_IWGRP else stat.S_IWGRP | stat.S_IWOTH
+    if mode & loose:
+        log.warning("disk root %s is %s-writable (mode %o): other users can plant, read or delete "
+                    "its chunks; chmod %o %s", root, "world" if mode & stat.S_IWOTH else "group",
+                    stat.S_IMODE(mode), dir_mode & 0o777, root)
+    return fd
 
 
 class DiskTier(Tier):
@@ -102,65 +234,110 @@ class DiskTier(Tier):
     shared = True
 
     def __init__(self, layout: KVLayout, *, path: str | os.PathLike[str], capacity_bytes: int,
-                 fsync: bool = True, io_threads: int = 4) -> None:
+                 fsync: bool = True, io_threads: int = 4, mode: DiskMode = "private") -> None:
         super().__init__(layout)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self._file_mode, self._dir_mode = MODES[mode]
         self.root = layout_root(path, layout)
-        self.root.mkdir(parents=True, exist_ok=True)
+        top = make_root(path, self._dir_mode)
+        try:
+            self._fd = open_dir(self.root.name, top, create_mode=self._dir_mode)  # never a symlink
+        finally:
+            os.close(top)
         self._capacity = capacity_bytes
+        self._stray_bytes = 0  # temp files of dead writers that stayed: they take room
         self._fsync = fsync
         self._sizes: dict[ChunkKey, int] = {}  # key -> payload bytes, for files this process knows
         self._used = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvtier-disk")
         self.recovered = self._scan()
-        self.pin_files = PinFiles(self.root / "pins", fsync=fsync)
+        self.pin_files = PinFiles(self.root / "pins", fsync=fsync, mode=mode)
 
     # --- paths ------------------------------------------------------------------------------
     def path_of(self, key: ChunkKey) -> Path:
         return chunk_path(self.root, key)
 
+    def _chunk_dir(self, key: ChunkKey, *, create: bool = False) -> tuple[int, str]:
+        """A descriptor of the chunk's directory (the caller closes it) and the file's name.
+
+        Walked from the layout subtree one real directory at a time: a symlink planted anywhere
+        below the root is never followed (``OSError``)."""
+        h = key.hex()
+        mode = self._dir_mode if create else None
+        fd1 = open_dir(h[:2], self._fd, create_mode=mode)
+        try:
+            return open_dir(h[2:4], fd1, create_mode=mode), h + SUFFIX
+        finally:
+            os.close(fd1)
+
     # --- restart ----------------------------------------------------------------------------
     def _scan(self) -> list[tuple[ChunkKey, float]]:
-        """Rebuild the index from the files; returns (key, mtime) oldest first, for LRU seeding."""
+        """Rebuild the index from the files; returns (key, mtime) oldest first, for LRU seeding.
+
+        Only the known layout is walked (two fan-out levels of real directories), iteratively:
+        anything else under the root, however deep, is not ours and is not read."""
         found: list[tuple[ChunkKey, float, int]] = []
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                full = os.path.join(dirpath, name)
-                if name.startswith(TMP_PREFIX):
-                    _remove_stray_file(full, name)
-                    continue
-                if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
-                    continue
+        for d1 in _subdirs(self._fd):
+            with contextlib.suppress(OSError):
+                fd1 = open_dir(d1, self._fd)
                 try:
-                    key = ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
-                    with open(full, "rb") as f:
-                        header = decode_header(f.read(HEADER_BYTES), key=key,
-                                               layout_fingerprint=self.layout.fingerprint,
-                                               chunk_bytes=self.layout.chunk_bytes)
-                        st = os.fstat(f.fileno())
-                    if st.st_size != HEADER_BYTES + header.payload_len:
-                        raise TruncatedChunkError(f"{full}: {st.st_size} bytes on disk")
-                except (ChunkFormatError, ValueError):
-                    self._drop_corrupt(full)
-                    continue
-                except OSError:
-                    continue  # removed by another process meanwhile
-                found.append((key, st.st_mtime, header.payload_len))
+                    for d2 in _subdirs(fd1):
+                        with contextlib.suppress(OSError):
+                            fd2 = open_dir(d2, fd1)
+                            try:
+                                found.extend(self._scan_leaf(fd2))
+                            finally:
+                                os.close(fd2)
+                finally:
+                    os.close(fd1)
         found.sort(key=lambda item: item[1])
         for key, _mtime, size in found:  # oldest first, so keys() seeds an LRU correctly
             self._sizes[key] = size
             self._used += size
         return [(key, mtime) for key, mtime, _size in found]
 
-    def _drop_corrupt(self, full: str | Path) -> None:
+    def _scan_leaf(self, dir_fd: int) -> list[tuple[ChunkKey, float, int]]:
+        found: list[tuple[ChunkKey, float, int]] = []
+        with os.scandir(dir_fd) as entries:
+            names = [e.name for e in entries]
+        for name in names:
+            if name.startswith(TMP_PREFIX):
+                self._stray_bytes += _remove_stray(dir_fd, name)
+                continue
+            if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
+                continue
+            try:
+                key = ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
+                fd = open_regular(name, dir_fd)
+                try:
+                    header = decode_header(os.pread(fd, HEADER_BYTES, 0), key=key,
+                                           layout_fingerprint=self.layout.fingerprint,
+                                           chunk_bytes=self.layout.chunk_bytes)
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if st.st_size != HEADER_BYTES + header.payload_len:
+                    raise TruncatedChunkError(f"{name}: {st.st_size} bytes on disk")
+            except (ChunkFormatError, ValueError):
+                self._drop_corrupt(dir_fd, name)
+                continue
+            except OSError:
+                continue  # removed by another process meanwhile, a symlink, a FIFO...: not a chunk
+            found.append((key, st.st_mtime, header.payload_len))
+        return found
+
+    def _drop_corrupt(self, dir_fd: int, name: str) -> None:
         self.stats.corrupt += 1
         with contextlib.suppress(OSError):
-            os.unlink(full)
+            os.unlink(name, dir_fd=dir_fd)
 
     # --- capacity ---------------------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:
-        return self._capacity
+        """Room for chunks: the configured capacity less the stray temp files found at open."""
+        return max(0, self._capacity - self._stray_bytes)
 
     @property
     def used_bytes(self) -> int:
@@ -180,10 +357,10 @@ class DiskTier(Tier):
     def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
         self.layout.check_payload(payload)
         with self._lock:  # reserve the space before the slow write
-            if key in self._sizes and self.path_of(key).exists():
+            if key in self._sizes and self._is_file(key):
                 return True  # same key = same prefix = same bytes
             self._forget_locked(key)
-            if self._used + payload.nbytes > self._capacity:
+            if self._used + payload.nbytes > self.capacity_bytes:
                 return False
             self._sizes[key] = payload.nbytes
             self._used += payload.nbytes
@@ -197,38 +374,36 @@ class DiskTier(Tier):
         return True
 
     def _write(self, key: ChunkKey, payload: np.ndarray) -> None:
-        final = self.path_of(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
-        header = encode_header(key, self.layout.fingerprint, payload)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        dir_fd, final = self._chunk_dir(key, create=True)
         try:
-            buffers: list[memoryview] = [memoryview(header), payload.data.cast("B")]
-            while buffers:
-                written = os.writev(fd, buffers)
-                while buffers and written >= len(buffers[0]):
-                    written -= len(buffers[0])
-                    buffers.pop(0)
-                if buffers and written:
-                    buffers[0] = buffers[0][written:]
-            if self._fsync:
-                os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if self._fsync:  # make the rename itself durable
-            _fsync_dir(final.parent)
+            header = encode_header(key, self.layout.fingerprint, payload)
+            fd, tmp = _create_locked(dir_fd, self._file_mode)
+            try:
+                buffers: list[memoryview] = [memoryview(header), payload.data.cast("B")]
+                while buffers:
+                    written = os.writev(fd, buffers)
+                    while buffers and written >= len(buffers[0]):
+                        written -= len(buffers[0])
+                        buffers.pop(0)
+                    if buffers and written:
+                        buffers[0] = buffers[0][written:]
+                if self._fsync:
+                    os.fsync(fd)
+                os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            finally:
+                os.close(fd)  # after the rename: the lock covers the temp file's whole life
+            if self._fsync:  # make the rename itself durable
+                os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
-        path = self.path_of(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            dir_fd, name = self._chunk_dir(key)
         except FileNotFoundError:
             self._forget(key)  # evicted by another process
             return False
@@ -236,10 +411,25 @@ class DiskTier(Tier):
             self.stats.errors += 1
             return False
         try:
+            return self._get_in(dir_fd, name, key, out)
+        finally:
+            os.close(dir_fd)
+
+    def _get_in(self, dir_fd: int, name: str, key: ChunkKey, out: np.ndarray) -> bool:
+        try:
+            fd = open_regular(name, dir_fd)
+        except FileNotFoundError:
+            self._forget(key)  # evicted by another process
+            return False
+        except OSError:  # a symlink, FIFO or directory where the chunk belongs: a miss
+            self._forget(key)
+            self.stats.errors += 1
+            return False
+        try:
             size = self._read_verified(fd, key, out)
         except ChunkFormatError:
             self._forget(key)
-            self._drop_corrupt(path)
+            self._drop_corrupt(dir_fd, name)
             return False
         except OSError:
             self.stats.errors += 1
@@ -274,21 +464,40 @@ class DiskTier(Tier):
             raise CorruptChunkError(f"{key.hex()}: payload checksum mismatch")
         return n
 
+    def _is_file(self, key: ChunkKey) -> bool:
+        """Is there a regular file (not a symlink, FIFO or directory) at the chunk's path?"""
+        try:
+            dir_fd, name = self._chunk_dir(key)
+        except OSError:
+            return False
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+        finally:
+            os.close(dir_fd)
+
     def contains(self, key: ChunkKey) -> bool:
         if key in self._sizes:
             return True
-        return self.path_of(key).exists()  # written by another process sharing the root
+        return self._is_file(key)  # written by another process sharing the root
 
     def delete(self, key: ChunkKey) -> bool:
         known = self._forget(key)
         try:
-            os.unlink(self.path_of(key))
+            dir_fd, name = self._chunk_dir(key)
+        except OSError:
+            return known
+        try:
+            os.unlink(name, dir_fd=dir_fd)  # a symlink itself, never its target
         except FileNotFoundError:
             return known
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 self.stats.errors += 1
             return known
+        finally:
+            os.close(dir_fd)
         return True
 
     def keys(self) -> Iterator[ChunkKey]:
@@ -308,6 +517,10 @@ class DiskTier(Tier):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.pin_files.close()
+        fd, self._fd = self._fd, -1  # a later call fails (EBADF), never reaches a reused number
+        if fd >= 0:
+            os.close(fd)
 
 
 class PinFiles:
@@ -318,13 +531,19 @@ class PinFiles:
     A record that cannot be parsed counts as pinned with no expiry: a damaged record must not
     lose a warehoused chunk (``unpin`` removes it).  Unlike in-process pins, records are not
     counted: pinning twice keeps the later expiry (``never`` wins), one unpin removes it.
+    ``<dir>`` is reached without following a symlink at its own name, and only regular files
+    are read as records (anything else there is ignored: not pinned).
     """
 
     def __init__(self, directory: Path, *, fsync: bool = True, recheck_s: float = 1.0,
-                 clock: Callable[[], float] = time.time, cache_entries: int = 16_384) -> None:
+                 clock: Callable[[], float] = time.time, cache_entries: int = 16_384,
+                 mode: DiskMode = "private") -> None:
         self.dir = directory
         self._fsync = fsync
         self._clock = clock
+        self._file_mode, self._dir_mode = MODES[mode]
+        self._fd = -1  # of ``dir``, opened at first use
+        self._fd_lock = threading.Lock()
         # ``in`` answers are cached for ``recheck_s``: eviction asks about every candidate victim,
         # and a warehouse of thousands of pinned chunks must not cost thousands of file opens per
         # eviction.  This process's own pins and unpins update the cache at once; another
@@ -336,6 +555,23 @@ class PinFiles:
         self._seen: OrderedDict[ChunkKey, tuple[float | Literal[False] | None, float]] = OrderedDict()
         self._seen_lock = threading.Lock()
 
+    def _dir_fd(self, *, create: bool = False) -> int:
+        """A descriptor of ``dir`` (kept open); FileNotFoundError while it does not exist."""
+        with self._fd_lock:
+            if self._fd < 0:
+                parent = os.open(self.dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    self._fd = open_dir(self.dir.name, parent, create_mode=self._dir_mode if create else None)
+                finally:
+                    os.close(parent)
+            return self._fd
+
+    def close(self) -> None:
+        with self._fd_lock:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+
     def _remember(self, key: ChunkKey, expires: float | Literal[False] | None, now: float) -> None:
         with self._seen_lock:
             self._seen[key] = (expires, now)
@@ -344,7 +580,7 @@ class PinFiles:
                 self._seen.popitem(last=False)
 
     def _path(self, key: ChunkKey) -> Path:
-        return self.dir / (key.hex() + PIN_SUFFIX)
+        return self.dir / _record_name(key)
 
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> None:
         """Record pins (``ttl_s`` None: until unpinned).  TierError if a record cannot be written
@@ -353,44 +589,57 @@ class PinFiles:
             return
         expires = None if ttl_s is None else self._clock() + ttl_s
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            dir_fd = self._dir_fd(create=True)
             for key in keys:
                 if expires is not None:
                     current = self.expiry(key)
                     if current is not False and (current is None or current >= expires):
                         continue  # already pinned at least as long
-                self._write_record(key, "never\n" if expires is None else f"{expires!r}\n")
+                self._write_record(dir_fd, key, "never\n" if expires is None else f"{expires!r}\n")
                 self._remember(key, expires, time.monotonic())
             if self._fsync:
-                _fsync_dir(self.dir)
+                os.fsync(dir_fd)
         except OSError as exc:
             raise TierError(f"cannot write a pin record in {self.dir}: {exc}") from exc
 
-    def _write_record(self, key: ChunkKey, text: str) -> None:
-        tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
+    def _write_record(self, dir_fd: int, key: ChunkKey, text: str) -> None:
+        fd, tmp = _create_locked(dir_fd, self._file_mode)
         try:
-            tmp.write_text(text)
-            os.replace(tmp, self._path(key))
+            data = text.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.replace(tmp, _record_name(key), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dir_fd)
             raise
+        finally:
+            os.close(fd)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        try:
+            dir_fd = self._dir_fd()
+        except FileNotFoundError:
+            dir_fd = -1  # no record was ever written
         for key in keys:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(key))
+            if dir_fd >= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_record_name(key), dir_fd=dir_fd)
             self._remember(key, False, time.monotonic())
 
     def expiry(self, key: ChunkKey) -> float | Literal[False] | None:
         """False: not pinned; None: pinned until unpinned; else the expiry (Unix seconds)."""
-        path = self._path(key)
+        name = _record_name(key)
         try:
-            text = path.read_text().strip()
+            dir_fd = self._dir_fd()
+            raw = _read_small(name, dir_fd)
         except FileNotFoundError:
             return False
-        except OSError:
-            return None  # unreadable: keep the chunk
+        except NotRegularFileError:
+            return False  # a FIFO or directory is not a record (and is never opened blocking)
+        except OSError as exc:
+            return False if exc.errno == errno.ELOOP else None  # a symlink is not a record; unreadable: keep
+        text = raw.decode(errors="replace").strip()
         if text == "never":
             return None
         try:
@@ -399,7 +648,7 @@ class PinFiles:
             return None
         if expires <= self._clock():
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(name, dir_fd=dir_fd)
             return False
         return expires
 
@@ -417,12 +666,16 @@ class PinFiles:
         """Every live pin: key -> expiry (None = until unpinned); expired records are removed."""
         found: dict[ChunkKey, float | None] = {}
         try:
-            names = os.listdir(self.dir)
+            dir_fd = self._dir_fd()
+            with os.scandir(dir_fd) as entries:
+                names = [e.name for e in entries]
         except FileNotFoundError:
             return found
+        except OSError:
+            return found  # a symlink or a file where the pins directory belongs: no records
         for name in names:
             if name.startswith(TMP_PREFIX):
-                _remove_stray_file(os.path.join(self.dir, name), name)
+                _remove_stray(dir_fd, name)
                 continue
             if not name.endswith(PIN_SUFFIX) or len(name) != 2 * KEY_BYTES + len(PIN_SUFFIX):
                 continue
@@ -434,3 +687,7 @@ class PinFiles:
             if expires is not False:
                 found[key] = expires
         return found
+
+
+def _record_name(key: ChunkKey) -> str:
+    return key.hex() + PIN_SUFFIX

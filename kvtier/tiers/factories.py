@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvtier.config import KVTierConfig
+from kvtier.errors import ConfigFieldError
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
 
@@ -17,8 +18,12 @@ def make_dram(config: KVTierConfig, layout: KVLayout) -> Tier:
 def make_disk(config: KVTierConfig, layout: KVLayout) -> Tier:
     from kvtier.tiers.disk import DiskTier
 
-    return DiskTier(layout, path=config.disk.path, capacity_bytes=config.disk.capacity,
-                    fsync=config.disk.fsync, io_threads=config.disk.io_threads)
+    try:
+        return DiskTier(layout, path=config.disk.path, capacity_bytes=config.disk.capacity,
+                        fsync=config.disk.fsync, io_threads=config.disk.io_threads, mode=config.disk.mode)
+    except OSError as exc:  # the root or the layout's directory in it cannot be made or opened
+        raise ConfigFieldError("disk.path", f"cannot use {str(config.disk.path)!r} as the disk root: "
+                               f"{exc.strerror or exc}") from exc
 
 
 def make_redis(config: KVTierConfig, layout: KVLayout) -> Tier:
