@@ -720,8 +720,8 @@ class ContextMemory:
         In-process pins are counted (nested pins need as many unpins).  ``persist=True`` writes
         a pin record to the disk tier instead (``PinFiles``): it survives restarts, every process
         sharing the disk root honours it (within ``PinFiles.recheck_s``), and one
-        ``unpin(keys, persist=True)`` removes it.  Keys may be pinned before their chunks are stored.  Shared G4 stores keep
-        their own retention rules.
+        ``unpin(keys, persist=True)`` removes it.  Keys may be pinned before their chunks are
+        stored.  Shared G4 stores keep their own retention rules.
         """
         keys = chunk_keys_arg(keys)
         ttl_s = ttl_arg(ttl_s)
@@ -821,7 +821,7 @@ class ContextMemory:
                 with top.borrow(key) as view:
                     if view is not None and self._put(1, key, view) == 1:
                         kept += 1
-            except Exception as exc:  # noqa: BLE001 - raised below, after the rest went down
+            except Exception as exc:  # raised below, after the rest went down
                 failures.append(exc)
         if keys:
             log.info("close: %d of DRAM's %d chunks not on %s went down to it", kept, len(keys), self.tiers[1].name)

@@ -379,3 +379,28 @@ def test_hint_end_reaches_the_policy_and_checks_its_value(tmp_path: Path) -> Non
             mem.hint_end("s", awaits="soon")
     with _memory(tmp_path / "lru", 4, 8) as mem:
         mem.hint_end("s", awaits="tool")  # a policy that predicts nothing ignores it
+
+
+def test_unpin_releases_only_this_process_pins(tmp_path: Path) -> None:
+    """A balanced pin/unpin in one process leaves the persistent pin another process wrote."""
+    keys = make_keys(LAYOUT, 3)
+    with _memory(tmp_path, 1, 3) as warehouse, _memory(tmp_path, 1, 3) as other:
+        warehouse.pin(keys, persist=True)
+        other.pin(keys)
+        other.unpin(keys)
+        assert not any(k in other.pins for k in keys)
+        assert all(other.pinned(k) and warehouse.pinned(k) for k in keys)
+        assert set(other.pin_files.records()) == set(keys)  # type: ignore[union-attr]
+        other.unpin(keys[:1], persist=True)  # removing a record is its own, explicit call
+        assert not warehouse.pin_files.expiry(keys[0])  # type: ignore[union-attr]
+        assert set(other.pin_files.records()) == set(keys[1:])  # type: ignore[union-attr]
+
+
+def test_a_directory_at_a_chunk_path_is_not_a_lookup_hit(tmp_path: Path) -> None:
+    keys = make_keys(LAYOUT, 2)
+    with _memory(tmp_path, 2, 4) as mem:
+        disk = mem.tiers[1]
+        assert isinstance(disk, DiskTier)
+        disk.path_of(keys[0]).mkdir(parents=True)  # another process's (or an attacker's) directory
+        assert mem.lookup(keys).num_chunks == 0
+        assert mem.load(keys, _outs(2)) == 0

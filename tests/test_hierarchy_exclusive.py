@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvtier.config import DiskConfig, DramConfig, KVTierConfig
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, TierError
 from kvtier.hierarchy import ContextMemory
+from kvtier.keys import ChunkKey
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 from tests.conftest import make_keys, make_payloads
@@ -121,3 +123,43 @@ def test_keeping_at_close_is_bounded_by_the_disk_and_optional(tmp_path: Path) ->
     mem.close(keep=False)
     with _memory(tmp_path / "skip", 4, 8, exclusive=True) as again:
         assert _on_disk(again) == set(keys[:2])
+
+
+class _FailingDisk(DiskTier):
+    """A disk whose put raises (not an OSError: a bug, a foreign library) for chosen calls."""
+
+    def __init__(self, *args: object, fail: Callable[[int, ChunkKey], bool], **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.calls, self._fail = 0, fail
+
+    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
+        self.calls += 1
+        if self._fail(self.calls, key):
+            raise RuntimeError(f"put #{self.calls} failed")
+        return super().put(key, payload)
+
+
+def _failing_memory(tmp: Path, fail: Callable[[int, ChunkKey], bool], **kw: object) -> ContextMemory:
+    tiers = [DramTier(LAYOUT, capacity_bytes=16 * LAYOUT.chunk_bytes),
+             _FailingDisk(LAYOUT, path=tmp, capacity_bytes=32 * LAYOUT.chunk_bytes, fsync=False, fail=fail)]
+    return ContextMemory(LAYOUT, tiers, exclusive=True, **kw)  # type: ignore[arg-type]
+
+
+def test_a_failed_write_through_does_not_stop_close_from_keeping_dram(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 16), make_payloads(LAYOUT, 16)
+    mem = _failing_memory(tmp_path, lambda call, _key: call == 1, write_through_share=0.25)
+    mem.store(keys, payloads)  # the write-through of the leading 4 fails at its first put
+    with pytest.raises(TierError, match="RuntimeError"):
+        mem.close()  # the failure is still reported, after DRAM went down
+    with _memory(tmp_path, 16, 32, exclusive=True) as again:
+        assert _on_disk(again) == set(keys)
+
+
+def test_one_chunk_failing_at_close_does_not_keep_the_others_from_going_down(tmp_path: Path) -> None:
+    keys, payloads = make_keys(LAYOUT, 16), make_payloads(LAYOUT, 16)
+    mem = _failing_memory(tmp_path, lambda _call, key: key == keys[5])
+    mem.store(keys, payloads)
+    with pytest.raises(TierError, match="1 chunk"):
+        mem.close()
+    with _memory(tmp_path, 16, 32, exclusive=True) as again:
+        assert _on_disk(again) == set(keys) - {keys[5]}

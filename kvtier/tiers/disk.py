@@ -80,6 +80,7 @@ DiskMode = Literal["private", "group"]
 MODES: dict[str, tuple[int, int]] = {"private": (0o600, 0o700), "group": (0o640, 0o2770)}
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_RECORD = frozenset({errno.ENOENT, errno.ELOOP, errno.ENOTDIR})
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -633,12 +634,10 @@ class PinFiles:
         try:
             dir_fd = self._dir_fd()
             raw = _read_small(name, dir_fd)
-        except FileNotFoundError:
-            return False
         except NotRegularFileError:
             return False  # a FIFO or directory is not a record (and is never opened blocking)
-        except OSError as exc:
-            return False if exc.errno == errno.ELOOP else None  # a symlink is not a record; unreadable: keep
+        except OSError as exc:  # missing, or a symlink (ELOOP; ENOTDIR for the directory): no record
+            return False if exc.errno in _NO_RECORD else None  # unreadable: keep the chunk
         text = raw.decode(errors="replace").strip()
         if text == "never":
             return None
