@@ -27,7 +27,11 @@ Follow a chunk:
   served.  ``borrow_prefix(keys)`` yields the views; ``load(keys, outs)`` copies each out.
 * ``pin(keys)`` keeps chunks from being evicted from any tier (token warehousing);
   ``pin(keys, persist=True)`` records the pin in the disk tier, so it survives restarts and
-  binds every process sharing that disk root.
+  binds every process sharing that disk root; ``unpin`` releases this process's pins only,
+  ``unpin(keys, persist=True)`` removes the records.
+* The disk's capacity is the **root's**, shared by every process on it: before a put into the
+  disk, every ``DiskTier.survey_s`` the index re-reads the root, adopts the chunks others wrote
+  (they may be victims here) and leaves room for every other file (``_survey_disk``).
 
 Tiers without slots (below DRAM, or a top tier that is not DRAM) take bytes through ``Tier.put``
 (``_put``: demotion, write-through, chunks put below), room made the same way (``_make_room``).
@@ -64,6 +68,7 @@ from kvtier.tiers.dram import DramTier
 from kvtier.validate import buffers_arg, chunk_keys_arg, count_arg, payloads_arg, ttl_arg
 
 log = logging.getLogger(__name__)
+_WRITER = "kvtier-writeback"  # the background thread's name prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +195,13 @@ class ContextMemory:
         self._evictable_at = [partial(self._evictable, level) for level in range(len(self.tiers))]
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
+        self._surveying = threading.Lock()  # one ``_survey_disk`` at a time
+        self._survey_job: Future[None] | None = None  # one queued for the writer thread
         self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
         self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
         self._held: Counter[ChunkKey] = Counter()  # being read (``_borrow``): no victims in the top tier
         self._lock = threading.RLock()
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-writeback")
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WRITER)
         self._inflight: list[Future[None]] = []
         for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
             for key in tier.keys():  # noqa: SIM118 - oldest first where the tier knows ages (disk: mtime)
@@ -600,6 +607,8 @@ class ContextMemory:
         """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
         for lv in range(level, len(self.tiers)):
             index = self.indexes[lv]
+            if isinstance(disk := self.tiers[lv], DiskTier) and disk.survey_due():
+                self._survey_disk(lv)
             with self._lock:
                 if key in index.sizes:
                     index.touch(key)
@@ -620,6 +629,45 @@ class ContextMemory:
             if stored:
                 return lv
         return None
+
+    def _survey_disk(self, level: int) -> None:
+        """Disk capacity is for the root, shared by every process on it: every ``survey_s``
+        (before a put) re-read the root, adopt the chunks other processes wrote into this index
+        (so that they may be victims here), forget those they deleted, and leave room for every
+        other file under it (other layouts, temp files, pins).  The root may exceed its capacity
+        by the puts in flight in other processes, and only until their next put."""
+        tier = self.tiers[level]
+        assert isinstance(tier, DiskTier)
+        if not threading.current_thread().name.startswith(_WRITER):  # not on the caller's time
+            with self._lock:
+                if self._survey_job is None or self._survey_job.done():
+                    with contextlib.suppress(RuntimeError):  # closing: no more surveys
+                        self._survey_job = self._background.submit(self._survey_disk, level)
+            return
+        if not tier.survey_due() or not self._surveying.acquire(blocking=False):
+            return
+        try:
+            try:
+                survey = tier.survey()
+            except OSError as exc:  # the root went away or is unreadable: keep the last view
+                tier.stats.errors += 1
+                log.warning("disk survey of %s failed: %s", tier.root.parent, exc)
+                return
+            index = self.indexes[level]
+            with self._lock:
+                index.capacity_bytes = max(0, tier.capacity_bytes - survey.other_bytes)
+                for key in survey.chunks:
+                    if key not in index.sizes and (level, key) not in self._leaving:
+                        index.add(key, self.chunk_bytes)
+                unseen = [k for k in index.sizes if k not in survey.chunks and (level, k) not in self._pending]
+            gone = [k for k in unseen if not tier.has_file(k)]  # not just written after the listing
+            tier.forget(gone)
+            with self._lock:
+                for key in gone:
+                    if (level, key) not in self._pending:
+                        index.discard(key)
+        finally:
+            self._surveying.release()
 
     def _demote(self, level: int, victims: list[ChunkKey]) -> None:
         """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""

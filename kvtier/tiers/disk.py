@@ -25,10 +25,11 @@ a root); a root that others may write to is logged once, at WARNING.
 Sharing: several processes on one node may use one root.  Same key means same bytes, so two
 writers racing on a key are harmless (last rename wins).  Each process indexes what it wrote or
 found at open; a key another process wrote later is found by ``contains`` (one ``stat``), and a
-file another process evicted turns into a miss.  Capacity is enforced **per process** over the
-files it wrote or found at open (a file of another process that it merely reads is not counted:
-in a hierarchy the index is the one owner of capacity and adopts such a chunk when it has room);
-``root_usage`` measures the whole root.
+file another process evicted turns into a miss.  Capacity bounds the **root**: in a hierarchy
+the index owns it and, every ``survey_s``, re-reads the root (``survey``: this layout's chunk
+names, the bytes of everything else), adopts what other processes wrote and leaves room for the
+rest (``ContextMemory._survey_disk``).  This tier alone checks only the files it wrote or found
+at open.
 
 I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file
 reads (which release the GIL) overlap checksum work on another core.
@@ -52,6 +53,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -211,6 +213,58 @@ def _subdirs(dir_fd: int) -> list[str]:
                 and e.is_dir(follow_symlinks=False)]
 
 
+def _survey_dir(dir_fd: int, chunks: set[ChunkKey] | None) -> int:
+    """Bytes of the regular files in ``dir_fd`` (symlinks and the like are skipped); with
+    ``chunks``, chunk files are added to it by name instead (no ``stat``: a survey of a big
+    root is mostly these)."""
+    other = 0
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            name = entry.name
+            if chunks is not None and name.endswith(SUFFIX) and len(name) == 2 * KEY_BYTES + len(SUFFIX):
+                with contextlib.suppress(ValueError):
+                    if entry.is_file(follow_symlinks=False):
+                        chunks.add(ChunkKey(bytes.fromhex(name[:-len(SUFFIX)])))
+                    continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    other += entry.stat(follow_symlinks=False).st_size
+    return other
+
+
+def _layout_dirs(layout_fd: int) -> Iterator[int]:
+    """Descriptors of the places files live in one layout subtree: ``pins`` and every
+    ``<2 hex>/<2 hex>`` fan-out directory (real directories only; closed after each step)."""
+    places: list[tuple[int, str]] = [(layout_fd, "pins")]
+    places += [(layout_fd, d1) for d1 in _subdirs(layout_fd)]
+    for parent, name in places:
+        try:
+            fd = open_dir(name, parent)
+        except OSError:
+            continue
+        try:
+            if name == "pins":
+                yield fd
+                continue
+            for d2 in _subdirs(fd):
+                with contextlib.suppress(OSError):
+                    fd2 = open_dir(d2, fd)
+                    try:
+                        yield fd2
+                    finally:
+                        os.close(fd2)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class RootSurvey:
+    """What a disk root holds now (``DiskTier.survey``): one layout's chunks and everything else."""
+
+    chunks: frozenset[ChunkKey]  # this layout's chunk files, by name
+    other_bytes: int  # every other file: other layouts' chunks, temp files, pin records
+
+
 def make_root(path: str | os.PathLike[str], dir_mode: int) -> int:
     """Create the root (``dir_mode`` for what is created), warn once if others may write to it,
     and return a descriptor of it.  The root itself may be a symlink: the operator named it."""
@@ -235,7 +289,8 @@ class DiskTier(Tier):
     shared = True
 
     def __init__(self, layout: KVLayout, *, path: str | os.PathLike[str], capacity_bytes: int,
-                 fsync: bool = True, io_threads: int = 4, mode: DiskMode = "private") -> None:
+                 fsync: bool = True, io_threads: int = 4, mode: DiskMode = "private",
+                 survey_s: float = 5.0) -> None:
         super().__init__(layout)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -247,6 +302,8 @@ class DiskTier(Tier):
         finally:
             os.close(top)
         self._capacity = capacity_bytes
+        self.survey_s = survey_s  # how often a hierarchy re-reads the root (``survey``)
+        self._surveyed = time.monotonic()  # the scan at open was one
         self._stray_bytes = 0  # temp files of dead writers that stayed: they take room
         self._fsync = fsync
         self._sizes: dict[ChunkKey, int] = {}  # key -> payload bytes, for files this process knows
@@ -354,11 +411,47 @@ class DiskTier(Tier):
             self._used -= size
         return size is not None
 
+    # --- the whole root: capacity for every process sharing it ------------------------------
+    def survey_due(self) -> bool:
+        return time.monotonic() - self._surveyed >= self.survey_s
+
+    def survey(self) -> RootSurvey:
+        """List the root: this layout's chunk files (by name: no file is opened) and the bytes of
+        everything else (other layouts' subtrees, temp files, pin records).  Only the known
+        layout is walked, never through a symlink.  ``ContextMemory`` adopts the chunks into its
+        index and leaves the rest room, so ``capacity_bytes`` bounds the whole root."""
+        self._surveyed = time.monotonic()
+        chunks: set[ChunkKey] = set()
+        other = 0
+        top = os.open(self.root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(top) as entries:
+                layouts = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+            for name in layouts:
+                try:
+                    layout_fd = open_dir(name, top)
+                except OSError:
+                    continue
+                try:
+                    mine = chunks if name == self.root.name else None
+                    for fd in _layout_dirs(layout_fd):
+                        other += _survey_dir(fd, mine)
+                finally:
+                    os.close(layout_fd)
+        finally:
+            os.close(top)
+        return RootSurvey(frozenset(chunks), other)
+
+    def forget(self, keys: Sequence[ChunkKey]) -> None:
+        """Stop counting chunks another process deleted (their files are gone)."""
+        for key in keys:
+            self._forget(key)
+
     # --- operations -------------------------------------------------------------------------
     def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
         self.layout.check_payload(payload)
         with self._lock:  # reserve the space before the slow write
-            if key in self._sizes and self._is_file(key):
+            if key in self._sizes and self.has_file(key):
                 return True  # same key = same prefix = same bytes
             self._forget_locked(key)
             if self._used + payload.nbytes > self.capacity_bytes:
@@ -465,7 +558,7 @@ class DiskTier(Tier):
             raise CorruptChunkError(f"{key.hex()}: payload checksum mismatch")
         return n
 
-    def _is_file(self, key: ChunkKey) -> bool:
+    def has_file(self, key: ChunkKey) -> bool:
         """Is there a regular file (not a symlink, FIFO or directory) at the chunk's path?"""
         try:
             dir_fd, name = self._chunk_dir(key)
@@ -481,7 +574,7 @@ class DiskTier(Tier):
     def contains(self, key: ChunkKey) -> bool:
         if key in self._sizes:
             return True
-        return self._is_file(key)  # written by another process sharing the root
+        return self.has_file(key)  # written by another process sharing the root
 
     def delete(self, key: ChunkKey) -> bool:
         known = self._forget(key)
