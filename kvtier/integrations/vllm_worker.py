@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from kvtier.errors import TierError
 from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.vllm_cost import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import ConnectorCounters
@@ -327,7 +328,7 @@ class WorkerCore:
                 memory.unpin(job.keys, persist=persist)
             else:
                 memory.pin(job.keys, job.ttl_s, persist=persist)
-        except OSError as exc:  # a full or read-only disk: the chunks stay cached, just not pinned
+        except (OSError, TierError) as exc:  # a full or read-only disk: the chunks stay cached, just not pinned
             logger.warning("kvtier: request %s: pin records not written (%s)", job.req_id, exc)
             return
         self.count(**{"unpinned_chunks" if job.unpin else "pinned_chunks": len(job.keys)})

@@ -9,9 +9,11 @@ save waits for it, and a failed copy is a miss.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ from kvtier.integrations.vllm_worker import WorkerCore  # noqa: E402
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.agent import AgentPolicy  # noqa: E402
+from kvtier.tiers.disk import DiskTier  # noqa: E402
 from kvtier.tiers.dram import DramTier  # noqa: E402
 
 BS, HEADS, HD, LAYERS, NUM_BLOCKS, M = 4, 2, 8, 2, 64, 2  # M blocks per chunk
@@ -64,12 +67,15 @@ class _AsyncPaged(PagedKV):
         return copy
 
 
-def _worker() -> tuple[WorkerCore, _AsyncPaged, dict[str, Any]]:
+def _worker(disk: Path | None = None) -> tuple[WorkerCore, _AsyncPaged, dict[str, Any]]:
     torch.manual_seed(0)
     caches = {f"layer{i}": torch.randn(NUM_BLOCKS, HEADS, BS, 2 * HD) for i in range(LAYERS)}
     paged = _AsyncPaged(caches)
     layout = make_layout(paged.geometry, chunk_tokens=CHUNK, model_id="worker-test")
-    memory = ContextMemory(layout, [DramTier(layout, capacity_bytes=32 * layout.chunk_bytes)])
+    tiers: list[Any] = [DramTier(layout, capacity_bytes=32 * layout.chunk_bytes)]
+    if disk is not None:
+        tiers.append(DiskTier(layout, path=disk, capacity_bytes=32 * layout.chunk_bytes, fsync=False))
+    memory = ContextMemory(layout, tiers)
     return WorkerCore(memory, paged), paged, caches
 
 
@@ -210,4 +216,28 @@ def test_loads_and_forwards_are_timed_for_the_schedulers_cost_model() -> None:
     (forward,) = report.forwards
     assert isinstance(forward, ForwardSample) and (forward.new_tokens, forward.ctx_pairs) == (300, 45000.0)
     assert worker.take_report() is None  # taken once
+    worker.close()
+
+
+def test_pin_requests_are_records_on_disk_and_an_unwritable_one_is_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    worker, _, _ = _worker(tmp_path)
+    keys = _keys(worker, 5, 2)
+    worker.pin([PinJob("p", keys)])
+    worker.flush(["p"])
+    pins = worker.memory.pin_files
+    assert pins is not None and set(pins.records()) == set(keys)
+    worker.pin([PinJob("u", keys, unpin=True)])  # a request's unpin removes the records
+    worker.flush(["u"])
+    assert pins.records() == {}
+    disk = worker.memory.tiers[1]
+    assert isinstance(disk, DiskTier)
+    pins.close()
+    (disk.root / "pins").rmdir()
+    (disk.root / "pins").symlink_to(tmp_path)  # planted: no record is written through it
+    with caplog.at_level(logging.WARNING):
+        worker.pin([PinJob("x", keys)])
+        worker.flush(["x"])
+    assert "pin records not written" in caplog.text and "background job failed" not in caplog.text
+    assert worker.take_counters().values["pinned_chunks"] == 2  # the first request's only
     worker.close()
