@@ -635,7 +635,8 @@ class ContextMemory:
         (before a put) re-read the root, adopt the chunks other processes wrote into this index
         (so that they may be victims here), forget those they deleted, and leave room for every
         other file under it (other layouts, temp files, pins).  The root may exceed its capacity
-        by the puts in flight in other processes, and only until their next put."""
+        by what the others wrote since this process's last survey, until its next put.  Run on
+        the writer thread: a caller's put queues it there."""
         tier = self.tiers[level]
         assert isinstance(tier, DiskTier)
         if not threading.current_thread().name.startswith(_WRITER):  # not on the caller's time
