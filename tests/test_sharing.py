@@ -136,7 +136,7 @@ def test_second_vllm_on_another_node_starts_warm_from_g4(tmp_path: Path,
         # hit count varied from run to run)
         extra = {"chunk_tokens": 128, "tiers": ["dram", "disk", "redis"], "dram": {"capacity": "64MiB"},
                  "disk": {"path": str(work / "disk"), "capacity": "256MiB", "fsync": False}, "redis": redis_section,
-                 "probe_deadline_s": 30.0}
+                 "probe_deadline_s": 30.0, "cost_model": "off"}  # every whole chunk is loaded from G4
         spec = {"model": str(model), "block_size": 64, "max_tokens": 6, "max_model_len": 2048, "phases": [prompts],
                 "connector": "kvtier", "extra_config": extra, "stats_file": str(work / "stats.json")}
         return run_vllm(spec, work, name)

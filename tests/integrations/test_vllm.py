@@ -58,6 +58,9 @@ def _spec(model: Path, phases: list[list[list[int]]], **kw: Any) -> dict[str, An
 
 
 def _kvtier(tmp: Path, disk: Path, **extra: Any) -> dict[str, Any]:
+    # cost_model "off" unless a test asks: these tests count loads, and the default fetch-or-recompute
+    # model decides from rates measured on this (loaded, noisy) machine
+    extra.setdefault("cost_model", "off")
     config = {"chunk_tokens": CHUNK, "dram": {"capacity": "64MiB"},
               "disk": {"path": str(disk), "capacity": "256MiB", "fsync": False}, **extra}
     return {"connector": "kvtier", "extra_config": config, "stats_file": str(tmp / "stats.json")}
@@ -129,7 +132,7 @@ def test_a_hit_on_a_slow_disk_is_recomputed(tiny_model: Path, tmp_path: Path, re
     disk = tmp_path / "shared-disk"
     want = reference["outputs"]["phases"][2]["outputs"]
     run_vllm(_spec(tiny_model, [[G, H]], **_kvtier(tmp_path / "a", disk)), _mkdir(tmp_path / "a"), "a")
-    slow = _kvtier(tmp_path / "b", disk, link_rates={"disk": "1KB"})
+    slow = _kvtier(tmp_path / "b", disk, cost_model="auto", link_rates={"disk": "1KB"})
     second = run_vllm(_spec(tiny_model, [[G, H]], **slow), _mkdir(tmp_path / "b"), "b")
     assert second["phases"][0]["outputs"] == want
     counters = second["phases"][0]["stats"]["counters"]

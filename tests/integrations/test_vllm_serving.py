@@ -42,7 +42,8 @@ def _spec(model: Path, phases: list[list[Any]], **kw: Any) -> dict[str, Any]:
 
 
 def _kvtier(tmp: Path, **config: Any) -> dict[str, Any]:
-    extra = {"chunk_tokens": CHUNK, "dram": {"capacity": "64MiB"},
+    # cost_model "off": these tests count loads (the default model decides from measured rates)
+    extra = {"chunk_tokens": CHUNK, "dram": {"capacity": "64MiB"}, "cost_model": "off",
              "disk": {"path": str(tmp / "disk"), "capacity": "256MiB", "fsync": False}, **config}
     return {"connector": "kvtier", "extra_config": extra, "stats_file": str(tmp / "stats.json")}
 
