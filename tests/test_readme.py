@@ -118,7 +118,7 @@ def test_the_readme_serving_command(tmp_path: Path) -> None:
         hit = _metric(base, "kvtier_hit_tokens_total", 'tier="dram"')
         loaded = _metric(base, "kvtier_fetch_decisions_total", 'decision="load_all"')
         recomputed = _metric(base, "kvtier_fetch_decisions_total", 'decision="recompute"')
-        assert (hit, loaded) == (512, 1) or (hit, recomputed) == (0, 1), (hit, loaded, recomputed)
+        assert (hit == 512 and loaded >= 1) or (hit == 0 and recomputed >= 1), (hit, loaded, recomputed)
         os.killpg(proc.pid, signal.SIGTERM)  # the README's --shutdown-timeout: a clean stop
         assert proc.wait(timeout=120) == 0, log_path.read_text()[-4000:]
         chunks = list((tmp_path / "home" / ".cache" / "kvtier" / "chunks").rglob("*.kvc"))
