@@ -29,6 +29,12 @@ One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of ev
 hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last
 use).  Every operation is O(log n) amortised: both keys are fixed between uses, so each use
 pushes one entry per heap and stale entries are dropped lazily when they surface.
+
+Memory is bounded by what the tiers hold: a heap that grows past twice its tier's chunks (plus
+a little slack) is rebuilt from its live entries (``AgentPolicy._compact``; amortised O(1) per
+use, and the order is unchanged: only entries that can no longer surface are dropped); the
+model forgets the least recently seen sessions beyond ``_MAX_SESSIONS`` and the oldest ghosts
+beyond ``max(4 x chunks held, _MAX_GHOSTS)``.
 """
 
 from __future__ import annotations
@@ -45,7 +51,10 @@ from kvtier.policy.eviction import AWAITS, EvictionPolicy
 
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
+_MAX_GHOSTS = 4096  # ghosts remembered beyond 4 per chunk held (oldest forgotten first)
+_HEAP_SLACK = 64  # stale entries a heap may carry beyond 2 x its tier's chunks before a rebuild
 _DEAD = math.inf
+_Entry = tuple[float, int, int, ChunkKey]  # a heap entry: (-due or last use, -depth, push order, key)
 _HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
 _IDLE = 2.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
 
@@ -230,11 +239,11 @@ class AgentModel:
         if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
             self.ghosts[key] = _Node(last_t=self.now, due=due, depth=depth, gap=None, owner=self._session_id,
                                      stamp=self._stamp)
-            if len(self.ghosts) > 4096 and len(self.ghosts) > 4 * len(self.nodes):
+            if len(self.ghosts) > _MAX_GHOSTS and len(self.ghosts) > 4 * len(self.nodes):
                 self._trim_ghosts()
 
     def _trim_ghosts(self) -> None:
-        while len(self.ghosts) > max(4 * len(self.nodes), 4096):
+        while len(self.ghosts) > max(4 * len(self.nodes), _MAX_GHOSTS):
             self.ghosts.popitem(last=False)
 
     def release(self, key: ChunkKey) -> None:
@@ -286,6 +295,30 @@ class AgentPolicy(EvictionPolicy):
         self._seq += 1
         heapq.heappush(self._by_due, (-node.due, -node.depth, self._seq, key))
         heapq.heappush(self._by_age, (node.last_t, -node.depth, self._seq, key))
+        limit = 2 * len(self.held) + _HEAP_SLACK
+        if len(self._by_due) > limit:
+            self._by_due = self._compact(self._by_due, True)
+        if len(self._by_age) > limit:
+            self._by_age = self._compact(self._by_age, False)
+
+    def _compact(self, heap: list[_Entry], due: bool) -> list[_Entry]:
+        """``heap`` without its stale entries: for each chunk held only its live entry that
+        surfaces first (its duplicates, pushed by later uses with the same prediction, come
+        after it and are dropped as stale once it has gone).  O(len(heap)), once per
+        ``len(held) + _HEAP_SLACK`` pushes at least."""
+        nodes, held = self.model.nodes, self.held
+        first: dict[ChunkKey, _Entry] = {}
+        for entry in heap:  # live as in ``_live``
+            value, neg_depth, _, key = entry
+            node = nodes.get(key)
+            if key in held and node is not None and node.depth == -neg_depth and (
+                    node.due == -value if due else node.last_t == value):
+                kept = first.get(key)
+                if kept is None or entry < kept:
+                    first[key] = entry
+        live = list(first.values())
+        heapq.heapify(live)
+        return live
 
     def insert(self, key: ChunkKey, size: int) -> None:
         node = self.model.touch(key)
@@ -349,6 +382,7 @@ class AgentPolicy(EvictionPolicy):
         return due if due[:2] >= aged[:2] else aged
 
     def _live(self, heap: list[tuple[float, int, int, ChunkKey]], due: bool) -> tuple[float, int, int, ChunkKey] | None:
+        """The top of ``heap`` once its stale entries are popped; None if it is empty."""
         nodes, held = self.model.nodes, self.held
         while heap:
             value, neg_depth, _, key = heap[0]
