@@ -31,10 +31,9 @@ use).  Every operation is O(log n) amortised: both keys are fixed between uses, 
 pushes one entry per heap and stale entries are dropped lazily when they surface.
 
 Memory is bounded by what the tiers hold: a heap that grows past twice its tier's chunks (plus
-a little slack) is rebuilt from its live entries (``AgentPolicy._compact``; amortised O(1) per
-use, and the order is unchanged: only entries that can no longer surface are dropped); the
-model forgets the least recently seen sessions beyond ``_MAX_SESSIONS`` and the oldest ghosts
-beyond ``max(4 x chunks held, _MAX_GHOSTS)``.
+``_HEAP_SLACK``) is rebuilt from its live entries (``AgentPolicy._compact``, amortised O(1) per
+use; the victims are the same); the model forgets the least recently seen sessions beyond
+``_MAX_SESSIONS`` and the oldest ghosts beyond ``max(4 x chunks held, _MAX_GHOSTS)``.
 """
 
 from __future__ import annotations
@@ -302,10 +301,13 @@ class AgentPolicy(EvictionPolicy):
             self._by_age = self._compact(self._by_age, False)
 
     def _compact(self, heap: list[_Entry], due: bool) -> list[_Entry]:
-        """``heap`` without its stale entries: for each chunk held only its live entry that
-        surfaces first (its duplicates, pushed by later uses with the same prediction, come
-        after it and are dropped as stale once it has gone).  O(len(heap)), once per
-        ``len(held) + _HEAP_SLACK`` pushes at least."""
+        """``heap`` with, for each chunk held, only its live entry that surfaces first: the
+        entries ``_live`` would drop, and the duplicates a later use with the same prediction
+        pushed behind it, go.  The one order that can change: a chunk evicted and re-inserted
+        with the very same prediction (moved back between tiers) would have revived an old
+        entry and now goes behind its exact ties (tests/policy/test_policy_bounded.py compares
+        every decision of a soak with and without compaction).  O(len(heap)), once per
+        ``len(held) + _HEAP_SLACK`` pushes at most."""
         nodes, held = self.model.nodes, self.held
         first: dict[ChunkKey, _Entry] = {}
         for entry in heap:  # live as in ``_live``
