@@ -303,10 +303,11 @@ class AgentPolicy(EvictionPolicy):
     def _compact(self, heap: list[_Entry], due: bool) -> list[_Entry]:
         """``heap`` with, for each chunk held, only its live entry that surfaces first: the
         entries ``_live`` would drop, and the duplicates a later use with the same prediction
-        pushed behind it, go.  The one order that can change: a chunk evicted and re-inserted
-        with the very same prediction (moved back between tiers) would have revived an old
-        entry and now goes behind its exact ties (tests/policy/test_policy_bounded.py compares
-        every decision of a soak with and without compaction).  O(len(heap)), once per
+        pushed behind it, go.  The one order that can change: a chunk whose prediction comes
+        back exactly to an earlier one (re-inserted unchanged after a move between tiers, or
+        buried again at the same depth) would have revived an old entry, and now goes behind
+        its exact ties (tests/policy/test_policy_bounded.py compares every decision of a soak
+        with and without compaction; the simulator's hit ratios are the same to the last digit).  O(len(heap)), once per
         ``len(held) + _HEAP_SLACK`` pushes at most."""
         nodes, held = self.model.nodes, self.held
         first: dict[ChunkKey, _Entry] = {}
