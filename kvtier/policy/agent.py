@@ -30,8 +30,8 @@ hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (
 use).  Every operation is O(log n) amortised: both keys are fixed between uses, so each use
 pushes one entry per heap and stale entries are dropped lazily when they surface.
 
-Memory is bounded by what the tiers hold: a heap that grows past twice its tier's chunks (plus
-``_HEAP_SLACK``) is rebuilt from its live entries (``AgentPolicy._compact``, amortised O(1) per
+Memory is bounded by what the tiers hold: a heap that grows past ``_HEAP_GROWTH`` x its tier's
+chunks (plus ``_HEAP_SLACK``) is rebuilt from its live entries (``AgentPolicy._compact``, amortised O(1) per
 use; the victims are the same); the model forgets the least recently seen sessions beyond
 ``_MAX_SESSIONS`` and the oldest ghosts beyond ``max(4 x chunks held, _MAX_GHOSTS)``.
 """
@@ -51,7 +51,8 @@ from kvtier.policy.eviction import AWAITS, EvictionPolicy
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
 _MAX_GHOSTS = 4096  # ghosts remembered beyond 4 per chunk held (oldest forgotten first)
-_HEAP_SLACK = 64  # stale entries a heap may carry beyond 2 x its tier's chunks before a rebuild
+_HEAP_GROWTH = 3  # a heap is rebuilt once it holds more entries than this x its tier's chunks ...
+_HEAP_SLACK = 64  # ... + this (stale entries at most twice the live ones, amortised O(1) per use)
 _DEAD = math.inf
 _Entry = tuple[float, int, int, ChunkKey]  # a heap entry: (-due or last use, -depth, push order, key)
 _HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
@@ -294,7 +295,7 @@ class AgentPolicy(EvictionPolicy):
         self._seq += 1
         heapq.heappush(self._by_due, (-node.due, -node.depth, self._seq, key))
         heapq.heappush(self._by_age, (node.last_t, -node.depth, self._seq, key))
-        limit = 2 * len(self.held) + _HEAP_SLACK
+        limit = _HEAP_GROWTH * len(self.held) + _HEAP_SLACK
         if len(self._by_due) > limit:
             self._by_due = self._compact(self._by_due, True)
         if len(self._by_age) > limit:
@@ -308,14 +309,13 @@ class AgentPolicy(EvictionPolicy):
         buried again at the same depth) would have revived an old entry, and now goes behind
         its exact ties (tests/policy/test_policy_bounded.py compares every decision of a soak
         with and without compaction; the simulator's hit ratios are the same to the last digit).  O(len(heap)), once per
-        ``len(held) + _HEAP_SLACK`` pushes at most."""
+        ``(_HEAP_GROWTH - 1) x len(held) + _HEAP_SLACK`` pushes at most."""
         nodes, held = self.model.nodes, self.held
         first: dict[ChunkKey, _Entry] = {}
         for entry in heap:  # live as in ``_live``
-            value, neg_depth, _, key = entry
-            node = nodes.get(key)
-            if key in held and node is not None and node.depth == -neg_depth and (
-                    node.due == -value if due else node.last_t == value):
+            key = entry[3]
+            if key in held and (node := nodes.get(key)) is not None and node.depth == -entry[1] and (
+                    node.due == -entry[0] if due else node.last_t == entry[0]):
                 kept = first.get(key)
                 if kept is None or entry < kept:
                     first[key] = entry

@@ -216,7 +216,7 @@ def test_compacting_the_agent_heaps_changes_no_decision(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(TierIndex, "plan_room", logged)
     indexes, _ = run_indexes("agent", 30_000, capacities=(8, 16))
-    assert len(indexes[1].policy._by_due) <= 2 * 16 + agent._HEAP_SLACK  # type: ignore[attr-defined]
+    assert len(indexes[1].policy._by_due) <= agent._HEAP_GROWTH * 16 + agent._HEAP_SLACK  # type: ignore[attr-defined]
     compacted, decisions[:] = list(decisions), []
     monkeypatch.setattr(agent, "_HEAP_SLACK", 10**12)  # never compacted
     run_indexes("agent", 30_000, capacities=(8, 16))
