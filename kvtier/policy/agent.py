@@ -29,6 +29,11 @@ One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of ev
 hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last
 use).  Every operation is O(log n) amortised: both keys are fixed between uses, so each use
 pushes one entry per heap and stale entries are dropped lazily when they surface.
+
+Memory is bounded by what the tiers hold: a heap that grows past ``_HEAP_GROWTH`` x its tier's
+chunks (plus ``_HEAP_SLACK``) is rebuilt from its live entries (``AgentPolicy._compact``, amortised O(1) per
+use; the victims are the same); the model forgets the least recently seen sessions beyond
+``_MAX_SESSIONS`` and the oldest ghosts beyond ``max(4 x chunks held, _MAX_GHOSTS)``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ from kvtier.policy.eviction import AWAITS, EvictionPolicy
 
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
+_MAX_GHOSTS = 4096  # ghosts remembered beyond 4 per chunk held (oldest forgotten first)
+_HEAP_GROWTH = 3  # a heap is rebuilt once it holds more entries than this x its tier's chunks ...
+_HEAP_SLACK = 64  # ... + this (stale entries at most twice the live ones, amortised O(1) per use)
 _DEAD = math.inf
+_Entry = tuple[float, int, int, ChunkKey]  # a heap entry: (-due or last use, -depth, push order, key)
 _HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
 _IDLE = 2.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
 
@@ -230,11 +239,11 @@ class AgentModel:
         if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
             self.ghosts[key] = _Node(last_t=self.now, due=due, depth=depth, gap=None, owner=self._session_id,
                                      stamp=self._stamp)
-            if len(self.ghosts) > 4096 and len(self.ghosts) > 4 * len(self.nodes):
+            if len(self.ghosts) > _MAX_GHOSTS and len(self.ghosts) > 4 * len(self.nodes):
                 self._trim_ghosts()
 
     def _trim_ghosts(self) -> None:
-        while len(self.ghosts) > max(4 * len(self.nodes), 4096):
+        while len(self.ghosts) > max(4 * len(self.nodes), _MAX_GHOSTS):
             self.ghosts.popitem(last=False)
 
     def release(self, key: ChunkKey) -> None:
@@ -286,6 +295,33 @@ class AgentPolicy(EvictionPolicy):
         self._seq += 1
         heapq.heappush(self._by_due, (-node.due, -node.depth, self._seq, key))
         heapq.heappush(self._by_age, (node.last_t, -node.depth, self._seq, key))
+        limit = _HEAP_GROWTH * len(self.held) + _HEAP_SLACK
+        if len(self._by_due) > limit:
+            self._by_due = self._compact(self._by_due, True)
+        if len(self._by_age) > limit:
+            self._by_age = self._compact(self._by_age, False)
+
+    def _compact(self, heap: list[_Entry], due: bool) -> list[_Entry]:
+        """``heap`` with, for each chunk held, only its live entry that surfaces first: the
+        entries ``_live`` would drop, and the duplicates a later use with the same prediction
+        pushed behind it, go.  The one order that can change: a chunk whose prediction comes
+        back exactly to an earlier one (re-inserted unchanged after a move between tiers, or
+        buried again at the same depth) would have revived an old entry, and now goes behind
+        its exact ties (tests/policy/test_policy_bounded.py compares every decision of a soak
+        with and without compaction; the simulator's hit ratios are the same to the last digit).  O(len(heap)), once per
+        ``(_HEAP_GROWTH - 1) x len(held) + _HEAP_SLACK`` pushes at most."""
+        nodes, held = self.model.nodes, self.held
+        first: dict[ChunkKey, _Entry] = {}
+        for entry in heap:  # live as in ``_live``
+            key = entry[3]
+            if key in held and (node := nodes.get(key)) is not None and node.depth == -entry[1] and (
+                    node.due == -entry[0] if due else node.last_t == entry[0]):
+                kept = first.get(key)
+                if kept is None or entry < kept:
+                    first[key] = entry
+        live = list(first.values())
+        heapq.heapify(live)
+        return live
 
     def insert(self, key: ChunkKey, size: int) -> None:
         node = self.model.touch(key)
@@ -349,6 +385,7 @@ class AgentPolicy(EvictionPolicy):
         return due if due[:2] >= aged[:2] else aged
 
     def _live(self, heap: list[tuple[float, int, int, ChunkKey]], due: bool) -> tuple[float, int, int, ChunkKey] | None:
+        """The top of ``heap`` once its stale entries are popped; None if it is empty."""
         nodes, held = self.model.nodes, self.held
         while heap:
             value, neg_depth, _, key = heap[0]

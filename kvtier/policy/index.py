@@ -98,11 +98,17 @@ class PinSet:
     Each key keeps one entry per live pin (its deadline, None: none); ``unpin`` drops the most
     recent one and an expiry drops only its own entry, so a TTL pin that was unpinned and
     replaced by a permanent one cannot take the permanent one with it when its deadline comes.
+    The expiry heap keeps an unpinned TTL pin's entry until its deadline, so it is rebuilt
+    from the live pins once it holds more than twice as many entries (plus slack): a pin/unpin
+    loop with a long TTL stays as small as the pins it holds.
     """
+
+    _SLACK = 64  # stale expiry entries tolerated beyond 2 x the live TTL pins before a rebuild
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._pins: dict[ChunkKey, list[float | None]] = {}  # key -> deadline of each live pin
         self._expiry: list[tuple[float, ChunkKey]] = []  # heap of (deadline, key) for TTL pins
+        self._num_ttl = 0  # live pins with a deadline (each has an entry in ``_expiry``)
         self._clock = clock
 
     def pin(self, keys: Iterable[ChunkKey], ttl_s: float | None = None) -> None:
@@ -111,6 +117,15 @@ class PinSet:
             self._pins.setdefault(key, []).append(deadline)
             if deadline is not None:
                 heapq.heappush(self._expiry, (deadline, key))
+                self._num_ttl += 1
+        if len(self._expiry) > 2 * self._num_ttl + self._SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild ``_expiry`` from the live TTL pins.  An expiry drops a pin by its deadline's
+        value, so one entry per live pin expires exactly what the stale ones would have."""
+        self._expiry = [(d, key) for key, deadlines in self._pins.items() for d in deadlines if d is not None]
+        heapq.heapify(self._expiry)
 
     def unpin(self, keys: Iterable[ChunkKey]) -> None:
         for key in keys:
@@ -122,9 +137,11 @@ class PinSet:
         if not deadlines:
             return
         if latest:
-            deadlines.pop()
+            if deadlines.pop() is not None:
+                self._num_ttl -= 1
         elif deadline in deadlines:
             deadlines.remove(deadline)  # else unpinned already: its heap entry is stale
+            self._num_ttl -= 1
         if not deadlines:
             del self._pins[key]
 
