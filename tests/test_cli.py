@@ -65,6 +65,10 @@ def _trace(tmp_path: Path) -> Path:
     (["bench", "trace", "/nonexistent.jsonl"], {}, "no such trace: /nonexistent.jsonl"),
     (["bench", "trace", "--policy", "mru", "TRACE"], {}, "unknown policy 'mru'"),
     (["bench", "trace", "--model", "gpt-17", "TRACE"], {}, "unknown model 'gpt-17'"),
+    (["bench", "tiers", "--quick", "--dir", "/etc/passwd/x"], {}, "--dir '/etc/passwd/x': cannot make a directory"),
+    (["config"], {"KVTIER_DISK__PATH": "/proc/kvtier"}, "disk.path: cannot create '/proc/kvtier' or write in it"),
+    (["config"], {"KVTIER_DRAM__CAPACITY": "100TiB"}, "dram.capacity: 109951162777600 bytes is more than this "
+                                                      "machine's memory"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], env: dict[str, str],
                                             message: str) -> None:
