@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,17 @@ def test_config_checks_what_open_needs(tmp_path: Path) -> None:
     out = _kvtier(["config"], {"KVTIER_DISK__PATH": str(tmp_path / "new" / "chunks")})
     assert out.returncode == 0 and json.loads(out.stdout)["disk"]["path"] == str(tmp_path / "new" / "chunks")
     assert not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_config_warns_once_when_redis_does_not_answer() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as spare:  # a free port nobody listens on once closed
+        url = f"redis://127.0.0.1:{spare.getsockname()[1]}/0"
+    for cluster in ("false", "true"):
+        out = _kvtier(["config"], {"KVTIER_TIERS": "dram,redis", "KVTIER_REDIS__URL": url,
+                                   "KVTIER_REDIS__CLUSTER": cluster})
+        assert out.returncode == 0 and json.loads(out.stdout)["redis"]["url"] == url  # valid: printed
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"kvtier: warning: Redis {'Cluster ' * (cluster == 'true')}at {url} unreachable")
 
 
 def test_config_never_prints_secrets(tmp_path: Path) -> None:

@@ -125,6 +125,20 @@ class RedisTier(Tier):
         kw.update({k: v for k, v in tls.items() if v is not None})  # the rediss:// scheme turns TLS on
         return kw
 
+    def probe(self) -> str | None:
+        """Why the server (or the cluster's seed node) does not answer a PING now, or None."""
+        try:
+            if self.config.cluster:  # not _cluster_client: that one logs, the caller says it
+                kw = self._client_kwargs()
+                kw.pop("max_connections")
+                RedisCluster.from_url(self.url, require_full_coverage=False, **kw).close()
+            else:
+                self._shards["standalone"].client.ping()
+        except (*_SHARD_FAULTS, RedisClusterException) as exc:
+            what = "Redis Cluster" if self.config.cluster else "Redis"
+            return f"{what} at {self.config.url} unreachable: {exc}"
+        return None
+
     def _guard_connect(self, client: redis.Redis) -> redis.Redis:
         """Put a new connection's set-up (AUTH, SELECT, ...) under the deadline of the call that opens it.
 
@@ -495,6 +509,7 @@ class RedisTier(Tier):
                     yield key
 
     def close(self) -> None:
+        self._watchdog.close()
         for shard in self._shards.values():
             if not self.config.cluster:
                 shard.client.close()
@@ -522,6 +537,7 @@ class _Watchdog:
         self._fired: set[int] = set()  # tokens whose socket was shut down, not yet released
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def watch(self, deadline: float, sock: socket.socket | None) -> int:
         """Watch ``sock`` until ``release``; shut it down at ``deadline`` (``time.monotonic``)."""
@@ -547,9 +563,15 @@ class _Watchdog:
                 return True
             return False
 
+    def close(self) -> None:
+        """Stop the thread (calls still watched are left to their socket timeouts)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
     def _run(self) -> None:
         with self._cv:
-            while True:
+            while not self._closed:
                 while self._heap and self._heap[0][1] not in self._socks:
                     heapq.heappop(self._heap)  # released before its deadline
                 if not self._heap:
