@@ -23,9 +23,13 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import kvtier.bench
 from kvtier.errors import KVTierError
+
+if TYPE_CHECKING:
+    from kvtier.config import KVTierConfig
 
 # optional modules -> the extra that installs them (pyproject.toml)
 EXTRAS = {"rich": "bench", "matplotlib": "bench", "vllm": "vllm", "redis": "redis", "mooncake": "mooncake",
@@ -91,6 +95,8 @@ def _main(argv: list[str]) -> int:
         config = load_config(args.file)
         check_openable(config)
         print(json.dumps(redacted(config), indent=2))
+        if "redis" in config.tiers:  # valid, but say so when its chunks would all be misses
+            _warn_unreachable_redis(config)
         return 0
     if args.command == "pins":
         from kvtier.config import load_config
@@ -100,6 +106,19 @@ def _main(argv: list[str]) -> int:
         demo = importlib.import_module("kvtier.demo")
         return int(demo.main(args.args))
     return int(args._run(args))
+
+
+def _warn_unreachable_redis(config: KVTierConfig) -> None:
+    from kvtier.layout import KVLayout
+    from kvtier.tiers.redis import RedisTier
+
+    tier = RedisTier(KVLayout(model="kvtier-config-probe", num_layers=1, num_kv_heads=1, head_dim=1), config.redis)
+    try:
+        problem = tier.probe()
+    finally:
+        tier.close()
+    if problem is not None:
+        print(f"kvtier: warning: {problem}; its chunks are misses until it answers", file=sys.stderr)
 
 
 def _pins(root: Path, *, clear: bool) -> int:

@@ -23,12 +23,14 @@ PyYAML (the ``yaml`` extra); TOML needs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import numbers
 import os
 import re
+import tempfile
 import tomllib
 import types
 from collections.abc import Mapping
@@ -156,6 +158,8 @@ class RedisConfig:
     ttl_s: int | None = field(default=None, metadata=_rule(at_least(1)))  # None: rely on maxmemory policy
     socket_timeout_s: float = field(default=0.5, metadata=_rule(positive))
     connect_timeout_s: float = field(default=0.5, metadata=_rule(positive))
+    # a whole call (one batch, every shard, every read) gives up after this long: a counted miss
+    deadline_s: float = field(default=1.0, metadata=_rule(positive))
     max_connections: int = field(default=32, metadata=_rule(at_least(1)))  # per server, for this process
     staging_bytes: ByteSize = ByteSize(128 << 20)  # put buffers kept for reuse (header + payload each)
     # what this process may write; the server evicts too
@@ -189,6 +193,8 @@ class MooncakeConfig:
     key_prefix: str = field(default="kvtier", metadata=_rule(key_prefix))  # keys: <prefix>:<layout>:<key hex>
     # give up on one batch call after this long (the client retries ~4 s)
     timeout_s: float = field(default=2.0, metadata=_rule(positive))
+    # a whole tier call (set-up wait, staging waits, every round) gives up after this long
+    deadline_s: float = field(default=4.0, metadata=_rule(positive))
     staging_bytes: ByteSize = ByteSize(256 << 20)  # registered buffers for zero-copy transfers
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
@@ -219,6 +225,14 @@ def _tiers(tiers: tuple[str, ...]) -> str | None:
     return None
 
 
+def _nonempty(text: str) -> str | None:
+    return "must not be empty" if not text.strip() else None
+
+
+def _secret_file(path: Path) -> str | None:
+    return readable_file(str(path)) or (None if path.stat().st_size else "is empty")
+
+
 def registered_tiers() -> set[str]:
     """Tier names the registry knows now (built-in and ``register_tier``-ed)."""
     from kvtier import tiers
@@ -235,7 +249,10 @@ class KVTierConfig:
     write_through: bool = True  # also write new chunks to persistent/shared tiers, in background
     exclusive: bool = False  # tiers hold different chunks (demote on eviction); see kvtier/hierarchy.py
     write_through_share: float = 0.0  # exclusive: leading share of each stored batch still written through
-    tenant: str = ""  # salt: different tenants never share chunks
+    tenant: str = ""  # salt: different tenants never share chunks (a name, not a secret: kvtier/keys.py)
+    # keyed salt: another tenant cannot compute your keys without it (KVTIER_TENANT_SECRET); never shown
+    tenant_secret: str | None = field(default=None, repr=False, metadata=_rule(_nonempty, secret=True))
+    tenant_secret_file: Path | None = field(default=None, metadata=_rule(_secret_file))  # or read it from here
     dram: DramConfig = field(default_factory=DramConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -243,6 +260,25 @@ class KVTierConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.tenant_secret is not None and self.tenant_secret_file is not None:
+            raise ConfigFieldError("KVTierConfig.tenant_secret_file", "tenant_secret is set too: keep one")
+
+
+def read_tenant_secret(config: KVTierConfig) -> bytes | None:
+    """The tenant secret (``tenant_secret``, or ``tenant_secret_file``'s contents less the final
+    newline), or None for a name-only salt.  Read at each call; never logged."""
+    if config.tenant_secret is not None:
+        return config.tenant_secret.encode()
+    if config.tenant_secret_file is None:
+        return None
+    try:
+        secret = config.tenant_secret_file.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigFieldError("tenant_secret_file", f"cannot read {str(config.tenant_secret_file)!r}: "
+                               f"{exc.strerror or exc}") from None
+    if not secret:
+        raise ConfigFieldError("tenant_secret_file", f"{str(config.tenant_secret_file)!r} holds no secret")
+    return secret
 
 
 def redacted(config: Any) -> dict[str, Any]:
@@ -271,13 +307,45 @@ def check_openable(config: KVTierConfig) -> None:
         if tier in needs and not _importable(needs[tier][0]):
             raise ConfigFieldError("tiers", f"tier {tier!r} needs the Python package of kvtier's "
                                    f"{needs[tier][1]!r} extra: pip install 'kvtier[{needs[tier][1]}]'")
-    if "disk" in config.tiers:
-        existing = config.disk.path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigFieldError("disk.path", f"cannot create {str(config.disk.path)!r}: "
-                                   f"{str(existing)!r} is not a writable directory")
+    if "disk" in config.tiers and (problem := _disk_root_problem(config.disk.path)) is not None:
+        raise ConfigFieldError("disk.path", problem)
+    memory = _physical_memory()
+    if "dram" in config.tiers and memory and config.dram.capacity > memory:
+        raise ConfigFieldError("dram.capacity", f"{config.dram.capacity} bytes is more than this machine's "
+                               f"memory ({memory} bytes, {memory / GiB:.1f} GiB)")
+
+
+def _disk_root_problem(path: Path) -> str | None:
+    """Why the disk tier cannot keep chunks under ``path``, or None.
+
+    Tried for real (create the directories, write a file, then remove what was created), since
+    ``os.access`` says yes to root for ``/proc`` and read-only mounts alike.
+    """
+    created: list[Path] = []
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        created.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create {str(path)!r}: {str(existing)!r} is not a writable directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"cannot create {str(path)!r} or write in it: {exc.strerror or exc}"
+    finally:
+        for directory in created:  # deepest first: leave the file system as it was
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    return None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):  # not on this platform
+        return None
 
 
 def _importable(module: str) -> bool:

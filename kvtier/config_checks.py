@@ -48,6 +48,8 @@ def validate(obj: Any) -> None:
             object.__setattr__(obj, f.name, typed)
         check = f.metadata.get("check")
         if check is not None and typed is not None and (problem := check(typed)) is not None:
+            if f.metadata.get("secret"):
+                raise ConfigFieldError(where, problem)  # never echo a secret
             shown = redact_url(typed) if f.metadata.get("url") else typed
             raise ConfigFieldError(where, f"{problem}, got {shown!r}")
 

@@ -55,7 +55,7 @@ from functools import partial
 
 import numpy as np
 
-from kvtier.config import KVTierConfig, load_config
+from kvtier.config import KVTierConfig, check_openable, load_config, read_tenant_secret
 from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError, TierError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
@@ -173,7 +173,7 @@ class ContextMemory:
 
     def __init__(self, layout: KVLayout, tiers: Sequence[Tier], *, eviction: str = "lru",
                  promotion: str = "always", write_through: bool = True, tenant: str = "",
-                 exclusive: bool = False, write_through_share: float = 0.0,
+                 tenant_secret: bytes | None = None, exclusive: bool = False, write_through_share: float = 0.0,
                  policies: Sequence[EvictionPolicy] | None = None) -> None:
         """``policies``: one prebuilt eviction policy per tier, in place of ``eviction``'s."""
         if not tiers:
@@ -181,7 +181,7 @@ class ContextMemory:
         self.layout = layout
         self.chunk_bytes = layout.chunk_bytes  # read per chunk on every path; the layout computes it per call
         self.tiers = list(tiers)
-        self.namespace = namespace_key(layout, tenant)
+        self.namespace = namespace_key(layout, tenant, secret=tenant_secret)  # keyed with a secret
         self.promotion = promotion
         self.write_through = write_through
         if not 0.0 <= write_through_share <= 1.0:
@@ -211,8 +211,10 @@ class ContextMemory:
     def open(cls, layout: KVLayout, config: KVTierConfig | None = None) -> ContextMemory:
         """Build the tiers named in ``config`` (default: ``load_config()``) and wrap them."""
         config = config or load_config()
+        check_openable(config)  # a field name (disk.path, dram.capacity), not an OSError or MemoryError
         if layout.tokens_per_chunk != config.chunk_tokens:
             layout = replace(layout, tokens_per_chunk=config.chunk_tokens)
+        secret = read_tenant_secret(config)
         tiers: list[Tier] = []
         try:
             for name in config.tiers:
@@ -222,7 +224,8 @@ class ContextMemory:
                 tier.close()
             raise
         return cls(layout, tiers, eviction=config.eviction, promotion=config.promotion,
-                   write_through=config.write_through, tenant=config.tenant, exclusive=config.exclusive,
+                   write_through=config.write_through, tenant=config.tenant,
+                   tenant_secret=secret, exclusive=config.exclusive,
                    write_through_share=config.write_through_share)
 
     def listen(self, callback: Callable[[str, ChunkKey, bool], None]) -> None:

@@ -3,6 +3,7 @@
 A token sequence is cut into chunks of ``tokens_per_chunk`` ids.  Chunk ``i``'s key is::
 
     key[-1] = xxh3_128("kvtier-ns-v1" | layout fingerprint | tenant salt)     # the namespace
+            (keyed: the first 16 bytes of HMAC-SHA256(tenant secret, the same text))
     key[i]  = xxh3_128(key[i-1] || token_ids[i*C:(i+1)*C] as little-endian int32)
 
 so a key names a whole prefix, not just a chunk's own tokens: equal keys mean equal prefixes
@@ -18,10 +19,20 @@ The last partial chunk (fewer than C tokens) gets no key: it is never stored and
 recomputed, so at most C-1 tokens per request are recomputed on a full hit.  Storing partial
 chunks would need a key per length and rewrites as the chunk fills; engines (vLLM, SGLang) make
 the same choice for their own block hashes.
+
+Tenants.  The tenant *name* salt separates tenants' caches against accidents (two teams'
+identical prompts never share a chunk), but it is no secret: whoever knows the name "team-a" can
+compute team-a's keys with these public functions and load its chunks.  A *keyed* namespace
+(``secret``: ``tenant_secret`` / ``tenant_secret_file`` in the config) is an HMAC under a secret:
+without the secret another tenant cannot compute a single one of your keys.  Neither encrypts
+anything: the chunk bytes on disk and in Redis are plain KV tensors, readable by whoever can read
+the store itself (file permissions, Redis ACLs are what guard those).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import numbers
 from collections.abc import Callable, Sequence
 from typing import NewType
@@ -38,9 +49,17 @@ ChunkKey = NewType("ChunkKey", bytes)
 KEY_BYTES = 16
 
 
-def namespace_key(layout: KVLayout, tenant: str = "") -> ChunkKey:
-    """The chain's seed: binds every key to one model/layout and one tenant."""
+def namespace_key(layout: KVLayout, tenant: str = "", *, secret: bytes | None = None) -> ChunkKey:
+    """The chain's seed: binds every key to one model/layout and one tenant.
+
+    ``secret``: the tenant's secret; the seed is then an HMAC that nobody without the secret can
+    compute (module docstring).  ``None`` keeps the plain, name-only seed.
+    """
     seed = f"kvtier-ns-v1|{layout.fingerprint:016x}|{tenant}".encode()
+    if secret is not None:
+        if not isinstance(secret, bytes) or not secret:
+            raise KeyingError("a tenant secret must be non-empty bytes")
+        return ChunkKey(hmac.new(secret, seed, hashlib.sha256).digest()[:KEY_BYTES])
     return ChunkKey(xxhash.xxh3_128_digest(seed))
 
 

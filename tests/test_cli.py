@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,10 @@ def _trace(tmp_path: Path) -> Path:
     (["bench", "trace", "/nonexistent.jsonl"], {}, "no such trace: /nonexistent.jsonl"),
     (["bench", "trace", "--policy", "mru", "TRACE"], {}, "unknown policy 'mru'"),
     (["bench", "trace", "--model", "gpt-17", "TRACE"], {}, "unknown model 'gpt-17'"),
+    (["bench", "tiers", "--quick", "--dir", "/etc/passwd/x"], {}, "--dir '/etc/passwd/x': cannot make a directory"),
+    (["config"], {"KVTIER_DISK__PATH": "/proc/kvtier"}, "disk.path: cannot create '/proc/kvtier' or write in it"),
+    (["config"], {"KVTIER_DRAM__CAPACITY": "100TiB"}, "dram.capacity: 109951162777600 bytes is more than this "
+                                                      "machine's memory"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], env: dict[str, str],
                                             message: str) -> None:
@@ -81,6 +86,17 @@ def test_config_checks_what_open_needs(tmp_path: Path) -> None:
     out = _kvtier(["config"], {"KVTIER_DISK__PATH": str(tmp_path / "new" / "chunks")})
     assert out.returncode == 0 and json.loads(out.stdout)["disk"]["path"] == str(tmp_path / "new" / "chunks")
     assert not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_config_warns_once_when_redis_does_not_answer() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as spare:  # a free port nobody listens on once closed
+        url = f"redis://127.0.0.1:{spare.getsockname()[1]}/0"
+    for cluster in ("false", "true"):
+        out = _kvtier(["config"], {"KVTIER_TIERS": "dram,redis", "KVTIER_REDIS__URL": url,
+                                   "KVTIER_REDIS__CLUSTER": cluster})
+        assert out.returncode == 0 and json.loads(out.stdout)["redis"]["url"] == url  # valid: printed
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"kvtier: warning: Redis {'Cluster ' * (cluster == 'true')}at {url} unreachable")
 
 
 def test_config_never_prints_secrets(tmp_path: Path) -> None:

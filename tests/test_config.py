@@ -347,3 +347,45 @@ def test_a_failing_connection_logs_no_secret(caplog: pytest.LogCaptureFixture) -
             tier.close()
     assert "127.0.0.1" in caplog.text  # the failures were logged ...
     assert SECRET not in caplog.text and not any(SECRET in e for e in errors)  # ... without the password
+
+
+def test_a_tenant_secret_comes_from_the_environment_or_a_file_and_is_never_shown(tmp_path: Path) -> None:
+    from kvtier.config import read_tenant_secret
+
+    from_env = load_config(env={"KVTIER_TENANT": "team-a", "KVTIER_TENANT_SECRET": SECRET})
+    assert read_tenant_secret(from_env) == SECRET.encode()
+    secret_file = tmp_path / "tenant.key"
+    secret_file.write_text(SECRET + "\n")
+    from_file = load_config(env={"KVTIER_TENANT_SECRET_FILE": str(secret_file)})
+    assert read_tenant_secret(from_file) == SECRET.encode()  # the final newline is not part of it
+    assert read_tenant_secret(KVTierConfig()) is None  # a name salt only
+    for c in (from_env, from_file):
+        for text in (repr(c), str(c), json.dumps(redacted(c))):
+            assert SECRET not in text
+    assert redacted(from_env)["tenant_secret"] == "***"
+    assert redacted(from_file)["tenant_secret_file"] == str(secret_file)  # the path only
+    message = _one_line_error(lambda: load_config(env={"KVTIER_TENANT_SECRET": "  "}), "KVTIER_TENANT_SECRET",
+                              "must not be empty")
+    assert "'  '" not in message
+    (tmp_path / "empty.key").write_text("")
+    _one_line_error(lambda: load_config(env={"KVTIER_TENANT_SECRET_FILE": str(tmp_path / "empty.key")}),
+                    "KVTIER_TENANT_SECRET_FILE", "is empty")
+    _one_line_error(lambda: load_config(env={"KVTIER_TENANT_SECRET_FILE": str(tmp_path / "none.key")}),
+                    "KVTIER_TENANT_SECRET_FILE", "no such file")
+    both = {"KVTIER_TENANT_SECRET": "a", "KVTIER_TENANT_SECRET_FILE": str(secret_file)}
+    _one_line_error(lambda: load_config(env=both), "KVTIER_TENANT_SECRET_FILE", "keep one")
+
+
+def test_a_keyed_tenant_gets_other_keys_than_its_name_alone(tmp_path: Path) -> None:
+    from kvtier.hierarchy import ContextMemory
+
+    layout = KVLayout(model="m", num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_chunk=8)
+    base = {"tiers": ["dram"], "chunk_tokens": 8, "dram": {"capacity": "1MiB", "prefault": False}, "tenant": "team-a"}
+    tokens = list(range(16))
+    keys = {}
+    for name, env in (("name", {}), ("keyed", {"KVTIER_TENANT_SECRET": SECRET}),
+                      ("keyed again", {"KVTIER_TENANT_SECRET": SECRET})):
+        memory = ContextMemory.open(layout, load_config(env=env, overrides=base))
+        keys[name] = memory.keys_for(tokens)
+        memory.close()
+    assert keys["keyed"] == keys["keyed again"] and not set(keys["keyed"]) & set(keys["name"])

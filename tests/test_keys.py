@@ -114,3 +114,19 @@ def test_integer_ids_of_any_width_agree_and_empty_is_fine() -> None:
         assert chunk_keys(np.arange(16, dtype=dtype), tokens_per_chunk=8, namespace=NS) == ref
     assert chunk_keys([], tokens_per_chunk=8, namespace=NS) == []
     assert chunk_keys(np.arange(16), tokens_per_chunk=np.int64(8), namespace=NS) == ref  # type: ignore[arg-type]
+
+
+def test_a_keyed_namespace_cannot_be_computed_from_the_tenant_name() -> None:
+    """The name salt is public: anyone can rebuild "team-a"'s keys.  With a secret the seed is an
+    HMAC: the name alone (or another secret) gives other keys; the same secret, the same keys."""
+    tokens = np.arange(16)
+    by_name = chunk_keys(tokens, tokens_per_chunk=8, namespace=namespace_key(LAYOUT, "team-a"))
+    keyed = chunk_keys(tokens, tokens_per_chunk=8, namespace=namespace_key(LAYOUT, "team-a", secret=b"k1"))
+    again = chunk_keys(tokens, tokens_per_chunk=8, namespace=namespace_key(LAYOUT, "team-a", secret=b"k1"))
+    other = chunk_keys(tokens, tokens_per_chunk=8, namespace=namespace_key(LAYOUT, "team-a", secret=b"k2"))
+    other_name = chunk_keys(tokens, tokens_per_chunk=8, namespace=namespace_key(LAYOUT, "team-b", secret=b"k1"))
+    assert keyed == again
+    assert len({k for ks in (by_name, keyed, other, other_name) for k in ks}) == 8
+    assert len(namespace_key(LAYOUT, "team-a", secret=b"k1")) == KEY_BYTES
+    with pytest.raises(KeyingError, match="non-empty bytes"):
+        namespace_key(LAYOUT, "team-a", secret=b"")

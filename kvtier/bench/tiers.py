@@ -195,10 +195,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from kvtier.config import parse_size
+    from kvtier.errors import ConfigError
 
     total = parse_size("64MiB" if args.quick else args.total)
     repeat = 2 if args.quick else args.repeat
-    root = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.dir))
+    try:
+        root = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.dir))
+    except OSError as exc:
+        raise ConfigError(f"--dir {str(args.dir)!r}: cannot make a directory there: {exc.strerror or exc}") from None
     console = Console(width=150)
     rows: list[Row] = []
     try:

@@ -34,9 +34,11 @@ it.  Configuration: ``kvtier.integrations.vllm_config``.  Counters:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +52,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from kvtier.errors import IntegrationError
+from kvtier.config import check_openable, read_tenant_secret
+from kvtier.errors import IntegrationError, KVTierError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations import vllm_compat
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
@@ -128,6 +131,23 @@ def _model_id(vllm_config: VllmConfig) -> str:
     return "|".join(parts)
 
 
+_REPORT_ERROR_LOG_S = 60.0  # at most one log line a minute about failed stats reports
+
+
+@contextlib.contextmanager
+def _said_at_error() -> Iterator[None]:
+    """Log a start-up error's one line at ERROR before it propagates.
+
+    vLLM then prints 60-80 traceback frames ending in its generic "Engine core initialization
+    failed"; this line, which names the field, is the one an operator should read.
+    """
+    try:
+        yield
+    except (KVTierError, OSError) as exc:
+        logger.error("kvtier: cannot start: %s", exc)
+        raise
+
+
 def rank_layout(layout: KVLayout, rank: int, world_size: int) -> KVLayout:
     """The layout one TP rank stores under: its own fingerprint, so shards never overwrite each other."""
     if world_size == 1:
@@ -144,7 +164,12 @@ class KVTierConnector(KVConnectorBase_V1):
                  kv_cache_config: KVCacheConfig) -> None:
         vllm_compat.check_version(vllm_compat.installed_version())
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        with _said_at_error():  # kvtier's one line, above vLLM's traceback
+            self._start(vllm_config, role, kv_cache_config)
+
+    def _start(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         self.config, self.options = parse_extra_config(self._kv_transfer_config.kv_connector_extra_config)
+        check_openable(self.config)  # disk.path creatable, tier packages present: a field name, not an OSError
         # kvtier is a cache: a failed load is a miss to recompute, not a failed request.
         self._kv_transfer_config.kv_load_failure_policy = self.options.on_load_error
         self.geometry = _geometry_from_config(vllm_config, kv_cache_config)
@@ -153,7 +178,7 @@ class KVTierConnector(KVConnectorBase_V1):
         model_id = self.options.model_id or _model_id(vllm_config)
         self.layout = make_layout(self.geometry, chunk_tokens=self.config.chunk_tokens, model_id=model_id)
         # keys name the prefix, not the shard: the same on every rank (and for any TP size)
-        self.namespace = namespace_key(self.layout, self.config.tenant)
+        self.namespace = namespace_key(self.layout, self.config.tenant, secret=read_tenant_secret(self.config))
         self._planner: Planner | None = None  # scheduler role
         self._worker: WorkerCore | None = None  # worker role
         self._layer_index: dict[str, int] = {}
@@ -163,6 +188,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._interval = ConnectorCounters()
         self._last_log = time.monotonic()
         self._logged_total: dict[str, float] = {}  # totals at the last report
+        self._report_logged = -_REPORT_ERROR_LOG_S  # when a failed report was last logged
         if role == KVConnectorRole.SCHEDULER:
             self._planner = Planner(namespace=self.namespace, tokens_per_chunk=self.layout.tokens_per_chunk,
                                     block_size=self.geometry.block_size, directory=self._directory(),
@@ -247,7 +273,9 @@ class KVTierConnector(KVConnectorBase_V1):
             rank = get_tensor_model_parallel_rank()
         layout = rank_layout(self.layout, rank, self.world_size)
         paged = PagedKV(kv_caches, geometry, layout.tokens_per_chunk)
-        self._worker = WorkerCore(ContextMemory.open(layout, self.config), paged, rank=rank)
+        with _said_at_error():
+            memory = ContextMemory.open(layout, self.config)
+        self._worker = WorkerCore(memory, paged, rank=rank)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}  # PagedKV's layer order
         self._layerwise = self.options.layerwise_loads and paged.device.type == "cuda"
         dram_Bps, warm_s = self._worker.warm_up()  # the first hit as fast as the next ones
@@ -350,7 +378,14 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def _report(self) -> None:
         """Counters for vLLM's stats, the stats file after each step that changed something, a log line
-        every log_interval_s."""
+        every log_interval_s.  Never raises: metrics and logs must not stop the engine; a failure
+        is counted (``report_errors``, also on ``/metrics``) and logged at most once a minute."""
+        try:
+            self._report_now()
+        except Exception as exc:
+            self._report_failed(exc)
+
+    def _report_now(self) -> None:
         worker = self._worker
         if worker is None:
             return
@@ -367,17 +402,31 @@ class KVTierConnector(KVConnectorBase_V1):
         snapshot: dict[str, float] = dict(self._total.values)
         if snapshot == self._logged_total:
             return
+        self._logged_total = snapshot  # a failed write below is retried at the next change
         if self.options.stats_file is not None:  # one file per TP rank: <name>.rank<r><suffix> past rank 0
             path = self.options.stats_file
             if worker.rank:
                 path = path.with_name(f"{path.stem}.rank{worker.rank}{path.suffix}")
             tiers = {name: s.as_dict() for name, s in tier_stats.items()}
-            self._total.write_json(path, {"tiers": tiers, "layout": worker.memory.layout.describe()})
+            try:
+                self._total.write_json(path, {"tiers": tiers, "layout": worker.memory.layout.describe()})
+            except Exception as exc:  # a full or read-only disk, a directory removed: count, log, go on
+                self._report_failed(exc)
         now = time.monotonic()
         if self.options.log_interval_s and now - self._last_log >= self.options.log_interval_s:
             logger.info("%s", self._total.summary())
             self._last_log = now
-        self._logged_total = snapshot
+
+    def _report_failed(self, exc: Exception) -> None:
+        for counters in (self._interval, self._total):
+            counters.add(report_errors=1)
+        now = time.monotonic()
+        if now - self._report_logged >= _REPORT_ERROR_LOG_S:
+            self._report_logged = now
+            total = int(self._total.values["report_errors"])
+            with contextlib.suppress(Exception):
+                logger.warning("kvtier: stats report failed (%d so far; the engine goes on): %s: %s", total,
+                               type(exc).__name__, exc)
 
     def shutdown(self) -> None:
         if self._worker is not None:

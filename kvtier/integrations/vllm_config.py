@@ -18,13 +18,14 @@ No vLLM import here: this module is unit-tested without an engine.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from kvtier.config import ByteSize, KVTierConfig, from_dict, load_config
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, ConfigFieldError
 from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel
 
@@ -63,6 +64,8 @@ class ConnectorOptions:
     tool_call_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.stats_file is not None and (problem := writable_file(Path(self.stats_file))) is not None:
+            raise ConfigFieldError("ConnectorOptions.stats_file", problem)
         if self.log_interval_s < 0:
             raise ConfigError("log_interval_s must be >= 0")
         if self.probe_deadline_s < 0:
@@ -71,6 +74,22 @@ class ConnectorOptions:
             raise ConfigError('cost_model must be "auto", "off" or the path of a CostModel JSON')
         if any(v <= 0 for v in self.link_rates.fixed().values()):
             raise ConfigError("link_rates: every rate must be > 0 (bytes per second)")
+
+
+def writable_file(path: Path) -> str | None:
+    """Why a file cannot be (re)written atomically at ``path`` (a temp file beside it, then a
+    rename), or None: checked by writing one, since root passes every ``os.access`` test."""
+    if path.is_dir():
+        return f"{str(path)!r} is a directory"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist"
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {str(parent)!r}: {exc.strerror or exc}"
+    return None
 
 
 CONNECTOR_KEYS = frozenset(f.name for f in dataclasses.fields(ConnectorOptions))

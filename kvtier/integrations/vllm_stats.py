@@ -11,6 +11,8 @@
     answers_awaiting_<tool|user>                      finished answers told to the eviction policy
     fetch_<load_all|load_head|recompute>              cost-model decisions of lookups that found chunks
     fetch_skipped_chunks                              cached chunks left to recompute (faster than loading)
+    report_errors                                     stats reports (the stats file) that failed: counted
+                                                      and logged, never raised into the engine
 
 vLLM collects ``KVTierConnectorStats`` from the worker after each step, sums them
 (``aggregate``) in the engine and logs them with its own stats when ``log_stats`` is on; the
@@ -24,7 +26,8 @@ with vLLM's ``model_name`` and ``engine`` like vLLM's own metrics:
     kvtier_load_chunks_total, kvtier_load_tokens_total, kvtier_load_bytes_total,
     kvtier_load_seconds_total, kvtier_load_failed_chunks_total, kvtier_save_chunks_total,
     kvtier_save_bytes_total, kvtier_save_seconds_total, kvtier_pinned_chunks_total,
-    kvtier_unpinned_chunks_total, kvtier_async_loads_total, kvtier_uncacheable_requests_total
+    kvtier_unpinned_chunks_total, kvtier_async_loads_total, kvtier_uncacheable_requests_total,
+    kvtier_report_errors_total
     kvtier_hit_tokens_total{tier}          from hit_tokens_<tier>
     kvtier_corrupt_chunks_total{tier}      from corrupt_<tier> (see below)
     kvtier_answers_total{awaits}           from answers_awaiting_<tool|user> (``tool_call_tokens``)
@@ -87,6 +90,8 @@ EXPORTS: dict[str, Export] = {  # worker counter name -> metric
     "uncacheable_requests": Export("kvtier_uncacheable_requests", "Requests kvtier could not cache."),
     "fetch_skipped_chunks": Export("kvtier_fetch_skipped_chunks",
                                    "Cached chunks the cost model left to vLLM to recompute (faster than loading)."),
+    "report_errors": Export("kvtier_report_errors", "kvtier stats reports (the stats file) that failed; "
+                            "the engine went on."),
 }
 FAMILIES: dict[str, Export] = {  # worker counter name prefix -> metric; the rest of the name goes into it
     "hit_tokens_": Export("kvtier_hit_tokens", "Tokens loaded from kvtier, by the tier that held them.",

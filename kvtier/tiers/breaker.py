@@ -113,3 +113,27 @@ class CircuitBreaker:
     def __repr__(self) -> str:
         s = self._state
         return f"CircuitBreaker({self.mode.value}, failures={s.failures}, trips={s.trips})"
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The time by which a whole tier call must end (every read, write and wait inside it).
+
+    A socket timeout bounds one read; a server that trickles one byte per read never hits it.
+    A remote tier takes one ``Deadline`` per call and bounds each wait by ``remaining()``.
+    """
+
+    at: float  # clock time (``clock`` below) when the call gives up
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def after(cls, seconds: float, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        return cls(clock() + seconds, clock)
+
+    def remaining(self) -> float:
+        """Seconds left, never negative."""
+        return max(0.0, self.at - self.clock())
+
+    @property
+    def expired(self) -> bool:
+        return self.clock() >= self.at

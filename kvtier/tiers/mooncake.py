@@ -24,7 +24,10 @@ larger than the arena goes in rounds (``rounds_in_flight`` of them at once).
 
 Faults: the Mooncake client retries internally for seconds when the master is gone, and its
 ``setup`` blocks for about 90 s, so every call runs on a small worker pool and the tier waits
-at most ``timeout_s`` for it.  A call that fails (RPC or transfer error) or overruns records a
+at most ``timeout_s`` for it.  A whole tier call (the set-up wait, waits for staging slots, every
+round of a batch larger than the arena) ends within ``deadline_s``: each wait is cut to what is
+left, no round starts past the deadline, and a round that overruns it is a failure like any
+overrun.  A call that fails (RPC or transfer error) or overruns records a
 failure on the tier's ``CircuitBreaker``; while it is open every operation is a miss at once.
 A call that overran keeps its staging slots until it really ends, so late bytes never land in
 memory that was handed to someone else, and never in the caller's buffer.  Setup is retried
@@ -42,6 +45,8 @@ are misses until written again.  ``keys()`` yields the chunks this process wrote
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -62,10 +67,20 @@ from kvtier.errors import ChunkFormatError, TierUnavailableError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
-from kvtier.tiers.breaker import BreakerMode, CircuitBreaker
+from kvtier.tiers.breaker import BreakerMode, CircuitBreaker, Deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _under_deadline(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a tier method under one deadline for the whole call (``MooncakeTier._deadline``)."""
+    @functools.wraps(method)
+    def bounded(self: MooncakeTier, *args: Any) -> T:
+        with self._deadline():
+            return method(self, *args)
+    return bounded
+
 
 # Mooncake Store error codes (mooncake-store/include/types.h) that matter here.
 OBJECT_NOT_FOUND = -704
@@ -108,6 +123,7 @@ class MooncakeTier(Tier):
         self._known: set[ChunkKey] = set()
         self._lock = threading.Lock()  # guards _known and stats
         self.breaker = CircuitBreaker(self.config.breaker, clock=clock)
+        self._current = threading.local()  # .deadline: the deadline of this thread's tier call in progress
         self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-mooncake")
         self._store: Any = None
         self._setup: Future[Any] | None = None
@@ -154,7 +170,7 @@ class MooncakeTier(Tier):
                 return None
             setup = self._setup = self._spawn(self._make_store)
         setup.add_done_callback(self._setup_done)
-        wait([setup], timeout=self.config.timeout_s)
+        wait([setup], timeout=self._budget())
         return self._store
 
     def _setup_done(self, setup: Future[Any]) -> None:
@@ -209,9 +225,10 @@ class MooncakeTier(Tier):
         if future is None:
             return None
         try:
-            return future.result(timeout=self.config.timeout_s)
+            return future.result(timeout=self._budget())
         except FutureTimeout:
-            log.warning("Mooncake call overran %.1fs", self.config.timeout_s)
+            log.warning("Mooncake call overran %.1fs (timeout_s) or its deadline_s=%.1f", self.config.timeout_s,
+                        self.config.deadline_s)
         except Exception as exc:
             log.warning("Mooncake call failed: %s", exc)
         self._record_failure()
@@ -258,6 +275,10 @@ class MooncakeTier(Tier):
         per_round = max(1, self.num_slots // depth)
         inflight: deque[tuple[list[int], list[int], Future[list[int]] | None]] = deque()
         while todo or inflight:
+            if todo and self._out_of_time():
+                self._count(errors=len(todo))  # past the call's deadline: no new round
+                todo = []
+                continue
             if todo and len(inflight) < depth:
                 slots = self._take_slots(min(per_round, len(todo)))
                 if slots:
@@ -275,11 +296,34 @@ class MooncakeTier(Tier):
             finally:
                 self._release(future, slots)
 
+    # --- the call's deadline ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _deadline(self) -> Iterator[None]:
+        """One deadline for this thread's tier call; a nested call (a delete of corrupt chunks
+        inside a get) keeps the outer one."""
+        if getattr(self._current, "deadline", None) is not None:
+            yield
+            return
+        self._current.deadline = Deadline.after(self.config.deadline_s)
+        try:
+            yield
+        finally:
+            self._current.deadline = None
+
+    def _budget(self) -> float:
+        """How long one wait may last: ``timeout_s``, cut to what is left of the call's deadline."""
+        deadline: Deadline | None = getattr(self._current, "deadline", None)
+        return self.config.timeout_s if deadline is None else min(self.config.timeout_s, deadline.remaining())
+
+    def _out_of_time(self) -> bool:
+        deadline: Deadline | None = getattr(self._current, "deadline", None)
+        return deadline is not None and deadline.expired
+
     # --- staging slots ------------------------------------------------------------------------
     def _take_slots(self, want: int) -> list[int]:
         """Up to ``want`` free slots (at least one), waiting at most ``timeout_s``; [] if none."""
         with self._slots_cv:
-            if not self._slots_cv.wait_for(lambda: self._free, timeout=self.config.timeout_s):
+            if not self._slots_cv.wait_for(lambda: self._free, timeout=self._budget()):
                 return []
             got, self._free = self._free[:want], self._free[want:]
             return got
@@ -355,6 +399,7 @@ class MooncakeTier(Tier):
     def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
         return self.put_many([key], [payload])[0]
 
+    @_under_deadline
     def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(payloads):
             raise ValueError("put_many needs one payload per key")
@@ -410,6 +455,7 @@ class MooncakeTier(Tier):
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
         return self.get_many_into([key], [out])[0]
 
+    @_under_deadline
     def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(outs):
             raise ValueError("get_many_into needs one buffer per key")
@@ -462,6 +508,7 @@ class MooncakeTier(Tier):
     def contains(self, key: ChunkKey) -> bool:
         return self.contains_many([key])[0]
 
+    @_under_deadline
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
             return []
@@ -475,6 +522,7 @@ class MooncakeTier(Tier):
     def delete(self, key: ChunkKey) -> bool:
         return self.delete_many([key])[0]
 
+    @_under_deadline
     def delete_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
             return []

@@ -13,12 +13,23 @@ routes keys itself from the cluster's slot map (``RedisCluster.get_node_from_key
 through ``RedisCluster``'s own pipeline, so that each shard has its own circuit breaker: when a
 shard dies only its keys turn into misses, and the shards left keep serving.
 
+Deadline: every call (a batch over any number of shards) ends within ``deadline_s``.  A socket
+timeout bounds one read only, so a server that trickles a byte per read could hold a call for
+minutes; a watchdog thread shuts down the sockets of a call past its deadline, which wakes the
+blocked read or write at once (a new connection's set-up too: AUTH, SELECT, CLIENT SETINFO).
+Such a call is a shard failure like a timeout: its keys are counted misses and the breaker hears
+of it.
+
 Faults: a connection error or timeout on a shard records a failure on that shard's
 ``CircuitBreaker``; after ``failure_threshold`` failures the breaker opens and the shard's keys
 are misses at once (no socket wait) until a backoff passes and one probe request succeeds.
 Failures are counted in ``stats.errors`` (keys whose operation failed) and
 ``stats.extra["short_circuited"]`` (keys answered by an open breaker); nothing raises into the
-caller.  redis-py's own retries are turned off: the breaker is the retry policy.  A slot that
+caller.  A server that is unreachable is said once at WARNING (standalone or cluster) when it
+stops answering, and once at INFO when it answers again.  A write the server refuses (an ACL
+without write permission: NOPERM; ``maxmemory`` reached: OOM; any ``-ERR``) is no shard failure:
+it counts in ``stats.errors`` and ``stats.extra["refused_writes"]`` and is logged at most once
+every 10 s.  redis-py's own retries are turned off: the breaker is the retry policy.  A slot that
 moved (MOVED/ASK after a failover or resharding) is a miss and refreshes the slot map.
 
 Consistency: same key means same bytes, so racing writers are harmless.  ``used_bytes`` counts
@@ -28,7 +39,11 @@ those, ``scan_keys()`` the whole server (``SCAN MATCH`` on every primary).
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +63,7 @@ from kvtier.errors import ChunkFormatError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
-from kvtier.tiers.breaker import CircuitBreaker
+from kvtier.tiers.breaker import CircuitBreaker, Deadline
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +71,7 @@ log = logging.getLogger(__name__)
 _SHARD_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 _SHARD_FAULTS = (*_SHARD_DOWN, redis.RedisError)  # a request failing with one of these is the shard's fault
 _TOPOLOGY_REFRESH_S = 1.0  # at most one slot-map refresh per second
+_REFUSED_LOG_S = 10.0  # at most one log line about refused writes per this many seconds
 
 
 @dataclass(slots=True)
@@ -65,6 +81,7 @@ class _Shard:
     name: str  # host:port
     client: redis.Redis
     breaker: CircuitBreaker
+    down: bool = False  # said unreachable (WARNING) and not answered since
 
 
 class RedisTier(Tier):
@@ -85,9 +102,13 @@ class RedisTier(Tier):
         self._cluster_breaker = CircuitBreaker(self.config.breaker, clock=clock)  # for (re)building the slot map
         self._last_refresh = -_TOPOLOGY_REFRESH_S
         self._values = _ValueBuffers(HEADER_BYTES + layout.chunk_bytes, keep_bytes=self.config.staging_bytes)
-        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0)
+        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0, refused_writes=0.0)
+        self._watchdog = _Watchdog()
+        self._cluster_down = False  # said unreachable (WARNING) and not reached since
+        self._refused_logged = -_REFUSED_LOG_S  # clock time of the last refused-write log line
+        self._calls = threading.local()  # .deadline: the deadline of this thread's call in progress
         if not self.config.cluster:
-            client = redis.Redis.from_url(self.url, **self._client_kwargs())
+            client = self._guard_connect(redis.Redis.from_url(self.url, **self._client_kwargs()))
             self._shards["standalone"] = _Shard("standalone", client, CircuitBreaker(self.config.breaker, clock=clock))
 
     # --- connection set-up --------------------------------------------------------------------
@@ -103,6 +124,40 @@ class RedisTier(Tier):
         tls = {"ssl_ca_certs": c.tls_ca_file, "ssl_certfile": c.tls_cert_file, "ssl_keyfile": c.tls_key_file}
         kw.update({k: v for k, v in tls.items() if v is not None})  # the rediss:// scheme turns TLS on
         return kw
+
+    def probe(self) -> str | None:
+        """Why the server (or the cluster's seed node) does not answer a PING now, or None."""
+        try:
+            if self.config.cluster:  # not _cluster_client: that one logs, the caller says it
+                kw = self._client_kwargs()
+                kw.pop("max_connections")
+                RedisCluster.from_url(self.url, require_full_coverage=False, **kw).close()
+            else:
+                self._shards["standalone"].client.ping()
+        except (*_SHARD_FAULTS, RedisClusterException) as exc:
+            what = "Redis Cluster" if self.config.cluster else "Redis"
+            return f"{what} at {self.config.url} unreachable: {exc}"
+        return None
+
+    def _guard_connect(self, client: redis.Redis) -> redis.Redis:
+        """Put a new connection's set-up (AUTH, SELECT, ...) under the deadline of the call that opens it.
+
+        redis-py calls ``redis_connect_func`` with the socket connected, before any handshake."""
+        kwargs = client.connection_pool.connection_kwargs
+        handshake = kwargs.get("redis_connect_func")  # RedisCluster's own, for its nodes
+        watchdog, calls, limit = self._watchdog, self._calls, self.config.deadline_s
+
+        def connect(conn: Any) -> None:
+            deadline: Deadline | None = getattr(calls, "deadline", None)
+            watch = None if deadline is None else watchdog.watch(deadline.at, conn._sock)
+            try:
+                handshake(conn) if handshake is not None else conn.on_connect()
+            finally:
+                if watch is not None and watchdog.release(watch):
+                    raise redis.TimeoutError(f"connection set-up exceeded deadline_s={limit}")
+
+        kwargs["redis_connect_func"] = connect
+        return client
 
     @property
     def url(self) -> str:
@@ -124,9 +179,15 @@ class RedisTier(Tier):
             cluster: RedisCluster = RedisCluster.from_url(self.url, require_full_coverage=False, **kw)
         except (*_SHARD_DOWN, redis.RedisError, RedisClusterException) as exc:
             self._cluster_breaker.record_failure()
-            log.warning("Redis Cluster at %s unreachable: %s", self.config.url, exc)
+            if not self._cluster_down:
+                self._cluster_down = True
+                log.warning("Redis Cluster at %s unreachable (%s): its chunks are misses until it answers",
+                            self.config.url, exc)
             return None
         self._cluster_breaker.record_success()
+        if self._cluster_down:
+            self._cluster_down = False
+            log.info("Redis Cluster at %s reachable again", self.config.url)
         with self._lock:
             if self._cluster is None:
                 self._cluster = cluster
@@ -162,7 +223,7 @@ class RedisTier(Tier):
             with self._lock:
                 shard = self._shards.get(node.name)
                 if shard is None:
-                    client = cluster.get_redis_connection(node)
+                    client = self._guard_connect(cluster.get_redis_connection(node))
                     shard = _Shard(node.name, client, CircuitBreaker(self.config.breaker, clock=self._clock))
                     self._shards[node.name] = shard
         return shard
@@ -182,8 +243,17 @@ class RedisTier(Tier):
     def _batch(self, keys: Sequence[ChunkKey], queue: Callable[[Any, int, bytes], None]) -> list[Any]:
         """Run one pipelined command per key; a key's result is its reply, or None on failure.
 
-        ``queue(pipe, i, redis_key)`` adds key i's command to its shard's pipeline.
+        ``queue(pipe, i, redis_key)`` adds key i's command to its shard's pipeline.  The whole
+        call ends within ``deadline_s`` (module docstring).
         """
+        deadline = self._calls.deadline = Deadline.after(self.config.deadline_s)
+        try:
+            return self._batch_by(deadline, keys, queue)
+        finally:
+            self._calls.deadline = None
+
+    def _batch_by(self, deadline: Deadline, keys: Sequence[ChunkKey],
+                  queue: Callable[[Any, int, bytes], None]) -> list[Any]:
         results: list[Any] = [None] * len(keys)
         groups: dict[str, tuple[_Shard, list[int]]] = {}
         unrouted = 0
@@ -199,48 +269,74 @@ class RedisTier(Tier):
 
         # Scatter, then gather: send every shard's pipeline before reading any reply, so all
         # shards work at once from one thread (threads per shard measured slower: GIL churn).
-        sent: list[tuple[_Shard, list[int], Any, Any]] = []  # (shard, idxs, pipeline, connection)
-        for shard, idxs in groups.values():
-            if not shard.breaker.allow():
-                self._count(short_circuited=len(idxs))
-                continue
-            pipe = shard.client.pipeline(transaction=False)
-            for i in idxs:
-                queue(pipe, i, self.redis_key(keys[i]))
-            conn = None
-            try:
-                conn = shard.client.connection_pool.get_connection()
-                conn.send_packed_command(conn.pack_commands([args for args, _ in pipe.command_stack]))
-            except BaseException as exc:
-                self._shard_failed(shard, len(idxs), conn, exc)
-                if not isinstance(exc, _SHARD_FAULTS):  # Ctrl-C or a bug: not this shard's fault
-                    for other_shard, other_idxs, _, other_conn in sent:  # do not leak their connections
-                        self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
-                    raise
-                continue
-            sent.append((shard, idxs, pipe, conn))
-        for n, (shard, idxs, pipe, conn) in enumerate(sent):
-            try:
-                replies = [_reply(pipe, conn, args[0], options) for args, options in pipe.command_stack]
-            except BaseException as exc:
-                self._shard_failed(shard, len(idxs), conn, exc)
-                if not isinstance(exc, _SHARD_FAULTS):
-                    for other_shard, other_idxs, _, other_conn in sent[n + 1:]:  # do not leak them
-                        self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
-                    raise
-                continue
-            shard.client.connection_pool.release(conn)
-            shard.breaker.record_success()
-            moved = 0
-            for i, reply in zip(idxs, replies, strict=True):
-                if isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK")):
-                    moved += 1
+        sent: list[tuple[_Shard, list[int], Any, Any, int]] = []  # (shard, idxs, pipeline, connection, watch)
+        try:
+            for shard, idxs in groups.values():
+                if not shard.breaker.allow():
+                    self._count(short_circuited=len(idxs))
                     continue
-                results[i] = reply
-            if moved:
-                self._count(errors=moved)
-                self._refresh_topology()
+                pipe = shard.client.pipeline(transaction=False)
+                for i in idxs:
+                    queue(pipe, i, self.redis_key(keys[i]))
+                conn = watch = None
+                try:
+                    conn = shard.client.connection_pool.get_connection()
+                    watch = self._watchdog.watch(deadline.at, conn._sock)
+                    if deadline.expired:  # connecting took the whole budget
+                        raise redis.TimeoutError(f"no time left of deadline_s={self.config.deadline_s}")
+                    conn.send_packed_command(conn.pack_commands([args for args, _ in pipe.command_stack]))
+                except BaseException as exc:
+                    self._shard_failed(shard, len(idxs), conn, self._deadline_error(exc, watch))
+                    if not isinstance(exc, _SHARD_FAULTS):  # Ctrl-C or a bug: not this shard's fault
+                        for other_shard, other_idxs, _, other_conn, _ in sent:  # do not leak their connections
+                            self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
+                        raise
+                    continue
+                assert watch is not None
+                sent.append((shard, idxs, pipe, conn, watch))
+            for n, (shard, idxs, pipe, conn, watch) in enumerate(sent):
+                try:
+                    replies = [_reply(pipe, conn, args[0], options) for args, options in pipe.command_stack]
+                    if self._watchdog.release(watch):  # shut down just after the last reply
+                        raise redis.TimeoutError(f"call exceeded deadline_s={self.config.deadline_s}")
+                except BaseException as exc:
+                    self._shard_failed(shard, len(idxs), conn, self._deadline_error(exc, watch))
+                    if not isinstance(exc, _SHARD_FAULTS):
+                        for other_shard, other_idxs, _, other_conn, _ in sent[n + 1:]:  # do not leak them
+                            self._shard_failed(other_shard, len(other_idxs), other_conn, exc)
+                        raise
+                    continue
+                shard.client.connection_pool.release(conn)
+                self._shard_answered(shard)
+                moved = 0
+                for i, reply in zip(idxs, replies, strict=True):
+                    if isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK")):
+                        moved += 1
+                        continue
+                    results[i] = reply
+                if moved:
+                    self._count(errors=moved)
+                    self._refresh_topology()
+        finally:
+            for *_, watch in sent:
+                self._watchdog.release(watch)
         return results
+
+    def _deadline_error(self, exc: BaseException, watch: int | None) -> BaseException:
+        """``exc``, or a TimeoutError naming the deadline when the watchdog shut the socket down
+        (which stops watching it)."""
+        if watch is not None and self._watchdog.release(watch) and isinstance(exc, _SHARD_FAULTS):
+            return redis.TimeoutError(f"call exceeded deadline_s={self.config.deadline_s} ({exc})")
+        return exc
+
+    def _shard_answered(self, shard: _Shard) -> None:
+        shard.breaker.record_success()
+        if shard.down:
+            shard.down = False
+            log.info("Redis %s answers again", self._where(shard))
+
+    def _where(self, shard: _Shard) -> str:
+        return f"shard {shard.name}" if self.config.cluster else f"server {self.config.url}"
 
     def _shard_failed(self, shard: _Shard, n: int, conn: Any, exc: BaseException) -> None:
         """A request to ``shard`` failed: drop its connection; a server fault also feeds the
@@ -254,9 +350,27 @@ class RedisTier(Tier):
         trips = shard.breaker.num_trips
         shard.breaker.record_failure()
         self._count(errors=n, breaker_trips=shard.breaker.num_trips - trips)
-        log.debug("Redis shard %s failed: %s", shard.name, exc)
+        if not shard.down:
+            shard.down = True  # said once per outage; the rest at DEBUG
+            log.warning("Redis %s unreachable (%s): its chunks are misses until it answers",
+                        self._where(shard), exc)
+        else:
+            log.debug("Redis shard %s failed: %s", shard.name, exc)
         if self.config.cluster:
             self._refresh_topology()
+
+    def _refused(self, n: int, reply: redis.ResponseError) -> None:
+        """``n`` writes the server refused (NOPERM, OOM, -ERR): counted, logged at most every 10 s."""
+        now = time.monotonic()
+        with self._lock:
+            self.stats.errors += n
+            self.stats.extra["refused_writes"] += n
+            say = now - self._refused_logged >= _REFUSED_LOG_S
+            if say:
+                self._refused_logged = now
+            total = self.stats.extra["refused_writes"]
+        if say:
+            log.warning("Redis refused %d write(s) (%.0f so far): %s: %s", n, total, type(reply).__name__, reply)
 
     def _count(self, *, errors: int = 0, short_circuited: int = 0, breaker_trips: int = 0,
                corrupt: int = 0) -> None:
@@ -303,12 +417,15 @@ class RedisTier(Tier):
         finally:
             self._values.give(used)
         ok = [False] * len(keys)
+        refused = [r for r in replies if isinstance(r, redis.ResponseError)]
         with self._lock:
             for i, reply in zip(todo, replies, strict=True):
                 if reply is True:
                     ok[i] = True
                     self._known.add(keys[i])
             self.stats.bytes_written += sum(payloads[i].nbytes for i in todo if ok[i])
+        if refused:
+            self._refused(len(refused), refused[0])
         return ok
 
     def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
@@ -392,6 +509,7 @@ class RedisTier(Tier):
                     yield key
 
     def close(self) -> None:
+        self._watchdog.close()
         for shard in self._shards.values():
             if not self.config.cluster:
                 shard.client.close()
@@ -401,6 +519,74 @@ class RedisTier(Tier):
     def breakers(self) -> dict[str, CircuitBreaker]:
         """Each shard's breaker by ``host:port`` (``"standalone"`` for one server)."""
         return {name: s.breaker for name, s in self._shards.items()}
+
+
+class _Watchdog:
+    """Shuts down the sockets of calls past their deadline, from one thread per tier.
+
+    ``shutdown`` is the one way to wake a thread blocked in ``recv``/``sendall`` on a socket from
+    another thread: the read returns end-of-file, the write fails, and redis-py raises a
+    ``ConnectionError`` in the caller.  The thread starts on the first ``watch`` and sleeps
+    while nothing is watched; it is a daemon, so a tier never closed does not hold the process.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int]] = []  # (deadline, token), soonest first
+        self._socks: dict[int, socket.socket] = {}  # token -> socket still watched
+        self._fired: set[int] = set()  # tokens whose socket was shut down, not yet released
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, deadline: float, sock: socket.socket | None) -> int:
+        """Watch ``sock`` until ``release``; shut it down at ``deadline`` (``time.monotonic``)."""
+        with self._cv:
+            token = next(self._tokens)
+            if sock is None:  # not connected: nothing can block on it
+                return token
+            self._socks[token] = sock
+            heapq.heappush(self._heap, (deadline, token))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvtier-redis-deadline", daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == token:  # sooner than what the thread waits for
+                self._cv.notify()
+            return token
+
+    def release(self, token: int) -> bool:
+        """Stop watching; True when the deadline had passed and the socket was shut down."""
+        with self._cv:
+            self._socks.pop(token, None)  # its heap entry is skipped when it surfaces
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+            return False
+
+    def close(self) -> None:
+        """Stop the thread (calls still watched are left to their socket timeouts)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                while self._heap and self._heap[0][1] not in self._socks:
+                    heapq.heappop(self._heap)  # released before its deadline
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                deadline, token = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                sock = self._socks.pop(token)
+                self._fired.add(token)
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 class _ValueBuffers:

@@ -10,6 +10,8 @@ and on, a warm-start pair sharing one disk tier, and one that must refuse a bad 
 from __future__ import annotations
 
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from kvtier.integrations.vllm_config import PagedGeometry, make_layout
 from kvtier.keys import chunk_keys, namespace_key
 from kvtier.tiers.disk import DiskTier
 from tests.conftest import flip_byte
+from tests.integrations.test_vllm_serving import _run_with_signals
 from tests.integrations.vllm_helpers import VllmRunFailed, run_vllm
 
 pytestmark = pytest.mark.slow
@@ -96,10 +99,12 @@ def test_outputs_and_hits(tiny_model: Path, tmp_path: Path, reference: dict[str,
         assert total["hit_tokens_dram"] == total["load_chunks"] * CHUNK  # tokens read (a capped chunk: whole)
 
 
-def _disk_path(model: Path, disk: Path, prompt: list[int], chunk: int) -> Path:
+def _disk_path(model: Path, disk: Path, prompt: list[int], chunk: int, tenant: str = "",
+               secret: bytes | None = None) -> Path:
     geometry = PagedGeometry(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32", block_size=BLOCK)
     layout = make_layout(geometry, chunk_tokens=CHUNK, model_id=str(model))
-    key = chunk_keys(prompt, tokens_per_chunk=CHUNK, namespace=namespace_key(layout))[chunk]
+    namespace = namespace_key(layout, tenant, secret=secret)
+    key = chunk_keys(prompt, tokens_per_chunk=CHUNK, namespace=namespace)[chunk]
     tier = DiskTier(layout, path=disk, capacity_bytes=1 << 30, fsync=False)
     try:
         return tier.path_of(key)
@@ -165,6 +170,28 @@ def test_bad_extra_config_fails_at_startup(tiny_model: Path, tmp_path: Path) -> 
     with pytest.raises(VllmRunFailed) as err:
         run_vllm(spec, tmp_path, "bad", timeout=240)
     assert "unknown config key(s) ['dram_size']" in str(err.value)
+    # kvtier's one line is logged at ERROR above vLLM's traceback (which ends in a generic message)
+    assert re.search(r"^.*ERROR.*kvtier: cannot start: .*unknown config key\(s\) \['dram_size'\]", str(err.value),
+                     re.MULTILINE)
+
+
+def test_a_stats_file_that_fails_at_run_time_never_stops_the_engine(tiny_model: Path, tmp_path: Path) -> None:
+    """The stats file's directory vanishes mid-run: the engine serves on, the failure is counted
+    (``report_errors``) and logged; once the directory is back the file is written again.  The
+    same run checks that the connector keys chunks with the tenant secret (a keyed namespace)."""
+    stats_dir = _mkdir(tmp_path / "stats")
+    disk = tmp_path / "disk"
+    spec = _kvtier(stats_dir, disk, tenant="team-a", tenant_secret="s3cret-Pa55")
+    phases = [[G], [H], [G]]
+    out = _run_with_signals(_spec(tiny_model, phases, **spec), tmp_path, "stats",
+                            {1: lambda: shutil.rmtree(stats_dir), 2: stats_dir.mkdir})
+    assert [len(p["outputs"][0]) for p in out["phases"]] == [MAX_TOKENS] * 3  # every phase served
+    assert out["phases"][1]["stats"] is None  # nowhere to write it
+    counters = out["phases"][2]["stats"]["counters"]
+    assert counters["report_errors"] >= 1 and counters["hit_tokens_dram"] >= 256  # G again: a hit
+    assert "kvtier: stats report failed" in (tmp_path / "stats.log").read_text()
+    assert _disk_path(tiny_model, disk, G, chunk=0, tenant="team-a", secret=b"s3cret-Pa55").exists()
+    assert not _disk_path(tiny_model, disk, G, chunk=0, tenant="team-a").exists()  # the name alone: not its keys
 
 
 

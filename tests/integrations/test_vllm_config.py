@@ -66,3 +66,15 @@ def test_cost_model_file_is_loaded_and_checked(tmp_path: Path) -> None:
     _, missing = parse_extra_config({"cost_model": str(tmp_path / "none.json")}, env={})
     with pytest.raises(ConfigError, match="cost_model="):
         load_cost_model(missing, ["dram"])
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("missing/s.json", "directory '{tmp}/missing' does not exist"),
+    ("", "'{tmp}' is a directory"),
+])
+def test_a_stats_file_that_cannot_be_written_is_a_start_up_error(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_extra_config({"stats_file": str(tmp_path / name) if name else str(tmp_path)}, env={})
+    assert str(err.value).startswith("kv_connector_extra_config.stats_file: ")
+    assert message.format(tmp=tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # the write test left nothing behind

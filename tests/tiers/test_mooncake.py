@@ -12,7 +12,9 @@ import pytest
 
 from kvtier.bench.servers import MooncakeServers
 from kvtier.codec import encode_chunk
+from kvtier.config import BreakerConfig
 from kvtier.layout import KVLayout
+from kvtier.tiers import mooncake as mooncake_tier
 from kvtier.tiers.breaker import BreakerMode
 from kvtier.tiers.mooncake import MooncakeTier
 from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
@@ -153,6 +155,34 @@ def test_hung_master_costs_bounded_waits_then_answers_at_once(small_layout: KVLa
         for o, p in zip(outs, payloads, strict=True):
             np.testing.assert_array_equal(o, p)
         tier.close()
+
+
+def test_a_batch_of_many_rounds_ends_within_its_deadline(small_layout: KVLayout, monkeypatch: pytest.MonkeyPatch,
+                                                         mooncake_servers: MooncakeServers) -> None:  # noqa: F811
+    """A slow store: each round of a batch larger than the staging arena takes 0.4 s, under
+    timeout_s, so no single wait overruns; 24 rounds would take ~5 s.  The whole call ends
+    within deadline_s instead: the rounds past it are not started, their keys counted misses.
+    (The slowness is injected around the real client call: a hung master is covered above.)"""
+    lenient = BreakerConfig(failure_threshold=100, base_backoff_s=0.2, max_backoff_s=1.0)  # never opens here
+    tier = MooncakeTier(small_layout, mooncake_config(mooncake_servers, timeout_s=2.0, deadline_s=1.0, breaker=lenient,
+                                                      staging_bytes=3 * small_layout.chunk_bytes))
+    assert tier.num_slots == 2  # one key per round, two rounds in flight
+    keys, payloads = make_keys(small_layout, 24, seed=97), make_payloads(small_layout, 24, seed=97)
+    assert tier.put_many(keys, payloads) == [True] * 24
+    real = mooncake_tier._batch_get_into
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.4)
+        return real(*args)
+
+    monkeypatch.setattr(mooncake_tier, "_batch_get_into", slow)
+    outs = [_buf(small_layout) for _ in keys]
+    t0 = time.monotonic()
+    got = tier.get_many_into(keys, outs)
+    assert time.monotonic() - t0 < 1.0 + 1.5  # deadline + slack
+    assert got[0] and not all(got)  # the first rounds served, the rest given up
+    assert tier.stats.errors == got.count(False)
+    tier.close()
 
 
 def test_puts_from_a_pool_go_zero_copy(small_layout: KVLayout,

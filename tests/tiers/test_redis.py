@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -11,12 +14,13 @@ import redis
 
 from kvtier.bench.servers import RedisClusterServers, RedisServer
 from kvtier.codec import encode_chunk
+from kvtier.config import BreakerConfig, RedisConfig
 from kvtier.layout import KVLayout
 from kvtier.tiers.breaker import BreakerMode
 from kvtier.tiers.redis import RedisTier
 from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
 from tests.tiers.conformance import TierConformance
-from tests.tiers.servers import redis_cluster, redis_config, redis_standalone  # noqa: F401
+from tests.tiers.servers import TEST_BREAKER, redis_cluster, redis_config, redis_standalone  # noqa: F401
 
 Servers = RedisServer | RedisClusterServers
 
@@ -259,4 +263,126 @@ def test_ctrl_c_or_a_bug_while_sending_is_raised_not_a_shard_failure(
     assert tier.put_many(keys, payloads) == [True, True]  # the dropped connection was not reused half-sent
     out = _buf(small_layout)
     assert tier.get_into(keys[1], out) and (out == payloads[1]).all()
+    tier.close()
+
+
+class _SlowLoris:
+    """A Redis look-alike on a free loopback port that answers one byte at a time (every 20 ms:
+    a 1 MB reply would take hours), for at most a minute.  ``fast_setup``: redis-py's
+    connection set-up (CLIENT SETINFO) is answered at once, only the commands trickle."""
+
+    def __init__(self, *, fast_setup: bool) -> None:
+        self.fast_setup = fast_setup
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(1 << 20)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                if self.fast_setup and b"SETINFO" in data:
+                    conn.sendall(b"+OK\r\n" * data.count(b"SETINFO"))
+                    continue
+                reply = b"$1000000\r\n"
+                for i in range(50 * 60):  # at most a minute, then the test fails anyway
+                    if self._stop.is_set():
+                        return
+                    try:
+                        conn.sendall(reply[i:i + 1] or b"x")
+                    except OSError:
+                        return  # the client gave up
+                    time.sleep(0.02)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._listener.close()
+
+
+@pytest.mark.parametrize("fast_setup", [True, False], ids=["trickled-reply", "trickled-connection-setup"])
+def test_a_trickling_server_costs_one_deadline_per_call_then_the_breaker_opens(small_layout: KVLayout,
+                                                                               fast_setup: bool) -> None:
+    server = _SlowLoris(fast_setup=fast_setup)
+    try:
+        tier = RedisTier(small_layout, RedisConfig(url=server.url, key_prefix="loris", deadline_s=0.5,
+                                                   socket_timeout_s=0.5, breaker=TEST_BREAKER))
+        keys = make_keys(small_layout, 2)
+        outs = [_buf(small_layout) for _ in keys]
+        for _ in range(2):  # failure_threshold=2 calls, each a miss within its deadline
+            t0 = time.monotonic()
+            assert tier.get_many_into(keys, outs) == [False, False]
+            assert time.monotonic() - t0 < 0.5 + 2.0  # generous slack; without a deadline: never
+        assert tier.stats.errors == 4
+        assert tier.breakers()["standalone"].mode is not BreakerMode.CLOSED
+        t0 = time.monotonic()
+        assert tier.get_many_into(keys, outs) == [False, False]  # open breaker: at once
+        assert time.monotonic() - t0 < 0.5 and tier.stats.extra["short_circuited"] == 2
+        tier.close()
+    finally:
+        server.close()
+
+
+def test_refused_writes_are_counted_and_logged(small_layout: KVLayout, redis_standalone: RedisServer,  # noqa: F811
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    raw = _raw(redis_standalone)
+    raw.execute_command("ACL", "SETUSER", "reader", "on", ">secret-r", "~*", "+@read", "+ping")
+    tier = RedisTier(small_layout, redis_config(redis_standalone, username="reader", password="secret-r"))
+    keys, payloads = make_keys(small_layout, 3), make_payloads(small_layout, 3)
+    with caplog.at_level(logging.WARNING, logger="kvtier.tiers.redis"):
+        assert tier.put_many(keys, payloads) == [False] * 3  # NOPERM on every SET
+        assert tier.put(keys[0], payloads[0]) is False
+    assert tier.stats.errors == 4 and tier.stats.extra["refused_writes"] == 4
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and "NoPermissionError" in refused[0].getMessage()  # rate-limited: one line
+    assert tier.breakers()["standalone"].mode is BreakerMode.CLOSED  # the server is up: no breaker failure
+    assert tier.contains_many(keys) == [False] * 3  # reads still work
+    tier.close()
+
+
+def test_out_of_memory_writes_are_counted(small_layout: KVLayout) -> None:
+    with RedisServer() as server:
+        raw = _raw(server)
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", 1)
+        tier = RedisTier(small_layout, redis_config(server))
+        keys, payloads = make_keys(small_layout, 2), make_payloads(small_layout, 2)
+        assert tier.put_many(keys, payloads) == [False, False]  # -OOM
+        assert tier.stats.errors == 2 and tier.stats.extra["refused_writes"] == 2
+        tier.close()
+
+
+def test_an_unreachable_server_is_said_once_at_warning(small_layout: KVLayout,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as spare:  # a free port nobody listens on once closed
+        url = f"redis://127.0.0.1:{spare.getsockname()[1]}/0"
+    tier = RedisTier(small_layout, RedisConfig(url=url, breaker=BreakerConfig(failure_threshold=5)))
+    keys = make_keys(small_layout, 1)
+    with caplog.at_level(logging.DEBUG, logger="kvtier.tiers.redis"):
+        for _ in range(3):
+            assert tier.contains_many(keys) == [False]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage() and url in warnings[0].getMessage()
     tier.close()
