@@ -75,6 +75,10 @@ def tokens(seed: int, n: int, vocab: int) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(n)]
 
 
+def first_diff(x: list[int], y: list[int]) -> int:
+    return next((j for j, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), min(len(x), len(y)))
+
+
 def drop_page_cache(root: Path) -> str:
     """Make the next reads of ``root`` come from the device: ``drop_caches`` if allowed, else
     ``POSIX_FADV_DONTNEED`` on every file (after a sync).  Says which worked."""
@@ -151,9 +155,11 @@ def main() -> int:
         now, before = numbers(phase), numbers(phase - 1)  # the stats file is cumulative: this phase's share
         entry = {"exact": outputs == want, "counters": {k: v - before.get(k, 0) for k, v in now.items()},
                  **(extra or {})}
-        if outputs != want:
-            entry["mismatch"] = [i for i, (x, y) in enumerate(zip(outputs, want, strict=True)) if x != y]
+        if outputs != want:  # which prompts, and the first token that differs
+            entry["mismatch"] = [{"prompt": i, "first_diff": first_diff(x, y), "got": x, "want": y}
+                                 for i, (x, y) in enumerate(zip(outputs, want, strict=True)) if x != y]
         results["scenarios"][name] = entry
+        args.json.write_text(json.dumps(results, indent=1))  # a run cut short keeps what it has
         print(f"[{name}] exact={entry['exact']} hits="
               f"{ {k: v for k, v in entry['counters'].items() if k.startswith(('hit_tokens', 'load_'))} }", flush=True)
 

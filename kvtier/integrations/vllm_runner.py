@@ -123,7 +123,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         if i and spec.get("handshake_dir"):  # let the caller act between phases (e.g. stop a server)
             _handshake(Path(spec["handshake_dir"]), i)
         if i and spec.get("reset_prefix_cache"):
-            llm.reset_prefix_cache()  # later phases cannot hit in vLLM's own cache
+            reset_prefix_cache(llm)  # later phases cannot hit in vLLM's own cache
         outputs, seconds = [], []
         for batch in [prompts] if spec.get("batch") else [[p] for p in prompts]:
             inputs = [_engine_input(p) for p in batch]
@@ -140,6 +140,20 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         stats = json.loads(Path(stats_file).read_text()) if stats_file and Path(stats_file).exists() else None
         phases.append({"outputs": outputs, "seconds": seconds, "stats": stats})
     return {"startup_s": startup, "phases": phases}
+
+
+def reset_prefix_cache(llm: Any, timeout_s: float = 120) -> None:
+    """Empty vLLM's prefix cache.  vLLM refuses while a connector still holds blocks it is saving
+    (it frees them when the worker reports the save, at a later step): step the engine with a
+    1-token request and try again; raise if it still refuses after ``timeout_s``."""
+    from vllm import SamplingParams
+
+    deadline = time.monotonic() + timeout_s
+    while not llm.reset_prefix_cache():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM refused reset_prefix_cache for {timeout_s} s: blocks still held")
+        llm.generate([{"prompt_token_ids": [1]}], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        time.sleep(0.05)
 
 
 def _handshake(directory: Path, phase: int, timeout_s: float = 120) -> None:
