@@ -64,7 +64,7 @@ from kvtier.codec import HEADER_BYTES, decode_header, encode_header
 from kvtier.errors import ChunkFormatError, CorruptChunkError, LayoutError, TierError, TruncatedChunkError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, TierCapabilities
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +285,7 @@ def make_root(path: str | os.PathLike[str], dir_mode: int) -> int:
 
 class DiskTier(Tier):
     name = "disk"
-    persistent = True
-    shared = True
+    capabilities = TierCapabilities(authoritative_contains=True, persistent=True, shared=True)
 
     def __init__(self, layout: KVLayout, *, path: str | os.PathLike[str], capacity_bytes: int,
                  fsync: bool = True, io_threads: int = 4, mode: DiskMode = "private",

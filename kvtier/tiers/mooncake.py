@@ -66,7 +66,7 @@ from kvtier.config import MooncakeConfig
 from kvtier.errors import ChunkFormatError, TierUnavailableError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, TierCapabilities
 from kvtier.tiers.breaker import BreakerMode, CircuitBreaker, Deadline
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ def is_server_failure(code: int) -> bool:
 
 class MooncakeTier(Tier):
     name = "mooncake"
-    persistent = True
-    shared = True
+    capabilities = TierCapabilities(persistent=True, shared=True)
     # Caller allocations smaller than this are copied into staging rather than registered
     # (0 = twice the chunk size: a registration costs more than copying one small chunk).
     zero_copy_min_bytes = 0

@@ -62,7 +62,7 @@ from kvtier.config import RedisConfig
 from kvtier.errors import ChunkFormatError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, TierCapabilities
 from kvtier.tiers.breaker import CircuitBreaker, Deadline
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class _Shard:
 
 class RedisTier(Tier):
     name = "redis"
-    persistent = True
-    shared = True
+    capabilities = TierCapabilities(persistent=True, shared=True)
 
     def __init__(self, layout: KVLayout, config: RedisConfig | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
