@@ -33,7 +33,7 @@ Follow a chunk:
   disk, every ``DiskTier.survey_s`` the index re-reads the root, adopts the chunks others wrote
   (they may be victims here) and leaves room for every other file (``_survey_disk``).
 
-Tiers without slots (below DRAM, or a top tier that is not DRAM) take bytes through ``Tier.put``
+Tiers without slots (below DRAM, or a top tier without ``capabilities.slots``) take bytes through ``Tier.put``
 (``_put``: demotion, write-through, chunks put below), room made the same way (``_make_room``).
 
 Threading: index state (``TierIndex``, ``PinSet``) changes under one lock; payload bytes move
@@ -64,7 +64,6 @@ from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.dram import DramTier
 from kvtier.validate import buffers_arg, chunk_keys_arg, count_arg, payloads_arg, ttl_arg
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class InPlaceStore:
     """Chunks being written in place by the caller; from ``ContextMemory.store_in_place``.
 
     ``views[i]`` is where chunk ``keys[i]``'s bytes go: a reserved slot of the top DRAM tier, a
-    plain host buffer (no slot: the top tier is not DRAM, or full of pinned, pending or held
+    plain host buffer (no slot: the top tier has no slots, or full of pinned, pending or held
     chunks; the commit places it as ``store`` would), or None (the hierarchy holds the chunk
     already: write nothing).  Either ``commit`` once every write is done, or ``abort``; as a
     ``with`` block it commits on a normal exit and aborts on an exception.  The views must not
@@ -328,10 +327,10 @@ class ContextMemory:
         evicted; a chunk that gets no DRAM slot (DRAM full of pinned or borrowed chunks) is read
         into a plain buffer, and promoted when the block ends.  The prefix ends at a miss: the
         caller loads the rest with ``load``, which also counts the miss.  Yields ``[]`` when the
-        top tier is not DRAM or promotion is off.
+        top tier has no slots (``capabilities.slots``) or promotion is off.
         """
         keys = chunk_keys_arg(keys)
-        if not isinstance(self.tiers[0], DramTier) or self.promotion != "always":
+        if not self.tiers[0].capabilities.slots or self.promotion != "always":
             return contextlib.nullcontext([])
         return self._borrow(keys, None)
 
@@ -352,7 +351,7 @@ class ContextMemory:
             slotted = {promote[j] for j in res.slotted}
             targets = {promote[j]: view for j, view in enumerate(res.views) if view is not None}
             for i in range(len(keys)):  # the rest that must be read: into the caller's buffers
-                if i not in targets and (levels[i] > 0 or not isinstance(top, DramTier)):
+                if i not in targets and (levels[i] > 0 or not top.capabilities.zero_copy_borrow):
                     targets[i] = outs[i] if outs is not None else np.empty(size, np.uint8)
             n, served = self._read(keys, levels, targets)
             self._finish(res.cut(bisect.bisect_left(promote, n)), publish=False)  # past the prefix
@@ -377,7 +376,7 @@ class ContextMemory:
         """``lookup``, and hold the prefix found (no top-tier victims) for the block."""
         hit = self.lookup(keys)
         keys, levels = list(keys[:hit.num_chunks]), list(hit.tiers)
-        slotted = isinstance(self.tiers[0], DramTier)
+        slotted = self.tiers[0].capabilities.slots
         with self._lock:
             for i, key in enumerate(keys):
                 if levels[i] == 0 and slotted and key not in self.indexes[0]:
@@ -427,7 +426,7 @@ class ContextMemory:
         so an eviction and a re-store between the read and now leave the new copy indexed)."""
         tier = self.tiers[level]
         with self._lock:
-            if (level, key) in self._pending or (isinstance(tier, DramTier | DiskTier) and tier.contains(key)):
+            if (level, key) in self._pending or (tier.capabilities.authoritative_contains and tier.contains(key)):
                 return
             self.indexes[level].discard(key)
 
@@ -467,7 +466,7 @@ class ContextMemory:
         if (level, key) in self._leaving:
             return False
         tier = self.tiers[level]
-        return not isinstance(tier, DramTier | DiskTier) or tier.contains(key)
+        return not tier.capabilities.authoritative_contains or tier.contains(key)
 
     # --- store: bytes in --------------------------------------------------------------------
     def store(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> int:
@@ -502,7 +501,7 @@ class ContextMemory:
         victims: list[ChunkKey] = []
         seen: set[ChunkKey] = set()
         with self._lock:
-            room = isinstance(top, DramTier)  # once a chunk finds none, the ones after it will not
+            room = top.capabilities.slots  # once a chunk finds none, the ones after it will not
             for i, key in enumerate(keys):
                 if key in index or key in seen:  # held (or being written) already
                     if key in index:
@@ -521,7 +520,7 @@ class ContextMemory:
             self._settle(0, [keys[i] for i in res.slotted], stored=False)
             raise
         if res.slotted:
-            assert isinstance(top, DramTier)
+            assert top.capabilities.slots
             with self._lock:  # one at a time, in a row; a victim's slot still being read is refused
                 slots = {i: top.reserve([keys[i]]) for i in res.slotted}
             refused = [i for i, slot in slots.items() if slot is None]
@@ -543,7 +542,7 @@ class ContextMemory:
         top = self.tiers[0]
         into_top, present = self._finish(res, publish=True), [res.keys[i] for i in res.present]
         spilled = [(res.keys[i], res.buffer(i)) for i in res.spilled]
-        while spilled and isinstance(top, DramTier):
+        while spilled and top.capabilities.slots:
             again = self._reserve([key for key, _ in spilled], [buf for _, buf in spilled])
             for i in again.slotted:
                 np.copyto(again.buffer(i), spilled[i][1])
@@ -552,7 +551,7 @@ class ContextMemory:
             spilled = [spilled[i] for i in again.spilled]
             if not published:
                 break
-        first = 1 if isinstance(top, DramTier) else 0  # DRAM refused them; other tiers take puts
+        first = 1 if top.capabilities.slots else 0  # the slotted tier refused them; other tiers take puts
         placed = {key: self._put(first, key, buf) for key, buf in spilled}
         stored = into_top + present + [key for key, level in placed.items() if level is not None]
         if promotion:
@@ -568,7 +567,7 @@ class ContextMemory:
         keys, res.slotted = [res.keys[i] for i in res.slotted], []
         if keys:
             top = self.tiers[0]
-            assert isinstance(top, DramTier)
+            assert top.capabilities.slots
             (top.commit if publish else top.abort)(keys)
             self._settle(0, keys, stored=publish)
         return keys

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier._fs import atomic_write
 from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost
 
@@ -131,9 +132,9 @@ class Calibration:
                    seconds=float(data.get("seconds", 0.0)))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        # atomic, not durable: the scheduler takes it at once; a crash loses nothing (``take``
+        # reads an unreadable file as none: defaults until measured online)
+        atomic_write(path, self.to_json().encode(), fsync=False)
 
     @classmethod
     def take(cls, path: Path) -> Calibration | None:

@@ -6,11 +6,12 @@ Names and meanings: ``kvtier.integrations.vllm_stats``, which exports them to vL
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kvtier._fs import atomic_write
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ConnectorCounters:
                 f"{int(v['save_chunks'])} chunks in {v['save_s']:.3f}s [{save_gbps:.2f} GB/s]")
 
     def write_json(self, path: Path, extra: dict[str, Any]) -> None:
-        """Atomically replace ``path`` with the counters (temp file + rename)."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"counters": dict(self.values), **extra}, indent=1, default=str))
-        os.replace(tmp, path)
+        """Atomically replace ``path`` with the counters (``kvtier._fs``); not fsynced: it is
+        rewritten after every step, and a crash loses only numbers the next run starts over."""
+        atomic_write(path, json.dumps({"counters": dict(self.values), **extra}, indent=1, default=str).encode(),
+                     fsync=False)

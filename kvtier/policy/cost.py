@@ -43,6 +43,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from kvtier._fs import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -245,11 +247,9 @@ class CostModel:
             raise ValueError(f"not a cost model: {exc}") from exc
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temp file + replace), so a reader never sees half a file."""
-        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        """Write atomically and durably (``kvtier._fs``): a reader never sees half a file, and a
+        crash after the call never leaves an empty one (``load`` would refuse it)."""
+        atomic_write(path, self.to_json().encode(), fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CostModel:

@@ -16,6 +16,10 @@ Contract for callers:
 * Batch variants take and return lists in the same order; tiers that can pipeline or run I/O
   in parallel override them.
 * All methods may be called from several threads.
+
+What a tier can do beyond that is declared by its class as ``capabilities``
+(``TierCapabilities``): the hierarchy asks those, never the tier's class, so an out-of-tree tier
+that declares ``slots`` gets the in-place store path exactly as DRAM does.
 """
 
 from __future__ import annotations
@@ -23,13 +27,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
+from kvtier.errors import TierError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TierCapabilities:
+    """What a tier class can do beyond the narrow interface; every flag off by default."""
+
+    slots: bool = False  # reserve/commit/abort: producers write chunks in place, unseen until commit
+    zero_copy_borrow: bool = False  # borrow() yields a view of the tier's own memory (no read, no copy)
+    authoritative_contains: bool = False  # contains() is exact and local (memory, one stat): cheap under a lock
+    persistent: bool = False  # chunks survive a restart of this process
+    shared: bool = False  # other processes may add chunks: lookups must ask the tier
 
 
 @dataclass(slots=True)
@@ -55,8 +71,20 @@ class Tier(ABC):
     """Storage for chunk payloads of one layout. See the module docstring for the contract."""
 
     name: ClassVar[str]
-    persistent: ClassVar[bool] = False  # chunks survive a restart of this process
-    shared: ClassVar[bool] = False  # other processes may add chunks: lookups must ask the tier
+    capabilities: ClassVar[TierCapabilities] = TierCapabilities()
+    # Mirrors of ``capabilities.persistent`` / ``.shared``, set per class by ``__init_subclass__``.
+    persistent: ClassVar[bool] = False
+    shared: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Keep ``persistent``/``shared`` equal to ``capabilities``; a subclass that still sets
+        them as plain class attributes (the older way, out-of-tree tiers) has them folded in."""
+        super().__init_subclass__(**kwargs)
+        own = {flag: bool(cls.__dict__[flag]) for flag in ("persistent", "shared") if flag in cls.__dict__}
+        if own:
+            cls.capabilities = replace(cls.capabilities, **own)
+        cls.persistent = cls.capabilities.persistent
+        cls.shared = cls.capabilities.shared
 
     def __init__(self, layout: KVLayout) -> None:
         self.layout = layout
@@ -105,6 +133,20 @@ class Tier(ABC):
         """
         out = np.empty(self.layout.chunk_bytes, dtype=np.uint8)
         return nullcontext(out if self.get_into(key, out) else None)
+
+    # --- in-place writes: only tiers whose ``capabilities.slots`` is set -------------------------
+    def reserve(self, keys: Sequence[ChunkKey]) -> list[np.ndarray] | None:
+        """Writable views of one slot per key, unseen by readers until ``commit``; None if they
+        do not fit (nothing reserved)."""
+        raise TierError(f"the {self.name} tier has no slots to reserve (capabilities.slots is off)")
+
+    def commit(self, keys: Sequence[ChunkKey]) -> None:
+        """Publish reserved slots (their bytes are written)."""
+        raise TierError(f"the {self.name} tier has no slots to commit (capabilities.slots is off)")
+
+    def abort(self, keys: Sequence[ChunkKey]) -> None:
+        """Give reserved slots back, unpublished."""
+        raise TierError(f"the {self.name} tier has no slots to abort (capabilities.slots is off)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, connections, memory)."""

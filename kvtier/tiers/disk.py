@@ -5,15 +5,15 @@ layout (so models can share a root without seeing each other's files), two level
 hex fan-out so no directory grows huge.  Bytes: the chunk format of ``kvtier.codec`` (64-byte
 header with checksums, then the payload).
 
-Crash safety: a put writes ``.tmp.<pid>.<random>`` in the chunk's directory, holding an ``flock``
-on it while it writes, fsyncs it, and ``os.replace``s it onto the final name (atomic on POSIX),
-then fsyncs the directory.  A crash leaves either the old state or the whole new file, plus at
-worst a temp file that the next open removes: one nobody holds the lock of, whose writer's pid
-is gone or that is older than ``STRAY_AGE_S`` (the pid alone is not trusted: PID 1 of a
-restarted container is the same pid; the age covers the instant between creating a temp file
-and locking it).  A stray that stays (too young, or not ours to remove) takes room: it is
-subtracted from ``capacity_bytes``.  A torn or bit-rotted file fails its checksum on read: it
-is deleted, counted, and reported as a miss.
+Crash safety: a put writes ``.tmp.<pid>.<random>`` in the chunk's directory, holding an
+``flock`` on it while it writes, fsyncs it, and ``os.replace``s it onto the final name (atomic
+on POSIX), then fsyncs the directory (``kvtier._fs.replace_in_dir``, kvtier's one atomic write).
+A crash leaves either the old state or the whole new file, plus at worst a temp file that the
+next open removes: one nobody holds the lock of, whose writer's pid is gone or that is older
+than ``STRAY_AGE_S`` (the pid alone is not trusted: PID 1 of a restarted container is the same
+pid; the age covers the instant between creating a temp file and locking it). A stray that stays
+(too young, or not ours to remove) takes room: it is subtracted from ``capacity_bytes``. A torn
+or bit-rotted file fails its checksum on read: it is deleted, counted, and reported as a miss.
 
 Hostile roots: nothing under the layout subtree is trusted.  Paths are walked one directory at
 a time from a descriptor of the layout subtree, never through a symlink (``O_NOFOLLOW``), and
@@ -46,7 +46,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import stat
 import threading
 import time
@@ -60,17 +59,17 @@ from typing import Literal
 import numpy as np
 import xxhash
 
+from kvtier._fs import TMP_PREFIX, replace_in_dir
 from kvtier.codec import HEADER_BYTES, decode_header, encode_header
 from kvtier.errors import ChunkFormatError, CorruptChunkError, LayoutError, TierError, TruncatedChunkError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, TierCapabilities
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvc"
 PIN_SUFFIX = ".pin"
-TMP_PREFIX = ".tmp."
 STRAY_AGE_S = 2.0  # an unlocked temp file this old is a stray even if a process of its pid runs
 _READ_SEGMENT = 8 << 20  # read in 8 MiB pieces so hashing one overlaps reading the next
 _HEX = frozenset("0123456789abcdef")
@@ -148,26 +147,6 @@ def chunk_path(layout_root: Path, key: ChunkKey) -> Path:
     """Where chunk ``key`` lives under one layout's subtree (``<root>/<layout fp hex>``)."""
     h = key.hex()
     return layout_root / h[:2] / h[2:4] / (h + SUFFIX)
-
-
-def _tmp_name() -> str:
-    return f"{TMP_PREFIX}{os.getpid()}.{secrets.token_hex(8)}"
-
-
-def _create_locked(dir_fd: int, file_mode: int) -> tuple[int, str]:
-    """A new temp file in ``dir_fd``, opened for writing and flock'ed (``_remove_stray``)."""
-    name = _tmp_name()
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode,
-                 dir_fd=dir_fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.fchmod(fd, file_mode)  # the umask narrowed (or widened) the mode given to open
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=dir_fd)
-        raise
-    return fd, name
 
 
 def _remove_stray(dir_fd: int, name: str) -> int:
@@ -285,8 +264,7 @@ def make_root(path: str | os.PathLike[str], dir_mode: int) -> int:
 
 class DiskTier(Tier):
     name = "disk"
-    persistent = True
-    shared = True
+    capabilities = TierCapabilities(authoritative_contains=True, persistent=True, shared=True)
 
     def __init__(self, layout: KVLayout, *, path: str | os.PathLike[str], capacity_bytes: int,
                  fsync: bool = True, io_threads: int = 4, mode: DiskMode = "private",
@@ -471,25 +449,8 @@ class DiskTier(Tier):
         dir_fd, final = self._chunk_dir(key, create=True)
         try:
             header = encode_header(key, self.layout.fingerprint, payload)
-            fd, tmp = _create_locked(dir_fd, self._file_mode)
-            try:
-                buffers: list[memoryview] = [memoryview(header), payload.data.cast("B")]
-                while buffers:
-                    written = os.writev(fd, buffers)
-                    while buffers and written >= len(buffers[0]):
-                        written -= len(buffers[0])
-                        buffers.pop(0)
-                    if buffers and written:
-                        buffers[0] = buffers[0][written:]
-                if self._fsync:
-                    os.fsync(fd)
-                os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                raise
-            finally:
-                os.close(fd)  # after the rename: the lock covers the temp file's whole life
+            replace_in_dir(dir_fd, final, [memoryview(header), payload.data.cast("B")], mode=self._file_mode,
+                           fsync=self._fsync)
             if self._fsync:  # make the rename itself durable
                 os.fsync(dir_fd)
         finally:
@@ -621,7 +582,7 @@ class PinFiles:
     """Pins that outlive the process and are seen by every process sharing a disk root.
 
     ``<dir>/<key hex>.pin`` holds one line: ``never`` or the wall-clock expiry (Unix seconds).
-    A record is written crash-safely (temp file + rename); an expired one is removed when read.
+    A record is written crash-safely (``kvtier._fs``); an expired one is removed when read.
     A record that cannot be parsed counts as pinned with no expiry: a damaged record must not
     lose a warehoused chunk (``unpin`` removes it).  Unlike in-process pins, records are not
     counted: pinning twice keeps the later expiry (``never`` wins), one unpin removes it.
@@ -697,18 +658,9 @@ class PinFiles:
             raise TierError(f"cannot write a pin record in {self.dir}: {exc}") from exc
 
     def _write_record(self, dir_fd: int, key: ChunkKey, text: str) -> None:
-        fd, tmp = _create_locked(dir_fd, self._file_mode)
-        try:
-            data = text.encode()
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            os.replace(tmp, _record_name(key), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        finally:
-            os.close(fd)
+        # the record is fsynced before its rename: a crash leaves no empty record (which would
+        # read as pinned for good); ``pin`` fsyncs the directory once for all its records
+        replace_in_dir(dir_fd, _record_name(key), text.encode(), mode=self._file_mode, fsync=self._fsync)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         try:

@@ -34,7 +34,7 @@ import numpy as np
 from kvtier.hostmem import populated
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, TierCapabilities
 
 
 def _allocate(nbytes: int, pin: bool | None, prefault: bool = True) -> tuple[np.ndarray, Any]:
@@ -56,6 +56,7 @@ def _allocate(nbytes: int, pin: bool | None, prefault: bool = True) -> tuple[np.
 
 class DramTier(Tier):
     name = "dram"
+    capabilities = TierCapabilities(slots=True, zero_copy_borrow=True, authoritative_contains=True)
 
     def __init__(self, layout: KVLayout, *, capacity_bytes: int, pin_memory: bool | None = None,
                  prefault: bool = True) -> None:

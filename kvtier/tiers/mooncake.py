@@ -41,19 +41,20 @@ storage nodes (``mooncake_client`` or ``mooncake_store_service``) hold the chunk
 outlive the processes that wrote them.  A master restart without HA loses every object: they
 are misses until written again.  ``keys()`` yields the chunks this process wrote or found
 (the client API has no listing); ``used_bytes`` counts those.
+
+Key naming, the known set and budget, counters, corrupt-chunk handling and the per-call deadline
+are ``RemoteTier``'s (``kvtier.tiers.remote``); this module owns the arena, registrations and workers.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import socket
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -66,20 +67,11 @@ from kvtier.config import MooncakeConfig
 from kvtier.errors import ChunkFormatError, TierUnavailableError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
-from kvtier.tiers.breaker import BreakerMode, CircuitBreaker, Deadline
+from kvtier.tiers.breaker import BreakerMode, CircuitBreaker
+from kvtier.tiers.remote import RemoteTier, under_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _under_deadline(method: Callable[..., T]) -> Callable[..., T]:
-    """Run a tier method under one deadline for the whole call (``MooncakeTier._deadline``)."""
-    @functools.wraps(method)
-    def bounded(self: MooncakeTier, *args: Any) -> T:
-        with self._deadline():
-            return method(self, *args)
-    return bounded
 
 
 # Mooncake Store error codes (mooncake-store/include/types.h) that matter here.
@@ -97,10 +89,9 @@ def is_server_failure(code: int) -> bool:
     return code == -1 or -1011 <= code <= -800
 
 
-class MooncakeTier(Tier):
+class MooncakeTier(RemoteTier):
     name = "mooncake"
-    persistent = True
-    shared = True
+    what = "Mooncake"
     # Caller allocations smaller than this are copied into staging rather than registered
     # (0 = twice the chunk size: a registration costs more than copying one small chunk).
     zero_copy_min_bytes = 0
@@ -112,18 +103,15 @@ class MooncakeTier(Tier):
 
     def __init__(self, layout: KVLayout, config: MooncakeConfig | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(layout)
         self.config = config or MooncakeConfig()
-        self._prefix = f"{self.config.key_prefix}:{layout.fingerprint:016x}:"
+        super().__init__(layout, key_prefix=self.config.key_prefix, capacity=self.config.capacity,
+                         deadline_s=self.config.deadline_s, counters=("zero_copy_puts",))
         self.slot_bytes = HEADER_BYTES + layout.chunk_bytes
         self.num_slots = max(2, self.config.staging_bytes // self.slot_bytes)
         self._arena = np.empty(self.num_slots * self.slot_bytes, dtype=np.uint8)  # (slots * slot_bytes,)
         self._free = list(range(self.num_slots))
         self._slots_cv = threading.Condition()
-        self._known: set[ChunkKey] = set()
-        self._lock = threading.Lock()  # guards _known and stats
         self.breaker = CircuitBreaker(self.config.breaker, clock=clock)
-        self._current = threading.local()  # .deadline: the deadline of this thread's tier call in progress
         self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-mooncake")
         self._store: Any = None
         self._setup: Future[Any] | None = None
@@ -136,7 +124,6 @@ class MooncakeTier(Tier):
         self._unregistrable: dict[int, weakref.ReferenceType[np.ndarray]] = {}
         self._registering: dict[int, Future[None]] = {}  # registrations under way
         self._reg_lock = threading.RLock()  # finalizers run in whichever thread drops the array
-        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0, zero_copy_puts=0.0)
         self._connect()
 
     # --- connection ---------------------------------------------------------------------------
@@ -189,9 +176,7 @@ class MooncakeTier(Tier):
             store.close()
 
     def _record_failure(self) -> None:
-        trips = self.breaker.num_trips
-        self.breaker.record_failure()
-        self._count(breaker_trips=self.breaker.num_trips - trips)
+        self._breaker_failed(self.breaker)
 
     def _reachable(self, n: int) -> bool:
         """Cheap check before taking staging slots: False (counted) when set-up or the breaker says no."""
@@ -255,13 +240,6 @@ class MooncakeTier(Tier):
             self.breaker.record_success()
         return failed
 
-    def _count(self, *, errors: int = 0, short_circuited: int = 0, breaker_trips: int = 0, corrupt: int = 0) -> None:
-        with self._lock:
-            self.stats.errors += errors
-            self.stats.corrupt += corrupt
-            self.stats.extra["short_circuited"] += short_circuited
-            self.stats.extra["breaker_trips"] += breaker_trips
-
     def _pipelined(self, todo: list[int], start: Callable[[list[int], list[int]], Future[list[int]] | None],
                    finish: Callable[[list[int], list[int], list[int]], None]) -> None:
         """Move ``todo`` (indexes into the caller's lists) in rounds of at most arena / depth slots.
@@ -296,27 +274,14 @@ class MooncakeTier(Tier):
             finally:
                 self._release(future, slots)
 
-    # --- the call's deadline ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _deadline(self) -> Iterator[None]:
-        """One deadline for this thread's tier call; a nested call (a delete of corrupt chunks
-        inside a get) keeps the outer one."""
-        if getattr(self._current, "deadline", None) is not None:
-            yield
-            return
-        self._current.deadline = Deadline.after(self.config.deadline_s)
-        try:
-            yield
-        finally:
-            self._current.deadline = None
-
+    # --- the call's deadline (``RemoteTier._deadline``) ---------------------------------------
     def _budget(self) -> float:
         """How long one wait may last: ``timeout_s``, cut to what is left of the call's deadline."""
-        deadline: Deadline | None = getattr(self._current, "deadline", None)
+        deadline = self._call_deadline()
         return self.config.timeout_s if deadline is None else min(self.config.timeout_s, deadline.remaining())
 
     def _out_of_time(self) -> bool:
-        deadline: Deadline | None = getattr(self._current, "deadline", None)
+        deadline = self._call_deadline()
         return deadline is not None and deadline.expired
 
     # --- staging slots ------------------------------------------------------------------------
@@ -385,21 +350,10 @@ class MooncakeTier(Tier):
 
     # --- keys ---------------------------------------------------------------------------------
     def object_key(self, key: ChunkKey) -> str:
-        return self._prefix + key.hex()
+        return self.remote_name(key)
 
     # --- Tier interface -----------------------------------------------------------------------
-    @property
-    def capacity_bytes(self) -> int:
-        return self.config.capacity
-
-    @property
-    def used_bytes(self) -> int:
-        return len(self._known) * self.layout.chunk_bytes
-
-    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
-        return self.put_many([key], [payload])[0]
-
-    @_under_deadline
+    @under_deadline
     def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(payloads):
             raise ValueError("put_many needs one payload per key")
@@ -408,12 +362,7 @@ class MooncakeTier(Tier):
         ok = [False] * len(keys)
         if not self._reachable(len(keys)):
             return ok
-        room = self.capacity_bytes - self.used_bytes
-        todo = []
-        for i, key in enumerate(keys):
-            if key in self._known or room >= payloads[i].nbytes:
-                room -= 0 if key in self._known else payloads[i].nbytes
-                todo.append(i)
+        todo = self._within_budget(keys, payloads)
         zero_copy: dict[int, bool] = {}  # id(root allocation) -> registered: decided once per call
 
         def start(batch: list[int], slots: list[int]) -> Future[list[int]] | None:
@@ -442,20 +391,15 @@ class MooncakeTier(Tier):
 
         def finish(batch: list[int], slots: list[int], codes: list[int]) -> None:
             self._judge(codes)
-            with self._lock:
-                for i, code in zip(batch, codes, strict=True):
-                    if code == 0 or code == OBJECT_ALREADY_EXISTS:
-                        ok[i] = True
-                        self._known.add(keys[i])
-                        self.stats.bytes_written += payloads[i].nbytes
+            stored = [i for i, code in zip(batch, codes, strict=True) if code == 0 or code == OBJECT_ALREADY_EXISTS]
+            for i in stored:
+                ok[i] = True
+            self._found([keys[i] for i in stored], sum(payloads[i].nbytes for i in stored), written=True)
 
         self._pipelined(todo, start, finish)
         return ok
 
-    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
-        return self.get_many_into([key], [out])[0]
-
-    @_under_deadline
+    @under_deadline
     def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(outs):
             raise ValueError("get_many_into needs one buffer per key")
@@ -474,9 +418,7 @@ class MooncakeTier(Tier):
             corrupt.extend(self._unpack(keys, outs, ok, batch, slots, codes))
 
         self._pipelined(list(range(len(keys))), start, finish)
-        if corrupt:
-            self._count(corrupt=len(corrupt))
-            self.delete_many(corrupt)
+        self._drop_corrupt(corrupt)
         return ok
 
     def _unpack(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray], ok: list[bool], batch: list[int],
@@ -488,27 +430,21 @@ class MooncakeTier(Tier):
                 if n == INVALID_PARAMS:  # larger than a chunk: not ours
                     corrupt.append(keys[i])
                 elif n == OBJECT_NOT_FOUND:
-                    with self._lock:
-                        self._known.discard(keys[i])
+                    self._gone([keys[i]])
                 continue
             try:
                 got = decode_chunk_into(self._slot(s)[:n].data, outs[i], key=keys[i],
                                         layout_fingerprint=self.layout.fingerprint,
                                         chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
-                log.warning("Mooncake chunk %s is not servable (%s): removing it", keys[i].hex(), exc)
+                self._corrupt(keys[i], exc, log)
                 corrupt.append(keys[i])
                 continue
             ok[i] = True
-            with self._lock:
-                self._known.add(keys[i])
-                self.stats.bytes_read += got
+            self._found([keys[i]], got)
         return corrupt
 
-    def contains(self, key: ChunkKey) -> bool:
-        return self.contains_many([key])[0]
-
-    @_under_deadline
+    @under_deadline
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
             return []
@@ -519,10 +455,7 @@ class MooncakeTier(Tier):
         self._judge(codes)
         return [c == 1 for c in codes]
 
-    def delete(self, key: ChunkKey) -> bool:
-        return self.delete_many([key])[0]
-
-    @_under_deadline
+    @under_deadline
     def delete_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
             return []
@@ -531,16 +464,8 @@ class MooncakeTier(Tier):
         if codes is None:
             return [False] * len(keys)
         self._judge(codes)
-        with self._lock:
-            for key, code in zip(keys, codes, strict=True):
-                if code == 0 or code == OBJECT_NOT_FOUND:
-                    self._known.discard(key)
+        self._gone([key for key, code in zip(keys, codes, strict=True) if code == 0 or code == OBJECT_NOT_FOUND])
         return [c == 0 for c in codes]
-
-    def keys(self) -> Iterator[ChunkKey]:
-        with self._lock:
-            known = list(self._known)
-        yield from known
 
     def close(self) -> None:
         """Stop taking calls, then release memory once no call can touch it any more.

@@ -35,6 +35,9 @@ moved (MOVED/ASK after a failover or resharding) is a miss and refreshes the slo
 Consistency: same key means same bytes, so racing writers are harmless.  ``used_bytes`` counts
 the chunks this process wrote or found (the server may evict or expire more); ``keys()`` yields
 those, ``scan_keys()`` the whole server (``SCAN MATCH`` on every primary).
+
+Key naming, the known set and budget, counters, corrupt-chunk handling and the per-call deadline
+are ``RemoteTier``'s (``kvtier.tiers.remote``); this module routes keys to shards and pipelines.
 """
 
 from __future__ import annotations
@@ -60,10 +63,10 @@ from redis.retry import Retry
 from kvtier.codec import HEADER_BYTES, decode_chunk_into, encode_header
 from kvtier.config import RedisConfig
 from kvtier.errors import ChunkFormatError
-from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier
 from kvtier.tiers.breaker import CircuitBreaker, Deadline
+from kvtier.tiers.remote import RemoteTier
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,6 @@ log = logging.getLogger(__name__)
 _SHARD_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 _SHARD_FAULTS = (*_SHARD_DOWN, redis.RedisError)  # a request failing with one of these is the shard's fault
 _TOPOLOGY_REFRESH_S = 1.0  # at most one slot-map refresh per second
-_REFUSED_LOG_S = 10.0  # at most one log line about refused writes per this many seconds
 
 
 @dataclass(slots=True)
@@ -84,29 +86,24 @@ class _Shard:
     down: bool = False  # said unreachable (WARNING) and not answered since
 
 
-class RedisTier(Tier):
+class RedisTier(RemoteTier):
     name = "redis"
-    persistent = True
-    shared = True
+    what = "Redis"
 
     def __init__(self, layout: KVLayout, config: RedisConfig | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(layout)
         self.config = config or RedisConfig()
+        super().__init__(layout, key_prefix=self.config.key_prefix, capacity=self.config.capacity,
+                         deadline_s=self.config.deadline_s, counters=("refused_writes",))
         self._clock = clock
-        self._prefix = f"{self.config.key_prefix}:{layout.fingerprint:016x}:".encode()
-        self._known: set[ChunkKey] = set()  # chunks this process wrote or found
-        self._lock = threading.Lock()  # guards _known, stats and the shard map
+        self._bprefix = self._prefix.encode()  # of every redis key of this tier (SCAN MATCH)
         self._shards: dict[str, _Shard] = {}
         self._cluster: RedisCluster | None = None
         self._cluster_breaker = CircuitBreaker(self.config.breaker, clock=clock)  # for (re)building the slot map
         self._last_refresh = -_TOPOLOGY_REFRESH_S
         self._values = _ValueBuffers(HEADER_BYTES + layout.chunk_bytes, keep_bytes=self.config.staging_bytes)
-        self.stats.extra.update(short_circuited=0.0, breaker_trips=0.0, refused_writes=0.0)
         self._watchdog = _Watchdog()
         self._cluster_down = False  # said unreachable (WARNING) and not reached since
-        self._refused_logged = -_REFUSED_LOG_S  # clock time of the last refused-write log line
-        self._calls = threading.local()  # .deadline: the deadline of this thread's call in progress
         if not self.config.cluster:
             client = self._guard_connect(redis.Redis.from_url(self.url, **self._client_kwargs()))
             self._shards["standalone"] = _Shard("standalone", client, CircuitBreaker(self.config.breaker, clock=clock))
@@ -145,10 +142,10 @@ class RedisTier(Tier):
         redis-py calls ``redis_connect_func`` with the socket connected, before any handshake."""
         kwargs = client.connection_pool.connection_kwargs
         handshake = kwargs.get("redis_connect_func")  # RedisCluster's own, for its nodes
-        watchdog, calls, limit = self._watchdog, self._calls, self.config.deadline_s
+        watchdog, call_deadline, limit = self._watchdog, self._call_deadline, self.config.deadline_s
 
         def connect(conn: Any) -> None:
-            deadline: Deadline | None = getattr(calls, "deadline", None)
+            deadline = call_deadline()
             watch = None if deadline is None else watchdog.watch(deadline.at, conn._sock)
             try:
                 handshake(conn) if handshake is not None else conn.on_connect()
@@ -230,14 +227,7 @@ class RedisTier(Tier):
 
     # --- keys ---------------------------------------------------------------------------------
     def redis_key(self, key: ChunkKey) -> bytes:
-        return self._prefix + key.hex().encode()
-
-    def _chunk_key(self, rkey: bytes) -> ChunkKey | None:
-        try:
-            raw = bytes.fromhex(rkey[len(self._prefix):].decode())
-        except ValueError:
-            return None
-        return ChunkKey(raw) if len(raw) == KEY_BYTES else None
+        return self._bprefix + key.hex().encode()
 
     # --- the one place requests go out -------------------------------------------------------
     def _batch(self, keys: Sequence[ChunkKey], queue: Callable[[Any, int, bytes], None]) -> list[Any]:
@@ -246,11 +236,8 @@ class RedisTier(Tier):
         ``queue(pipe, i, redis_key)`` adds key i's command to its shard's pipeline.  The whole
         call ends within ``deadline_s`` (module docstring).
         """
-        deadline = self._calls.deadline = Deadline.after(self.config.deadline_s)
-        try:
+        with self._deadline() as deadline:
             return self._batch_by(deadline, keys, queue)
-        finally:
-            self._calls.deadline = None
 
     def _batch_by(self, deadline: Deadline, keys: Sequence[ChunkKey],
                   queue: Callable[[Any, int, bytes], None]) -> list[Any]:
@@ -347,9 +334,7 @@ class RedisTier(Tier):
             shard.client.connection_pool.release(conn)
         if not isinstance(exc, _SHARD_FAULTS):
             return
-        trips = shard.breaker.num_trips
-        shard.breaker.record_failure()
-        self._count(errors=n, breaker_trips=shard.breaker.num_trips - trips)
+        self._breaker_failed(shard.breaker, errors=n)
         if not shard.down:
             shard.down = True  # said once per outage; the rest at DEBUG
             log.warning("Redis %s unreachable (%s): its chunks are misses until it answers",
@@ -359,50 +344,13 @@ class RedisTier(Tier):
         if self.config.cluster:
             self._refresh_topology()
 
-    def _refused(self, n: int, reply: redis.ResponseError) -> None:
-        """``n`` writes the server refused (NOPERM, OOM, -ERR): counted, logged at most every 10 s."""
-        now = time.monotonic()
-        with self._lock:
-            self.stats.errors += n
-            self.stats.extra["refused_writes"] += n
-            say = now - self._refused_logged >= _REFUSED_LOG_S
-            if say:
-                self._refused_logged = now
-            total = self.stats.extra["refused_writes"]
-        if say:
-            log.warning("Redis refused %d write(s) (%.0f so far): %s: %s", n, total, type(reply).__name__, reply)
-
-    def _count(self, *, errors: int = 0, short_circuited: int = 0, breaker_trips: int = 0,
-               corrupt: int = 0) -> None:
-        with self._lock:
-            self.stats.errors += errors
-            self.stats.corrupt += corrupt
-            self.stats.extra["short_circuited"] += short_circuited
-            self.stats.extra["breaker_trips"] += breaker_trips
-
     # --- Tier interface -----------------------------------------------------------------------
-    @property
-    def capacity_bytes(self) -> int:
-        return self.config.capacity
-
-    @property
-    def used_bytes(self) -> int:
-        return len(self._known) * self.layout.chunk_bytes
-
-    def put(self, key: ChunkKey, payload: np.ndarray) -> bool:
-        return self.put_many([key], [payload])[0]
-
     def put_many(self, keys: Sequence[ChunkKey], payloads: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(payloads):
             raise ValueError("put_many needs one payload per key")
-        room = self.capacity_bytes - self.used_bytes
-        todo: list[int] = []
-        for i, (key, payload) in enumerate(zip(keys, payloads, strict=True)):
+        for payload in payloads:
             self.layout.check_payload(payload)
-            if key not in self._known and room < payload.nbytes:
-                continue  # over this process's budget: refused, nothing sent
-            room -= 0 if key in self._known else payload.nbytes
-            todo.append(i)
+        todo = self._within_budget(keys, payloads)  # the rest: over this process's budget, nothing sent
         ttl = self.config.ttl_s
         used: list[np.ndarray] = []  # value buffers to give back (list.append is atomic)
 
@@ -417,19 +365,13 @@ class RedisTier(Tier):
         finally:
             self._values.give(used)
         ok = [False] * len(keys)
+        for i, reply in zip(todo, replies, strict=True):
+            ok[i] = reply is True
+        self._found([keys[i] for i in todo if ok[i]], sum(payloads[i].nbytes for i in todo if ok[i]), written=True)
         refused = [r for r in replies if isinstance(r, redis.ResponseError)]
-        with self._lock:
-            for i, reply in zip(todo, replies, strict=True):
-                if reply is True:
-                    ok[i] = True
-                    self._known.add(keys[i])
-            self.stats.bytes_written += sum(payloads[i].nbytes for i in todo if ok[i])
         if refused:
-            self._refused(len(refused), refused[0])
+            self._refused(len(refused), refused[0], log)
         return ok
-
-    def get_into(self, key: ChunkKey, out: np.ndarray) -> bool:
-        return self.get_many_into([key], [out])[0]
 
     def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> list[bool]:
         if len(keys) != len(outs):
@@ -437,57 +379,33 @@ class RedisTier(Tier):
         replies = self._batch(keys, lambda pipe, i, rkey: pipe.get(rkey))
         ok = [False] * len(keys)
         corrupt: list[ChunkKey] = []
+        nbytes = 0
         for i, reply in enumerate(replies):
             if not isinstance(reply, bytes):
                 if reply is None or isinstance(reply, redis.ResponseError):
-                    with self._lock:
-                        self._known.discard(keys[i])
+                    self._gone([keys[i]])
                 continue
             try:
-                n = decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint,
-                                      chunk_bytes=self.layout.chunk_bytes)
+                nbytes += decode_chunk_into(reply, outs[i], key=keys[i], layout_fingerprint=self.layout.fingerprint,
+                                            chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
-                log.warning("Redis chunk %s is not servable (%s): deleting it", keys[i].hex(), exc)
+                self._corrupt(keys[i], exc, log)
                 corrupt.append(keys[i])
                 continue
             ok[i] = True
-            with self._lock:
-                self._known.add(keys[i])
-                self.stats.bytes_read += n
-        if corrupt:
-            self._count(corrupt=len(corrupt))
-            self.delete_many(corrupt)
+        self._found([k for k, good in zip(keys, ok, strict=True) if good], nbytes)
+        self._drop_corrupt(corrupt)
         return ok
-
-    def contains(self, key: ChunkKey) -> bool:
-        return self.contains_many([key])[0]
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         replies = self._batch(keys, lambda pipe, i, rkey: pipe.exists(rkey))
         return [isinstance(r, int) and r > 0 for r in replies]
 
-    def delete(self, key: ChunkKey) -> bool:
-        return self.delete_many([key])[0]
-
     def delete_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         replies = self._batch(keys, lambda pipe, i, rkey: pipe.delete(rkey))
-        with self._lock:
-            for key, r in zip(keys, replies, strict=True):
-                if r is not None and not isinstance(r, Exception):
-                    self._known.discard(key)
+        self._gone([key for key, r in zip(keys, replies, strict=True)
+                    if r is not None and not isinstance(r, Exception)])
         return [isinstance(r, int) and r > 0 for r in replies]
-
-    def keys(self) -> Iterator[ChunkKey]:
-        """The chunks this process wrote or found.
-
-        Not a server scan on purpose: ``ContextMemory`` indexes ``keys()`` at start-up, and
-        indexing a shared store would make every engine start with a full SCAN of the cluster
-        and let its eviction policy delete other instances' chunks.  Chunks written elsewhere
-        are found by ``contains_many`` probes instead.  ``scan_keys()`` lists the server.
-        """
-        with self._lock:
-            known = list(self._known)
-        yield from known
 
     def scan_keys(self) -> Iterator[ChunkKey]:
         """Every chunk of this layout and prefix on the server(s) (``SCAN``); shards down are skipped."""
@@ -498,13 +416,13 @@ class RedisTier(Tier):
             clients = [self._shards["standalone"].client]
         for client in clients:
             try:
-                found = list(client.scan_iter(match=self._prefix + b"*", count=1000))
+                found = list(client.scan_iter(match=self._bprefix + b"*", count=1000))
             except (*_SHARD_DOWN, redis.RedisError) as exc:
                 self._count(errors=1)
                 log.info("Redis SCAN failed: %s", exc)
                 continue
             for rkey in found:
-                key = self._chunk_key(rkey)
+                key = self.chunk_key(rkey.decode(errors="replace"))
                 if key is not None:
                     yield key
 
