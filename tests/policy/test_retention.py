@@ -69,7 +69,7 @@ def _pressure(index: TierIndex, now: float) -> None:
 
 
 def test_without_retention_the_older_idle_session_goes_first() -> None:
-    index, kept, plain = _tier_with(None)
+    index, kept, _ = _tier_with(None)
     _pressure(index, 2.0)
     assert not any(k in index for k in kept)
 
