@@ -68,7 +68,7 @@ class Prefetcher:
         self._sessions: OrderedDict[str, tuple[ChunkKey, ...]] = OrderedDict()  # each session's last keys
         self._fresh: set[ChunkKey] = set()  # prefetched, unread, in the top tier
         self._lock = threading.Lock()
-        self._generation = 0  # bumped by pressure and close: jobs of an older one stop
+        self._generation = 0  # bumped by pressure: jobs of an older one stop
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD) if self.limit else None
         self._jobs: list[Future[None]] = []
 
@@ -130,11 +130,9 @@ class Prefetcher:
         return not wait(jobs, timeout=timeout).not_done
 
     def close(self) -> None:
-        """Stop: a running job ends after its current chunk; queued ones do nothing."""
-        with self._lock:
-            self._generation += 1
+        """Finish the jobs queued (at most ``dram_share`` of DRAM to read), then take no more."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True)
 
     # --- the job ----------------------------------------------------------------------------
     def _run(self, keys: tuple[ChunkKey, ...], generation: int) -> None:
