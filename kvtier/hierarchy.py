@@ -29,6 +29,9 @@ Follow a chunk:
   ``pin(keys, persist=True)`` records the pin in the disk tier, so it survives restarts and
   binds every process sharing that disk root; ``unpin`` releases this process's pins only,
   ``unpin(keys, persist=True)`` removes the records.
+* ``hint(keys, session=, retention=)`` / ``hint_end(session, awaits=)`` tell the eviction policy
+  what comes (``kvtier.policy.agent``, ``kvtier.policy.retention``); an answer awaiting a tool
+  also prefetches the session's chunks back into DRAM in the background (``kvtier.prefetch``).
 * The disk's capacity is the **root's**, shared by every process on it: before a put into the
   disk, every ``DiskTier.survey_s`` the index re-reads the root, adopts the chunks others wrote
   (they may be victims here) and leaves room for every other file (``_survey_disk``).
