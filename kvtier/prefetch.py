@@ -79,7 +79,7 @@ class Prefetcher:
     # --- told by the hierarchy ----------------------------------------------------------------
     def note(self, session: str | None, keys: Sequence[ChunkKey]) -> None:
         """``session``'s latest request reads ``keys`` (``ContextMemory.hint``)."""
-        if session is None or not self.enabled:
+        if session is None or not keys or not self.enabled:  # a prompt shorter than a chunk: keep the last
             return
         with self._lock:
             self._sessions[session] = tuple(keys)
@@ -166,10 +166,15 @@ class Prefetcher:
         """Read ``key`` from tier ``level`` into a top-tier slot taken from free room or a colder
         chunk; False when there is no such room (or the read failed): the job ends."""
         memory = self.memory
-        policy = memory.indexes[0].policy
+        index = memory.indexes[0]
+        policy = index.policy
+        if not policy.ranks:  # free room only; no victim search (S3-FIFO's would reorder its queues)
+            with memory._lock:
+                if index.used_bytes + memory.chunk_bytes > index.capacity_bytes:
+                    return False
 
         def colder(victim: ChunkKey) -> bool:  # called under the hierarchy's lock
-            return memory._evictable(0, victim) and policy.colder(victim, key)
+            return policy.ranks and memory._evictable(0, victim) and policy.colder(victim, key)
 
         res = memory._reserve([key], evictable=colder)
         if res.present:

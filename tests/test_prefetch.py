@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kvtier.hierarchy import ContextMemory
 from kvtier.layout import KVLayout
@@ -63,7 +64,10 @@ def test_a_user_pause_or_no_share_prefetches_nothing(tmp_path: Path) -> None:
             assert mem.prefetch.stats.prefetched == 0
 
 
-def test_a_prefetch_takes_a_colder_chunks_room_never_a_hotter_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_prefetch_takes_a_colder_chunks_room_never_a_hotter_ones(tmp_path: Path, pinned: bool) -> None:
+    """The low-priority chunk's slot goes to the session; pinned, it stays, and the high-priority
+    chunk behind it (which a victim search past the pinned top would reach) stays too."""
     keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
     a, hot, cold = keys[:2], keys[2], keys[3]
     with _memory(tmp_path, 2, eviction="agent", prefetch_share=1.0) as mem:
@@ -77,12 +81,18 @@ def test_a_prefetch_takes_a_colder_chunks_room_never_a_hotter_ones(tmp_path: Pat
         mem.store([cold], payloads[3:])  # ... and the other
         mem.flush()
         mem.hint([cold], session="c", now=3.0, retention=Retention(priority=-1))  # now the coldest
+        if pinned:
+            mem.pin([cold])
         assert mem.lookup(a).tiers == (1, 1) and mem.lookup([hot]).tiers == mem.lookup([cold]).tiers == (0,)
         mem.hint_end("a", awaits="tool")
         assert mem.prefetch.drain(DEADLINE_S)
-        assert mem.lookup(a).tiers == (0, 1)  # took the low-priority chunk's slot, not the high one's
-        assert mem.lookup([hot]).tiers == (0,) and mem.lookup([cold]).tiers == (1,)
-        assert mem.prefetch.stats.prefetched == 1
+        assert mem.lookup([hot]).tiers == (0,)  # never the high-priority chunk's slot
+        if pinned:
+            assert mem.lookup(a).tiers == (1, 1) and mem.lookup([cold]).tiers == (0,)
+            assert mem.prefetch.stats.prefetched == 0
+        else:
+            assert mem.lookup(a).tiers == (0, 1) and mem.lookup([cold]).tiers == (1,)
+            assert mem.prefetch.stats.prefetched == 1
 
 
 def test_a_prefetched_chunk_evicted_unread_is_counted_wasted(tmp_path: Path) -> None:
@@ -101,3 +111,32 @@ def test_a_prefetched_chunk_evicted_unread_is_counted_wasted(tmp_path: Path) -> 
         mem.store(b, payloads[2:])  # the foreground needs the room before the session came back
         assert mem.prefetch.stats.wasted == 2 and mem.prefetch.stats.used == 0
         assert mem.lookup(a).tiers == (1, 1)  # demoted again, not lost
+
+
+def test_pressure_on_a_prefetched_chunk_cancels_the_prefetches_queued(tmp_path: Path) -> None:
+    import threading
+
+    keys, payloads = make_keys(LAYOUT, 6), make_payloads(LAYOUT, 6)
+    a, b, x, y, z, w = ([k] for k in keys)
+    with _memory(tmp_path, 2, prefetch_share=1.0) as mem:
+        mem.hint(a, session="a")
+        mem.hint(b, session="b")
+        for chunk, payload in ((a, payloads[0]), (b, payloads[1]), (x, payloads[2]), (y, payloads[3])):
+            mem.store(chunk, [payload])
+            mem.flush()
+        mem.delete(x)  # DRAM: y and a free slot; a and b on disk
+        mem.hint_end("b", awaits="tool")
+        assert mem.prefetch.drain(DEADLINE_S) and mem.prefetch.stats.prefetched == 1
+        gate = threading.Event()
+        blocker = mem.prefetch._pool.submit(gate.wait, DEADLINE_S)  # type: ignore[union-attr]
+        try:
+            mem.hint_end("a", awaits="tool")  # queued behind the blocker
+            mem.store(z, [payloads[4]])
+            mem.flush()
+            mem.store(w, [payloads[5]])  # the foreground evicts b, prefetched and unread: pressure
+        finally:
+            gate.set()
+        blocker.result()
+        assert mem.prefetch.drain(DEADLINE_S)
+        assert mem.prefetch.stats.wasted == 1 and mem.prefetch.stats.cancelled == 1
+        assert mem.prefetch.stats.prefetched == 1 and mem.lookup(a).tiers == (1,)

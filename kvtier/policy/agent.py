@@ -323,6 +323,7 @@ class AgentPolicy(EvictionPolicy):
     """
 
     name = "agent"
+    ranks = True  # ``colder``
     idle = _IDLE  # an idle chunk is expected back after ``idle`` x its idle time
 
     def __init__(self, model: AgentModel | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from kvtier.keys import ChunkKey
 from kvtier.policy.retention import Retention
@@ -19,6 +20,7 @@ AWAITS = ("tool", "user")  # what an answer waits for (``observe_end``): a tool'
 
 class EvictionPolicy(ABC):
     name: str
+    ranks: ClassVar[bool] = False  # answers ``colder`` (predicts reuse); else a prefetch takes free room only
 
     @abstractmethod
     def insert(self, key: ChunkKey, size: int) -> None:
