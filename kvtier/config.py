@@ -127,6 +127,20 @@ class DiskConfig:
         validate(self)
 
 
+def _share(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefetchConfig:
+    # share of the top tier (DRAM) that chunks prefetched during an agent's tool pause may fill
+    # before they are read (kvtier/prefetch.py); 0: no prefetch
+    dram_share: float = field(default=0.25, metadata=_rule(_share))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BreakerConfig:
     """Circuit breaker of a remote tier: open after N failures, retry after a growing backoff."""
@@ -257,6 +271,7 @@ class KVTierConfig:
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -29,6 +29,9 @@ Follow a chunk:
   ``pin(keys, persist=True)`` records the pin in the disk tier, so it survives restarts and
   binds every process sharing that disk root; ``unpin`` releases this process's pins only,
   ``unpin(keys, persist=True)`` removes the records.
+* ``hint(keys, session=, retention=)`` / ``hint_end(session, awaits=)`` tell the eviction policy
+  what comes (``kvtier.policy.agent``, ``kvtier.policy.retention``); an answer awaiting a tool
+  also prefetches the session's chunks back into DRAM in the background (``kvtier.prefetch``).
 * The disk's capacity is the **root's**, shared by every process on it: before a put into the
   disk, every ``DiskTier.survey_s`` the index re-reads the root, adopts the chunks others wrote
   (they may be victims here) and leaves room for every other file (``_survey_disk``).
@@ -61,6 +64,8 @@ from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.policy.eviction import AWAITS, EvictionPolicy, make_policies
 from kvtier.policy.index import PinSet, TierIndex
+from kvtier.policy.retention import Retention
+from kvtier.prefetch import Prefetcher
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.disk import DiskTier
@@ -173,8 +178,9 @@ class ContextMemory:
     def __init__(self, layout: KVLayout, tiers: Sequence[Tier], *, eviction: str = "lru",
                  promotion: str = "always", write_through: bool = True, tenant: str = "",
                  tenant_secret: bytes | None = None, exclusive: bool = False, write_through_share: float = 0.0,
-                 policies: Sequence[EvictionPolicy] | None = None) -> None:
-        """``policies``: one prebuilt eviction policy per tier, in place of ``eviction``'s."""
+                 policies: Sequence[EvictionPolicy] | None = None, prefetch_share: float = 0.0) -> None:
+        """``policies``: one prebuilt eviction policy per tier, in place of ``eviction``'s;
+        ``prefetch_share``: see ``kvtier.prefetch`` (``open`` takes ``prefetch.dram_share``)."""
         if not tiers:
             raise ValueError("ContextMemory needs at least one tier")
         self.layout = layout
@@ -205,6 +211,7 @@ class ContextMemory:
         for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
             for key in tier.keys():  # noqa: SIM118 - oldest first where the tier knows ages (disk: mtime)
                 self.indexes[level].add(key, layout.chunk_bytes)
+        self.prefetch = Prefetcher(self, prefetch_share)  # during pauses: ``hint_end(awaits="tool")``
 
     @classmethod
     def open(cls, layout: KVLayout, config: KVTierConfig | None = None) -> ContextMemory:
@@ -225,7 +232,7 @@ class ContextMemory:
         return cls(layout, tiers, eviction=config.eviction, promotion=config.promotion,
                    write_through=config.write_through, tenant=config.tenant,
                    tenant_secret=secret, exclusive=config.exclusive,
-                   write_through_share=config.write_through_share)
+                   write_through_share=config.write_through_share, prefetch_share=config.prefetch.dram_share)
 
     def listen(self, callback: Callable[[str, ChunkKey, bool], None]) -> None:
         """Call ``callback(tier name, key, added)`` for every chunk held now and each change after.
@@ -455,6 +462,7 @@ class ContextMemory:
                 for lower in below[level]:  # write-through copies below
                     if key in lower.sizes:
                         lower.touch_copy(key)
+            self.prefetch.served(keys, levels)
             if miss_at is not None:
                 for tier in self.tiers:
                     tier.stats.misses += 1
@@ -491,10 +499,12 @@ class ContextMemory:
         """
         return InPlaceStore(self, self._reserve(chunk_keys_arg(keys)))
 
-    def _reserve(self, keys: list[ChunkKey], spill: Sequence[np.ndarray] | None = None) -> _Reservation:
+    def _reserve(self, keys: list[ChunkKey], spill: Sequence[np.ndarray] | None = None, *,
+                 evictable: Callable[[ChunkKey], bool] | None = None) -> _Reservation:
         """Make room in the top tier and reserve a slot for each chunk it does not hold yet.
 
         A chunk that gets none is *spilled*: its view is ``spill[i]`` (None: a fresh buffer).
+        ``evictable``: which chunks may be victims, in place of admission control (a prefetch).
         """
         index, top = self.indexes[0], self.tiers[0]
         res = _Reservation(keys, [None] * len(keys))
@@ -510,7 +520,7 @@ class ContextMemory:
                     continue
                 seen.add(key)
                 leaving = (0, key) in self._leaving  # its old copy is being demoted: spilled, see _make_room
-                made = self._make_room(0, key) if room and not leaving else None
+                made = self._make_room(0, key, evictable) if room and not leaving else None
                 room = room and (leaving or made is not None)
                 (res.slotted if made is not None else res.spilled).append(i)
                 victims += made or []
@@ -572,7 +582,8 @@ class ContextMemory:
             self._settle(0, keys, stored=publish)
         return keys
 
-    def _make_room(self, level: int, key: ChunkKey) -> list[ChunkKey] | None:
+    def _make_room(self, level: int, key: ChunkKey,
+                   evictable: Callable[[ChunkKey], bool] | None = None) -> list[ChunkKey] | None:
         """Under the lock: index room for ``key`` in tier ``level``, pending; victims to demote, or None.
 
         None too while the key's old copy is leaving this tier (a victim whose bytes ``_demote`` has
@@ -582,7 +593,8 @@ class ContextMemory:
         if (level, key) in self._leaving:
             return None
         index = self.indexes[level]
-        victims = index.plan_room(self.chunk_bytes, self._evictable_at[level], admit=key)
+        victims = (index.plan_room(self.chunk_bytes, self._evictable_at[level], admit=key) if evictable is None
+                   else index.plan_room(self.chunk_bytes, evictable))
         if victims is not None:
             index.add(key, self.chunk_bytes)
             self._pending.add((level, key))
@@ -676,6 +688,8 @@ class ContextMemory:
         """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""
         tier = self.tiers[level]
         below = self.indexes[level + 1] if level + 1 < len(self.tiers) else None
+        if level == 0:
+            self.prefetch.left(victims)
         for key in victims:
             tier.stats.evictions += 1
             try:
@@ -713,14 +727,17 @@ class ContextMemory:
                 with self._lock:
                     self._leaving.discard((1, key))
 
-    def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
-        """Tell the eviction policy a request is coming: its full keys, its session, the time.
+    def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
+             retention: Retention | None = None) -> None:
+        """Tell the eviction policy a request is coming: its full keys, its session, the time, and
+        the retention it asks for its chunks (a priority, a ttl: ``kvtier.policy.retention``).
 
         Optional; the agent policy predicts reuse from it (``kvtier.policy.agent``).  ``now``
         defaults to the policy's clock (``time.monotonic``); a replay passes trace time.
         """
         with self._lock:
-            self.indexes[0].policy.observe(keys, session=session, now=now)
+            self.indexes[0].policy.observe(keys, session=session, now=now, retention=retention)
+        self.prefetch.note(session, keys)
 
     def hint_end(self, session: str, *, awaits: str) -> None:
         """Tell the eviction policy ``session``'s request got its answer, and what that waits for:
@@ -731,6 +748,8 @@ class ContextMemory:
             raise ArgumentValueError(f"awaits must be one of {', '.join(AWAITS)}, got {awaits!r}")
         with self._lock:
             self.indexes[0].policy.observe_end(session, awaits=awaits)
+        if awaits == "tool":  # back in seconds: its chunks below DRAM come up meanwhile (``kvtier.prefetch``)
+            self.prefetch.start(session)
 
     def _write_through_async(self, keys: list[ChunkKey]) -> None:
         targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
@@ -847,6 +866,7 @@ class ContextMemory:
         Exclusive tiers, ``keep``: first the chunks only DRAM holds go down to the persistent tier
         below (``_keep_top``), so a restart finds them; a crash still loses them.
         """
+        self.prefetch.close()  # before the tiers it reads
         with contextlib.ExitStack() as stack:  # unwinds last first: the writer, then the tiers in order
             for tier in reversed(self.tiers):
                 stack.callback(tier.close)

@@ -25,6 +25,7 @@ from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.policy.agent import _DEAD, AgentModel, AgentPolicy
 from kvtier.policy.eviction import EvictionPolicy
+from kvtier.policy.retention import Retention
 
 TELLS = ("deaths", "classes", "next-use")
 
@@ -54,14 +55,15 @@ class ForesightModel(AgentModel):
         self._request = -1
         self._next: dict[ChunkKey, float] = {}
 
-    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
+                retention: Retention | None = None) -> None:
         self._request += 1
         nexts = self._next_s[self._request] if self._request < len(self._next_s) else []
         if len(nexts) != len(keys):
             raise ConfigError(f"foresight: request {self._request} has {len(keys)} chunks, the workload "
                               f"{len(nexts)}; replay the workload it was built for, in order")
         self._next = dict(zip(keys, nexts, strict=True))
-        super().observe(keys, session=session, now=now)
+        super().observe(keys, session=session, now=now, retention=retention)
 
     def observe_end(self, session: str, awaits: str) -> None:
         if self.tell == "deaths":  # the agent's own guess for the living: the end hints too

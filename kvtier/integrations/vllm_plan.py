@@ -42,6 +42,12 @@ Plans, per request (``RequestState``):
   policy uses to predict reuse.  The session is ``{"kvtier": {"session": "..."}}`` from
   ``kv_transfer_params`` (a caller's conversation or agent id), else the request's
   ``cache_salt``, else none.  The worker hints before the step's loads.
+* retention (``request_hints``): ``{"kvtier": {"priority": "high", "ttl_s": 600}}`` goes with the
+  hint (``Retention``: the policy ranks the request's chunks by it, ``kvtier.policy.retention``);
+  ``{"kvtier": {"awaits": "tool"}}`` says what the request's answer will wait for, in place of
+  ``tool_call_tokens``' guess, told to the policy when it finishes (``EndJob``; "tool" also
+  prefetches the session's chunks back into DRAM, ``kvtier.prefetch``).  Each malformed field is
+  one warning naming it and is ignored; the request runs.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ from kvtier.integrations.vllm_cost import ForwardSample, LoadSample, OnlineCost
 from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey
 from kvtier.policy.cost import CostModel
+from kvtier.policy.eviction import AWAITS
+from kvtier.policy.retention import Retention, priority_arg, seconds_arg
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import chunk_path
 
@@ -100,6 +108,7 @@ class HintJob:
     req_id: str
     keys: tuple[ChunkKey, ...]  # every full chunk of the request, in prefix order
     session: str | None  # the caller's session id, else the cache salt, else None
+    retention: Retention | None = None  # asked for in ``kv_transfer_params`` (``request_hints``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +139,10 @@ def parse_pin_request(params: Any) -> PinRequest | None:
     spec = params["kvtier"]
     if not isinstance(spec, dict):
         raise ValueError(f"kv_transfer_params['kvtier'] must be an object, got {type(spec).__name__}")
-    unknown = set(spec) - {"pin", "unpin", "ttl_s", "session"}
+    unknown = set(spec) - set(KNOWN_KEYS)
     if unknown:
         raise ValueError(f"unknown kv_transfer_params['kvtier'] keys {sorted(unknown)}; "
-                         "known: pin, unpin, ttl_s, session")
+                         f"known: {', '.join(KNOWN_KEYS)}")
     pin, unpin, ttl = spec.get("pin", False), spec.get("unpin", False), spec.get("ttl_s")
     if not isinstance(pin, bool) or not isinstance(unpin, bool):
         raise ValueError("kv_transfer_params['kvtier']: 'pin' and 'unpin' must be true or false")
@@ -147,6 +156,49 @@ def parse_pin_request(params: Any) -> PinRequest | None:
     if not pin and not unpin:
         return None
     return PinRequest(unpin=unpin, ttl_s=None if ttl is None else float(ttl))
+
+
+KNOWN_KEYS = ("pin", "unpin", "ttl_s", "session", "priority", "awaits")  # of kv_transfer_params['kvtier']
+_WHERE = "kv_transfer_params['kvtier']"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHints:
+    """What a request tells the eviction policy, from its ``kv_transfer_params['kvtier']``."""
+
+    session: str | None = None  # see ``request_session``
+    retention: Retention | None = None  # ``priority`` and ``ttl_s``; None: neither given
+    awaits: str | None = None  # what its answer will wait for: "tool" or "user"; None: not said
+
+
+def request_hints(request: Any) -> tuple[RequestHints, list[str]]:
+    """The hints a request gives, and one line per malformed field (that field is ignored)."""
+    problems: list[str] = []
+    try:
+        session = request_session(request)
+    except ValueError as exc:
+        session = None
+        problems.append(f"{exc}; no session")
+    params = getattr(request, "kv_transfer_params", None)
+    spec = params.get("kvtier") if isinstance(params, dict) else None
+    if not isinstance(spec, dict):
+        return RequestHints(session), problems
+    priority = ttl = awaits = None
+    try:
+        priority = priority_arg(spec.get("priority"), f"{_WHERE}['priority']")
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{exc}; normal priority")
+    try:
+        ttl = seconds_arg(spec.get("ttl_s"), f"{_WHERE}['ttl_s']")
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{exc}; no ttl")
+    if spec.get("awaits") is not None:
+        if spec["awaits"] in AWAITS:
+            awaits = spec["awaits"]
+        else:
+            problems.append(f"{_WHERE}['awaits'] must be one of {', '.join(AWAITS)}, got {spec['awaits']!r}; ignored")
+    retention = None if priority is None and ttl is None else Retention(priority, ttl)
+    return RequestHints(session, retention, awaits), problems
 
 
 def request_session(request: Any) -> str | None:
@@ -371,6 +423,7 @@ class RequestState:
     pin_planned: bool = False  # the request's pin/unpin (if any) was sent to the worker
     hinted: bool = False  # the worker's policy was told of the request (``HintJob``)
     session: str | None = None  # its session, as hinted
+    awaits: str | None = None  # what its answer waits for, as the request said (``request_hints``)
     saved: bool = False  # saves were planned: the worker may still read its blocks
 
 
@@ -446,8 +499,9 @@ class Planner:
         limit = request.num_tokens - 1  # vLLM must compute at least one token to sample from
         keys = state.keys(request.num_tokens)
         if not state.hinted:
-            state.hinted, state.session = True, self._session(request)
-            self._next.hints.append(HintJob(request.request_id, tuple(keys), state.session))
+            hints = self._hints(request)
+            state.hinted, state.session, state.awaits = True, hints.session, hints.awaits
+            self._next.hints.append(HintJob(request.request_id, tuple(keys), hints.session, hints.retention))
         found = self.directory.longest_prefix(keys)
         if self._cost is not None:
             found = self._worth_loading(found, num_computed_tokens, request.num_tokens, request.request_id)
@@ -484,12 +538,14 @@ class Planner:
         return out
 
     @staticmethod
-    def _session(request: Any) -> str | None:
-        try:
-            return request_session(request)
-        except ValueError as exc:
-            logger.warning("kvtier: request %s: %s; no session", request.request_id, exc)
-            return None
+    def _hints(request: Any) -> RequestHints:
+        hints, problems = request_hints(request)
+        for problem in problems:  # one bad field costs its hint, never the request
+            logger.warning("kvtier: request %s: %s", request.request_id, problem)
+        if hints.awaits is not None and hints.session is None:
+            logger.warning("kvtier: request %s: %s['awaits'] needs a session (%s['session'] or cache_salt); "
+                           "ignored", request.request_id, _WHERE, _WHERE)
+        return hints
 
     def _worth_loading(self, found: Match, num_computed_tokens: int, num_tokens: int, req_id: str) -> Match:
         """The leading chunks of ``found`` that are faster to load than to recompute.
@@ -640,6 +696,8 @@ class Planner:
         state = self.requests.pop(request.request_id, None)
         if state is not None and state.session is not None:
             awaits = answer_awaits(request, self.tool_call_tokens)
+            if state.awaits is not None and "ABORTED" not in getattr(request.status, "name", ""):
+                awaits = state.awaits  # the caller said it: no guess from the output
             if awaits is not None:
                 self._next.ends.append(EndJob(state.session, awaits))
         if state is None or not state.saved:

@@ -8,6 +8,8 @@
     save_chunks / save_bytes / save_s                 chunks copied out of vLLM blocks into kvtier
     corrupt_<tier>                                    chunks a tier found corrupt (never served)
     pinned_chunks / unpinned_chunks                   prompt chunks pinned/unpinned on request
+    prefetch_chunks / prefetch_used_chunks /         chunks prefetched into DRAM during tool pauses, and of
+      prefetch_wasted_chunks / prefetch_cancelled      them read / evicted unread; prefetches cut by pressure
     answers_awaiting_<tool|user>                      finished answers told to the eviction policy
     fetch_<load_all|load_head|recompute>              cost-model decisions of lookups that found chunks
     fetch_skipped_chunks                              cached chunks left to recompute (faster than loading)
@@ -27,6 +29,8 @@ with vLLM's ``model_name`` and ``engine`` like vLLM's own metrics:
     kvtier_load_seconds_total, kvtier_load_failed_chunks_total, kvtier_save_chunks_total,
     kvtier_save_bytes_total, kvtier_save_seconds_total, kvtier_pinned_chunks_total,
     kvtier_unpinned_chunks_total, kvtier_async_loads_total, kvtier_uncacheable_requests_total,
+    kvtier_prefetch_chunks_total, kvtier_prefetch_used_chunks_total, kvtier_prefetch_wasted_chunks_total,
+    kvtier_prefetch_cancelled_total,
     kvtier_report_errors_total
     kvtier_hit_tokens_total{tier}          from hit_tokens_<tier>
     kvtier_corrupt_chunks_total{tier}      from corrupt_<tier> (see below)
@@ -90,6 +94,10 @@ EXPORTS: dict[str, Export] = {  # worker counter name -> metric
     "uncacheable_requests": Export("kvtier_uncacheable_requests", "Requests kvtier could not cache."),
     "fetch_skipped_chunks": Export("kvtier_fetch_skipped_chunks",
                                    "Cached chunks the cost model left to vLLM to recompute (faster than loading)."),
+    "prefetch_chunks": Export("kvtier_prefetch_chunks", "Chunks prefetched into DRAM during tool pauses."),
+    "prefetch_used_chunks": Export("kvtier_prefetch_used_chunks", "Prefetched chunks read from DRAM."),
+    "prefetch_wasted_chunks": Export("kvtier_prefetch_wasted_chunks", "Prefetched chunks evicted unread."),
+    "prefetch_cancelled": Export("kvtier_prefetch_cancelled", "Prefetches cut short by DRAM pressure."),
     "report_errors": Export("kvtier_report_errors", "kvtier stats reports (the stats file) that failed; "
                             "the engine went on."),
 }

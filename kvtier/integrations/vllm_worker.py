@@ -96,6 +96,7 @@ class WorkerCore:
         self._forward_samples: list[ForwardSample] = []
         self._forward: tuple[Any, int, float] | None = None  # the forward being timed: (start, new, pairs)
         self._forwards_timed: list[tuple[Any, Any, int, float]] = []  # CUDA: (start, end, ...) not yet read
+        self._prefetch_seen: dict[str, int] = memory.prefetch.stats.as_dict()  # reported so far
         memory.listen(self._on_change)
 
     def _on_change(self, tier: str, key: ChunkKey, added: bool) -> None:
@@ -307,7 +308,7 @@ class WorkerCore:
         in a batched step that is approximate, as chunks of an earlier request of the batch may
         be stored after a later one is hinted."""
         for job in jobs:
-            self.memory.hint(list(job.keys), session=job.session)
+            self.memory.hint(list(job.keys), session=job.session, retention=job.retention)
 
     def hint_ends(self, jobs: Sequence[EndJob]) -> None:
         """Tell the eviction policy what finished requests' answers wait for (a tool or the user)."""
@@ -414,8 +415,16 @@ class WorkerCore:
             self.counters.add(**deltas)
 
     def take_counters(self) -> ConnectorCounters:
+        """The counters since the last call, with the prefetches' (``prefetch_chunks``,
+        ``prefetch_used_chunks``, ``prefetch_wasted_chunks``, ``prefetch_cancelled``)."""
+        now = self.memory.prefetch.stats.as_dict()
         with self._lock:
             counters, self.counters = self.counters, ConnectorCounters()
+            seen, self._prefetch_seen = self._prefetch_seen, now
+        counters.add(prefetch_chunks=now["prefetched"] - seen["prefetched"],
+                     prefetch_used_chunks=now["used"] - seen["used"],
+                     prefetch_wasted_chunks=now["wasted"] - seen["wasted"],
+                     prefetch_cancelled=now["cancelled"] - seen["cancelled"])
         return counters
 
     def close(self) -> None:

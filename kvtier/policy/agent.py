@@ -21,9 +21,15 @@ its own head.  A refused chunk is remembered (a ghost), so a second use finds it
 is no evidence of another, two are (the doorkeeper of TinyLFU).  Along a request the due time
 never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
 
-Hints: ``observe(keys, session=, now=)`` tells the policy a request's full key list, its session
-and the time (the simulator passes trace time; an engine passes its request's session id).
-Without hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
+Hints: ``observe(keys, session=, now=, retention=)`` tells the policy a request's full key list,
+its session, the time (the simulator passes trace time; an engine passes its request's session id)
+and what retention the request asks for (``kvtier.policy.retention``).  Without hints the policy
+runs on ``time.monotonic``, one anonymous session, depth unknown.
+
+**Retention** comes first: every chunk has a rank (``2 x priority + 1 while its ttl runs``) and
+the victim is the chunk due last *of the lowest rank*; a chunk of a lower rank than the tier's
+victim is refused admission.  A ttl's end is noticed lazily (``AgentModel.expire``, before a
+victim is chosen) and re-queues the chunk under its lower rank.
 
 One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of every tier of a
 hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last
@@ -47,6 +53,7 @@ from dataclasses import dataclass, field
 
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import AWAITS, EvictionPolicy
+from kvtier.policy.retention import Retention, rank
 
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
@@ -54,7 +61,7 @@ _MAX_GHOSTS = 4096  # ghosts remembered beyond 4 per chunk held (oldest forgotte
 _HEAP_GROWTH = 3  # a heap is rebuilt once it holds more entries than this x its tier's chunks ...
 _HEAP_SLACK = 64  # ... + this (stale entries at most twice the live ones, amortised O(1) per use)
 _DEAD = math.inf
-_Entry = tuple[float, int, int, ChunkKey]  # a heap entry: (-due or last use, -depth, push order, key)
+_Entry = tuple[int, float, int, int, ChunkKey]  # a heap entry: (rank, -due or last use, -depth, push order, key)
 _HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
 _IDLE = 2.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
 
@@ -78,6 +85,9 @@ class _Node:
     stamp: int  # request that last updated it (one update per request)
     tiers: int = 0  # tier policies holding it
     own: float = _DEAD  # the next use its last session predicted for itself (``due`` may be another's, sooner)
+    priority: int = 0  # asked by the last request that named one (``Retention``)
+    keep_until: float = -math.inf  # kept at least until then (a request's ``ttl_s``)
+    rank: int = 0  # eviction rank: lowest first (``kvtier.policy.retention.rank``)
 
 
 class AgentModel:
@@ -97,12 +107,21 @@ class AgentModel:
         self._depth: dict[ChunkKey, int] = {}
         self._hinted = False
         self._floor, self._floor_depth = -math.inf, -1
+        self._retention: Retention | None = None  # the current request's
+        self._expiry: list[tuple[float, ChunkKey]] = []  # (keep_until, key) of chunks a ttl keeps
 
-    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
+                retention: Retention | None = None) -> None:
         self._hinted = True
         self.now = self._clock() if now is None else max(self.now, now)
         self._stamp += 1
         self._depth = {k: i for i, k in enumerate(keys)}
+        self._retention = retention if retention is not None and retention != Retention() else None
+        if self._retention is not None:  # chunks held already take it now (those stored later: ``touch``)
+            for key in keys:
+                node = self.nodes.get(key)
+                if node is not None and self._retain(key, node):
+                    self._repush(key, node)
         self._floor, self._floor_depth = -math.inf, -1  # due of the deepest chunk touched so far
         self._session_id = session
         if session is None:
@@ -220,7 +239,43 @@ class AgentModel:
         if self._hinted and depth >= self._floor_depth:
             self._floor, self._floor_depth = due, depth
         node.owner = self._session_id
+        if self._retention is not None and key in self._depth:
+            self._retain(key, node)
         return node
+
+    def _retain(self, key: ChunkKey, node: _Node) -> bool:
+        """Give ``node`` the current request's retention; True if its rank changed."""
+        r = self._retention
+        assert r is not None
+        if r.priority is not None:
+            node.priority = r.priority
+        if r.ttl_s is not None and self.now + r.ttl_s > node.keep_until:
+            node.keep_until = self.now + r.ttl_s
+            heapq.heappush(self._expiry, (node.keep_until, key))
+            if len(self._expiry) > 2 * len(self.nodes) + _HEAP_SLACK:  # stale entries: keep it bounded
+                self._expiry = [(n.keep_until, k) for k, n in self.nodes.items() if n.keep_until > self.now]
+                heapq.heapify(self._expiry)
+        before, node.rank = node.rank, rank(node.priority, node.keep_until, self.now)
+        return node.rank != before
+
+    def rank_of(self, key: ChunkKey) -> int:
+        """The rank ``key`` has, or would get if the current request used it now; changes nothing."""
+        node = self.nodes.get(key) or self.ghosts.get(key)
+        priority, keep = (0, -math.inf) if node is None else (node.priority, node.keep_until)
+        r = self._retention
+        if r is not None and key in self._depth:
+            priority = priority if r.priority is None else r.priority
+            keep = keep if r.ttl_s is None else max(keep, self.now + r.ttl_s)
+        return rank(priority, keep, self.now)
+
+    def expire(self) -> None:
+        """Chunks whose ttl ended go back to their priority's rank (re-queued)."""
+        while self._expiry and self._expiry[0][0] <= self.now:
+            _, key = heapq.heappop(self._expiry)
+            node = self.nodes.get(key)
+            if node is not None and node.rank != (now_rank := rank(node.priority, node.keep_until, self.now)):
+                node.rank = now_rank
+                self._repush(key, node)
 
     def _gap(self, node: _Node | None, now: float) -> float:
         if node is not None:  # used before: its own rhythm, this use included
@@ -268,14 +323,15 @@ class AgentPolicy(EvictionPolicy):
     """
 
     name = "agent"
+    ranks = True  # ``colder``
     idle = _IDLE  # an idle chunk is expected back after ``idle`` x its idle time
 
     def __init__(self, model: AgentModel | None = None) -> None:
         self.model = model or AgentModel()
         self.model.members.append(self)
         self.held: set[ChunkKey] = set()
-        self._by_due: list[tuple[float, int, int, ChunkKey]] = []  # (-due, -depth, seq, key): due last on top
-        self._by_age: list[tuple[float, int, int, ChunkKey]] = []  # (last use, -depth, seq, key): oldest on top
+        self._by_due: list[_Entry] = []  # (rank, -due, -depth, seq, key): lowest rank, due last on top
+        self._by_age: list[_Entry] = []  # (rank, last use, -depth, seq, key): lowest rank, oldest on top
         self._seq = 0
         self._refused: tuple[int, int, float] = (-1, 0, 0.0)  # (request stamp, depth, due) of a refusal
 
@@ -285,16 +341,17 @@ class AgentPolicy(EvictionPolicy):
         model = AgentModel()
         return [cls(model) for _ in range(n)]
 
-    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
-        self.model.observe(keys, session=session, now=now)
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
+                retention: Retention | None = None) -> None:
+        self.model.observe(keys, session=session, now=now, retention=retention)
 
     def observe_end(self, session: str, *, awaits: str) -> None:
         self.model.observe_end(session, awaits)
 
     def push(self, key: ChunkKey, node: _Node) -> None:
         self._seq += 1
-        heapq.heappush(self._by_due, (-node.due, -node.depth, self._seq, key))
-        heapq.heappush(self._by_age, (node.last_t, -node.depth, self._seq, key))
+        heapq.heappush(self._by_due, (node.rank, -node.due, -node.depth, self._seq, key))
+        heapq.heappush(self._by_age, (node.rank, node.last_t, -node.depth, self._seq, key))
         limit = _HEAP_GROWTH * len(self.held) + _HEAP_SLACK
         if len(self._by_due) > limit:
             self._by_due = self._compact(self._by_due, True)
@@ -313,9 +370,9 @@ class AgentPolicy(EvictionPolicy):
         nodes, held = self.model.nodes, self.held
         first: dict[ChunkKey, _Entry] = {}
         for entry in heap:  # live as in ``_live``
-            key = entry[3]
-            if key in held and (node := nodes.get(key)) is not None and node.depth == -entry[1] and (
-                    node.due == -entry[0] if due else node.last_t == entry[0]):
+            key = entry[4]
+            if key in held and (node := nodes.get(key)) is not None and node.depth == -entry[2] and (
+                    node.rank == entry[0]) and (node.due == -entry[1] if due else node.last_t == entry[1]):
                 kept = first.get(key)
                 if kept is None or entry < kept:
                     first[key] = entry
@@ -350,7 +407,7 @@ class AgentPolicy(EvictionPolicy):
         if top is None:
             return True
         due, depth = model.predict(key)
-        if (due, depth) < top[:2]:
+        if (-model.rank_of(key), due, depth) < top[:3]:
             return True
         model.remember(key, due, depth)
         if model.hinted:  # its descendants in this request are refused too (a child needs its parent)
@@ -358,13 +415,13 @@ class AgentPolicy(EvictionPolicy):
         return False
 
     def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:
-        skipped: list[tuple[list[tuple[float, int, int, ChunkKey]], tuple[float, int, int, ChunkKey]]] = []
+        skipped: list[tuple[list[_Entry], _Entry]] = []
         victim = None
         while (top := self._victim()) is not None:
-            heap = self._by_due if top[2] else self._by_age
+            heap = self._by_due if top[3] else self._by_age
             entry = heapq.heappop(heap)
-            if evictable(entry[3]):
-                victim = entry[3]
+            if evictable(entry[4]):
+                victim = entry[4]
                 break
             skipped.append((heap, entry))  # pinned or in use: put back once the search ends
         for heap, entry in skipped:
@@ -374,23 +431,36 @@ class AgentPolicy(EvictionPolicy):
             self.model.release(victim)
         return victim
 
-    def _victim(self) -> tuple[float, int, bool] | None:
-        """(score, depth, from the due heap) of the chunk to evict next, or None if empty."""
+    def _victim(self) -> tuple[int, float, int, bool] | None:
+        """(-rank, score, depth, from the due heap) of the chunk to evict next (the largest of the
+        first three), or None if empty."""
+        self.model.expire()
         by_due, by_age = self._live(self._by_due, True), self._live(self._by_age, False)
         now = self.model.now
-        due = None if by_due is None else (-by_due[0], -by_due[1], True)
-        aged = None if by_age is None else (now + self.idle * (now - by_age[0]), -by_age[1], False)
+        due = None if by_due is None else (-by_due[0], -by_due[1], -by_due[2], True)
+        aged = None if by_age is None else (-by_age[0], now + self.idle * (now - by_age[1]), -by_age[2], False)
         if due is None or aged is None:
             return due or aged
-        return due if due[:2] >= aged[:2] else aged
+        return due if due[:3] >= aged[:3] else aged
 
-    def _live(self, heap: list[tuple[float, int, int, ChunkKey]], due: bool) -> tuple[float, int, int, ChunkKey] | None:
+    def colder(self, victim: ChunkKey, than: ChunkKey) -> bool:
+        """Is ``victim`` (held here) ranked for eviction before ``than`` (held in some tier)?"""
+        nodes, now = self.model.nodes, self.model.now
+        a, b = nodes.get(victim), nodes.get(than)
+        if a is None or b is None:
+            return False
+
+        def order(n: _Node) -> tuple[int, float]:  # as ``_victim`` orders them (the larger goes first)
+            return -n.rank, max(n.due, now + self.idle * (now - n.last_t))
+        return order(a) > order(b)
+
+    def _live(self, heap: list[_Entry], due: bool) -> _Entry | None:
         """The top of ``heap`` once its stale entries are popped; None if it is empty."""
         nodes, held = self.model.nodes, self.held
         while heap:
-            value, neg_depth, _, key = heap[0]
+            rank_, value, neg_depth, _, key = heap[0]
             node = nodes.get(key)
-            if key in held and node is not None and node.depth == -neg_depth and (
+            if key in held and node is not None and node.depth == -neg_depth and node.rank == rank_ and (
                     node.due == -value if due else node.last_t == value):
                 return heap[0]
             heapq.heappop(heap)

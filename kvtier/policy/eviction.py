@@ -10,14 +10,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from kvtier.keys import ChunkKey
+from kvtier.policy.retention import Retention
 
 AWAITS = ("tool", "user")  # what an answer waits for (``observe_end``): a tool's result, or a human
 
 
 class EvictionPolicy(ABC):
     name: str
+    ranks: ClassVar[bool] = False  # answers ``colder`` (predicts reuse); else a prefetch takes free room only
 
     @abstractmethod
     def insert(self, key: ChunkKey, size: int) -> None:
@@ -39,12 +42,20 @@ class EvictionPolicy(ABC):
         """May ``key`` enter this tier, full now, at the cost of a victim?  (Admission control.)"""
         return True
 
-    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None) -> None:
-        """A request of ``session`` at time ``now`` is about to read ``keys`` (its full chunk list).
+    def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
+                retention: Retention | None = None) -> None:
+        """A request of ``session`` at time ``now`` is about to read ``keys`` (its full chunk list),
+        and asks ``retention`` for them (``kvtier.policy.retention``).
 
         A hint; policies that predict reuse use it (``AgentPolicy``), the others ignore it.
         """
         return None
+
+    def colder(self, victim: ChunkKey, than: ChunkKey) -> bool:
+        """Is ``victim`` (held in this tier) predicted to be needed after ``than``?  A prefetch may
+        take only the room of colder chunks (``kvtier.prefetch``); a policy that predicts nothing
+        answers False, so a prefetch takes free room only."""
+        return False
 
     def observe_end(self, session: str, *, awaits: str) -> None:
         """``session``'s request got its answer, which waits for ``awaits``: "tool" (a tool loop

@@ -9,6 +9,7 @@ and on, a warm-start pair sharing one disk tier, and one that must refuse a bad 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -239,3 +240,28 @@ def test_pinned_prompt_survives_eviction_and_restart(tiny_model: Path, tmp_path:
     assert counters["hit_tokens_disk"] == 256  # all of P's chunks; Q's were evicted by the flood
     assert second["phases"][1]["stats"]["counters"]["unpinned_chunks"] == 2
     assert list(pin_dir.glob("*.pin")) == []
+
+
+def test_request_retention_and_awaits_from_kv_transfer_params(tiny_model: Path, tmp_path: Path) -> None:
+    """Retention asked for per request, through vLLM: a low-priority session gives way to a normal
+    one (the default policy would keep the older session and refuse the newcomer); a later request
+    of it asks for a high priority and says its answer awaits a tool (no ``tool_call_tokens``), so
+    its chunks are prefetched back from disk into DRAM in the pause, over the normal session's."""
+    # 2 chunks, all of them open to prefetches; loads do not promote (what comes up is prefetched)
+    config = {"dram": {"capacity": "512KiB"}, "promotion": "never", "prefetch": {"dram_share": 1.0}}
+    spec = _kvtier(tmp_path, tmp_path / "disk")
+    spec["extra_config"].update(config)
+    P, Q = _tokens(70, 300), _tokens(71, 300)  # 2 chunks each + a tail
+
+    def ask(tokens: list[int], **kvtier: Any) -> dict[str, Any]:
+        return {"tokens": tokens, "kv_transfer_params": {"kvtier": kvtier}}
+
+    phases = [[ask(P, session="agent", priority="low")], [ask(Q, session="chat")],
+              [ask(P + _tokens(72, 20), session="agent", priority="high", awaits="tool")],
+              [_tokens(73, 10)]]  # its first step tells the worker that the answer before ended
+    out = run_vllm(_spec(tiny_model, phases, **spec), tmp_path, "retention")
+    counters = [phase["stats"]["counters"] for phase in out["phases"]]
+    assert counters[2]["hit_tokens_disk"] == 256 and "hit_tokens_dram" not in counters[2]  # P gave way to Q
+    assert counters[3]["answers_awaiting_tool"] == 1
+    final = json.loads((tmp_path / "stats.json").read_text())["counters"]  # at shutdown: the prefetch is done
+    assert final["prefetch_chunks"] == 2

@@ -139,3 +139,29 @@ def test_counters_move_on_metrics(server: str) -> None:
     assert second[("kvtier_load_tokens_total", "")] == 2 * CHUNK
     assert second[("kvtier_load_chunks_total", "")] == 2
     assert second[("kvtier_load_failed_chunks_total", "")] == 0
+
+
+def test_retention_fields_in_the_request_body_reach_kvtier(server: str) -> None:
+    """``kv_transfer_params`` in an OpenAI request body: ``awaits`` is told to the policy (counted
+    on /metrics, with no ``tool_call_tokens`` configured); a malformed field does not fail the request."""
+    def answers_awaiting_tool() -> float:
+        for family in text_string_to_metric_families(_get(f"{server}/metrics")):
+            for s in family.samples:
+                if s.name == "kvtier_answers_total" and s.labels.get("awaits") == "tool":
+                    return float(s.value)
+        return 0.0
+
+    def complete(prompt: list[int], kvtier: dict[str, object]) -> None:
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                           "kv_transfer_params": {"kvtier": kvtier}}).encode()
+        req = urllib.request.Request(f"{server}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 200
+
+    before = answers_awaiting_tool()
+    complete(PROMPT[:200], {"session": "agent-1", "priority": "high", "ttl_s": 60, "awaits": "tool"})
+    complete(PROMPT[:50], {"session": "agent-2", "priority": "urgent", "awaits": 7})  # bad: warned, served
+    deadline = time.monotonic() + SETTLE_S  # the end reaches the worker with a later step
+    while answers_awaiting_tool() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert answers_awaiting_tool() == before + 1

@@ -489,3 +489,45 @@ def test_decisions_are_counted_and_the_workers_samples_change_them() -> None:
                               "fetch_skipped_chunks": 2 + 4}
     assert plan.forward == (33, 33 * 33 / 2)  # a prefill of 33 new tokens: timed by the worker
     assert planner.build(Out([], {"a": 1})).forward is None  # a decode step teaches nothing
+
+
+def test_retention_and_awaits_from_the_request_reach_the_policy() -> None:
+    from kvtier.policy.retention import Retention
+
+    planner = _planner()  # no tool_call_tokens: only what requests say is told
+    tokens = list(range(1, 21))
+    said = [Req("t", tokens, status=Status("FINISHED_LENGTH_CAPPED"), output_token_ids=[5],
+                kv_transfer_params={"kvtier": {"session": "s1", "priority": "high", "ttl_s": 60, "awaits": "tool"}}),
+            Req("u", tokens, cache_salt="s2", status=Status("FINISHED_STOPPED"), output_token_ids=[5],
+                kv_transfer_params={"kvtier": {"priority": -3, "awaits": "user"}}),
+            Req("gone", tokens, status=Status("FINISHED_ABORTED"), output_token_ids=[],
+                kv_transfer_params={"kvtier": {"session": "s3", "awaits": "tool"}}),
+            Req("plain", tokens, cache_salt="s4", status=Status("FINISHED_STOPPED"), output_token_ids=[5])]
+    for req in said:
+        planner.match(req, 0)
+    hints = planner.build(Out([], {})).hints
+    assert [h.retention for h in hints] == [Retention(1, 60.0), Retention(-3, None), None, None]
+    for req in said:
+        planner.finished(req)
+    assert [(e.session, e.awaits) for e in planner.build(Out([], {})).ends] == [("s1", "tool"), ("s2", "user")]
+    assert parse_pin_request({"kvtier": {"pin": True, "priority": "low", "awaits": "user"}}) == PinRequest()
+
+
+def test_each_malformed_hint_field_is_one_warning_and_the_rest_stands(caplog: pytest.LogCaptureFixture) -> None:
+    from kvtier.policy.retention import Retention
+
+    planner = _planner()
+    params = {"kvtier": {"session": "s", "priority": "urgent", "ttl_s": 30, "awaits": "lunch"}}
+    planner.match(Req("r", list(range(16)), kv_transfer_params=params), 0)
+    (hint,) = planner.build(Out([], {})).hints
+    assert (hint.session, hint.retention) == ("s", Retention(None, 30.0))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == ["kvtier: request r: kv_transfer_params['kvtier']['priority'] must be one of low, normal, high "
+                     "or an int, got 'urgent'; normal priority",
+                     "kvtier: request r: kv_transfer_params['kvtier']['awaits'] must be one of tool, user, got "
+                     "'lunch'; ignored"]
+    caplog.clear()
+    planner.match(Req("q", list(range(16)), kv_transfer_params={"kvtier": {"awaits": "tool", "ttl_s": -1}}), 0)
+    text = caplog.text
+    assert "['ttl_s'] must be a positive number of seconds, got -1; no ttl" in text
+    assert "['awaits'] needs a session" in text

@@ -100,12 +100,12 @@ def test_workers_summed_by_vllm_then_observed(prom: KVConnectorProm) -> None:
 
 
 def test_unknown_and_bad_names_never_crash(prom: KVConnectorProm) -> None:
-    stats = {"prefetch_chunks": 2, "prefetch_s": 0.5, "bad-name": 1, "load_chunks": "x", "save_chunks": -1,
+    stats = {"novel_chunks": 2, "novel_s": 0.5, "bad-name": 1, "load_chunks": "x", "save_chunks": -1,
              "hit_tokens": 7, "pinned_chunks": 1}
     prom.observe(stats, 0)
     prom.observe(stats, 0)
-    assert value("kvtier_prefetch_chunks_total") == 4  # a new worker counter: a generic counter
-    assert value("kvtier_prefetch_seconds_total") == 1.0
+    assert value("kvtier_novel_chunks_total") == 4  # a new worker counter: a generic counter
+    assert value("kvtier_novel_seconds_total") == 1.0
     assert value("kvtier_load_chunks_total") == 0  # not a number
     assert value("kvtier_save_chunks_total") == 0  # a counter cannot go down
     assert value("kvtier_hit_tokens_total") is None  # would clash with the tier-labelled counter
@@ -114,9 +114,9 @@ def test_unknown_and_bad_names_never_crash(prom: KVConnectorProm) -> None:
 
 
 def test_a_second_stats_logger_starts_fresh(vllm_config: Any, prom: KVConnectorProm) -> None:
-    prom.observe({"save_chunks": 5, "inflight_loads": 2, "prefetch_chunks": 1}, 0)
+    prom.observe({"save_chunks": 5, "inflight_loads": 2, "novel_chunks": 1}, 0)
     again = KVConnectorProm(vllm_config, LABELNAMES, {0: ["tiny", "0"]})  # no "Duplicated timeseries"
     again.observe({"save_chunks": 1}, 0)
     assert value("kvtier_save_chunks_total") == 1
     assert value("kvtier_inflight_loads") is None
-    assert value("kvtier_prefetch_chunks_total") is None
+    assert value("kvtier_novel_chunks_total") is None

@@ -241,3 +241,43 @@ def test_pin_requests_are_records_on_disk_and_an_unwritable_one_is_a_warning(
     assert "pin records not written" in caplog.text and "background job failed" not in caplog.text
     assert worker.take_counters().values["pinned_chunks"] == 2  # the first request's only
     worker.close()
+
+
+def test_a_hints_retention_ranks_its_chunks() -> None:
+    from kvtier.policy.retention import Retention
+
+    core = _core(4)
+    try:
+        keys = core.memory.keys_for(list(range(16)))
+        core.hint([HintJob("r1", tuple(keys), "chat-7", Retention(priority=1, ttl_s=60.0))])
+        core.memory.store(keys, [np.zeros(LAYOUT.chunk_bytes, np.uint8)] * 2)
+        model = core.memory.indexes[0].policy.model  # type: ignore[attr-defined]
+        assert [model.nodes[k].rank for k in keys] == [3, 3]  # 2 x priority + 1 while the ttl runs
+    finally:
+        core.close()
+
+
+def test_a_tool_end_prefetches_the_sessions_chunks_counted(tmp_path: Path) -> None:
+    caches = {f"layer{i}": torch.zeros(NUM_BLOCKS, HEADS, BS, 2 * HD) for i in range(LAYERS)}
+    paged = PagedKV(caches, geometry_of(caches, BS), tokens_per_chunk=2 * BS)
+    tiers = [DramTier(LAYOUT, capacity_bytes=2 * LAYOUT.chunk_bytes),
+             DiskTier(LAYOUT, path=tmp_path, capacity_bytes=64 * LAYOUT.chunk_bytes, fsync=False)]
+    core = WorkerCore(ContextMemory(LAYOUT, tiers, prefetch_share=1.0), paged)  # type: ignore[arg-type]
+    try:
+        memory = core.memory
+        keys = memory.keys_for(list(range(32)))  # 4 chunks
+        payloads = [np.full(LAYOUT.chunk_bytes, i, np.uint8) for i in range(4)]
+        core.hint([HintJob("r1", tuple(keys[:2]), "agent")])
+        memory.store(keys[:2], payloads[:2])
+        memory.flush()
+        memory.store(keys[2:], payloads[2:])  # LRU: the session's chunks go down to disk
+        memory.flush()
+        memory.delete(keys[2:])
+        core.hint_ends([EndJob("agent", "tool")])
+        assert memory.prefetch.drain(60)
+        assert memory.lookup(keys[:2]).tiers == (0, 0)
+        counters = core.take_counters().values
+        assert counters["prefetch_chunks"] == 2 and counters["answers_awaiting_tool"] == 1
+        assert "prefetch_chunks" not in core.take_counters().values  # deltas: reported once
+    finally:
+        core.close()
