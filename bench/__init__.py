@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: this process's) with the checkout first on PYTHONPATH, so that a child
-    started as ``python -m bench....`` finds this package from any working directory."""
+    """``env`` (default: this process's) with the checkout on PYTHONPATH, so that a child started as
+    ``python -m bench....`` finds this package from any working directory (appended: entries the
+    caller put there keep their order)."""
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(ROOT) not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT)])
     return env
