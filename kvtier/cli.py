@@ -1,13 +1,13 @@
 """The ``kvtier`` command.
 
-    kvtier demo                 a multi-turn conversation through the default hierarchy
-    kvtier bench tiers          tier put/get throughput vs raw baselines
-    kvtier bench <name> ...     every module kvtier.bench.<name> with add_arguments() and run()
     kvtier config               print the effective configuration
     kvtier pins [--clear]       the disk tier's persistent pins (token warehouse), per model layout
+    kvtier demo                 a multi-turn conversation through the default hierarchy
+    kvtier bench <name> ...     the benchmark bench/<name>.py (``kvtier bench -h`` lists them)
 
-Each benchmark module defines ``add_arguments(parser)`` and ``run(args) -> int``; the CLI finds
-them by name, so adding a benchmark needs no change here.
+``demo`` and ``bench`` run the checkout's top-level ``bench`` package (``python -m bench ...``): the
+benchmarks, the demo and their harness are not in the wheel, and nothing else in ``kvtier`` imports
+them.
 
 A user error (a bad config value, a missing trace, an unknown policy: any ``KVTierError``) is one
 line on stderr, ``kvtier: error: <message>``, and exit status 2, as argparse does for bad options;
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
-import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import kvtier.bench
 from kvtier.errors import KVTierError
 
 if TYPE_CHECKING:
@@ -34,11 +33,6 @@ if TYPE_CHECKING:
 # optional modules -> the extra that installs them (pyproject.toml)
 EXTRAS = {"rich": "bench", "matplotlib": "bench", "vllm": "vllm", "redis": "redis", "mooncake": "mooncake",
           "torch": "torch", "transformers": "hf", "yaml": "yaml"}
-
-
-def _bench_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(kvtier.bench.__path__)
-                  if not m.name.startswith("_") and not m.ispkg and m.name not in ("common",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,20 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("args", nargs=argparse.REMAINDER)
 
     bench = sub.add_parser("bench", help="benchmarks (each compares against its baseline in the same run)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name in _bench_modules():
-        module = importlib.import_module(f"kvtier.bench.{name}")
-        if not hasattr(module, "add_arguments"):
-            continue
-        p = bench_sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def guarded(command: Callable[[list[str]], int], argv: list[str]) -> int:
+    """``command(argv)``, a user error as one line on stderr and exit status 2 (see above)."""
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        return command(argv)
     except KVTierError as exc:
         print(f"kvtier: error: {exc}", file=sys.stderr)
         return 2
@@ -85,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["demo"]:  # argparse's REMAINDER does not take options ("--turns 3") before a positional
-        return int(importlib.import_module("kvtier.demo").main(argv[1:]))
+    # argparse's REMAINDER does not take options ("--turns 3", "-h") before a positional
+    if argv[:1] == ["demo"]:
+        return _bench_run(argv)
+    if argv[:1] == ["bench"]:
+        return _bench_run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "config":
@@ -102,10 +97,20 @@ def _main(argv: list[str]) -> int:
         from kvtier.config import load_config
 
         return _pins(load_config(args.file).disk.path, clear=args.clear)
-    if args.command == "demo":
-        demo = importlib.import_module("kvtier.demo")
-        return int(demo.main(args.args))
-    return int(args._run(args))
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _bench_run(argv: list[str]) -> int:
+    """``python -m bench ARGV`` in this process, from the checkout this ``kvtier`` was imported from."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "bench" / "__main__.py").is_file():
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+    elif importlib.util.find_spec("bench") is None:
+        raise KVTierError("`kvtier bench` and `kvtier demo` run from a kvtier checkout (the benchmarks and the demo "
+                          "are not in the wheel): git clone the repository, then `python -m bench ...` there")
+    bench_main = importlib.import_module("bench.__main__")
+    return int(bench_main.run(argv, prog="kvtier bench"))
 
 
 def _warn_unreachable_redis(config: KVTierConfig) -> None:

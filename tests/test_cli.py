@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,3 +135,37 @@ def test_a_missing_optional_package_names_its_extra(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
     out = _kvtier(["config", "--file", str(tmp_path / "kvtier.yaml")])  # with PyYAML
     assert out.returncode == 0 and json.loads(out.stdout)["chunk_tokens"] == 128
+
+
+BENCHMARKS = "{agentic,g4,tiers,tight,trace,vllm}"
+
+
+def test_bench_and_demo_run_the_checkouts_bench_package_from_anywhere(tmp_path: Path) -> None:
+    """``kvtier bench``/``kvtier demo`` run ``bench/`` (not in the wheel) of the checkout kvtier came from."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "kvtier").symlink_to(ROOT / "kvtier")  # kvtier from elsewhere; bench/ only beside the real one
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")} | {"PYTHONPATH": str(site)}
+
+    def kvtier(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kvtier.cli", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+
+    out = kvtier("bench", "-h")
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: kvtier bench [-h] {BENCHMARKS}"), out.stderr
+    out = kvtier("bench", "tight", "-h")
+    assert out.returncode == 0 and out.stdout.startswith("usage: kvtier bench tight"), out.stderr
+    out = kvtier("demo", "--turns", "0")
+    assert out.returncode == 2 and "kvtier demo: error: argument --turns: expected a positive integer" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "bench", "-h"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: python -m bench [-h] {BENCHMARKS}"), out.stderr
+
+
+def test_bench_without_a_checkout_is_one_line(tmp_path: Path) -> None:
+    """An installed wheel has no benchmarks: ``kvtier bench`` says where they are."""
+    shutil.copytree(ROOT / "kvtier", tmp_path / "site" / "kvtier", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")} | {"PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "tiers"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("kvtier: error: `kvtier bench` and `kvtier demo` run from a kvtier checkout")

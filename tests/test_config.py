@@ -327,7 +327,7 @@ def test_secrets_stay_out_of_repr_and_printouts(tmp_path: Path) -> None:
 
 
 def test_a_failing_connection_logs_no_secret(caplog: pytest.LogCaptureFixture) -> None:
-    from kvtier.bench.servers import free_port
+    from bench.harness.servers import free_port
     from kvtier.tiers.redis import RedisTier
     from tests.conftest import make_keys
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.servers import free_port
+from bench.harness.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

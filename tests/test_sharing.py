@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier.bench.servers import MooncakeServers, RedisClusterServers
+from bench.harness.servers import MooncakeServers, RedisClusterServers
 from kvtier.config import KVTierConfig, from_dict
 from kvtier.hierarchy import ContextMemory
 from kvtier.layout import KVLayout
@@ -104,7 +104,7 @@ def test_two_nodes_share_through_mooncake(tmp_path: Path, mooncake_servers: Moon
 
 @pytest.mark.parametrize("g4", ["redis", "mooncake"])
 def test_g4_down_at_start_is_a_cold_start_not_a_crash(tmp_path: Path, g4: str) -> None:
-    from kvtier.bench.servers import free_port
+    from bench.harness.servers import free_port
 
     section: dict[str, Any] = (
         {"url": f"redis://127.0.0.1:{free_port()}/0", "cluster": True} if g4 == "redis" else

@@ -1,6 +1,6 @@
 """kvtier inside a real GPU vLLM: greedy outputs equal to plain vLLM's, scenario by scenario.
 
-Every engine is its own process (``kvtier.integrations.vllm_runner``), bf16, FLASH_ATTN (FA3 on
+Every engine is its own process (``bench.harness.vllm_runner``), bf16, FLASH_ATTN (FA3 on
 Hopper), block 16, kvtier chunks of 256 tokens, DRAM + local disk.  Scenarios, each compared
 token for token with plain vLLM (no connector) on the same prompts and engine settings:
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier.integrations.vllm_runner import VllmRunFailed, run_in_subprocess
+from bench.harness.vllm_runner import VllmRunFailed, run_in_subprocess
 
 CHUNK = 256
 

@@ -32,7 +32,7 @@ Parts (``--part single|agentic|noreuse|all``, or a comma list):
   (recompute's for P + s, vllm's for P + v).
 * agentic: ``--sessions`` concurrent sessions from the kv-cache-tester traces (``--workload kvtester``)
   or the synthetic agents (``--workload synthetic``), scaled to ``--max-context`` and ``--turns``, gaps
-  compressed by ``--time-scale`` (``kvtier.bench.sessions``); vLLM's own KV is capped
+  compressed by ``--time-scale`` (``bench.harness.sessions``); vLLM's own KV is capped
   (``num_gpu_blocks_override``) to ``--engine-kv-fraction`` (1/4) of the sessions' working set.
   kvtier = DRAM + disk, lmcache = CPU + disk (same sizes), vllm-offload = CPU (it has no disk tier).
 * noreuse: distinct random prompts from ``--sessions`` closed-loop streams, in the same engine right
@@ -134,7 +134,7 @@ def write_model(model: ModelSpec, root: Path, max_positions: int) -> Path:
     """A Llama-3.1-shaped config.json (dummy weights), or for ``tiny`` a random-weight Qwen2 checkpoint."""
     path = root / f"model-{model.name}-{max_positions}"
     if model.load_format != "dummy":
-        from kvtier.integrations.vllm_models import build_random_model
+        from bench.harness.models import build_random_model
 
         return build_random_model(path, max_position_embeddings=max_positions, **model.shape)
     shape = model.shape
@@ -247,7 +247,7 @@ class Engine:
         if e.get("executor"):
             kw["distributed_executor_backend"] = e["executor"]
         if self.spec["connector"] is not None:  # kvtier | offload | lmcache: the runner's KVTransferConfig
-            from kvtier.integrations.vllm_runner import kv_transfer_config
+            from bench.harness.vllm_runner import kv_transfer_config
 
             kw["kv_transfer_config"] = kv_transfer_config(self.spec["connector"], self.spec["extra_config"])
         t0 = time.perf_counter()
@@ -436,7 +436,7 @@ async def part_single(eng: Engine, cfg: dict[str, Any], deadline: Deadline) -> d
 
 
 def build_sessions(cfg: dict[str, Any]) -> list[Any]:
-    from kvtier.bench.sessions import kvtester_requests, synthetic_requests, to_sessions
+    from bench.harness.sessions import kvtester_requests, synthetic_requests, to_sessions
 
     if cfg["workload"] == "synthetic":
         requests = synthetic_requests(sessions=cfg["sessions"], turns=cfg["turns"], max_context=cfg["max_context"],
@@ -450,8 +450,8 @@ def build_sessions(cfg: dict[str, Any]) -> list[Any]:
 
 
 async def part_agentic(eng: Engine, cfg: dict[str, Any], deadline: Deadline) -> dict[str, Any]:
-    from kvtier.bench.live import synthesize_tokens
-    from kvtier.bench.sessions import TurnResult, summarize
+    from bench.harness.live import synthesize_tokens
+    from bench.harness.sessions import TurnResult, summarize
 
     sessions = build_sessions(cfg)
     prompts = [[synthesize_tokens(t.request, vocab=cfg["vocab"]) for t in s.turns] for s in sessions]
@@ -502,7 +502,7 @@ def _output_rate(results: list[Any]) -> float:
 
 
 async def part_noreuse(eng: Engine, cfg: dict[str, Any], deadline: Deadline) -> dict[str, Any]:
-    from kvtier.bench.sessions import TurnResult, summarize
+    from bench.harness.sessions import TurnResult, summarize
 
     await eng.reset_prefix_cache()
     results: list[TurnResult] = []

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from kvtier.bench.costmodel import CostModel, model_shape
-from kvtier.bench.sim import TierSpec, belady, ideal, prefix_bound, prepare, simulate
-from kvtier.bench.workloads.stream import Request
+from bench.sim.costmodel import CostModel, model_shape
+from bench.sim.sim import TierSpec, belady, ideal, prefix_bound, prepare, simulate
+from bench.sim.workloads.stream import Request
 from kvtier.policy.eviction import POLICIES
 
 COST = CostModel(shape=model_shape("llama-3.1-8b"))
@@ -84,7 +84,7 @@ def test_bound_reaches_the_ideal_with_room_and_nothing_without() -> None:
 
 def test_bound_on_the_shared_conversations(shared_traces) -> None:
     # the case: lru-prefix got more prefix hits than MIN; none gets more than the bound
-    from kvtier.bench.workloads.kvtester import load_kvtester_dir
+    from bench.sim.workloads.kvtester import load_kvtester_dir
 
     work = prepare(load_kvtester_dir(sorted((shared_traces / "kv-cache-tester").glob("*.json"))))
     capacity = work.unique_chunks * COST.shape.layout.bytes_per_token * work.chunk_tokens // 4

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from kvtier.bench.costmodel import CostModel, Link, model_shape
+from bench.sim.costmodel import CostModel, Link, model_shape
 from kvtier.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ def test_shapes() -> None:
 def test_measured_figures_and_fetch_or_recompute(tmp_path) -> None:
     import json
 
-    from kvtier.bench.costmodel import measured, newest_measured
+    from bench.sim.costmodel import measured, newest_measured
 
     shape = model_shape("llama-3.1-8b")
     prefill = {"fixed_s": 0.04, "per_token_s": 2.5e-5, "per_token_ctx_s": 1e-9}

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.foresight import ForesightModel, family
-from kvtier.bench.sim import TierSpec, prefix_bound, prepare, simulate
-from kvtier.bench.tight import rate
-from kvtier.bench.trace import cost_model
-from kvtier.bench.workloads.stream import Request
-from kvtier.bench.workloads.synthetic import AgentWorkload, generate
+from bench.sim.foresight import ForesightModel, family
+from bench.sim.sim import TierSpec, prefix_bound, prepare, simulate
+from bench.sim.workloads.stream import Request
+from bench.sim.workloads.synthetic import AgentWorkload, generate
+from bench.tight import rate
+from bench.trace import cost_model
 from kvtier.cli import main
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.workloads.kvtester import load_kvtester, load_kvtester_dir, parse_conversation
+from bench.sim.workloads.kvtester import load_kvtester, load_kvtester_dir, parse_conversation
 from kvtier.errors import ConfigError
 
 
@@ -44,8 +44,8 @@ def test_nested_subagents_are_sessions_of_their_own() -> None:
 
 def test_sibling_subagents_share_their_prompt(shared_traces: Path) -> None:
     # trace_0010: four Explore sub-agents start from the same ~10K-token prompt
-    from kvtier.bench.costmodel import CostModel, model_shape
-    from kvtier.bench.sim import ideal, prepare
+    from bench.sim.costmodel import CostModel, model_shape
+    from bench.sim.sim import ideal, prepare
 
     reqs = load_kvtester(shared_traces / "kv-cache-tester" / "trace_0010.json")
     firsts = {}

@@ -19,9 +19,9 @@ from typing import ClassVar
 
 import pytest
 
-from kvtier.bench.live import replay_live, served_model, synthesize_tokens
-from kvtier.bench.workloads.mooncake import load_mooncake
-from kvtier.bench.workloads.stream import Request
+from bench.harness.live import replay_live, served_model, synthesize_tokens
+from bench.sim.workloads.mooncake import load_mooncake
+from bench.sim.workloads.stream import Request
 from kvtier.cli import main
 
 DELAY_S = 0.05

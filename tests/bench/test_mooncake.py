@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.workloads.mooncake import load_mooncake
+from bench.sim.workloads.mooncake import load_mooncake
 from kvtier.errors import ConfigError
 from tests.bench.conftest import write_mooncake
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kvtier.bench.live import Streamed, synthesize_tokens
-from kvtier.bench.sessions import (
+from bench.harness.live import Streamed, synthesize_tokens
+from bench.harness.sessions import (
     Session,
     Turn,
     TurnResult,
@@ -30,8 +30,8 @@ from kvtier.bench.sessions import (
     synthetic_requests,
     to_sessions,
 )
-from kvtier.bench.vllm import ROLES, plan_groups, select_roles
-from kvtier.bench.workloads.stream import Request
+from bench.sim.workloads.stream import Request
+from bench.vllm import ROLES, plan_groups, select_roles
 from kvtier.errors import ConfigError
 
 

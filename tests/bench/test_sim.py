@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvtier.bench.costmodel import CostModel, model_shape
-from kvtier.bench.sim import TierSpec, belady, ideal, prepare, simulate
-from kvtier.bench.workloads.kvtester import load_kvtester_dir
-from kvtier.bench.workloads.mooncake import load_mooncake
-from kvtier.bench.workloads.stream import Request
-from kvtier.bench.workloads.synthetic import AgentWorkload, generate
+from bench.sim.costmodel import CostModel, model_shape
+from bench.sim.sim import TierSpec, belady, ideal, prepare, simulate
+from bench.sim.workloads.kvtester import load_kvtester_dir
+from bench.sim.workloads.mooncake import load_mooncake
+from bench.sim.workloads.stream import Request
+from bench.sim.workloads.synthetic import AgentWorkload, generate
 from kvtier.layout import KVLayout
 from kvtier.policy.eviction import LRUPolicy, PrefixLRUPolicy
 from kvtier.tiers.null import NullTier

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from kvtier.bench.workloads.synthetic import AgentWorkload, generate
+from bench.sim.workloads.synthetic import AgentWorkload, generate
 from kvtier.errors import ConfigError
 
 

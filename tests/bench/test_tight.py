@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.tight import parse_capacities
+from bench.tight import parse_capacities
 from kvtier.cli import main
 from kvtier.errors import ConfigError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.trace import capacity, load_paths, repeat
+from bench.trace import capacity, load_paths, repeat
 from kvtier.cli import main
 from kvtier.errors import ConfigError
 

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import redis as redis_py
 
-from kvtier.bench.servers import RedisServer
+from bench import child_env
+from bench.harness.servers import RedisServer
 from tests.integrations.vllm_helpers import run_vllm
 from tests.tiers.servers import unique_prefix
 
@@ -141,9 +142,9 @@ def _run_with_signals(spec: dict[str, Any], workdir: Path, name: str,
     spec = {**spec, "handshake_dir": str(hand)}
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**child_env(), "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(workdir / f"{name}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvtier.integrations.vllm_runner", str(spec_path),
+        proc = subprocess.Popen([sys.executable, "-m", "bench.harness.vllm_runner", str(spec_path),
                                  str(out_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 400
@@ -211,7 +212,7 @@ def test_tensor_parallel_ranks_store_their_own_shards(tiny_model: Path, tmp_path
     a = _tokens(50, 300)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM cannot bind 2 workers to one NUMA node itself
     tp = {"tensor_parallel_size": 2}
-    from kvtier.integrations.vllm_runner import run_in_subprocess
+    from bench.harness.vllm_runner import run_in_subprocess
 
     want = run_in_subprocess(_spec(tiny_model, [[a], [a]], **tp), _dir(tmp_path / "ref"), "ref", env=env)
     got = run_in_subprocess(_spec(tiny_model, [[a], [a]], **tp, **_kvtier(tmp_path)), tmp_path, "tp", env=env)

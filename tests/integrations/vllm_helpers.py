@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvtier.integrations.vllm_models import build_random_model
-from kvtier.integrations.vllm_runner import VllmRunFailed, run_in_subprocess
+from bench.harness.models import build_random_model
+from bench.harness.vllm_runner import VllmRunFailed, run_in_subprocess
 
 __all__ = ["VllmRunFailed", "build_tiny_model", "run_vllm"]
 
@@ -27,5 +27,5 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 
 
 def run_vllm(spec: dict[str, Any], workdir: Path, name: str, timeout: float = 300) -> dict[str, Any]:
-    """Run ``spec`` with ``kvtier.integrations.vllm_runner`` in a fresh process (see there)."""
+    """Run ``spec`` with ``bench.harness.vllm_runner`` in a fresh process (see there)."""
     return run_in_subprocess(spec, workdir, name, timeout=timeout)

@@ -3,7 +3,7 @@
     from tests.tiers.servers import redis_standalone, redis_cluster  # noqa: F401
 
 Each fixture starts its servers once per module (fault tests build their own, since they kill
-them) and stops them afterwards; ``kvtier.bench.servers`` does the work, so the benchmark runs
+them) and stops them afterwards; ``bench.harness.servers`` does the work, so the benchmark runs
 the very same servers.  A missing binary is an error, not a skip: CI installs them.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvtier.bench.servers import MooncakeServers, RedisClusterServers, RedisServer
+from bench.harness.servers import MooncakeServers, RedisClusterServers, RedisServer
 from kvtier.config import BreakerConfig, MooncakeConfig, RedisConfig
 
 # Fast breaker for tests: open after 2 failures, probe again after 0.2 s (then 0.4, 0.8, ...).

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier.bench.servers import MooncakeServers
+from bench.harness.servers import MooncakeServers
 from kvtier.codec import encode_chunk
 from kvtier.config import BreakerConfig
 from kvtier.layout import KVLayout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from kvtier.bench.servers import RedisClusterServers, RedisServer
+from bench.harness.servers import RedisClusterServers, RedisServer
 from kvtier.codec import encode_chunk
 from kvtier.config import BreakerConfig, RedisConfig
 from kvtier.layout import KVLayout

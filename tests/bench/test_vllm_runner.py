@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvtier.integrations.vllm_runner import engine_args, kv_transfer_config
+from bench.harness.vllm_runner import engine_args, kv_transfer_config
 
 
 def test_cpu_defaults_are_unchanged() -> None:

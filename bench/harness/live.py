@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from kvtier.bench.workloads.stream import Request, block_keys
+from bench.sim.workloads.stream import Request, block_keys
 
 MIN_TOKEN_ID = 100
 
@@ -174,10 +174,10 @@ def replay_live(requests: Sequence[Request], endpoint: str, *, model: str, max_o
 
 
 def run_live(requests: Sequence[Request], args: argparse.Namespace, *, title: str) -> int:
-    from kvtier.bench import report
-    from kvtier.bench.sim import ideal as ideal_run
-    from kvtier.bench.sim import prepare
-    from kvtier.bench.trace import cost_model
+    from bench.sim import report
+    from bench.sim.sim import ideal as ideal_run
+    from bench.sim.sim import prepare
+    from bench.trace import cost_model
 
     endpoint = args.endpoint
     model = args.served_model or served_model(endpoint)

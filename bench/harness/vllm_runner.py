@@ -4,7 +4,7 @@ A fresh process per engine keeps runs independent (vLLM start-up state, the KV c
 connector's DRAM pool) and lets a "second process" share the first one's disk tier for real.
 ::
 
-    python -m kvtier.integrations.vllm_runner SPEC.json OUT.json
+    python -m bench.harness.vllm_runner SPEC.json OUT.json
 
 SPEC: ``{"model": path, "connector": "kvtier" | "example" | "offload" | "lmcache" | null, "extra_config": {...},
 "prefix_caching": bool, "block_size": int, "max_model_len": int, "max_tokens": int,
@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import child_env
 
 CONNECTORS = ("kvtier", "example", "offload", "lmcache")
 
@@ -210,14 +212,14 @@ class VllmRunFailed(RuntimeError):
 
 def run_in_subprocess(spec: dict[str, Any], workdir: Path, name: str, timeout: float = 600,
                       env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``spec`` in a fresh ``python -m kvtier.integrations.vllm_runner`` process; its result."""
+    """Run ``spec`` in a fresh ``python -m bench.harness.vllm_runner`` process; its result."""
     import subprocess
 
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.get("kv_cache_gib", 1)),
+    full_env = {**child_env(), "VLLM_CPU_KVCACHE_SPACE": str(spec.get("kv_cache_gib", 1)),
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "kvtier.integrations.vllm_runner", str(spec_path), str(out_path)],
+    proc = subprocess.run([sys.executable, "-m", "bench.harness.vllm_runner", str(spec_path), str(out_path)],
                           capture_output=True, text=True, timeout=timeout, env=full_env)
     (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.workloads.stream import Request
+from bench.sim.workloads.stream import Request
 from kvtier.errors import ConfigError
 
 

@@ -26,12 +26,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench import report
-from kvtier.bench.costmodel import CostModel
-from kvtier.bench.foresight import TELLS, family
-from kvtier.bench.sim import RunResult, TierSpec, Workload, ideal, prefix_bound, prepare, simulate
-from kvtier.bench.trace import cost_model, load_paths
-from kvtier.bench.workloads.synthetic import AgentWorkload, generate
+from bench.sim import report
+from bench.sim.costmodel import CostModel
+from bench.sim.foresight import TELLS, family
+from bench.sim.sim import RunResult, TierSpec, Workload, ideal, prefix_bound, prepare, simulate
+from bench.sim.workloads.synthetic import AgentWorkload, generate
+from bench.trace import cost_model, load_paths
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICIES
 

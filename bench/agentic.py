@@ -3,7 +3,7 @@
     kvtier bench agentic --sessions 64 --turns 50 --dram 5%,10%,25% --disk 50%
     kvtier bench agentic --sessions 8 --mode live --endpoint http://127.0.0.1:8000 --time-scale 0.1
 
-The workload (``kvtier.bench.workloads.synthetic``) is seeded: the same flags give the same
+The workload (``bench.sim.workloads.synthetic``) is seeded: the same flags give the same
 requests.  Replay options and output are those of ``kvtier bench trace``.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from kvtier.bench.trace import add_replay_arguments, replay
-from kvtier.bench.workloads.synthetic import AgentWorkload, generate
+from bench.sim.workloads.synthetic import AgentWorkload, generate
+from bench.trace import add_replay_arguments, replay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

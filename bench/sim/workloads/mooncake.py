@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvtier.bench.workloads.stream import Request
+from bench.sim.workloads.stream import Request
 from kvtier.errors import ConfigError
 
 MOONCAKE_BLOCK_TOKENS = 512

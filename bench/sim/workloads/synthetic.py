@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from kvtier.bench.workloads.stream import Request
+from bench.sim.workloads.stream import Request
 from kvtier.errors import ConfigError
 
 SCOPE = "synthetic-agent"

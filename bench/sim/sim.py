@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kvtier.bench.costmodel import CostModel
-from kvtier.bench.workloads.stream import Request, block_keys
+from bench.sim.costmodel import CostModel
+from bench.sim.workloads.stream import Request, block_keys
 from kvtier.errors import ConfigError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.bench.costmodel import CostModel
-from kvtier.bench.sim import RunResult
-from kvtier.bench.workloads.stream import StreamSummary
+from bench.sim.costmodel import CostModel
+from bench.sim.sim import RunResult
+from bench.sim.workloads.stream import StreamSummary
 
 CONTEXT_BUCKETS = (0, 8_192, 32_768, 131_072, 524_288, 1 << 62)
 

@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.bench.live import Streamed, stream_completion, synthesize_tokens
-from kvtier.bench.workloads.kvtester import parse_conversation
-from kvtier.bench.workloads.stream import Request
-from kvtier.bench.workloads.synthetic import AgentWorkload, generate
+from bench.harness.live import Streamed, stream_completion, synthesize_tokens
+from bench.sim.workloads.kvtester import parse_conversation
+from bench.sim.workloads.stream import Request
+from bench.sim.workloads.synthetic import AgentWorkload, generate
 from kvtier.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ Modes, each a fresh ``vllm serve`` on loopback with the same model, flags and
 
 vLLM's own prefix cache is on in every mode but its KV blocks are capped (``--engine-kv-tokens``,
 default half of what the sessions' contexts add up to) so that it overflows and a connector has
-something to serve.  Sessions are replayed closed-loop (``kvtier.bench.sessions``: each turn is
+something to serve.  Sessions are replayed closed-loop (``bench.harness.sessions``: each turn is
 sent a scaled gap after the previous answer).  Per mode: TTFT p50/p90, requests/s, the
 inter-token latency of running requests (p50/p90 overall, and p50/p90/max of the gaps during
 which another request was waiting for its first token: queued, loading KV or in prefill), and
@@ -34,8 +34,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.engines import EngineServer, EngineSpec, LMCacheServer, ServerFailed, lmcache_missing
-from kvtier.bench.sessions import (
+from bench.harness.engines import EngineServer, EngineSpec, LMCacheServer, ServerFailed, lmcache_missing
+from bench.harness.sessions import (
     Session,
     Turn,
     kvtester_requests,
@@ -44,7 +44,7 @@ from kvtier.bench.sessions import (
     synthetic_requests,
     to_sessions,
 )
-from kvtier.bench.workloads.stream import Request
+from bench.sim.workloads.stream import Request
 
 MODES = ("vllm", "kvtier", "lmcache")
 BLOCK_SIZE = 32
@@ -139,8 +139,8 @@ def run_concurrent(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from bench.harness.models import SHAPES, build_random_model, kv_bytes_per_token
     from kvtier.config import default_cache_dir
-    from kvtier.integrations.vllm_models import SHAPES, build_random_model, kv_bytes_per_token
 
     console = Console(width=max(Console().width, 150))  # the tables are wide; a pipe gets 80 columns
     modes = list(args.modes.split(",") if args.modes else MODES)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from kvtier.bench.sim import Workload
+from bench.sim.sim import Workload
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.policy.agent import _DEAD, AgentModel, AgentPolicy

@@ -15,7 +15,7 @@ throughput (target >= 0.8); ``paired`` = the median over rounds of raw time / kv
 same round, steadier when other work on the machine comes and goes.  Redis Cluster runs with 1
 and with 3 shards to show scaling.
 
-Servers: started on loopback for the run (``kvtier.bench.servers``) unless ``--redis-url`` /
+Servers: started on loopback for the run (``bench.harness.servers``) unless ``--redis-url`` /
 ``--redis-cluster-url`` / ``--mooncake-master`` point at existing ones.  Everything shares
 this machine's cores with the servers, so absolute numbers are a loopback floor, not a NIC's.
 """
@@ -226,7 +226,7 @@ def bench_mooncake(master: str, metadata: str, w: Workload, repeat: int,
 
 def rows(args: argparse.Namespace) -> list[Row]:
     """Every G4 row; also called by ``kvtier bench tiers --g4`` (missing options take defaults)."""
-    from kvtier.bench.servers import MooncakeServers, RedisClusterServers, RedisServer
+    from bench.harness.servers import MooncakeServers, RedisClusterServers, RedisServer
 
     quick = getattr(args, "quick", False)
     total = parse_size("64MiB" if quick else getattr(args, "total", "256MiB"))

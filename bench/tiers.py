@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         if args.g4:
             import importlib
 
-            rows += importlib.import_module("kvtier.bench.g4").rows(args)
+            rows += importlib.import_module("bench.g4").rows(args)
         rows += bench_lookup(repeat=10 if args.quick else 50)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench import report
-from kvtier.bench.costmodel import CostModel, Link, measured, model_shape, newest_measured
-from kvtier.bench.sim import RunResult, TierSpec, belady, ideal, prepare, simulate
-from kvtier.bench.workloads.kvtester import load_kvtester_dir
-from kvtier.bench.workloads.mooncake import load_mooncake
-from kvtier.bench.workloads.stream import Request, merge, summarize
+from bench.sim import report
+from bench.sim.costmodel import CostModel, Link, measured, model_shape, newest_measured
+from bench.sim.sim import RunResult, TierSpec, belady, ideal, prepare, simulate
+from bench.sim.workloads.kvtester import load_kvtester_dir
+from bench.sim.workloads.mooncake import load_mooncake
+from bench.sim.workloads.stream import Request, merge, summarize
 from kvtier.config import parse_size
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICIES
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- the shared replay harness --------------------------------------------------------------------
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "results"  # in a checkout
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "results"  # bench/ is in a checkout
 
 
 def cost_model(args: argparse.Namespace) -> CostModel:
@@ -158,7 +158,7 @@ def replay(requests: Sequence[Request], args: argparse.Namespace, *, title: str)
     if args.time_scale != 1.0:
         requests = [dataclasses.replace(r, time_s=r.time_s * args.time_scale) for r in requests]
     if args.mode == "live":
-        from kvtier.bench.live import run_live
+        from bench.harness.live import run_live
 
         return run_live(requests, args, title=title)
     cost = cost_model(args)

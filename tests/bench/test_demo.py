@@ -1,4 +1,4 @@
-"""The demo's quieting of vLLM, checked in real processes (the demo itself runs in scripts/demo.sh)."""
+"""bench/demo.py: its quieting of vLLM, checked in real processes (the demo itself runs in scripts/demo.sh)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.demo import main
+from bench.demo import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # An "engine process": configures logging as vLLM does (from VLLM_LOGGING_CONFIG_PATH), then says
 # what vLLM and kvtier say.
@@ -30,7 +30,7 @@ warnings.warn("another warning kept", UserWarning)
 DEMO = f"""
 import subprocess, sys
 from pathlib import Path
-from kvtier.demo import _quiet_engines
+from bench.demo import _quiet_engines
 _quiet_engines(Path(sys.argv[1]))
 sys.exit(subprocess.run([sys.executable, "-c", {ENGINE!r}]).returncode)
 """
@@ -49,7 +49,7 @@ def test_engines_keep_errors_and_kvtier_lines_only(tmp_path: Path) -> None:
 
 
 def test_a_users_vllm_log_level_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvtier.demo import _quiet_engines
+    from bench.demo import _quiet_engines
 
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)

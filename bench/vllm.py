@@ -25,7 +25,7 @@ fewer than one with a connector, and recompute looks about 2x slower than it is 
   it reads has stopped.  Groups of the default 2: [recompute, kvtier], [kvtier-fresh,
   lmcache], [example, lmcache-fresh].
 * ``--concurrent``: N agent sessions replayed live against one engine per mode (plain vLLM,
-  kvtier, LMCache); see ``kvtier.bench.concurrent``.
+  kvtier, LMCache); see ``bench.concurrent``.
 
 LMCache is optional (``pip install -e ".[peers]"``); when it is missing or its server does not
 start, one line says so and the other modes still run.  The table shows TTFT per size and each
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.engines import (
+from bench.harness.engines import (
     EngineServer,
     EngineSpec,
     LMCacheServer,
@@ -55,7 +55,7 @@ from kvtier.bench.engines import (
     default_cpu_bind,
     lmcache_missing,
 )
-from kvtier.integrations.vllm_models import SHAPES, kv_bytes_per_token
+from bench.harness.models import SHAPES, kv_bytes_per_token
 
 HIT_COLUMNS = ("kvtier-dram", "kvtier-disk", "lmcache-dram", "lmcache-disk", "example")
 
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-engines", type=int, default=2, help="single request: engines alive at once")
     parser.add_argument("--shape", choices=tuple(SHAPES), default=None,
                         help="random model shape (default: qwen2.5-0.5b; small with --concurrent)")
-    from kvtier.bench.concurrent import add_concurrent_arguments
+    from bench.concurrent import add_concurrent_arguments
 
     add_concurrent_arguments(parser.add_argument_group("concurrent mode (--concurrent)"))
 
@@ -134,7 +134,7 @@ def _prompts(sizes: list[int], seed: int, vocab: int = 150_000) -> list[list[int
 
 def _first_token(engine: EngineServer, prompt: list[int]) -> tuple[float, int]:
     """TTFT of a 1-token streamed completion, and that token."""
-    from kvtier.bench.live import stream_completion
+    from bench.harness.live import stream_completion
 
     body = {"model": engine.spec.name, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0.0,
             "ignore_eos": True, "return_token_ids": True}
@@ -158,14 +158,14 @@ def _wait_files_settled(path: Path, quiet_s: float = 2.0, timeout_s: float = 120
 
 def run(args: argparse.Namespace) -> int:
     if args.concurrent:
-        from kvtier.bench.concurrent import run_concurrent
+        from bench.concurrent import run_concurrent
 
         return run_concurrent(args)
     from rich.console import Console
     from rich.table import Table
 
+    from bench.harness.models import build_random_model
     from kvtier.config import default_cache_dir
-    from kvtier.integrations.vllm_models import build_random_model
 
     console = Console(width=max(Console().width, 150))  # the tables are wide; a pipe gets 80 columns
     sizes = [int(s) for s in args.sizes.split(",")]

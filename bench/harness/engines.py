@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtier.bench.servers import HOST, free_ports
+from bench.harness.servers import HOST, free_ports
 
 LMCACHE_ENV = {"LMCACHE_DISABLE_BANNER": "1", "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1"}
 SHM = Path("/dev/shm")
@@ -182,7 +182,7 @@ class EngineServer:
 
     def metrics(self) -> dict[str, float]:
         """vLLM's prefix-cache counters (its own cache and the connector's), summed over labels."""
-        from kvtier.bench.live import prefix_cache_counters
+        from bench.harness.live import prefix_cache_counters
 
         return prefix_cache_counters(self.url)
 

@@ -114,7 +114,7 @@ def _converse(llm: Any, turns: list[list[int]], system: list[int], answer_tokens
 def _engine(model: Path, kv_transfer_config: Any, max_len: int) -> Any:
     from vllm import LLM
 
-    from kvtier.integrations.vllm_runner import quiet_chat_warmup
+    from bench.harness.vllm_runner import quiet_chat_warmup
 
     quiet_chat_warmup()
 
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace, work: Path) -> int:
-    from kvtier.bench.engines import default_cpu_bind
+    from bench.harness.engines import default_cpu_bind
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # the same OpenMP threads for both engines: vLLM would give the one without a connector fewer
@@ -155,8 +155,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from rich.table import Table
     from vllm.config import KVTransferConfig
 
+    from bench.harness.models import build_random_model
     from kvtier.config import default_cache_dir
-    from kvtier.integrations.vllm_models import build_random_model
 
     console = Console()
     model_dir = args.model_dir or default_cache_dir() / "models" / "demo-random"
