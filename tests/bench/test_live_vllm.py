@@ -41,7 +41,9 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     model = build_tiny_model(tmp / "model")
     connector = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
                  "kv_role": "kv_both", "kv_connector_extra_config": {
-                     "chunk_tokens": 64, "dram": {"capacity": "64MiB"},
+                     # cost_model off: the test adds up hits, which the default fetch-or-recompute model
+                     # would trim (a disk hit of this tiny model is estimated slower than recomputing it)
+                     "chunk_tokens": 64, "dram": {"capacity": "64MiB"}, "cost_model": "off",
                      "disk": {"path": str(tmp / "disk"), "capacity": "256MiB", "fsync": False}}}
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
