@@ -20,6 +20,8 @@ cache salt; in a ``batch`` phase, abort the request after that many engine steps
 Engine settings (defaults: the CPU settings the tests use): ``dtype`` ("float32"), ``enforce_eager``
 (true), ``gpu_memory_utilization`` (0.3), ``attention_backend`` (vLLM's choice), ``load_format``
 (vLLM's; "dummy": random weights from the model's config), ``max_num_seqs`` (vLLM's),
+``async_scheduling`` (vLLM's), ``logprobs`` (k: each phase also returns ``logprobs``, per prompt
+and output position ``[[token, logprob], ...]`` best first),
 ``max_num_batched_tokens`` (``max_model_len``), ``offload_cpu_gib`` (8: the CPU space of vLLM's own
 ``OffloadingConnector``, connector "offload", unless ``extra_config`` sets ``cpu_bytes_to_use``).
 Connector "lmcache" is ``LMCacheConnectorV1`` (configured by its ``LMCACHE_*`` environment).
@@ -82,7 +84,7 @@ def engine_args(spec: dict[str, Any]) -> dict[str, Any]:
                                               offload_cpu_gib=spec.get("offload_cpu_gib", 8)),
         num_gpu_blocks_override=spec.get("num_gpu_blocks"), seed=0,
         tensor_parallel_size=spec.get("tensor_parallel_size", 1))
-    for key in ("attention_backend", "load_format", "max_num_seqs"):  # vLLM's defaults unless set
+    for key in ("attention_backend", "load_format", "max_num_seqs", "async_scheduling"):  # vLLM's defaults unless set
         if spec.get(key) is not None:
             args[key] = spec[key]
     return args
@@ -117,8 +119,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = make_llm(spec)
     startup = time.perf_counter() - t0
+    top = spec.get("logprobs")  # top-k logprobs per output token, to tell a near-tie from a wrong KV byte
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, detokenize=False,
-                            ignore_eos=True, stop_token_ids=spec.get("stop_token_ids"))
+                            ignore_eos=True, stop_token_ids=spec.get("stop_token_ids"), logprobs=top)
     stats_file = spec.get("stats_file")
     phases = []
     for i, prompts in enumerate(spec["phases"]):
@@ -126,7 +129,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             _handshake(Path(spec["handshake_dir"]), i)
         if i and spec.get("reset_prefix_cache"):
             reset_prefix_cache(llm)  # later phases cannot hit in vLLM's own cache
-        outputs, seconds = [], []
+        outputs, seconds, logprobs = [], [], []
         for batch in [prompts] if spec.get("batch") else [[p] for p in prompts]:
             inputs = [_engine_input(p) for p in batch]
             per_prompt = [_with_transfer_params(params, p.get("kv_transfer_params")) if isinstance(p, dict)
@@ -138,10 +141,24 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 results = llm.generate(inputs, per_prompt, use_tqdm=False)
                 outputs += [list(r.outputs[0].token_ids) for r in results]
+                if top:
+                    logprobs += [_top_logprobs(r.outputs[0].logprobs) for r in results]
             seconds.append(time.perf_counter() - t)
         stats = json.loads(Path(stats_file).read_text()) if stats_file and Path(stats_file).exists() else None
-        phases.append({"outputs": outputs, "seconds": seconds, "stats": stats})
+        phase: dict[str, Any] = {"outputs": outputs, "seconds": seconds, "stats": stats}
+        if top:
+            phase["logprobs"] = logprobs
+        phases.append(phase)
     return {"startup_s": startup, "phases": phases}
+
+
+def _top_logprobs(per_token: Any) -> list[list[list[float]]]:
+    """Per output position, ``[[token, logprob], ...]`` best first (vLLM adds the sampled token)."""
+    out = []
+    for position in per_token or []:
+        ranked = sorted(position.items(), key=lambda kv: -kv[1].logprob)
+        out.append([[int(token), float(lp.logprob)] for token, lp in ranked])
+    return out
 
 
 def reset_prefix_cache(llm: Any, timeout_s: float = 120) -> None:
