@@ -63,7 +63,7 @@ _HEAP_SLACK = 64  # ... + this (stale entries at most twice the live ones, amort
 _DEAD = math.inf
 _Entry = tuple[int, float, int, int, ChunkKey]  # a heap entry: (rank, -due or last use, -depth, push order, key)
 _HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
-_IDLE = 2.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
+_IDLE = 4.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
 
 
 @dataclass(slots=True)
@@ -72,12 +72,14 @@ class _Session:
     gap: float | None  # EWMA of inter-arrival gaps; None until the second call
     keys: Sequence[ChunkKey]  # the last request's keys (compaction detection)
     awaits: str | None = None  # its last response's end (``AgentModel.observe_end``); None: not told
+    end_t: float = 0.0  # when that end was told
     class_gap: dict[str, float] = field(default_factory=dict)  # EWMA of the gaps after each kind of end
 
 
 @dataclass(slots=True)
 class _Node:
     last_t: float  # last use
+    alive: float  # last sign of its session's life: its last use, or the end of the answer to that use
     due: float  # predicted next use
     depth: int  # chunk position in the request that last used it (deeper = evicted first on ties)
     gap: float | None  # EWMA of this chunk's own inter-use gaps
@@ -101,6 +103,7 @@ class AgentModel:
         self.ghosts: OrderedDict[ChunkKey, _Node] = OrderedDict()  # recently evicted: history kept
         self.members: list[AgentPolicy] = []
         self.class_gaps: dict[str, float] = {}  # EWMA over every session of the gaps after each kind of end
+        self.first_gap: float | None = None  # EWMA over every session of the gap between its first two calls
         self._stamp = 0
         self._session: _Session | None = None
         self._session_id: str | None = None
@@ -135,11 +138,14 @@ class AgentModel:
         else:
             self.sessions.move_to_end(session)
             gap = self.now - s.last_t
+            if s.gap is None:  # its second call: how long a new session takes to come back
+                self.first_gap = gap if self.first_gap is None else _EWMA * gap + (1 - _EWMA) * self.first_gap
             s.gap = gap if s.gap is None else _EWMA * gap + (1 - _EWMA) * s.gap
-            if s.awaits is not None:  # the gap after that kind of end
+            if s.awaits is not None:  # the gap after that kind of end, from the end
+                wait = max(0.0, self.now - s.end_t)
                 for gaps in (s.class_gap, self.class_gaps):
                     before = gaps.get(s.awaits)
-                    gaps[s.awaits] = gap if before is None else _EWMA * gap + (1 - _EWMA) * before
+                    gaps[s.awaits] = wait if before is None else _EWMA * wait + (1 - _EWMA) * before
                 s.awaits = None
             self._bury_tail(session, s.keys, keys)
             s.last_t, s.keys = self.now, keys
@@ -156,16 +162,17 @@ class AgentModel:
         if s is None:
             return
         s.awaits = awaits
+        s.end_t = end = max(s.last_t, self._clock() if not self._hinted else self.now)
         gap = s.class_gap.get(awaits, self.class_gaps.get(awaits))
-        if gap is None:  # no gap after this kind of end seen yet: the prediction stands
-            return
-        due = s.last_t + gap
         for key in s.keys:
             node = self.nodes.get(key)
             if node is None or node.owner != session or node.last_t != s.last_t or node.due == _DEAD:
                 continue  # not this request's use (a later one's, or gone), or a buried tail
-            node.due = min(due, node.due) if node.due < node.own else due
-            node.own = due
+            node.alive = end
+            if gap is not None:  # else no gap after this kind of end seen yet: the prediction stands
+                due = end + gap
+                node.due = min(due, node.due) if node.due < node.own else due
+                node.own = due
             self._repush(key, node)
 
     def _bury_tail(self, session: str, old: Sequence[ChunkKey], new: Sequence[ChunkKey]) -> None:
@@ -231,11 +238,12 @@ class AgentModel:
         now = self.now
         own = now + self._gap(node, now)
         if node is None:
-            node = self.nodes[key] = _Node(last_t=now, due=due, depth=depth, gap=None, owner=None, stamp=0)
+            node = self.nodes[key] = _Node(last_t=now, alive=now, due=due, depth=depth, gap=None, owner=None, stamp=0)
         else:
             reuse = now - node.last_t
             node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
         node.last_t, node.due, node.depth, node.stamp, node.own = now, due, depth, self._stamp, max(own, due)
+        node.alive = now
         if self._hinted and depth >= self._floor_depth:
             self._floor, self._floor_depth = due, depth
         node.owner = self._session_id
@@ -284,16 +292,19 @@ class AgentModel:
                 return _EWMA * reuse + (1 - _EWMA) * node.gap if reuse > 0 else node.gap
             if reuse > 0:
                 return reuse
-        if self._session is not None and self._session.gap is not None:
-            return self._session.gap
+        if self._session is not None:
+            if self._session.gap is not None:
+                return self._session.gap
+            if self.first_gap is not None:  # a new session: as new sessions came back so far
+                return self.first_gap
         return _HORIZON_S
 
     def remember(self, key: ChunkKey, due: float, depth: int) -> None:
         """``key`` was used now (predicted ``due``) but not admitted: a ghost keeps the use, so
         that a reuse is recognised."""
         if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
-            self.ghosts[key] = _Node(last_t=self.now, due=due, depth=depth, gap=None, owner=self._session_id,
-                                     stamp=self._stamp)
+            self.ghosts[key] = _Node(last_t=self.now, alive=self.now, due=due, depth=depth, gap=None,
+                                     owner=self._session_id, stamp=self._stamp)
             if len(self.ghosts) > _MAX_GHOSTS and len(self.ghosts) > 4 * len(self.nodes):
                 self._trim_ghosts()
 
@@ -351,7 +362,7 @@ class AgentPolicy(EvictionPolicy):
     def push(self, key: ChunkKey, node: _Node) -> None:
         self._seq += 1
         heapq.heappush(self._by_due, (node.rank, -node.due, -node.depth, self._seq, key))
-        heapq.heappush(self._by_age, (node.rank, node.last_t, -node.depth, self._seq, key))
+        heapq.heappush(self._by_age, (node.rank, node.alive, -node.depth, self._seq, key))
         limit = _HEAP_GROWTH * len(self.held) + _HEAP_SLACK
         if len(self._by_due) > limit:
             self._by_due = self._compact(self._by_due, True)
@@ -372,7 +383,7 @@ class AgentPolicy(EvictionPolicy):
         for entry in heap:  # live as in ``_live``
             key = entry[4]
             if key in held and (node := nodes.get(key)) is not None and node.depth == -entry[2] and (
-                    node.rank == entry[0]) and (node.due == -entry[1] if due else node.last_t == entry[1]):
+                    node.rank == entry[0]) and (node.due == -entry[1] if due else node.alive == entry[1]):
                 kept = first.get(key)
                 if kept is None or entry < kept:
                     first[key] = entry
@@ -451,7 +462,7 @@ class AgentPolicy(EvictionPolicy):
             return False
 
         def order(n: _Node) -> tuple[int, float]:  # as ``_victim`` orders them (the larger goes first)
-            return -n.rank, max(n.due, now + self.idle * (now - n.last_t))
+            return -n.rank, max(n.due, now + self.idle * (now - n.alive))
         return order(a) > order(b)
 
     def _live(self, heap: list[_Entry], due: bool) -> _Entry | None:
@@ -461,7 +472,7 @@ class AgentPolicy(EvictionPolicy):
             rank_, value, neg_depth, _, key = heap[0]
             node = nodes.get(key)
             if key in held and node is not None and node.depth == -neg_depth and node.rank == rank_ and (
-                    node.due == -value if due else node.last_t == value):
+                    node.due == -value if due else node.alive == value):
                 return heap[0]
             heapq.heappop(heap)
         return None
