@@ -146,7 +146,8 @@ def test_an_answer_that_waits_for_the_user_goes_before_one_that_calls_a_tool() -
     assert model.sessions["a"].class_gap == {"tool": 2.0, "user": 60.0}
     index.policy.observe_end("a", awaits="user")
     index.policy.observe_end("b", awaits="tool")
-    assert model.nodes[a[0]].due == 64.0 + 60.0 and model.nodes[b[0]].due == 64.5 + 2.0
+    # due after the gap, counted from when the end was told (the model's time: b's call at 64.5)
+    assert model.nodes[a[0]].due == 64.5 + 60.0 and model.nodes[b[0]].due == 64.5 + 2.0
     victims = [index.policy.pop_victim(lambda _: True) for _ in range(4)]
     assert set(victims) == set(a)
 
@@ -167,3 +168,34 @@ def test_an_end_keeps_a_shared_chunk_due_with_a_sooner_caller() -> None:
     assert model.nodes[system[0]].due < 110.0  # the shared one: f's next call comes first
     with pytest.raises(ValueError, match="awaits must be one of"):
         model.observe_end("h", "later")
+
+
+def test_a_new_session_is_due_after_the_gap_new_sessions_took() -> None:
+    # before any session came back, a new one is not expected back; once sessions came back 3 s after
+    # their first call, a new session's first context is due 3 s later (and so admitted over an idle one)
+    model = AgentModel()
+    model.observe(keys("a", 1), session="a", now=0.0)
+    assert model.predict(keys("a", 1)[0])[0] == 1e9
+    model.observe(keys("a", 1), session="a", now=3.0)
+    assert model.first_gap == 3.0
+    model.observe(keys("b", 1), session="b", now=10.0)
+    assert model.predict(keys("b", 1)[0])[0] == 13.0
+
+
+def test_an_answers_end_resets_idle_time_and_times_the_next_call() -> None:
+    # the gap after a tool call is learned from the answer's end; the end counts as a sign of life
+    model = AgentModel()
+    policy = AgentPolicy(model)
+    ks = keys("a", 2)
+    for t, end_at in ((0.0, 4.0), (10.0, 14.0), (20.0, None)):
+        model.observe(ks, session="a", now=t)
+        for k in ks:
+            policy.insert(k, 1)
+        if end_at is not None:
+            model.now = end_at  # what the simulator's clock says when the end is told
+            model.observe_end("a", "tool")
+    assert model.sessions["a"].class_gap == {"tool": pytest.approx(6.0)}  # 10 - 4, then 20 - 14
+    model.now = 25.0
+    model.observe_end("a", "tool")
+    node = model.nodes[ks[0]]
+    assert node.alive == 25.0 and node.due == pytest.approx(31.0)
