@@ -7,11 +7,11 @@ repository::
     git clone https://github.com/callanjfox/kv-cache-tester ../kv-cache-tester
     kvtier bench mixes ../kv-cache-tester/traces ...
 
-**Split.** A conversation belongs to the *tuning* set (policies may be tuned on mixes drawn from
-it) when ``xxh3_64(f"{seed}/{file name}")`` falls in the first ``tuning_share`` of the 64-bit
-range, else to the *held-out* set (reported, never tuned on); ``SPLIT_SEED`` by default.  A
-file's set depends only on its name and the seed, not on which other files a checkout has (a
-partial copy of the 739 files splits as the full set does).
+**Split.** The conversation files, sorted by name, are shuffled with ``random.Random(seed)``
+(``SPLIT_SEED`` by default) and cut in two: the first ``tuning_share`` are the *tuning* set
+(policies may be tuned on mixes drawn from it), the rest the *held-out* set (reported, never
+tuned on).  The split depends only on the file names and the seed, so adding a mix never moves a
+conversation between sets.
 
 **A mix** of ``count`` conversations is drawn from one set with ``random.Random((seed, mix))``;
 conversation ``i`` starts at the ``i``-th arrival of a Poisson process of mean gap
@@ -27,8 +27,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import xxhash
 
 from bench.sim.workloads.kvtester import load_kvtester
 from bench.sim.workloads.stream import Request, merge
@@ -51,13 +49,13 @@ def conversation_files(folder: str | Path) -> list[Path]:
 
 def split(files: Sequence[Path], *, seed: int = SPLIT_SEED,
           tuning_share: float = TUNING_SHARE) -> tuple[list[Path], list[Path]]:
-    """(tuning, held-out): each file by a seeded hash of its name (see the module docstring)."""
+    """(tuning, held-out): a seeded shuffle of the files sorted by name, cut at ``tuning_share``."""
     if not 0 < tuning_share < 1:
         raise ConfigError(f"tuning_share must be in (0, 1), got {tuning_share}")
-    cut = tuning_share * 2**64
-    tuning = [p for p in files if xxhash.xxh3_64_intdigest(f"{seed}/{p.name}".encode()) < cut]
-    held_out = [p for p in files if p not in set(tuning)]
-    return sorted(tuning), sorted(held_out)
+    order = sorted(files, key=lambda p: p.name)
+    random.Random(seed).shuffle(order)
+    cut = round(len(order) * tuning_share)
+    return sorted(order[:cut]), sorted(order[cut:])
 
 
 @dataclass(frozen=True, slots=True)
