@@ -10,8 +10,9 @@ repository::
 **Split.** The conversation files, sorted by name, are shuffled with ``random.Random(seed)``
 (``SPLIT_SEED`` by default) and cut in two: the first ``tuning_share`` are the *tuning* set
 (policies may be tuned on mixes drawn from it), the rest the *held-out* set (reported, never
-tuned on).  The split depends only on the file names and the seed, so adding a mix never moves a
-conversation between sets.
+tuned on).  The split depends on the seed and on the list of files: a checkout with other files
+splits differently, so every mix's files are listed in the benchmark's JSON (and replay alike from
+any checkout that has them).
 
 **A mix** of ``count`` conversations is drawn from one set with ``random.Random((seed, mix))``;
 conversation ``i`` starts at the ``i``-th arrival of a Poisson process of mean gap
