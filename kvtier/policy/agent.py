@@ -1,46 +1,44 @@
 """The agent-aware policy: evict the chunk whose next use is predicted furthest away.
 
-Agentic traffic says when a chunk comes back: a session's next call usually follows seconds
-later (a tool loop), sometimes minutes (a human); a shared prefix (system prompt, tools, a
-parent's context under sub-agents) comes back with whichever of its sessions calls first; a
-session that compacted its context never reads its old tail again.  So every chunk carries a
-**predicted next use** ``due`` and the victim is the chunk due last (among equals the deepest
+Agentic traffic says when a chunk comes back: a session's next call usually follows seconds later (a tool loop),
+sometimes minutes (a human); a shared prefix (system prompt, tools, a parent's context under sub-agents) comes back
+with whichever of its sessions calls first; a session that compacted its context never reads its old tail again. So
+every chunk carries a **predicted next use** ``due`` and the victim is the chunk due last (among equals the deepest
 chunk of its prefix, so a context shrinks from its tail and keeps a usable prefix)::
 
     used at t by session s:   due = min(t + gap, due if still ahead)   # shared: the first caller
     gap  = the chunk's own inter-use gap (EWMA) if it was used before, else the session's
-           inter-arrival gap (EWMA) if the session called before, else "not expected back"
-    idle:     victim score = max(due, now + 2 x (now - last use))      # heavy tails: idle for x,
-                                                                       # expect 2x more
+           inter-arrival gap (EWMA) if the session called before, else the gap new sessions
+           took to call a second time (``first_gap``, EWMA over sessions), else "not expected back"
+    answer ended (``observe_end``: a tool or the user next): due = end + the gap from such an end to the next call
+    idle:     victim score = max(due, now + 4 x (now - alive))         # heavy tails: idle for x,
+           alive = the last use, or the end of the answer to it        # expect 4x more
     compacted tail:           due = +inf                               # evicted first
 
-This is Belady's MIN with predictions in place of the future.  **Admission**: when the tier is
-full, a chunk that would itself be the victim is not admitted (``admit``), so a one-off context
-larger than the tier cannot flush it, and the tail of a long context is not stored in place of
-its own head.  A refused chunk is remembered (a ghost), so a second use finds its gap: one use
-is no evidence of another, two are (the doorkeeper of TinyLFU).  Along a request the due time
-never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
+This is Belady's MIN with predictions in place of the future. **Admission**: when the tier is full, a chunk that
+would itself be the victim is not admitted (``admit``), so a one-off context larger than the tier cannot flush it,
+and the tail of a long context is not stored in place of its own head. A refused chunk is remembered (a ghost), so a
+second use finds its gap: one use is no evidence of another, two are (the doorkeeper of TinyLFU). Along a request
+the due time never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
 
-Hints: ``observe(keys, session=, now=, retention=)`` tells the policy a request's full key list,
-its session, the time (the simulator passes trace time; an engine passes its request's session id)
-and what retention the request asks for (``kvtier.policy.retention``).  Without hints the policy
-runs on ``time.monotonic``, one anonymous session, depth unknown.
+Hints: ``observe(keys, session=, now=, retention=)`` tells the policy a request's full key list, its session, the
+time (trace time in the simulator) and what retention the request asks for (``kvtier.policy.retention``). Without
+hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
 
-**Retention** comes first: every chunk has a rank (``2 x priority + 1 while its ttl runs``) and
-the victim is the chunk due last *of the lowest rank*; a chunk of a lower rank than the tier's
-victim is refused admission.  A ttl's end is noticed lazily (``AgentModel.expire``, before a
-victim is chosen) and re-queues the chunk under its lower rank.
+**Retention** comes first: every chunk has a rank (``2 x priority + 1 while its ttl runs``) and the victim is the
+chunk due last *of the lowest rank*; a chunk of a lower rank than the tier's victim is refused admission. A ttl's
+end is noticed lazily (``AgentModel.expire``, before a victim is chosen) and re-queues the chunk under its lower
+rank.
 
-One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of every tier of a
-hierarchy (``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last
-use).  Every operation is O(log n) amortised: both keys are fixed between uses, so each use
-pushes one entry per heap and stale entries are dropped lazily when they surface.
+One ``AgentModel`` (sessions, chunk predictions) is shared by the policies of every tier of a hierarchy
+(``AgentPolicy.family``); each tier's policy keeps its own two heaps (by due, by last sign of life). Every operation
+is O(log n) amortised: both keys are fixed between uses, so each use pushes one entry per heap and stale entries are
+dropped lazily when they surface.
 
-Memory is bounded by what the tiers hold: a heap that grows past ``_HEAP_GROWTH`` x its tier's
-chunks (plus ``_HEAP_SLACK``) is rebuilt from its live entries (``AgentPolicy._compact``, amortised O(1) per
-use; the victims are the same); the model forgets the least recently seen sessions beyond
-``_MAX_SESSIONS`` and the oldest ghosts beyond ``max(4 x chunks held, _MAX_GHOSTS)``.
-"""
+Memory is bounded by what the tiers hold: a heap that grows past ``_HEAP_GROWTH`` x its tier's chunks (plus
+``_HEAP_SLACK``) is rebuilt from its live entries (``AgentPolicy._compact``, amortised O(1) per use; the victims are
+the same); the model forgets the least recently seen sessions beyond ``_MAX_SESSIONS`` and the oldest ghosts beyond
+``max(4 x chunks held, _MAX_GHOSTS)``."""
 
 from __future__ import annotations
 
@@ -152,10 +150,9 @@ class AgentModel:
         self._session = s
 
     def observe_end(self, session: str, awaits: str) -> None:
-        """``session``'s last request got its answer, which ends waiting for ``awaits``: "tool" (the
-        agent runs a tool and calls back, seconds later) or "user" (a human's turn, minutes).  The
-        chunks that request used are then due after the gap this session (else any session) had
-        after that kind of end; a chunk another session is due to read sooner keeps that time."""
+        """``session``'s last request got its answer, which waits for ``awaits``: "tool" (back in seconds) or "user"
+        (minutes). Its chunks are then due at the end plus the gap this session (else any) had from such an end to
+        its next call, unless another session reads them sooner; the end is a sign of life (``alive``)."""
         if awaits not in AWAITS:
             raise ValueError(f"awaits must be one of {AWAITS}, got {awaits!r}")
         s = self.sessions.get(session)
@@ -242,8 +239,8 @@ class AgentModel:
         else:
             reuse = now - node.last_t
             node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
-        node.last_t, node.due, node.depth, node.stamp, node.own = now, due, depth, self._stamp, max(own, due)
-        node.alive = now
+        node.last_t, node.alive, node.due, node.depth, node.stamp = now, now, due, depth, self._stamp
+        node.own = max(own, due)
         if self._hinted and depth >= self._floor_depth:
             self._floor, self._floor_depth = due, depth
         node.owner = self._session_id
@@ -292,16 +289,12 @@ class AgentModel:
                 return _EWMA * reuse + (1 - _EWMA) * node.gap if reuse > 0 else node.gap
             if reuse > 0:
                 return reuse
-        if self._session is not None:
-            if self._session.gap is not None:
-                return self._session.gap
-            if self.first_gap is not None:  # a new session: as new sessions came back so far
-                return self.first_gap
-        return _HORIZON_S
+        s = self._session  # else its session's rhythm; a new session's: as new sessions came back so far
+        gap = None if s is None else s.gap if s.gap is not None else self.first_gap
+        return _HORIZON_S if gap is None else gap
 
     def remember(self, key: ChunkKey, due: float, depth: int) -> None:
-        """``key`` was used now (predicted ``due``) but not admitted: a ghost keeps the use, so
-        that a reuse is recognised."""
+        """``key`` was used now (predicted ``due``) but not admitted: a ghost keeps the use to recognise a reuse."""
         if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
             self.ghosts[key] = _Node(last_t=self.now, alive=self.now, due=due, depth=depth, gap=None,
                                      owner=self._session_id, stamp=self._stamp)
@@ -327,11 +320,9 @@ class AgentModel:
 class AgentPolicy(EvictionPolicy):
     """One tier's eviction order under a shared ``AgentModel``; see the module docstring.
 
-    The victim maximises ``max(due, now + (now - last use))``: the larger of the two tops of a
-    heap by ``due`` and a heap by last use (both keys fixed between uses, so both heaps are
-    lazy: an entry is live while it matches its chunk).  Along a request's prefix ``due`` never
-    decreases and the last use never increases, so a parent never goes before its child.
-    """
+    The victim maximises ``max(due, now + idle x (now - alive))``: the larger of the tops of a heap by ``due`` and a
+    heap by ``alive`` (lazy: an entry is live while it matches its chunk). Along a request's prefix ``due`` never
+    decreases and ``alive`` never increases, so a parent never goes before its child."""
 
     name = "agent"
     ranks = True  # ``colder``
@@ -370,13 +361,12 @@ class AgentPolicy(EvictionPolicy):
             self._by_age = self._compact(self._by_age, False)
 
     def _compact(self, heap: list[_Entry], due: bool) -> list[_Entry]:
-        """``heap`` with, for each chunk held, only its live entry that surfaces first: the
-        entries ``_live`` would drop, and the duplicates a later use with the same prediction
-        pushed behind it, go.  The one order that can change: a chunk whose prediction comes
-        back exactly to an earlier one (re-inserted unchanged after a move between tiers, or
-        buried again at the same depth) would have revived an old entry, and now goes behind
-        its exact ties (tests/policy/test_policy_bounded.py compares every decision of a soak
-        with and without compaction; the simulator's hit ratios are the same to the last digit).  O(len(heap)), once per
+        """``heap`` with, for each chunk held, only its live entry that surfaces first: the entries ``_live`` would
+        drop, and the duplicates a later use with the same prediction pushed behind it, go. The one order that can
+        change: a chunk whose prediction comes back exactly to an earlier one (re-inserted unchanged after a move
+        between tiers, or buried again at the same depth) would have revived an old entry, and now goes behind its
+        exact ties (tests/policy/test_policy_bounded.py compares every decision of a soak with and without
+        compaction; the simulator's hit ratios are the same to the last digit). O(len(heap)), once per
         ``(_HEAP_GROWTH - 1) x len(held) + _HEAP_SLACK`` pushes at most."""
         nodes, held = self.model.nodes, self.held
         first: dict[ChunkKey, _Entry] = {}
@@ -443,8 +433,7 @@ class AgentPolicy(EvictionPolicy):
         return victim
 
     def _victim(self) -> tuple[int, float, int, bool] | None:
-        """(-rank, score, depth, from the due heap) of the chunk to evict next (the largest of the
-        first three), or None if empty."""
+        """(-rank, score, depth, from the due heap) of the next victim (the largest first three), or None."""
         self.model.expire()
         by_due, by_age = self._live(self._by_due, True), self._live(self._by_age, False)
         now = self.model.now
