@@ -49,7 +49,7 @@ from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.vllm_cost import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
-from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob
+from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")
@@ -97,6 +97,7 @@ class WorkerCore:
         self._forward: tuple[Any, int, float] | None = None  # the forward being timed: (start, new, pairs)
         self._forwards_timed: list[tuple[Any, Any, int, float]] = []  # CUDA: (start, end, ...) not yet read
         self._prefetch_seen: dict[str, int] = memory.prefetch.stats.as_dict()  # reported so far
+        self._closed: StepPlan | None = None  # the last plan ``close_step`` took
         memory.listen(self._on_change)
 
     def _on_change(self, tier: str, key: ChunkKey, added: bool) -> None:
@@ -333,6 +334,21 @@ class WorkerCore:
             logger.warning("kvtier: request %s: pin records not written (%s)", job.req_id, exc)
             return
         self.count(**{"unpinned_chunks" if job.unpin else "pinned_chunks": len(job.keys)})
+
+    def close_step(self, plan: StepPlan) -> None:
+        """The rest of a step's plan, once, after its saves (if it had a forward): pins, the
+        finished requests whose blocks vLLM holds for us, the scheduler's counts.  Called from
+        ``wait_for_save`` and again from ``get_finished``, which vLLM also calls in steps without a
+        forward (and so without ``wait_for_save``); the second call does nothing."""
+        if plan is self._closed:
+            return
+        self._closed = plan
+        self.end_step()
+        self.pin(plan.pins)
+        self.hold(plan.held)
+        if plan.uncacheable:
+            self.count(uncacheable_requests=plan.uncacheable)
+        self.count(**plan.decisions)
 
     # --- request lifetimes ----------------------------------------------------------------------
     def flush(self, req_ids: Iterable[str]) -> None:
