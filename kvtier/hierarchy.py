@@ -37,10 +37,12 @@ Follow a chunk:
   (they may be victims here) and leaves room for every other file (``_survey_disk``).
 
 Tiers without slots (below DRAM, or a top tier without ``capabilities.slots``) take bytes through ``Tier.put``
-(``_put``: demotion, write-through, chunks put below), room made the same way (``_make_room``).
+(``_put``: demotion, write-through, chunks put below), room made the same way (``Directory.prepare_store``).
 
-Threading: index state (``TierIndex``, ``PinSet``) changes under one lock; payload bytes move
-outside it.  A chunk being written is *pending*: lookups do not report it until its bytes are in.
+Bookkeeping lives in ``kvtier.directory`` (index, policies, pins, and each chunk's state: STORING,
+PRESENT, LEAVING, read), which never touches bytes; every method here is plan (directory) -> move
+(tiers) -> complete (directory).  Payload bytes move outside the directory's lock.  A chunk being
+written is STORING (*pending*): lookups do not report it until its bytes are in.
 """
 
 from __future__ import annotations
@@ -48,9 +50,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import math
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -59,11 +59,11 @@ from functools import partial
 import numpy as np
 
 from kvtier.config import KVTierConfig, check_openable, load_config, read_tenant_secret
+from kvtier.directory import Directory
 from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError, TierError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.policy.eviction import AWAITS, EvictionPolicy, make_policies
-from kvtier.policy.index import PinSet, TierIndex
 from kvtier.policy.retention import Retention
 from kvtier.prefetch import Prefetcher
 from kvtier.tiers import make_tier
@@ -193,19 +193,16 @@ class ContextMemory:
             raise ConfigError(f"write_through_share must be in [0, 1], got {write_through_share}")
         self.exclusive = exclusive  # see the module docstring
         self.write_through_share = write_through_share  # exclusive: leading share written through
-        self.indexes = [TierIndex(t.name, t.capacity_bytes, policy)
-                        for t, policy in zip(self.tiers, policies or make_policies(eviction, len(self.tiers)),
-                                             strict=True)]
-        self.pins = PinSet()  # this process's pins
-        self._evictable_at = [partial(self._evictable, level) for level in range(len(self.tiers))]
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
+        self.directory = Directory([t.name for t in self.tiers], [t.capacity_bytes for t in self.tiers],
+                                   policies or make_policies(eviction, len(self.tiers)),
+                                   chunk_bytes=layout.chunk_bytes, pin_records=self.pin_files)
+        self.indexes = self.directory.indexes  # read-only views of the directory's state
+        self.pins = self.directory.pins
+        self._lock = self.directory.lock  # held across a few directory calls and tier calls that must agree
         self._surveying = threading.Lock()  # one ``_survey_disk`` at a time
         self._survey_job: Future[None] | None = None  # one queued for the writer thread
-        self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
-        self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
-        self._held: Counter[ChunkKey] = Counter()  # being read (``_borrow``): no victims in the top tier
-        self._lock = threading.RLock()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WRITER)
         self._inflight: list[Future[None]] = []
         for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
@@ -241,11 +238,7 @@ class ContextMemory:
         (append to a list).  A chunk is reported when its space is reserved, before its bytes are
         in; a reader that acts on the report waits for the store itself (the vLLM worker does).
         """
-        with self._lock:
-            for index in self.indexes:
-                for key in list(index.sizes):
-                    callback(index.name, key, True)
-                index.on_change = callback
+        self.directory.listen(callback)
 
     # --- keys -------------------------------------------------------------------------------
     def keys_for(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
@@ -259,33 +252,10 @@ class ContextMemory:
     def lookup(self, keys: Iterable[ChunkKey]) -> PrefixHit:
         """Longest prefix of ``keys`` (any iterable) held by some tier, and the tier of each chunk."""
         keys = chunk_keys_arg(keys)
-        levels: list[int] = []
-        with self._lock:
-            if self._pending:
-                for key in keys:
-                    level = self._locate(key)
-                    if level is None:
-                        break
-                    levels.append(level)
-            else:  # the common case, kept tight: it runs in the engine's scheduler loop
-                top = self.indexes[0].sizes
-                for key in keys:
-                    if key in top:
-                        levels.append(0)
-                        continue
-                    level = self._locate(key, below=0)
-                    if level is None:
-                        break
-                    levels.append(level)
+        levels = self.directory.lookup(keys)
         if len(levels) < len(keys):
             levels += self._probe_shared(keys[len(levels):])
         return PrefixHit(tuple(levels), self.layout.tokens_per_chunk)
-
-    def _locate(self, key: ChunkKey, below: int = -1) -> int | None:
-        for level in range(below + 1, len(self.indexes)):
-            if key in self.indexes[level] and (level, key) not in self._pending:
-                return level
-        return None
 
     def _probe_shared(self, keys: Sequence[ChunkKey], batch: int = 64) -> list[int]:
         """Levels of the longest run of ``keys`` found by asking the shared tiers themselves."""
@@ -303,7 +273,7 @@ class ContextMemory:
                     if hit:
                         found[i] = level
             for key, level_or_none in zip(window, found, strict=True):
-                if level_or_none is None or (level_or_none, key) in self._leaving:
+                if level_or_none is None or self.directory.leaving(level_or_none, key):
                     return levels
                 levels.append(level_or_none)
         return levels
@@ -382,22 +352,12 @@ class ContextMemory:
     def _hold(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[list[ChunkKey], list[int]]]:
         """``lookup``, and hold the prefix found (no top-tier victims) for the block."""
         hit = self.lookup(keys)
-        keys, levels = list(keys[:hit.num_chunks]), list(hit.tiers)
-        slotted = self.tiers[0].capabilities.slots
-        with self._lock:
-            for i, key in enumerate(keys):
-                if levels[i] == 0 and slotted and key not in self.indexes[0]:
-                    level = self._locate(key, below=0)  # evicted since the lookup: demoted?
-                    if level is None:
-                        del keys[i:], levels[i:]
-                        break
-                    levels[i] = level
-            self._held.update(keys)
+        keys, levels = self.directory.prepare_load(keys[:hit.num_chunks], hit.tiers,
+                                                   top_slots=self.tiers[0].capabilities.slots)
         try:
             yield keys, levels
         finally:
-            with self._lock:
-                self._held -= Counter(keys)
+            self.directory.complete_load(keys)
 
     def _read(self, keys: list[ChunkKey], levels: list[int], targets: dict[int, np.ndarray]) -> tuple[int, list[int]]:
         """Read ``keys[i]`` into ``targets[i]``, one ``get_many_into`` per tier; a failed read
@@ -432,10 +392,7 @@ class ContextMemory:
         a store put it back since (pending, or there again: a local tier is asked, under the lock,
         so an eviction and a re-store between the read and now leave the new copy indexed)."""
         tier = self.tiers[level]
-        with self._lock:
-            if (level, key) in self._pending or (tier.capabilities.authoritative_contains and tier.contains(key)):
-                return
-            self.indexes[level].discard(key)
+        self.directory.forget(level, key, lambda: tier.capabilities.authoritative_contains and tier.contains(key))
 
     def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
         """Count hits (and misses) and refresh eviction order for chunks an engine read itself.
@@ -448,20 +405,12 @@ class ContextMemory:
         slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
         ``levels[i]``; ``miss_at`` (if not None) says the lookup missed after the served prefix.
         """
-        below = [self.indexes[level + 1:] for level in range(len(self.indexes))]
         with self._lock:
-            for key, level in zip(keys, levels, strict=False):
+            for level in levels[:len(keys)]:
                 self.tiers[level].stats.hits += 1
                 for above in range(level):
                     self.tiers[above].stats.misses += 1
-                index = self.indexes[level]
-                if key in index.sizes:
-                    index.touch(key)
-                elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes and self._still_there(level, key):
-                    index.add(key, self.chunk_bytes)  # another process wrote it: adopt
-                for lower in below[level]:  # write-through copies below
-                    if key in lower.sizes:
-                        lower.touch_copy(key)
+            self.directory.record_load(keys, levels, self._still_there)
             self.prefetch.served(keys, levels)
             if miss_at is not None:
                 for tier in self.tiers:
@@ -469,10 +418,8 @@ class ContextMemory:
 
     def _still_there(self, level: int, key: ChunkKey) -> bool:
         """Under the lock: may a chunk read from tier ``level`` but not in its index be adopted?
-        Not while it is leaving (an eviction or a delete since the read), nor once a local tier
-        no longer has it: an index entry with no bytes behind it would be a lie."""
-        if (level, key) in self._leaving:
-            return False
+        Not once a local tier no longer has it: an index entry with no bytes behind it would be
+        a lie (the directory refuses a LEAVING one: an eviction or a delete since the read)."""
         tier = self.tiers[level]
         return not tier.capabilities.authoritative_contains or tier.contains(key)
 
@@ -506,35 +453,20 @@ class ContextMemory:
         A chunk that gets none is *spilled*: its view is ``spill[i]`` (None: a fresh buffer).
         ``evictable``: which chunks may be victims, in place of admission control (a prefetch).
         """
-        index, top = self.indexes[0], self.tiers[0]
-        res = _Reservation(keys, [None] * len(keys))
-        victims: list[ChunkKey] = []
-        seen: set[ChunkKey] = set()
-        with self._lock:
-            room = top.capabilities.slots  # once a chunk finds none, the ones after it will not
-            for i, key in enumerate(keys):
-                if key in index or key in seen:  # held (or being written) already
-                    if key in index:
-                        index.touch(key)
-                    res.present.append(i)
-                    continue
-                seen.add(key)
-                leaving = (0, key) in self._leaving  # its old copy is being demoted: spilled, see _make_room
-                made = self._make_room(0, key, evictable) if room and not leaving else None
-                room = room and (leaving or made is not None)
-                (res.slotted if made is not None else res.spilled).append(i)
-                victims += made or []
+        top = self.tiers[0]
+        plan = self.directory.prepare_store(0, keys, room=top.capabilities.slots, evictable=evictable)
+        res = _Reservation(keys, [None] * len(keys), plan.reserved, plan.refused, plan.present)
         try:
-            self._demote(0, victims)
+            self._demote(0, plan.victims)
         except BaseException:  # a tier raised (a bug): the new chunks must not stay pending for good
-            self._settle(0, [keys[i] for i in res.slotted], stored=False)
+            self.directory.abort_store(0, [keys[i] for i in res.slotted])
             raise
         if res.slotted:
             assert top.capabilities.slots
             with self._lock:  # one at a time, in a row; a victim's slot still being read is refused
                 slots = {i: top.reserve([keys[i]]) for i in res.slotted}
             refused = [i for i, slot in slots.items() if slot is None]
-            self._settle(0, [keys[i] for i in refused], stored=False)
+            self.directory.abort_store(0, [keys[i] for i in refused])
             res.slotted, res.spilled = [i for i in res.slotted if slots[i] is not None], sorted(res.spilled + refused)
             for i, slot in slots.items():
                 res.views[i] = None if slot is None else slot[0]
@@ -579,67 +511,27 @@ class ContextMemory:
             top = self.tiers[0]
             assert top.capabilities.slots
             (top.commit if publish else top.abort)(keys)
-            self._settle(0, keys, stored=publish)
+            (self.directory.complete_store if publish else self.directory.abort_store)(0, keys)
         return keys
-
-    def _make_room(self, level: int, key: ChunkKey,
-                   evictable: Callable[[ChunkKey], bool] | None = None) -> list[ChunkKey] | None:
-        """Under the lock: index room for ``key`` in tier ``level``, pending; victims to demote, or None.
-
-        None too while the key's old copy is leaving this tier (a victim whose bytes ``_demote`` has
-        not deleted yet): the delete would take the new copy with it.  The chunk goes elsewhere
-        (spilled, or the tier below); one owner decides what a tier holds: its index, here.
-        """
-        if (level, key) in self._leaving:
-            return None
-        index = self.indexes[level]
-        victims = (index.plan_room(self.chunk_bytes, self._evictable_at[level], admit=key) if evictable is None
-                   else index.plan_room(self.chunk_bytes, evictable))
-        if victims is not None:
-            index.add(key, self.chunk_bytes)
-            self._pending.add((level, key))
-            for victim in victims:
-                self._leaving.add((level, victim))
-        return victims
-
-    def _settle(self, level: int, keys: Sequence[ChunkKey], *, stored: bool) -> None:
-        """Pending chunks of tier ``level`` are in (``stored``), or are not coming: drop them."""
-        with self._lock:
-            for key in keys:
-                self._pending.discard((level, key))
-                if not stored:
-                    self.indexes[level].discard(key)
-
-    def _evictable(self, level: int, key: ChunkKey) -> bool:
-        """May ``key`` be a victim in tier ``level``?  Not when pinned (here or on disk), pending or held."""
-        if key in self.pins or (level, key) in self._pending or (level == 0 and key in self._held):
-            return False
-        return self.pin_files is None or key not in self.pin_files
 
     # --- bytes into tiers without slots: demotion, write-through, chunks put below ----------
     def _put(self, level: int, key: ChunkKey, payload: np.ndarray) -> int | None:
         """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
         for lv in range(level, len(self.tiers)):
-            index = self.indexes[lv]
             if isinstance(disk := self.tiers[lv], DiskTier) and disk.survey_due():
                 self._survey_disk(lv)
-            with self._lock:
-                if key in index.sizes:
-                    index.touch(key)
-                    return lv
-                victims = self._make_room(lv, key)
-            if victims is None:  # everything here is pinned, or the chunk is larger than the tier
+            plan = self.directory.prepare_store(lv, [key])
+            if plan.present:
+                return lv
+            if not plan.reserved:  # everything here is pinned, or the chunk is larger than the tier
                 continue
             stored = False
             try:
-                if victims:
-                    self._demote(lv, victims)
+                if plan.victims:
+                    self._demote(lv, plan.victims)
                 stored = self.tiers[lv].put(key, payload)
-            finally:  # also when a put raises: the chunk must not stay pending for good (``_settle``)
-                with self._lock:
-                    self._pending.discard((lv, key))
-                    if not stored:
-                        index.discard(key)
+            finally:  # also when a put raises: the chunk must not stay pending for good
+                (self.directory.complete_store if stored else self.directory.abort_store)(lv, [key])
             if stored:
                 return lv
         return None
@@ -668,19 +560,10 @@ class ContextMemory:
                 tier.stats.errors += 1
                 log.warning("disk survey of %s failed: %s", tier.root.parent, exc)
                 return
-            index = self.indexes[level]
-            with self._lock:
-                index.capacity_bytes = max(0, tier.capacity_bytes - survey.other_bytes)
-                for key in survey.chunks:
-                    if key not in index.sizes and (level, key) not in self._leaving:
-                        index.add(key, self.chunk_bytes)
-                unseen = [k for k in index.sizes if k not in survey.chunks and (level, k) not in self._pending]
+            unseen = self.directory.reconcile(level, tier.capacity_bytes - survey.other_bytes, survey.chunks)
             gone = [k for k in unseen if not tier.has_file(k)]  # not just written after the listing
             tier.forget(gone)
-            with self._lock:
-                for key in gone:
-                    if (level, key) not in self._pending:
-                        index.discard(key)
+            self.directory.drop(level, gone)
         finally:
             self._surveying.release()
 
@@ -701,31 +584,25 @@ class ContextMemory:
                             tier.stats.demotions += 1
             finally:  # even when a put below raised: the index no longer has it, so neither may the tier
                 tier.delete(key)
-                with self._lock:
-                    self._leaving.discard((level, key))
+                self.directory.complete_leave(level, [key])
 
     # --- exclusive tiers: a chunk in one place, written through only where it must be ---------
     def _persist_share(self, keys: list[ChunkKey]) -> list[ChunkKey]:
         """What an exclusive hierarchy writes through: pinned chunks and the batch's leading share."""
-        lead = math.ceil(len(keys) * self.write_through_share)
-        with self._lock:
-            return [key for i, key in enumerate(keys) if i < lead or self._pinned(key)]
+        return self.directory.persist_share(keys, self.write_through_share)
 
     def _drop_below(self, keys: list[ChunkKey]) -> None:
         """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""
         if len(self.tiers) < 2:
             return
-        for key in keys:
-            with self._lock:
-                if key not in self.indexes[1] or not self._evictable(1, key) or (1, key) in self._leaving:
-                    continue
-                self.indexes[1].discard(key)
-                self._leaving.add((1, key))  # a reader's accounting must not adopt it again meanwhile
+        for key in keys:  # LEAVING meanwhile: a reader's accounting must not adopt it again
+            gone, marked = self.directory.prepare_leave(1, [key], evictable_only=True)
+            if not gone:
+                continue
             try:
                 self.tiers[1].delete(key)
             finally:
-                with self._lock:
-                    self._leaving.discard((1, key))
+                self.directory.complete_leave(1, marked)
 
     def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
              retention: Retention | None = None) -> None:
@@ -735,8 +612,7 @@ class ContextMemory:
         Optional; the agent policy predicts reuse from it (``kvtier.policy.agent``).  ``now``
         defaults to the policy's clock (``time.monotonic``); a replay passes trace time.
         """
-        with self._lock:
-            self.indexes[0].policy.observe(keys, session=session, now=now, retention=retention)
+        self.directory.observe(keys, session=session, now=now, retention=retention)
         self.prefetch.note(session, keys)
 
     def hint_end(self, session: str, *, awaits: str) -> None:
@@ -746,8 +622,7 @@ class ContextMemory:
         or not), a replay from the trace (kv-cache-tester's ``stop``)."""
         if awaits not in AWAITS:
             raise ArgumentValueError(f"awaits must be one of {', '.join(AWAITS)}, got {awaits!r}")
-        with self._lock:
-            self.indexes[0].policy.observe_end(session, awaits=awaits)
+        self.directory.observe_end(session, awaits=awaits)
         if awaits == "tool":  # back in seconds: its chunks below DRAM come up meanwhile (``kvtier.prefetch``)
             self.prefetch.start(session)
 
@@ -802,8 +677,7 @@ class ContextMemory:
                 raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
             self.pin_files.pin(keys, ttl_s)
             return
-        with self._lock:
-            self.pins.pin(keys, ttl_s)
+        self.directory.pin(keys, ttl_s)
 
     def unpin(self, keys: Sequence[ChunkKey], *, persist: bool = False) -> None:
         """Drop one in-process pin of each key; ``persist=True``: remove its persistent pin record
@@ -817,17 +691,12 @@ class ContextMemory:
                 raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
             self.pin_files.unpin(keys)
             return
-        with self._lock:
-            self.pins.unpin(keys)
+        self.directory.unpin(keys)
 
     def pinned(self, key: ChunkKey) -> bool:
         """Is ``key`` pinned, by this process or by a persistent record?"""
         (key,) = chunk_keys_arg([key], "key")
-        with self._lock:
-            return self._pinned(key)
-
-    def _pinned(self, key: ChunkKey) -> bool:
-        return key in self.pins or (self.pin_files is not None and key in self.pin_files)
+        return self.directory.pinned(key)
 
     # --- maintenance ------------------------------------------------------------------------
     def delete(self, keys: Sequence[ChunkKey]) -> None:
@@ -836,22 +705,16 @@ class ContextMemory:
         Earlier stores' write-through is waited for first; a chunk being stored at the same time
         by another thread (pending) is left to that store: the delete counts as the earlier of the
         two.  While its bytes go it is *leaving*, as an eviction victim is, so a store racing the
-        delete cannot lose its copy to it (``_make_room``).
+        delete cannot lose its copy to it (``Directory.prepare_store``).
         """
         keys = chunk_keys_arg(keys)
         wait(list(self._inflight))  # this caller's earlier stores are written through: not pending
-        for level, (index, tier) in enumerate(zip(self.indexes, self.tiers, strict=True)):
-            with self._lock:
-                gone = list(dict.fromkeys(k for k in keys if (level, k) not in self._pending))
-                marked = [(level, k) for k in gone if (level, k) not in self._leaving]
-                for key in gone:
-                    index.discard(key)
-                self._leaving.update(marked)
+        for level, tier in enumerate(self.tiers):
+            gone, marked = self.directory.prepare_leave(level, keys)
             try:
                 tier.delete_many(gone)
             finally:
-                with self._lock:
-                    self._leaving.difference_update(marked)
+                self.directory.complete_leave(level, marked)
 
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats for tier in self.tiers}

@@ -174,7 +174,7 @@ class Prefetcher:
                     return False
 
         def colder(victim: ChunkKey) -> bool:  # called under the hierarchy's lock
-            return policy.ranks and memory._evictable(0, victim) and policy.colder(victim, key)
+            return policy.ranks and memory.directory.evictable(0, victim) and policy.colder(victim, key)
 
         res = memory._reserve([key], evictable=colder)
         if res.present:
