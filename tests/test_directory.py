@@ -20,7 +20,7 @@ from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import make_policies
 
 CHUNK = 10  # bytes per chunk: the directory only counts them
-KEYS = [ChunkKey(bytes([i]) * 16) for i in range(8)]
+KEYS = [ChunkKey(bytes([i]) * 16) for i in range(6)]
 ABSENT, STORING, PRESENT, LEAVING = KeyState.ABSENT, KeyState.STORING, KeyState.PRESENT, KeyState.LEAVING
 
 keys_st = st.lists(st.sampled_from(KEYS), min_size=1, max_size=4)
@@ -85,6 +85,15 @@ class DirectoryMachine(RuleBasedStateMachine):
             assert before[victim] is PRESENT, "only PRESENT chunks are victims"
             assert self._may_leave(level, victim), "a pinned or read chunk was chosen as a victim"
             self._set(level, victim, LEAVING)
+
+    @rule(data=st.data(), keys=keys_st)
+    def store(self, data: st.DataObject, keys: list[ChunkKey]) -> None:
+        """A whole store (prepare, then complete), as most are: chunks get PRESENT quickly."""
+        before = set(self._in(STORING))
+        self.prepare_store(data, keys, True)
+        for level, key in sorted(set(self._in(STORING)) - before):
+            self.directory.complete_store(level, [key])
+            self._set(level, key, PRESENT)
 
     @precondition(lambda self: any(s is STORING for s in self.state.values()))
     @rule(data=st.data(), stored=st.booleans())
@@ -191,7 +200,7 @@ class DirectoryMachine(RuleBasedStateMachine):
         assert self.directory.settled() == settled
 
 
-DirectoryMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+DirectoryMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
 TestDirectory = DirectoryMachine.TestCase
 
 
