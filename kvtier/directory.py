@@ -290,6 +290,12 @@ class Directory:
                     index.add(key, self.chunk_bytes)
             return [k for k in index.sizes if k not in listed and (level, k) not in self._storing]
 
+    def adopt(self, level: int, keys: Iterable[ChunkKey]) -> None:
+        """Chunks tier ``level`` holds already (found at open): PRESENT, in the order given."""
+        with self.lock:
+            for key in keys:
+                self.indexes[level].add(key, self.chunk_bytes)
+
     def drop(self, level: int, keys: Iterable[ChunkKey]) -> None:
         """Chunks found gone from tier ``level`` (a survey): out of its index, unless STORING."""
         with self.lock:
