@@ -161,12 +161,12 @@ class Directory:
         is refused, so are the ones after it; ``room=False`` refuses all (the tier has no room to
         give, only a plain buffer).  A chunk LEAVING this tier is refused without ending the run.
         """
-        index, plan, seen = self.indexes[level], StorePlan(), set()
+        sizes, plan, seen = self.indexes[level].sizes, StorePlan(), set()
         with self.lock:
             for i, key in enumerate(keys):
-                if key in index or key in seen:  # held (or being written) already
-                    if key in index:
-                        index.touch(key)
+                if key in sizes or key in seen:  # held (or being written) already
+                    if key in sizes:
+                        self.indexes[level].touch(key)
                     plan.present.append(i)
                     continue
                 seen.add(key)
@@ -174,8 +174,19 @@ class Directory:
                 victims = self._make_room(level, key, evictable) if room and not leaving else None
                 room = room and (leaving or victims is not None)
                 (plan.reserved if victims is not None else plan.refused).append(i)
-                plan.victims += victims or []
+                if victims:
+                    plan.victims += victims
         return plan
+
+    def prepare_store_one(self, level: int, key: ChunkKey) -> tuple[KeyState, list[ChunkKey]]:
+        """``prepare_store`` of one chunk, without the plan (the per-chunk path of demotions and
+        write-through): (PRESENT, []) held already, (STORING, victims) reserved, (ABSENT, []) refused."""
+        with self.lock:
+            if key in self.indexes[level].sizes:
+                self.indexes[level].touch(key)
+                return KeyState.PRESENT, []
+            victims = None if (level, key) in self._leaving else self._make_room(level, key, None)
+        return (KeyState.ABSENT, []) if victims is None else (KeyState.STORING, victims)
 
     def _make_room(self, level: int, key: ChunkKey, evictable: Evictable | None) -> list[ChunkKey] | None:
         """Under the lock: index room for ``key`` (STORING); its victims (LEAVING), or None."""
@@ -185,7 +196,8 @@ class Directory:
         if victims is not None:
             index.add(key, self.chunk_bytes)
             self._storing.add((level, key))
-            self._leaving.update((level, victim) for victim in victims)
+            for victim in victims:
+                self._leaving.add((level, victim))
         return victims
 
     def complete_store(self, level: int, keys: Iterable[ChunkKey]) -> None:
@@ -213,6 +225,13 @@ class Directory:
         """
         with self.lock:
             index = self.indexes[level]
+            if evictable_only and len(keys) == 1:  # the per-chunk path (exclusive promotions): no copies
+                key = keys[0]
+                if key not in index.sizes or not self.evictable(level, key) or (level, key) in self._leaving:
+                    return [], []
+                index.discard(key)
+                self._leaving.add((level, key))
+                return [key], [key]
             if evictable_only:
                 gone = [k for k in dict.fromkeys(keys) if k in index and self.evictable(level, k)
                         and (level, k) not in self._leaving]
@@ -227,7 +246,8 @@ class Directory:
     def complete_leave(self, level: int, keys: Iterable[ChunkKey]) -> None:
         """The bytes are gone (or moved below): LEAVING -> ABSENT."""
         with self.lock:
-            self._leaving.difference_update((level, k) for k in keys)
+            for key in keys:
+                self._leaving.discard((level, key))
 
     def forget(self, level: int, key: ChunkKey, still_there: Callable[[], bool]) -> None:
         """A read from tier ``level`` failed: drop ``key`` from its index, unless a store put it

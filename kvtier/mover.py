@@ -35,7 +35,7 @@ from functools import partial
 
 import numpy as np
 
-from kvtier.directory import Directory, Evictable
+from kvtier.directory import Directory, Evictable, KeyState
 from kvtier.errors import TierError
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
@@ -223,15 +223,15 @@ class Mover:
         for lv in range(level, len(self.tiers)):
             if isinstance(disk := self.tiers[lv], DiskTier) and disk.survey_due():
                 self.survey_disk(lv)
-            plan = self.directory.prepare_store(lv, [key])
-            if plan.present:
+            state, victims = self.directory.prepare_store_one(lv, key)
+            if state is KeyState.PRESENT:
                 return lv
-            if not plan.reserved:  # everything here is pinned, or the chunk is larger than the tier
+            if state is KeyState.ABSENT:  # everything here is pinned, or the chunk is larger than the tier
                 continue
             stored = False
             try:
-                if plan.victims:
-                    self.demote(lv, plan.victims)
+                if victims:
+                    self.demote(lv, victims)
                 stored = self.tiers[lv].put(key, payload)
             finally:  # also when a put raises: the chunk must not stay pending for good
                 (self.directory.complete_store if stored else self.directory.abort_store)(lv, [key])
