@@ -107,6 +107,16 @@ class Directory:
         with self.lock:
             return not self._storing and not self._leaving and not +self._readers
 
+    def indexed(self, level: int, key: ChunkKey) -> bool:
+        """Does tier ``level``'s index have ``key`` (STORING or PRESENT)?"""
+        return key in self.indexes[level].sizes  # one dict read: no lock needed, the answer may change after
+
+    def only_in(self, level: int) -> list[ChunkKey]:
+        """Chunks tier ``level`` indexes and the tier below does not, in the order they entered."""
+        with self.lock:
+            below = self.indexes[level + 1].sizes
+            return [key for key in self.indexes[level].sizes if key not in below]
+
     def leaving(self, level: int, key: ChunkKey) -> bool:
         return (level, key) in self._leaving  # one set read: no lock needed, the answer may change after
 

@@ -119,6 +119,7 @@ class InPlaceStore:
         elif self._open:
             self.commit()
 
+
 class Mover:
     """Moves the bytes of one hierarchy's chunks between its tiers; the directory decides."""
 
@@ -128,7 +129,6 @@ class Mover:
         """``left_top(keys)``: told of the top tier's victims before they go (``kvtier.prefetch``)."""
         self.tiers = list(tiers)
         self.directory = directory
-        self.indexes = directory.indexes
         self.chunk_bytes = chunk_bytes
         self.exclusive = exclusive
         self.write_through = write_through
@@ -273,7 +273,7 @@ class Mover:
     def demote(self, level: int, victims: list[ChunkKey]) -> None:
         """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""
         tier = self.tiers[level]
-        below = self.indexes[level + 1] if level + 1 < len(self.tiers) else None
+        below = level + 1 if level + 1 < len(self.tiers) else None
         if level == 0:
             self._left_top(victims)
         for key in victims:
@@ -281,7 +281,7 @@ class Mover:
             try:
                 # One dict read needs no lock: the answer may change right after it either way, and
                 # ``put`` asks again under the lock.
-                if below is not None and key not in below.sizes:
+                if below is not None and not self.directory.indexed(below, key):
                     with tier.borrow(key) as view:
                         if view is not None and self.put(level + 1, key, view) is not None:
                             tier.stats.demotions += 1
@@ -346,7 +346,7 @@ class Mover:
         while level + 1 < len(self.tiers):
             level += 1
             tier = self.tiers[level]
-            if key in self.indexes[level] or tier.shared:
+            if self.directory.indexed(level, key) or tier.shared:
                 if tier.get_into(key, out):
                     return True, level
                 self._forget_failed(level, key)
@@ -399,9 +399,8 @@ class Mover:
         returns how many went down."""
         if not self.exclusive or len(self.tiers) < 2 or not self.tiers[1].persistent:
             return 0
-        top, below = self.tiers[0], self.indexes[1]
-        with self._lock:
-            keys = [key for key in self.indexes[0].sizes if key not in below.sizes]
+        top = self.tiers[0]
+        keys = self.directory.only_in(0)
         kept, failures = 0, []
         for key in keys:
             try:  # one chunk's failure, whatever it is, must not keep the others from going down
