@@ -18,14 +18,19 @@ keys, used bytes against capacity, and its eviction policy), the pins, and the s
   being demoted, a delete).  No store into that tier until it is gone, or the delete would take the
   new copy with it; a reader's accounting does not adopt it again.
 
+Two more ways in: a chunk another process stored is *adopted* ABSENT -> PRESENT (``adopt`` at open,
+``record_load`` after a read, ``reconcile`` after a disk survey), and a delete marks a chunk
+LEAVING even if this index never had it (``prepare_leave``: the shared tier may hold its bytes).
+
 Readers are counted per chunk, not per (tier, chunk): ``prepare_load`` holds a prefix whichever
 tiers serve it, and a chunk promoted into the top tier while held must not be a victim there
 either.  A chunk with readers is *LOADING* in the sense of the design (``readers(key) > 0``).
 
-Plain data in and out (keys, levels, lists); every method takes the directory's lock, so one
-directory can sit behind one lock in a process, and later behind a process boundary.  The few
-questions only the tiers can answer (is a chunk still on disk?) come in as callables, asked under
-the lock; a remote directory would have the mover ask them first.
+Plain data in and out (keys, levels, lists).  Every method that changes state or reads more than
+one entry takes the directory's lock, so one directory can sit behind one lock in a process, and
+later behind a process boundary.  The few questions only the tiers can answer (is a chunk still on
+disk?) come in as callables, asked under the lock; a remote directory would have the mover ask
+them first.
 """
 
 from __future__ import annotations
