@@ -18,7 +18,7 @@ from hurting the rest:
 
 Counted (``PrefetchStats``): chunks prefetched, **used** (read from the top tier before leaving
 it) and **wasted** (evicted unread), and jobs cancelled.  Control only: the bytes move through the
-hierarchy's own reserve -> fill -> commit path (``ContextMemory._reserve`` / ``_finish``), on one
+hierarchy's own reserve -> fill -> commit path (``Mover.reserve`` / ``finish``), on one
 background thread of its own, so a prefetch never waits behind write-through.
 """
 
@@ -174,9 +174,9 @@ class Prefetcher:
                     return False
 
         def colder(victim: ChunkKey) -> bool:  # called under the hierarchy's lock
-            return policy.ranks and memory._evictable(0, victim) and policy.colder(victim, key)
+            return policy.ranks and memory.directory.evictable(0, victim) and policy.colder(victim, key)
 
-        res = memory._reserve([key], evictable=colder)
+        res = memory.mover.reserve([key], evictable=colder)
         if res.present:
             return True  # a foreground load promoted it meanwhile
         if not res.slotted:
@@ -185,17 +185,17 @@ class Prefetcher:
         try:
             good = memory.tiers[level].get_into(key, view)
         except BaseException:
-            memory._finish(res, publish=False)
+            memory.mover.finish(res, publish=False)
             raise
         if not good:  # gone or corrupt below (the tier counted it): the prefix ends here
-            memory._finish(res, publish=False)
+            memory.mover.finish(res, publish=False)
             return False
-        memory._finish(res, publish=True)
+        memory.mover.finish(res, publish=True)
         memory.tiers[0].stats.promotions += 1
         with self._lock:
             self._fresh.add(key)
             self.stats.prefetched += 1
         if memory.exclusive:  # as a promotion: the copy below goes (DRAM demotes it again if evicted)
             with contextlib.suppress(Exception):
-                memory._drop_below([key])
+                memory.mover.drop_below([key])
         return True

@@ -31,7 +31,7 @@ def test_store_writes_in_place_and_demotes(model: Any, layout: Any, tmp_path: Pa
             assert dram.stats.bytes_written == 7 * layout.chunk_bytes  # every chunk written in place
             assert dram.stats.evictions == 4 and dram.stats.demotions == 4
             assert mem.lookup(keys).tiers == (1, 1, 1, 1, 0, 0, 0)
-            assert not dram._reserved and not mem._pending
+            assert not dram._reserved and mem.directory.settled()
             with torch.no_grad():
                 result = lm.prefill(ids)
         assert result.loaded_tokens == 7 * C
@@ -85,7 +85,7 @@ def test_failed_store_leaves_no_reservation(model: Any, layout: Any, tmp_path: P
         assert mem.lookup(keys).num_chunks == 2  # the first group was committed, the second aborted
         dram = mem.tiers[0]
         assert isinstance(dram, DramTier)
-        assert not dram._reserved and not mem._pending and dram.used_bytes == 2 * layout.chunk_bytes
+        assert not dram._reserved and mem.directory.settled() and dram.used_bytes == 2 * layout.chunk_bytes
     finally:
         mem.close()
 
