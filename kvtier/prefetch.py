@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.keys import ChunkKey
-from kvtier.tiers.dram import DramTier
 
 if TYPE_CHECKING:
     from kvtier.hierarchy import ContextMemory
@@ -63,7 +62,7 @@ class Prefetcher:
         self.memory = memory
         self.stats = PrefetchStats()
         top = memory.tiers[0]
-        on = dram_share > 0 and isinstance(top, DramTier) and len(memory.tiers) > 1
+        on = dram_share > 0 and top.capabilities.slots and len(memory.tiers) > 1  # DRAM: a promotion fills a slot
         self.limit = int(dram_share * top.capacity_bytes) // memory.chunk_bytes if on else 0  # chunks unread
         self._sessions: OrderedDict[str, tuple[ChunkKey, ...]] = OrderedDict()  # each session's last keys
         self._fresh: set[ChunkKey] = set()  # prefetched, unread, in the top tier
