@@ -90,13 +90,14 @@ def measure(name: str, work: Workload, cost: CostModel, *, g2: float, g3: float,
             "rows": rows, "sim_s": sim_s}
 
 
-def markdown(result: dict[str, Any], source: str = "") -> str:
+def markdown(result: dict[str, Any], source: str = "", disk_Bps: float | None = None) -> str:
     gib = 1 << 30
     rec = result["recompute"]
     lines = [f"**{result['trace']}**: {result['requests']:,} requests, working set "
              f"{result['working_set_bytes'] / gib:.1f} GiB; G2 {result['g2_bytes'] / gib:.2f} GiB, G3 "
              f"{result['g3_bytes'] / gib:.1f} GiB; recompute everything: TTFT p50 {rec['ttft_p50_s']:.3f} s, "
-             f"p90 {rec['ttft_p90_s']:.3f} s" + (f"; TTFT figures: {source}" if source else ""), "",
+             f"p90 {rec['ttft_p90_s']:.3f} s" + (f"; TTFT figures: {source}" if source else "")
+             + (f", the disk at {disk_Bps / 1e9:g} GB/s" if disk_Bps else ""), "",
              "| prefetch | cost model | TTFT p50 (s) | TTFT p90 (s) | TTFT mean (s) | hit rate | hits from DRAM "
              "| prefetched / used / wasted (chunks) |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for row in result["rows"]:
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         result = measure(name, prepare(load()), cost, g2=args.g2, g3=args.g3, policy=args.policy,
                          prefetch_share=args.prefetch_share)
         results.append(result)
-        tables.append(markdown(result, cost.source))
+        tables.append(markdown(result, cost.source, cost.links["disk"].bandwidth_Bps))
         print(tables[-1] + "\n", flush=True)
     doc = {"benchmark": "kvtier bench opinions", "model": cost.shape.layout.model, "cost_model": cost.source,
            "links_Bps": {n: link.bandwidth_Bps for n, link in cost.links.items()}, "policy": args.policy,

@@ -22,7 +22,9 @@ are worth loading (a disk hit slower than recomputing is recomputed), with loads
 against compute as measured (``stages``), and with ``split`` (the default, as ``KVTierLM``
 runs it) a slow-tier hit may be split: its head recomputed while its tail loads
 (``kvtier.integrations.hf_split``; measured on an H200 in ``docs/gpu.md``).  vLLM's connector
-cannot split (its API loads a prefix only): ``split=False`` models it.
+cannot split (its API loads a prefix only): ``split=False`` models it.  ``decide=False`` models
+the cost model off (``KVTierLM(cost="off")``, the connector's ``cost_model: "off"``): every cached
+chunk is loaded, however slow its tier.
 """
 
 from __future__ import annotations
