@@ -14,10 +14,16 @@ from hurting the rest:
   policy that predicts nothing (LRU, S3-FIFO) lets a prefetch take free room only.  The first
   chunk that finds no such room ends the job (deeper chunks are due no sooner);
 * **cancel on pressure**: a foreground store or load that evicts a prefetched chunk before it was
-  read stops every prefetch queued or running (the room is needed now).
+  read stops every prefetch queued or running (the room is needed now);
+* **back off when unread**: a pause is skipped while the recent prefetched chunks (counts decaying
+  by ``_DECAY`` per pause) went unread more than ``_BACKOFF`` times as often as they were read, once
+  there is a share's worth of evidence.  A DRAM that turns over between a session's calls (many
+  sessions, a small share) evicts what a prefetch brings before its session returns: simulated with
+  16 agents 3.9 s apart at G2 2%, 91% of prefetched chunks went unread and TTFT rose
+  (``docs/benchmarks.md``).  Skipped pauses let the evidence fade, so a later pause probes again.
 
 Counted (``PrefetchStats``): chunks prefetched, **used** (read from the top tier before leaving
-it) and **wasted** (evicted unread), and jobs cancelled.  Control only: the bytes move through the
+it) and **wasted** (evicted unread), jobs cancelled, and pauses skipped.  Control only: the bytes move through the
 hierarchy's own reserve -> fill -> commit path (``ContextMemory._reserve`` / ``_finish``), on one
 background thread of its own, so a prefetch never waits behind write-through.
 """
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _THREAD = "kvtier-prefetch"
 _MAX_SESSIONS = 4096  # sessions whose last keys are remembered (least recently hinted forgotten first)
+_DECAY = 0.9  # per pause, the weight left to earlier prefetched chunks' outcomes
+_BACKOFF = 2.0  # skip a pause while recent prefetched chunks went unread this many times as often as read
 
 
 @dataclass(slots=True)
@@ -50,6 +58,7 @@ class PrefetchStats:
     wasted: int = 0  # ... and evicted (or deleted) unread
     cancelled: int = 0  # jobs stopped early by pressure (a foreground eviction of a prefetched chunk)
     failed: int = 0  # jobs that raised (logged; the cache is unharmed)
+    skipped: int = 0  # pauses not prefetched: recent prefetched chunks mostly went unread (back-off)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -70,6 +79,7 @@ class Prefetcher:
         self._generation = 0  # bumped by pressure: jobs of an older one stop
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD) if self.limit else None
         self._jobs: list[Future[None]] = []
+        self._recent_used = self._recent_wasted = 0.0  # outcomes of prefetched chunks, decaying per pause
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +103,11 @@ class Prefetcher:
             if self._pool is None or not keys:
                 return None
             self._jobs = [job for job in self._jobs if not job.done()]
+            self._recent_used *= _DECAY
+            self._recent_wasted *= _DECAY
+            if self._recent_wasted >= self.limit and self._recent_wasted > _BACKOFF * self._recent_used:
+                self.stats.skipped += 1  # what it brings is evicted before its session returns: back off
+                return None
             generation = self._generation
             try:
                 job = self._pool.submit(self._run, keys, generation)
@@ -110,6 +125,7 @@ class Prefetcher:
                 if level == 0 and key in self._fresh:
                     self._fresh.discard(key)
                     self.stats.used += 1
+                    self._recent_used += 1
 
     def left(self, keys: Sequence[ChunkKey]) -> None:
         """``keys`` left the top tier (evicted or deleted)."""
@@ -119,6 +135,7 @@ class Prefetcher:
             wasted = self._fresh.intersection(keys)
             self._fresh -= wasted
             self.stats.wasted += len(wasted)
+            self._recent_wasted += len(wasted)
             if wasted and not threading.current_thread().name.startswith(_THREAD):
                 self._generation += 1  # pressure: the foreground needs the room a prefetch took
 
