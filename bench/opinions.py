@@ -99,10 +99,10 @@ def markdown(result: dict[str, Any], source: str = "", disk_Bps: float | None = 
              f"p90 {rec['ttft_p90_s']:.3f} s" + (f"; TTFT figures: {source}" if source else "")
              + (f", the disk at {disk_Bps / 1e9:g} GB/s" if disk_Bps else ""), "",
              "| prefetch | cost model | TTFT p50 (s) | TTFT p90 (s) | TTFT mean (s) | hit rate | hits from DRAM "
-             "| prefetched / used / wasted (chunks) |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| prefetched / used / wasted chunks, pauses skipped |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for row in result["rows"]:
         p = row["prefetch_stats"]
-        counts = f"{p['prefetched']:,} / {p['used']:,} / {p['wasted']:,}" if p else "-"
+        counts = f"{p['prefetched']:,} / {p['used']:,} / {p['wasted']:,}, {p.get('skipped', 0):,}" if p else "-"
         lines.append(f"| {'on' if row['prefetch'] else 'off'} | {'on' if row['cost_model'] else 'off'} | "
                      f"{row['ttft_p50_s']:.3f} | {row['ttft_p90_s']:.3f} | {row['ttft_mean_s']:.3f} | "
                      f"{100 * row['hit_rate']:.1f}% | {100 * row['dram_share_of_hits']:.1f}% | {counts} |")

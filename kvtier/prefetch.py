@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _THREAD = "kvtier-prefetch"
 _MAX_SESSIONS = 4096  # sessions whose last keys are remembered (least recently hinted forgotten first)
-_DECAY = 0.9  # per pause, the weight left to earlier prefetched chunks' outcomes
+_DECAY = 0.97  # per pause, the weight left to earlier prefetched chunks' outcomes
 _BACKOFF = 2.0  # skip a pause while recent prefetched chunks went unread this many times as often as read
+_EVIDENCE = 0.125  # ... and at least this share of ``limit`` of them did
 
 
 @dataclass(slots=True)
@@ -105,7 +106,7 @@ class Prefetcher:
             self._jobs = [job for job in self._jobs if not job.done()]
             self._recent_used *= _DECAY
             self._recent_wasted *= _DECAY
-            if self._recent_wasted >= self.limit and self._recent_wasted > _BACKOFF * self._recent_used:
+            if self._recent_wasted >= _EVIDENCE * self.limit and self._recent_wasted > _BACKOFF * self._recent_used:
                 self.stats.skipped += 1  # what it brings is evicted before its session returns: back off
                 return None
             generation = self._generation
