@@ -23,7 +23,7 @@ def test_store_writes_in_place_and_demotes(model: Any, layout: Any, tmp_path: Pa
     mem = ContextMemory(layout, [dram, DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30, fsync=False)],
                         write_through=False)
     try:
-        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes) as lm:  # 4 groups of <= 2 chunks
+        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes, cost="off") as lm:  # 4 groups of <= 2
             with torch.no_grad():
                 assert lm.prefill(ids).loaded_tokens == 0
             lm.flush()
@@ -94,7 +94,7 @@ def test_store_without_a_dram_top_tier(model: Any, layout: Any, tmp_path: Path) 
     ids = prompt(3 * C + 2, seed=23)
     mem = ContextMemory(layout, [DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30, fsync=False)])
     try:
-        with KVTierLM(model, mem) as lm:
+        with KVTierLM(model, mem, cost="off") as lm:
             with torch.no_grad():
                 lm.prefill(ids)
             lm.flush()
