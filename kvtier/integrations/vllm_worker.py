@@ -303,11 +303,9 @@ class WorkerCore:
                     self._load_samples.append(LoadSample(level, hits[level] * memory.layout.chunk_bytes, seconds))
 
     def hint(self, jobs: Sequence[HintJob]) -> None:
-        """Announce new requests to the eviction policy, in the order they were looked up.
-
-        The policy treats the latest hint as the request being served (``kvtier.policy.agent``):
-        in a batched step that is approximate, as chunks of an earlier request of the batch may
-        be stored after a later one is hinted."""
+        """Announce new requests to the eviction policy, in the order they were looked up.  The
+        policy treats the latest hint as the request being served (``kvtier.policy.agent``): in a
+        batched step approximate, as an earlier request's chunks may be stored after it."""
         for job in jobs:
             self.memory.hint(list(job.keys), session=job.session, retention=job.retention)
 
@@ -336,19 +334,15 @@ class WorkerCore:
         self.count(**{"unpinned_chunks" if job.unpin else "pinned_chunks": len(job.keys)})
 
     def close_step(self, plan: StepPlan) -> None:
-        """The rest of a step's plan, once, after its saves (if it had a forward): pins, the
-        finished requests whose blocks vLLM holds for us, the scheduler's counts.  Called from
-        ``wait_for_save`` and again from ``get_finished``, which vLLM also calls in steps without a
-        forward (and so without ``wait_for_save``); the second call does nothing."""
-        if plan is self._closed:
-            return
-        self._closed = plan
-        self.end_step()
-        self.pin(plan.pins)
-        self.hold(plan.held)
-        if plan.uncacheable:
-            self.count(uncacheable_requests=plan.uncacheable)
-        self.count(**plan.decisions)
+        """Once per plan, after its saves: pins, finished requests whose blocks vLLM holds for us,
+        counts.  From ``wait_for_save``, and from ``get_finished``, which vLLM also calls in steps
+        without a forward (no ``wait_for_save``); the second call does nothing."""
+        if plan is not self._closed:
+            self._closed = plan
+            self.end_step()
+            self.pin(plan.pins)
+            self.hold(plan.held)
+            self.count(uncacheable_requests=plan.uncacheable, **plan.decisions)
 
     # --- request lifetimes ----------------------------------------------------------------------
     def flush(self, req_ids: Iterable[str]) -> None:
