@@ -2,12 +2,15 @@
 
 Follow a chunk:
 
-* **Store**, one path for every producer: reserve -> fill -> commit.  ``_reserve`` makes room in
-  the top tier (its policy picks victims; a victim is **demoted**: written to the next tier down
-  unless that tier has it, then deleted) and reserves a DRAM slot per new chunk, *pending* until
-  published.  ``store_in_place(keys)`` hands the slots to a producer that writes them itself (a
+* **Plan -> move -> complete.**  The bookkeeping is ``kvtier.directory`` (which tier holds which
+  chunk, the eviction policies, pins, and each chunk's state: STORING, PRESENT, LEAVING, read); it
+  never touches bytes.  The bytes move through ``kvtier.mover``.  Each method here asks the
+  directory, moves, and tells the directory how the move ended.
+* **Store**, one path for every producer: reserve -> fill -> commit (``Mover.reserve``: room made
+  in the top tier, victims **demoted** to the tier below, a DRAM slot per new chunk, STORING until
+  published).  ``store_in_place(keys)`` hands the slots to a producer that writes them itself (a
   GPU copy engine), ``store(keys, payloads)`` copies each payload in, a promotion reads a lower
-  tier into them.  ``_commit`` publishes them, places the chunks that got no slot, and (with
+  tier into them.  ``Mover.commit`` publishes them, places the chunks that got no slot, and (with
   ``write_through``) copies them in the background to every persistent or shared tier.
 * **Inclusive or exclusive** tiers.  Inclusive (the default): every new chunk is written through,
   so a lower tier holds a copy of most of DRAM and G2 + G3 hold about max(G2, G3) of chunks.
@@ -32,15 +35,10 @@ Follow a chunk:
 * ``hint(keys, session=, retention=)`` / ``hint_end(session, awaits=)`` tell the eviction policy
   what comes (``kvtier.policy.agent``, ``kvtier.policy.retention``); an answer awaiting a tool
   also prefetches the session's chunks back into DRAM in the background (``kvtier.prefetch``).
-* The disk's capacity is the **root's**, shared by every process on it: before a put into the
-  disk, every ``DiskTier.survey_s`` the index re-reads the root, adopts the chunks others wrote
-  (they may be victims here) and leaves room for every other file (``_survey_disk``).
+* The disk's capacity is the **root's**, shared by every process on it (``Mover.survey_disk``).
 
-Tiers without slots (below DRAM, or a top tier without ``capabilities.slots``) take bytes through ``Tier.put``
-(``_put``: demotion, write-through, chunks put below), room made the same way (``_make_room``).
-
-Threading: index state (``TierIndex``, ``PinSet``) changes under one lock; payload bytes move
-outside it.  A chunk being written is *pending*: lookups do not report it until its bytes are in.
+Threading: the directory's lock guards the bookkeeping; payload bytes move outside it.  A chunk
+being written is STORING (*pending*): lookups do not report it until its bytes are in.
 """
 
 from __future__ import annotations
@@ -48,31 +46,28 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import math
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from kvtier.config import KVTierConfig, check_openable, load_config, read_tenant_secret
-from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError, TierError
+from kvtier.directory import Directory
+from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
+from kvtier.mover import InPlaceStore, Mover
 from kvtier.policy.eviction import AWAITS, EvictionPolicy, make_policies
-from kvtier.policy.index import PinSet, TierIndex
 from kvtier.policy.retention import Retention
 from kvtier.prefetch import Prefetcher
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.disk import DiskTier
-from kvtier.validate import buffers_arg, chunk_keys_arg, count_arg, payloads_arg, ttl_arg
+from kvtier.validate import buffers_arg, chunk_keys_arg, payloads_arg, ttl_arg
 
 log = logging.getLogger(__name__)
-_WRITER = "kvtier-writeback"  # the background thread's name prefix
+
+__all__ = ["ContextMemory", "InPlaceStore", "PrefixHit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,81 +92,6 @@ class PrefixHit:
         return counts
 
 
-@dataclass(slots=True)
-class _Reservation:
-    """Where the bytes of each of ``keys`` go (from ``ContextMemory._reserve``); lists hold positions."""
-
-    keys: list[ChunkKey]
-    views: list[np.ndarray | None]  # a reserved top-tier slot, a spill buffer, or None (held already)
-    slotted: list[int] = field(default_factory=list)  # reserved slots, pending until published
-    spilled: list[int] = field(default_factory=list)  # no slot: the bytes wait in a plain buffer
-    present: list[int] = field(default_factory=list)  # held already (or repeated): nothing to write
-
-    def buffer(self, i: int) -> np.ndarray:
-        view = self.views[i]
-        assert view is not None
-        return view
-
-    def cut(self, upto: int) -> _Reservation:
-        """Keep ``keys[:upto]``; return the slots reserved past it (to give back)."""
-        tail = _Reservation(self.keys, self.views, [i for i in self.slotted if i >= upto])
-        self.slotted = [i for i in self.slotted if i < upto]
-        self.spilled = [i for i in self.spilled if i < upto]
-        self.present = [i for i in self.present if i < upto]
-        return tail
-
-
-class InPlaceStore:
-    """Chunks being written in place by the caller; from ``ContextMemory.store_in_place``.
-
-    ``views[i]`` is where chunk ``keys[i]``'s bytes go: a reserved slot of the top DRAM tier, a
-    plain host buffer (no slot: the top tier has no slots, or full of pinned, pending or held
-    chunks; the commit places it as ``store`` would), or None (the hierarchy holds the chunk
-    already: write nothing).  Either ``commit`` once every write is done, or ``abort``; as a
-    ``with`` block it commits on a normal exit and aborts on an exception.  The views must not
-    be used after either.
-    """
-
-    def __init__(self, memory: ContextMemory, reservation: _Reservation) -> None:
-        self.memory = memory
-        self.keys = reservation.keys
-        self.views = reservation.views
-        self.num_in_place = len(reservation.slotted)  # chunks written straight into top-tier slots
-        self.stored: int | None = None  # chunks stored, once committed
-        self._reservation = reservation
-        self._open = True
-
-    def commit(self, upto: int | None = None) -> int:
-        """Publish the chunks (their bytes must all be written); returns how many were stored.
-
-        ``upto``: publish only ``keys[:upto]`` (the rest were not written: dropped, as ``abort``).
-        """
-        if not self._open:
-            raise RuntimeError("this in-place store was committed or aborted already")
-        if upto is not None:
-            upto = count_arg(upto, "upto", upper=len(self.keys))
-        self._open = False
-        if upto is not None:
-            self.memory._finish(self._reservation.cut(upto), publish=False)
-        self.stored = self.memory._commit(self._reservation)
-        return self.stored
-
-    def abort(self) -> None:
-        """Drop the reservations: nothing is stored (victims demoted to make room stay demoted)."""
-        if self._open:
-            self._open = False
-            self.memory._finish(self._reservation, publish=False)
-
-    def __enter__(self) -> InPlaceStore:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._open:
-            self.commit()
-
-
 class ContextMemory:
     """A hierarchy of tiers for the KV chunks of one model layout."""
 
@@ -193,24 +113,19 @@ class ContextMemory:
             raise ConfigError(f"write_through_share must be in [0, 1], got {write_through_share}")
         self.exclusive = exclusive  # see the module docstring
         self.write_through_share = write_through_share  # exclusive: leading share written through
-        self.indexes = [TierIndex(t.name, t.capacity_bytes, policy)
-                        for t, policy in zip(self.tiers, policies or make_policies(eviction, len(self.tiers)),
-                                             strict=True)]
-        self.pins = PinSet()  # this process's pins
-        self._evictable_at = [partial(self._evictable, level) for level in range(len(self.tiers))]
         disks = [t for t in self.tiers if isinstance(t, DiskTier)]
         self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
-        self._surveying = threading.Lock()  # one ``_survey_disk`` at a time
-        self._survey_job: Future[None] | None = None  # one queued for the writer thread
-        self._pending: set[tuple[int, ChunkKey]] = set()  # (level, key) reserved, bytes not in yet
-        self._leaving: set[tuple[int, ChunkKey]] = set()  # (level, key) evicted, bytes not gone yet
-        self._held: Counter[ChunkKey] = Counter()  # being read (``_borrow``): no victims in the top tier
-        self._lock = threading.RLock()
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WRITER)
-        self._inflight: list[Future[None]] = []
+        self.directory = Directory([t.name for t in self.tiers], [t.capacity_bytes for t in self.tiers],
+                                   policies or make_policies(eviction, len(self.tiers)),
+                                   chunk_bytes=layout.chunk_bytes, pin_records=self.pin_files)
+        self.indexes = self.directory.indexes  # read-only views of the directory's state
+        self.pins = self.directory.pins
+        self._lock = self.directory.lock  # held across a few directory calls and tier calls that must agree
+        self.mover = Mover(self.tiers, self.directory, chunk_bytes=self.chunk_bytes, exclusive=exclusive,
+                           write_through=write_through, write_through_share=write_through_share,
+                           left_top=lambda victims: self.prefetch.left(victims))
         for level, tier in enumerate(self.tiers):  # persistent tiers come back with their chunks
-            for key in tier.keys():  # noqa: SIM118 - oldest first where the tier knows ages (disk: mtime)
-                self.indexes[level].add(key, layout.chunk_bytes)
+            self.directory.adopt(level, tier.keys())  # oldest first where the tier knows ages (disk: mtime)
         self.prefetch = Prefetcher(self, prefetch_share)  # during pauses: ``hint_end(awaits="tool")``
 
     @classmethod
@@ -241,11 +156,7 @@ class ContextMemory:
         (append to a list).  A chunk is reported when its space is reserved, before its bytes are
         in; a reader that acts on the report waits for the store itself (the vLLM worker does).
         """
-        with self._lock:
-            for index in self.indexes:
-                for key in list(index.sizes):
-                    callback(index.name, key, True)
-                index.on_change = callback
+        self.directory.listen(callback)
 
     # --- keys -------------------------------------------------------------------------------
     def keys_for(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
@@ -259,54 +170,10 @@ class ContextMemory:
     def lookup(self, keys: Iterable[ChunkKey]) -> PrefixHit:
         """Longest prefix of ``keys`` (any iterable) held by some tier, and the tier of each chunk."""
         keys = chunk_keys_arg(keys)
-        levels: list[int] = []
-        with self._lock:
-            if self._pending:
-                for key in keys:
-                    level = self._locate(key)
-                    if level is None:
-                        break
-                    levels.append(level)
-            else:  # the common case, kept tight: it runs in the engine's scheduler loop
-                top = self.indexes[0].sizes
-                for key in keys:
-                    if key in top:
-                        levels.append(0)
-                        continue
-                    level = self._locate(key, below=0)
-                    if level is None:
-                        break
-                    levels.append(level)
+        levels = self.directory.lookup(keys)
         if len(levels) < len(keys):
-            levels += self._probe_shared(keys[len(levels):])
+            levels += self.mover.probe_shared(keys[len(levels):])
         return PrefixHit(tuple(levels), self.layout.tokens_per_chunk)
-
-    def _locate(self, key: ChunkKey, below: int = -1) -> int | None:
-        for level in range(below + 1, len(self.indexes)):
-            if key in self.indexes[level] and (level, key) not in self._pending:
-                return level
-        return None
-
-    def _probe_shared(self, keys: Sequence[ChunkKey], batch: int = 64) -> list[int]:
-        """Levels of the longest run of ``keys`` found by asking the shared tiers themselves."""
-        shared = [lv for lv, t in enumerate(self.tiers) if t.shared]
-        levels: list[int] = []
-        for start in range(0, len(keys), batch):
-            window = keys[start:start + batch]
-            found: list[int | None] = [None] * len(window)
-            for level in shared:
-                todo = [i for i, f in enumerate(found) if f is None]
-                if not todo:
-                    break
-                present = self.tiers[level].contains_many([window[i] for i in todo])
-                for i, hit in zip(todo, present, strict=True):
-                    if hit:
-                        found[i] = level
-            for key, level_or_none in zip(window, found, strict=True):
-                if level_or_none is None or (level_or_none, key) in self._leaving:
-                    return levels
-                levels.append(level_or_none)
-        return levels
 
     # --- load: bytes out --------------------------------------------------------------------
     def load(self, keys: Sequence[ChunkKey], outs: Sequence[np.ndarray]) -> int:
@@ -347,22 +214,22 @@ class ContextMemory:
 
         Every chunk read without a top-tier slot (none free, promotion off, the top tier is not
         DRAM) lands in ``outs[i]`` (None: a fresh buffer); with promotion on it is promoted
-        (``_commit``) after the block, once the hold on the prefix is released.
+        (``Mover.commit``) after the block, once the hold on the prefix is released.
         """
         top, size = self.tiers[0], self.chunk_bytes
         with contextlib.ExitStack() as stack:  # unwinds: borrows, unpublished slots, the hold
             keys, levels = stack.enter_context(self._hold(keys))
             promote = [i for i, level in enumerate(levels) if level > 0] if self.promotion == "always" else []
-            res = self._reserve([keys[i] for i in promote], None if outs is None else [outs[i] for i in promote])
-            stack.callback(self._finish, res, publish=False)  # a no-op once published
+            res = self.mover.reserve([keys[i] for i in promote], None if outs is None else [outs[i] for i in promote])
+            stack.callback(self.mover.finish, res, publish=False)  # a no-op once published
             slotted = {promote[j] for j in res.slotted}
             targets = {promote[j]: view for j, view in enumerate(res.views) if view is not None}
             for i in range(len(keys)):  # the rest that must be read: into the caller's buffers
                 if i not in targets and (levels[i] > 0 or not top.capabilities.zero_copy_borrow):
                     targets[i] = outs[i] if outs is not None else np.empty(size, np.uint8)
-            n, served = self._read(keys, levels, targets)
-            self._finish(res.cut(bisect.bisect_left(promote, n)), publish=False)  # past the prefix
-            promoted = self._finish(res, publish=True)
+            n, served = self.mover.read(keys, levels, targets)
+            self.mover.finish(res.cut(bisect.bisect_left(promote, n)), publish=False)  # past the prefix
+            promoted = self.mover.finish(res, publish=True)
             views: list[np.ndarray] = []
             plain = {i: view for i, view in targets.items() if i not in slotted}
             for i in range(n):  # the rest are in top-tier slots: borrowed
@@ -374,68 +241,20 @@ class ContextMemory:
             top.stats.promotions += len(promoted)
             self.account_load(keys[:n], served[:n])
             if self.exclusive:  # after the accounting, which would adopt them again
-                self._drop_below(promoted)
+                self.mover.drop_below(promoted)
             yield views
-        self._commit(res, promotion=True)
+        self.mover.commit(res, promotion=True)
 
     @contextlib.contextmanager
     def _hold(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[list[ChunkKey], list[int]]]:
         """``lookup``, and hold the prefix found (no top-tier victims) for the block."""
         hit = self.lookup(keys)
-        keys, levels = list(keys[:hit.num_chunks]), list(hit.tiers)
-        slotted = self.tiers[0].capabilities.slots
-        with self._lock:
-            for i, key in enumerate(keys):
-                if levels[i] == 0 and slotted and key not in self.indexes[0]:
-                    level = self._locate(key, below=0)  # evicted since the lookup: demoted?
-                    if level is None:
-                        del keys[i:], levels[i:]
-                        break
-                    levels[i] = level
-            self._held.update(keys)
+        keys, levels = self.directory.prepare_load(keys[:hit.num_chunks], hit.tiers,
+                                                   top_slots=self.tiers[0].capabilities.slots)
         try:
             yield keys, levels
         finally:
-            with self._lock:
-                self._held -= Counter(keys)
-
-    def _read(self, keys: list[ChunkKey], levels: list[int], targets: dict[int, np.ndarray]) -> tuple[int, list[int]]:
-        """Read ``keys[i]`` into ``targets[i]``, one ``get_many_into`` per tier; a failed read
-        (corrupt, vanished) tries the copies below.  Returns (chunks read, tier of each)."""
-        n, served, failed = len(keys), list(levels), []
-        for level in sorted({levels[i] for i in targets}):
-            idxs = [i for i in targets if levels[i] == level]
-            got = self.tiers[level].get_many_into([keys[i] for i in idxs], [targets[i] for i in idxs])
-            failed += [i for i, good in zip(idxs, got, strict=True) if not good]
-        for i in sorted(failed):  # in prefix order, up to the first chunk with no good copy
-            if i >= n:
-                break
-            good, served[i] = self._load_below(keys[i], targets[i], levels[i])
-            if not good:
-                n = i
-        return n, served
-
-    def _load_below(self, key: ChunkKey, out: np.ndarray, failed_level: int) -> tuple[bool, int]:
-        self._forget_failed(failed_level, key)
-        level = failed_level
-        while level + 1 < len(self.tiers):
-            level += 1
-            tier = self.tiers[level]
-            if key in self.indexes[level] or tier.shared:
-                if tier.get_into(key, out):
-                    return True, level
-                self._forget_failed(level, key)
-        return False, failed_level
-
-    def _forget_failed(self, level: int, key: ChunkKey) -> None:
-        """A read from tier ``level`` failed (corrupt, vanished): drop ``key`` from its index, unless
-        a store put it back since (pending, or there again: a local tier is asked, under the lock,
-        so an eviction and a re-store between the read and now leave the new copy indexed)."""
-        tier = self.tiers[level]
-        with self._lock:
-            if (level, key) in self._pending or (tier.capabilities.authoritative_contains and tier.contains(key)):
-                return
-            self.indexes[level].discard(key)
+            self.directory.complete_load(keys)
 
     def account_load(self, keys: Sequence[ChunkKey], levels: Sequence[int], miss_at: int | None = None) -> None:
         """Count hits (and misses) and refresh eviction order for chunks an engine read itself.
@@ -448,20 +267,12 @@ class ContextMemory:
         slots, say) calls it so stats and LRU order stay right: ``keys[i]`` was served from tier
         ``levels[i]``; ``miss_at`` (if not None) says the lookup missed after the served prefix.
         """
-        below = [self.indexes[level + 1:] for level in range(len(self.indexes))]
         with self._lock:
-            for key, level in zip(keys, levels, strict=False):
+            for level in levels[:len(keys)]:
                 self.tiers[level].stats.hits += 1
                 for above in range(level):
                     self.tiers[above].stats.misses += 1
-                index = self.indexes[level]
-                if key in index.sizes:
-                    index.touch(key)
-                elif index.used_bytes + self.chunk_bytes <= index.capacity_bytes and self._still_there(level, key):
-                    index.add(key, self.chunk_bytes)  # another process wrote it: adopt
-                for lower in below[level]:  # write-through copies below
-                    if key in lower.sizes:
-                        lower.touch_copy(key)
+            self.directory.record_load(keys, levels, self._still_there)
             self.prefetch.served(keys, levels)
             if miss_at is not None:
                 for tier in self.tiers:
@@ -469,10 +280,8 @@ class ContextMemory:
 
     def _still_there(self, level: int, key: ChunkKey) -> bool:
         """Under the lock: may a chunk read from tier ``level`` but not in its index be adopted?
-        Not while it is leaving (an eviction or a delete since the read), nor once a local tier
-        no longer has it: an index entry with no bytes behind it would be a lie."""
-        if (level, key) in self._leaving:
-            return False
+        Not once a local tier no longer has it: an index entry with no bytes behind it would be
+        a lie (the directory refuses a LEAVING one: an eviction or a delete since the read)."""
         tier = self.tiers[level]
         return not tier.capabilities.authoritative_contains or tier.contains(key)
 
@@ -485,7 +294,7 @@ class ContextMemory:
         """
         keys = chunk_keys_arg(keys)
         payloads = payloads_arg(payloads, len(keys), self.layout)
-        with InPlaceStore(self, self._reserve(keys, payloads)) as op:
+        with InPlaceStore(self.mover, self.mover.reserve(keys, payloads)) as op:
             for view, payload in zip(op.views, payloads, strict=True):
                 if view is not None and view is not payload:
                     np.copyto(view, payload)
@@ -497,235 +306,7 @@ class ContextMemory:
         Victims are demoted, never dropped (pinned, pending and held chunks are never victims).
         The chunks are *pending* (not reported by ``lookup``) until ``commit()``.
         """
-        return InPlaceStore(self, self._reserve(chunk_keys_arg(keys)))
-
-    def _reserve(self, keys: list[ChunkKey], spill: Sequence[np.ndarray] | None = None, *,
-                 evictable: Callable[[ChunkKey], bool] | None = None) -> _Reservation:
-        """Make room in the top tier and reserve a slot for each chunk it does not hold yet.
-
-        A chunk that gets none is *spilled*: its view is ``spill[i]`` (None: a fresh buffer).
-        ``evictable``: which chunks may be victims, in place of admission control (a prefetch).
-        """
-        index, top = self.indexes[0], self.tiers[0]
-        res = _Reservation(keys, [None] * len(keys))
-        victims: list[ChunkKey] = []
-        seen: set[ChunkKey] = set()
-        with self._lock:
-            room = top.capabilities.slots  # once a chunk finds none, the ones after it will not
-            for i, key in enumerate(keys):
-                if key in index or key in seen:  # held (or being written) already
-                    if key in index:
-                        index.touch(key)
-                    res.present.append(i)
-                    continue
-                seen.add(key)
-                leaving = (0, key) in self._leaving  # its old copy is being demoted: spilled, see _make_room
-                made = self._make_room(0, key, evictable) if room and not leaving else None
-                room = room and (leaving or made is not None)
-                (res.slotted if made is not None else res.spilled).append(i)
-                victims += made or []
-        try:
-            self._demote(0, victims)
-        except BaseException:  # a tier raised (a bug): the new chunks must not stay pending for good
-            self._settle(0, [keys[i] for i in res.slotted], stored=False)
-            raise
-        if res.slotted:
-            assert top.capabilities.slots
-            with self._lock:  # one at a time, in a row; a victim's slot still being read is refused
-                slots = {i: top.reserve([keys[i]]) for i in res.slotted}
-            refused = [i for i, slot in slots.items() if slot is None]
-            self._settle(0, [keys[i] for i in refused], stored=False)
-            res.slotted, res.spilled = [i for i in res.slotted if slots[i] is not None], sorted(res.spilled + refused)
-            for i, slot in slots.items():
-                res.views[i] = None if slot is None else slot[0]
-        for i in res.spilled:
-            res.views[i] = spill[i] if spill is not None else np.empty(self.chunk_bytes, np.uint8)
-        return res
-
-    def _commit(self, res: _Reservation, *, promotion: bool = False) -> int:
-        """Publish a reservation and place its spilled chunks; returns how many chunks are stored.
-
-        Spilled chunks are reserved again once the ones published before them may go (a batch
-        larger than the top tier ends as chunk-by-chunk stores would); what the top tier still
-        refuses goes below.  A store then writes through; a promotion (from below) does not.
-        """
-        top = self.tiers[0]
-        into_top, present = self._finish(res, publish=True), [res.keys[i] for i in res.present]
-        spilled = [(res.keys[i], res.buffer(i)) for i in res.spilled]
-        while spilled and top.capabilities.slots:
-            again = self._reserve([key for key, _ in spilled], [buf for _, buf in spilled])
-            for i in again.slotted:
-                np.copyto(again.buffer(i), spilled[i][1])
-            published = self._finish(again, publish=True)
-            into_top, present = into_top + published, present + [again.keys[i] for i in again.present]
-            spilled = [spilled[i] for i in again.spilled]
-            if not published:
-                break
-        first = 1 if top.capabilities.slots else 0  # the slotted tier refused them; other tiers take puts
-        placed = {key: self._put(first, key, buf) for key, buf in spilled}
-        stored = into_top + present + [key for key, level in placed.items() if level is not None]
-        if promotion:
-            top.stats.promotions += len(into_top) + sum(level == 0 for level in placed.values())
-            if self.exclusive:  # chunks promoted once the hold ended
-                self._drop_below(into_top + [key for key, level in placed.items() if level == 0])
-        elif self.write_through and stored:
-            self._write_through_async(stored)
-        return len(stored)
-
-    def _finish(self, res: _Reservation, *, publish: bool) -> list[ChunkKey]:
-        """Publish the reserved slots (their bytes are in), or give them back; returns their keys."""
-        keys, res.slotted = [res.keys[i] for i in res.slotted], []
-        if keys:
-            top = self.tiers[0]
-            assert top.capabilities.slots
-            (top.commit if publish else top.abort)(keys)
-            self._settle(0, keys, stored=publish)
-        return keys
-
-    def _make_room(self, level: int, key: ChunkKey,
-                   evictable: Callable[[ChunkKey], bool] | None = None) -> list[ChunkKey] | None:
-        """Under the lock: index room for ``key`` in tier ``level``, pending; victims to demote, or None.
-
-        None too while the key's old copy is leaving this tier (a victim whose bytes ``_demote`` has
-        not deleted yet): the delete would take the new copy with it.  The chunk goes elsewhere
-        (spilled, or the tier below); one owner decides what a tier holds: its index, here.
-        """
-        if (level, key) in self._leaving:
-            return None
-        index = self.indexes[level]
-        victims = (index.plan_room(self.chunk_bytes, self._evictable_at[level], admit=key) if evictable is None
-                   else index.plan_room(self.chunk_bytes, evictable))
-        if victims is not None:
-            index.add(key, self.chunk_bytes)
-            self._pending.add((level, key))
-            for victim in victims:
-                self._leaving.add((level, victim))
-        return victims
-
-    def _settle(self, level: int, keys: Sequence[ChunkKey], *, stored: bool) -> None:
-        """Pending chunks of tier ``level`` are in (``stored``), or are not coming: drop them."""
-        with self._lock:
-            for key in keys:
-                self._pending.discard((level, key))
-                if not stored:
-                    self.indexes[level].discard(key)
-
-    def _evictable(self, level: int, key: ChunkKey) -> bool:
-        """May ``key`` be a victim in tier ``level``?  Not when pinned (here or on disk), pending or held."""
-        if key in self.pins or (level, key) in self._pending or (level == 0 and key in self._held):
-            return False
-        return self.pin_files is None or key not in self.pin_files
-
-    # --- bytes into tiers without slots: demotion, write-through, chunks put below ----------
-    def _put(self, level: int, key: ChunkKey, payload: np.ndarray) -> int | None:
-        """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
-        for lv in range(level, len(self.tiers)):
-            index = self.indexes[lv]
-            if isinstance(disk := self.tiers[lv], DiskTier) and disk.survey_due():
-                self._survey_disk(lv)
-            with self._lock:
-                if key in index.sizes:
-                    index.touch(key)
-                    return lv
-                victims = self._make_room(lv, key)
-            if victims is None:  # everything here is pinned, or the chunk is larger than the tier
-                continue
-            stored = False
-            try:
-                if victims:
-                    self._demote(lv, victims)
-                stored = self.tiers[lv].put(key, payload)
-            finally:  # also when a put raises: the chunk must not stay pending for good (``_settle``)
-                with self._lock:
-                    self._pending.discard((lv, key))
-                    if not stored:
-                        index.discard(key)
-            if stored:
-                return lv
-        return None
-
-    def _survey_disk(self, level: int) -> None:
-        """Disk capacity is for the root, shared by every process on it: every ``survey_s``
-        (before a put) re-read the root, adopt the chunks other processes wrote into this index
-        (so that they may be victims here), forget those they deleted, and leave room for every
-        other file under it (other layouts, temp files, pins).  The root may exceed its capacity
-        by what the others wrote since this process's last survey, until its next put.  Run on
-        the writer thread: a caller's put queues it there."""
-        tier = self.tiers[level]
-        assert isinstance(tier, DiskTier)
-        if not threading.current_thread().name.startswith(_WRITER):  # not on the caller's time
-            with self._lock:
-                if self._survey_job is None or self._survey_job.done():
-                    with contextlib.suppress(RuntimeError):  # closing: no more surveys
-                        self._survey_job = self._background.submit(self._survey_disk, level)
-            return
-        if not tier.survey_due() or not self._surveying.acquire(blocking=False):
-            return
-        try:
-            try:
-                survey = tier.survey()
-            except OSError as exc:  # the root went away or is unreadable: keep the last view
-                tier.stats.errors += 1
-                log.warning("disk survey of %s failed: %s", tier.root.parent, exc)
-                return
-            index = self.indexes[level]
-            with self._lock:
-                index.capacity_bytes = max(0, tier.capacity_bytes - survey.other_bytes)
-                for key in survey.chunks:
-                    if key not in index.sizes and (level, key) not in self._leaving:
-                        index.add(key, self.chunk_bytes)
-                unseen = [k for k in index.sizes if k not in survey.chunks and (level, k) not in self._pending]
-            gone = [k for k in unseen if not tier.has_file(k)]  # not just written after the listing
-            tier.forget(gone)
-            with self._lock:
-                for key in gone:
-                    if (level, key) not in self._pending:
-                        index.discard(key)
-        finally:
-            self._surveying.release()
-
-    def _demote(self, level: int, victims: list[ChunkKey]) -> None:
-        """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""
-        tier = self.tiers[level]
-        below = self.indexes[level + 1] if level + 1 < len(self.tiers) else None
-        if level == 0:
-            self.prefetch.left(victims)
-        for key in victims:
-            tier.stats.evictions += 1
-            try:
-                # One dict read needs no lock: the answer may change right after it either way, and
-                # ``_put`` asks again under the lock.
-                if below is not None and key not in below.sizes:
-                    with tier.borrow(key) as view:
-                        if view is not None and self._put(level + 1, key, view) is not None:
-                            tier.stats.demotions += 1
-            finally:  # even when a put below raised: the index no longer has it, so neither may the tier
-                tier.delete(key)
-                with self._lock:
-                    self._leaving.discard((level, key))
-
-    # --- exclusive tiers: a chunk in one place, written through only where it must be ---------
-    def _persist_share(self, keys: list[ChunkKey]) -> list[ChunkKey]:
-        """What an exclusive hierarchy writes through: pinned chunks and the batch's leading share."""
-        lead = math.ceil(len(keys) * self.write_through_share)
-        with self._lock:
-            return [key for i, key in enumerate(keys) if i < lead or self._pinned(key)]
-
-    def _drop_below(self, keys: list[ChunkKey]) -> None:
-        """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""
-        if len(self.tiers) < 2:
-            return
-        for key in keys:
-            with self._lock:
-                if key not in self.indexes[1] or not self._evictable(1, key) or (1, key) in self._leaving:
-                    continue
-                self.indexes[1].discard(key)
-                self._leaving.add((1, key))  # a reader's accounting must not adopt it again meanwhile
-            try:
-                self.tiers[1].delete(key)
-            finally:
-                with self._lock:
-                    self._leaving.discard((1, key))
+        return InPlaceStore(self.mover, self.mover.reserve(chunk_keys_arg(keys)))
 
     def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
              retention: Retention | None = None) -> None:
@@ -735,8 +316,7 @@ class ContextMemory:
         Optional; the agent policy predicts reuse from it (``kvtier.policy.agent``).  ``now``
         defaults to the policy's clock (``time.monotonic``); a replay passes trace time.
         """
-        with self._lock:
-            self.indexes[0].policy.observe(keys, session=session, now=now, retention=retention)
+        self.directory.observe(keys, session=session, now=now, retention=retention)
         self.prefetch.note(session, keys)
 
     def hint_end(self, session: str, *, awaits: str) -> None:
@@ -746,30 +326,9 @@ class ContextMemory:
         or not), a replay from the trace (kv-cache-tester's ``stop``)."""
         if awaits not in AWAITS:
             raise ArgumentValueError(f"awaits must be one of {', '.join(AWAITS)}, got {awaits!r}")
-        with self._lock:
-            self.indexes[0].policy.observe_end(session, awaits=awaits)
+        self.directory.observe_end(session, awaits=awaits)
         if awaits == "tool":  # back in seconds: its chunks below DRAM come up meanwhile (``kvtier.prefetch``)
             self.prefetch.start(session)
-
-    def _write_through_async(self, keys: list[ChunkKey]) -> None:
-        targets = [lv for lv, t in enumerate(self.tiers) if lv > 0 and (t.persistent or t.shared)]
-        jobs = [(keys, targets)]
-        if self.exclusive and 1 in targets:  # the tier below the top gets only what must persist
-            jobs = [(self._persist_share(keys), [1]), (keys, [lv for lv in targets if lv != 1])]
-        self._inflight = [f for f in self._inflight if not f.done() or f.exception() is not None]
-        for job_keys, job_targets in jobs:
-            if job_keys and job_targets:
-                future = self._background.submit(self._write_through, job_keys, job_targets)
-                future.add_done_callback(partial(_log_failure, len(job_keys)))
-                self._inflight.append(future)
-
-    def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
-        for key in keys:
-            with self.tiers[0].borrow(key) as view:
-                if view is None:
-                    continue  # evicted meanwhile, and so demoted already
-                for level in targets:
-                    self._put(level, key, view)
 
     def flush(self) -> None:
         """Wait for background write-through to finish.
@@ -777,11 +336,7 @@ class ContextMemory:
         A write-through that failed (logged when it did; its chunks stay in the top tier and are
         demoted as usual) is raised here once, as a TierError: the next ``flush`` does not see it.
         """
-        inflight, self._inflight = self._inflight, []
-        failures = [exc for f in inflight if (exc := f.exception()) is not None]
-        if failures:
-            raise TierError(f"{len(failures)} background write-through(s) failed, the first with "
-                            f"{type(failures[0]).__name__}: {failures[0]}") from failures[0]
+        self.mover.flush()
 
     # --- pinning ----------------------------------------------------------------------------
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None, *, persist: bool = False) -> None:
@@ -802,8 +357,7 @@ class ContextMemory:
                 raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
             self.pin_files.pin(keys, ttl_s)
             return
-        with self._lock:
-            self.pins.pin(keys, ttl_s)
+        self.directory.pin(keys, ttl_s)
 
     def unpin(self, keys: Sequence[ChunkKey], *, persist: bool = False) -> None:
         """Drop one in-process pin of each key; ``persist=True``: remove its persistent pin record
@@ -817,17 +371,12 @@ class ContextMemory:
                 raise ConfigError("persistent pins need a disk tier (add 'disk' to tiers)")
             self.pin_files.unpin(keys)
             return
-        with self._lock:
-            self.pins.unpin(keys)
+        self.directory.unpin(keys)
 
     def pinned(self, key: ChunkKey) -> bool:
         """Is ``key`` pinned, by this process or by a persistent record?"""
         (key,) = chunk_keys_arg([key], "key")
-        with self._lock:
-            return self._pinned(key)
-
-    def _pinned(self, key: ChunkKey) -> bool:
-        return key in self.pins or (self.pin_files is not None and key in self.pin_files)
+        return self.directory.pinned(key)
 
     # --- maintenance ------------------------------------------------------------------------
     def delete(self, keys: Sequence[ChunkKey]) -> None:
@@ -836,22 +385,16 @@ class ContextMemory:
         Earlier stores' write-through is waited for first; a chunk being stored at the same time
         by another thread (pending) is left to that store: the delete counts as the earlier of the
         two.  While its bytes go it is *leaving*, as an eviction victim is, so a store racing the
-        delete cannot lose its copy to it (``_make_room``).
+        delete cannot lose its copy to it (``Directory.prepare_store``).
         """
         keys = chunk_keys_arg(keys)
-        wait(list(self._inflight))  # this caller's earlier stores are written through: not pending
-        for level, (index, tier) in enumerate(zip(self.indexes, self.tiers, strict=True)):
-            with self._lock:
-                gone = list(dict.fromkeys(k for k in keys if (level, k) not in self._pending))
-                marked = [(level, k) for k in gone if (level, k) not in self._leaving]
-                for key in gone:
-                    index.discard(key)
-                self._leaving.update(marked)
+        self.mover.wait_written()  # this caller's earlier stores are written through: not pending
+        for level, tier in enumerate(self.tiers):
+            gone, marked = self.directory.prepare_leave(level, keys)
             try:
                 tier.delete_many(gone)
             finally:
-                with self._lock:
-                    self._leaving.difference_update(marked)
+                self.directory.complete_leave(level, marked)
 
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats for tier in self.tiers}
@@ -864,42 +407,18 @@ class ContextMemory:
         """Finish the write-through and close every tier, even when one of them fails (raised after).
 
         Exclusive tiers, ``keep``: first the chunks only DRAM holds go down to the persistent tier
-        below (``_keep_top``), so a restart finds them; a crash still loses them.
+        below (``Mover.keep_top``), so a restart finds them; a crash still loses them.
         """
         self.prefetch.close()  # before the tiers it reads
         with contextlib.ExitStack() as stack:  # unwinds last first: the writer, then the tiers in order
             for tier in reversed(self.tiers):
                 stack.callback(tier.close)
-            stack.callback(self._background.shutdown, wait=True)
+            stack.callback(self.mover.shutdown)
             try:
                 self.flush()
             finally:  # a failed write-through must not cost the chunks only DRAM holds
                 if keep:
-                    self._keep_top()
-
-    def _keep_top(self) -> int:
-        """Exclusive tiers at close: copy DRAM's chunks that the tier below lacks into it, oldest
-        first (its policy makes room as for a demotion, so the newest stay when it is smaller);
-        returns how many went down."""
-        if not self.exclusive or len(self.tiers) < 2 or not self.tiers[1].persistent:
-            return 0
-        top, below = self.tiers[0], self.indexes[1]
-        with self._lock:
-            keys = [key for key in self.indexes[0].sizes if key not in below.sizes]
-        kept, failures = 0, []
-        for key in keys:
-            try:  # one chunk's failure, whatever it is, must not keep the others from going down
-                with top.borrow(key) as view:
-                    if view is not None and self._put(1, key, view) == 1:
-                        kept += 1
-            except Exception as exc:  # raised below, after the rest went down
-                failures.append(exc)
-        if keys:
-            log.info("close: %d of DRAM's %d chunks not on %s went down to it", kept, len(keys), self.tiers[1].name)
-        if failures:
-            raise TierError(f"close: {len(failures)} chunk(s) did not go down to {self.tiers[1].name}, the first "
-                            f"with {type(failures[0]).__name__}: {failures[0]}") from failures[0]
-        return kept
+                    self.mover.keep_top()
 
     def __enter__(self) -> ContextMemory:
         return self
@@ -908,9 +427,3 @@ class ContextMemory:
         self.close()
 
 
-def _log_failure(num_keys: int, future: Future[None]) -> None:
-    """Done-callback of a write-through: log a failure once, when it happens (``flush`` raises it)."""
-    exc = future.exception()
-    if exc is not None:
-        log.error("write-through of %d chunks failed: %s: %s", num_keys, type(exc).__name__, exc,
-                  exc_info=exc)

@@ -14,11 +14,17 @@ from hurting the rest:
   policy that predicts nothing (LRU, S3-FIFO) lets a prefetch take free room only.  The first
   chunk that finds no such room ends the job (deeper chunks are due no sooner);
 * **cancel on pressure**: a foreground store or load that evicts a prefetched chunk before it was
-  read stops every prefetch queued or running (the room is needed now).
+  read stops every prefetch queued or running (the room is needed now);
+* **back off when unread**: a pause is skipped while the recent prefetched chunks (counts decaying
+  by ``_DECAY`` per pause) went unread more than ``_BACKOFF`` times as often as they were read, once
+  there is a share's worth of evidence.  A DRAM that turns over between a session's calls (many
+  sessions, a small share) evicts what a prefetch brings before its session returns: simulated with
+  16 agents 3.9 s apart at G2 2%, 91% of prefetched chunks went unread and TTFT rose
+  (``docs/benchmarks.md``).  Skipped pauses let the evidence fade, so a later pause probes again.
 
 Counted (``PrefetchStats``): chunks prefetched, **used** (read from the top tier before leaving
-it) and **wasted** (evicted unread), and jobs cancelled.  Control only: the bytes move through the
-hierarchy's own reserve -> fill -> commit path (``ContextMemory._reserve`` / ``_finish``), on one
+it) and **wasted** (evicted unread), jobs cancelled, and pauses skipped.  Control only: the bytes
+move through the hierarchy's own reserve -> fill -> commit path (``Mover.reserve`` / ``finish``), on one
 background thread of its own, so a prefetch never waits behind write-through.
 """
 
@@ -34,7 +40,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.keys import ChunkKey
-from kvtier.tiers.dram import DramTier
 
 if TYPE_CHECKING:
     from kvtier.hierarchy import ContextMemory
@@ -42,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _THREAD = "kvtier-prefetch"
 _MAX_SESSIONS = 4096  # sessions whose last keys are remembered (least recently hinted forgotten first)
+_DECAY = 0.97  # per pause, the weight left to earlier prefetched chunks' outcomes
+_BACKOFF = 2.0  # skip a pause while recent prefetched chunks went unread this many times as often as read
+_EVIDENCE = 0.125  # ... and at least this share of ``limit`` of them did
 
 
 @dataclass(slots=True)
@@ -51,6 +59,7 @@ class PrefetchStats:
     wasted: int = 0  # ... and evicted (or deleted) unread
     cancelled: int = 0  # jobs stopped early by pressure (a foreground eviction of a prefetched chunk)
     failed: int = 0  # jobs that raised (logged; the cache is unharmed)
+    skipped: int = 0  # pauses not prefetched: recent prefetched chunks mostly went unread (back-off)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -63,7 +72,7 @@ class Prefetcher:
         self.memory = memory
         self.stats = PrefetchStats()
         top = memory.tiers[0]
-        on = dram_share > 0 and isinstance(top, DramTier) and len(memory.tiers) > 1
+        on = dram_share > 0 and top.capabilities.slots and len(memory.tiers) > 1  # DRAM: a promotion fills a slot
         self.limit = int(dram_share * top.capacity_bytes) // memory.chunk_bytes if on else 0  # chunks unread
         self._sessions: OrderedDict[str, tuple[ChunkKey, ...]] = OrderedDict()  # each session's last keys
         self._fresh: set[ChunkKey] = set()  # prefetched, unread, in the top tier
@@ -71,6 +80,7 @@ class Prefetcher:
         self._generation = 0  # bumped by pressure: jobs of an older one stop
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD) if self.limit else None
         self._jobs: list[Future[None]] = []
+        self._recent_used = self._recent_wasted = 0.0  # outcomes of prefetched chunks, decaying per pause
 
     @property
     def enabled(self) -> bool:
@@ -94,6 +104,11 @@ class Prefetcher:
             if self._pool is None or not keys:
                 return None
             self._jobs = [job for job in self._jobs if not job.done()]
+            self._recent_used *= _DECAY
+            self._recent_wasted *= _DECAY
+            if self._recent_wasted >= _EVIDENCE * self.limit and self._recent_wasted > _BACKOFF * self._recent_used:
+                self.stats.skipped += 1  # what it brings is evicted before its session returns: back off
+                return None
             generation = self._generation
             try:
                 job = self._pool.submit(self._run, keys, generation)
@@ -111,6 +126,7 @@ class Prefetcher:
                 if level == 0 and key in self._fresh:
                     self._fresh.discard(key)
                     self.stats.used += 1
+                    self._recent_used += 1
 
     def left(self, keys: Sequence[ChunkKey]) -> None:
         """``keys`` left the top tier (evicted or deleted)."""
@@ -120,6 +136,7 @@ class Prefetcher:
             wasted = self._fresh.intersection(keys)
             self._fresh -= wasted
             self.stats.wasted += len(wasted)
+            self._recent_wasted += len(wasted)
             if wasted and not threading.current_thread().name.startswith(_THREAD):
                 self._generation += 1  # pressure: the foreground needs the room a prefetch took
 
@@ -174,9 +191,9 @@ class Prefetcher:
                     return False
 
         def colder(victim: ChunkKey) -> bool:  # called under the hierarchy's lock
-            return policy.ranks and memory._evictable(0, victim) and policy.colder(victim, key)
+            return policy.ranks and memory.directory.evictable(0, victim) and policy.colder(victim, key)
 
-        res = memory._reserve([key], evictable=colder)
+        res = memory.mover.reserve([key], evictable=colder)
         if res.present:
             return True  # a foreground load promoted it meanwhile
         if not res.slotted:
@@ -185,17 +202,17 @@ class Prefetcher:
         try:
             good = memory.tiers[level].get_into(key, view)
         except BaseException:
-            memory._finish(res, publish=False)
+            memory.mover.finish(res, publish=False)
             raise
         if not good:  # gone or corrupt below (the tier counted it): the prefix ends here
-            memory._finish(res, publish=False)
+            memory.mover.finish(res, publish=False)
             return False
-        memory._finish(res, publish=True)
+        memory.mover.finish(res, publish=True)
         memory.tiers[0].stats.promotions += 1
         with self._lock:
             self._fresh.add(key)
             self.stats.prefetched += 1
         if memory.exclusive:  # as a promotion: the copy below goes (DRAM demotes it again if evicted)
             with contextlib.suppress(Exception):
-                memory._drop_below([key])
+                memory.mover.drop_below([key])
         return True

@@ -156,7 +156,7 @@ def test_victim_still_borrowed_falls_back_to_the_copy_path(tmp_path: Path) -> No
         outs = _outs(2)
         assert mem.load(keys, outs) == 2
         assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
-        assert not mem._pending and not dram._reserved
+        assert mem.directory.settled() and not dram._reserved
 
 
 def test_top_tier_not_dram_uses_the_copy_path(tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ def test_borrowed_prefix_is_not_evicted_to_promote_its_own_chunks(tmp_path: Path
             mem.store(make_keys(LAYOUT, 1, seed=4), make_payloads(LAYOUT, 1, seed=4))  # goes below
             assert mem.lookup(keys[3:]).tiers == (0, 0)
         assert mem.lookup(keys).tiers == (1, 0, 0, 1, 1)  # after the block: promoted in order, as load does
-        assert dram.stats.promotions == 2 + 3 and not mem._held and not mem._pending
+        assert dram.stats.promotions == 2 + 3 and mem.directory.settled()
 
 
 def test_an_error_in_a_borrow_block_leaves_nothing_held_or_reserved(tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ def test_an_error_in_a_borrow_block_leaves_nothing_held_or_reserved(tmp_path: Pa
         with pytest.raises(RuntimeError), mem.borrow_prefix(keys) as views:
             assert len(views) == 3
             raise RuntimeError("the engine's copy failed")
-        assert not mem._held and not mem._pending and not dram._reserved
+        assert mem.directory.settled() and not dram._reserved
         outs = _outs(3)
         assert mem.load(keys, outs) == 3
         assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))

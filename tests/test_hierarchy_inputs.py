@@ -32,7 +32,7 @@ def mem(tmp_path: Path) -> Iterator[ContextMemory]:
 
 def _unchanged(mem: ContextMemory) -> None:
     mem.flush()
-    assert all(len(ix) == 0 for ix in mem.indexes) and not mem._pending and not mem._leaving
+    assert all(len(ix) == 0 for ix in mem.indexes) and mem.directory.settled()
     assert list(mem.tiers[0].keys()) == [] and list(mem.tiers[1].keys()) == []
 
 
@@ -92,7 +92,7 @@ def test_bad_load_buffers(mem: ContextMemory) -> None:
     for outs, error, words in cases:
         with pytest.raises(error, match=words):
             mem.load(KEYS, outs)  # type: ignore[arg-type]
-    assert not mem._held and not mem._pending
+    assert mem.directory.settled()
     outs = [np.zeros(CB, np.uint8) for _ in range(3)]  # more buffers than keys: the rest unused
     assert mem.load(KEYS, outs) == 2 and (outs[1] == GOOD[1]).all() and not outs[2].any()
 
@@ -183,7 +183,7 @@ def test_a_failed_write_through_is_logged_raised_once_and_closes(tmp_path: Path,
         with pytest.raises(TierError, match="disk bug"):
             mem.flush()
     assert sum("write-through of 2 chunks failed" in r.getMessage() for r in caplog.records) == 1
-    assert not mem._pending and KEYS[0] not in mem.indexes[1]  # not left pending in the disk index
+    assert mem.directory.settled() and KEYS[0] not in mem.indexes[1]  # not left pending in the disk index
     mem.flush()  # raised once: not again
     assert mem.load(KEYS, [np.zeros(CB, np.uint8) for _ in KEYS]) == 2  # DRAM still serves them
     mem.store(make_keys(LAYOUT, 2, seed=9), make_payloads(LAYOUT, 2))  # fails again in the background
@@ -200,6 +200,6 @@ def test_a_demotion_that_raises_leaves_nothing_pending(tmp_path: Path) -> None:
     assert mem.store(KEYS, GOOD) == 2
     with pytest.raises(RuntimeError, match="disk bug"):
         mem.store(make_keys(LAYOUT, 1, seed=9), make_payloads(LAYOUT, 1))  # DRAM full: a victim goes down
-    assert not mem._pending and not mem._leaving
+    assert mem.directory.settled()
     assert set(mem.tiers[0].keys()) == set(mem.indexes[0].sizes) and len(mem.indexes[0]) == 1
     mem.close()

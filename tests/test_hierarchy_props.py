@@ -48,7 +48,7 @@ def _memory() -> Iterator[ContextMemory]:
 
 def _held(mem: ContextMemory) -> set[bytes]:
     mem.flush()
-    assert not mem._pending and not mem._leaving and not mem._held
+    assert mem.directory.settled()
     return {k for ix in mem.indexes for k in ix.sizes}
 
 

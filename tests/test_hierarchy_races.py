@@ -126,7 +126,7 @@ def test_threads_storing_loading_deleting_and_pinning_keep_every_invariant(tmp_p
     mem.flush()
     assert not failures, failures
     assert not wrong
-    assert not mem._pending and not mem._leaving and not mem._held
+    assert mem.directory.settled()
     _agree(mem)
     for key in pinned:  # never evicted from any tier they reached
         assert mem.lookup([key]).num_chunks == 1

@@ -140,3 +140,32 @@ def test_pressure_on_a_prefetched_chunk_cancels_the_prefetches_queued(tmp_path: 
         assert mem.prefetch.drain(DEADLINE_S)
         assert mem.prefetch.stats.wasted == 1 and mem.prefetch.stats.cancelled == 1
         assert mem.prefetch.stats.prefetched == 1 and mem.lookup(a).tiers == (1,)
+
+
+def test_pauses_whose_prefetches_go_unread_are_skipped_until_the_evidence_fades(tmp_path: Path) -> None:
+    """The session's prefetched chunks are evicted unread by the foreground; the next pauses are
+    skipped, and once that evidence has faded one probes again."""
+    keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
+    a, b = keys[:2], keys[2:]
+    with _memory(tmp_path, 2, prefetch_share=1.0) as mem:
+        mem.hint(a, session="agent")
+        mem.store(a, payloads[:2])
+        mem.flush()
+        mem.store(b, payloads[2:])
+        mem.flush()
+        mem.delete(b)
+        mem.hint_end("agent", awaits="tool")
+        assert mem.prefetch.drain(DEADLINE_S)
+        stats = mem.prefetch.stats
+        assert stats.prefetched == 2 and stats.skipped == 0
+        mem.store(b, payloads[2:])  # the foreground takes the room before the session came back
+        mem.flush()
+        mem.delete(b)
+        assert stats.wasted == 2 and stats.used == 0
+        pauses = 0
+        while stats.prefetched == 2 and pauses < 200:
+            mem.hint_end("agent", awaits="tool")
+            assert mem.prefetch.drain(DEADLINE_S)
+            pauses += 1
+        assert stats.skipped == pauses - 1 >= 1  # skipped, until one probed again
+        assert stats.prefetched == 4 and mem.lookup(a).tiers == (0, 0)

@@ -22,7 +22,9 @@ are worth loading (a disk hit slower than recomputing is recomputed), with loads
 against compute as measured (``stages``), and with ``split`` (the default, as ``KVTierLM``
 runs it) a slow-tier hit may be split: its head recomputed while its tail loads
 (``kvtier.integrations.hf_split``; measured on an H200 in ``docs/gpu.md``).  vLLM's connector
-cannot split (its API loads a prefix only): ``split=False`` models it.
+cannot split (its API loads a prefix only): ``split=False`` models it.  ``decide=False`` models
+the cost model off (``KVTierLM(cost="off")``, the connector's ``cost_model: "off"``): every cached
+chunk is loaded, however slow its tier.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class CostModel:
     stages: int = 1  # load/compute pipeline depth of the measured engine (1: they add up)
     source: str = "modelled"  # where the figures come from (a cost-model JSON path, or "modelled")
     split: bool = True  # the engine may compute a slow hit's head while its tail loads (KVTierLM does)
+    decide: bool = True  # fetch or recompute per request; False: the cost model off, every cached chunk loaded
 
     def prefill_s(self, cached: int, new: int) -> float:
         context = cached + new
@@ -144,6 +147,18 @@ class CostModel:
         levels = [t for t, n in enumerate(hit_chunks) for _ in range(n)]
         if not levels:
             return self.overhead_s + self.prefill_cost().seconds(0, context)
+        if not self.decide:  # load every usable chunk, whatever it costs; a tier's latency once
+            usable = min(len(levels), max(context - 1, 0) // tokens_per_chunk)
+            chunk_bytes = self.shape.layout.bytes_per_token * tokens_per_chunk
+            load, taken = 0.0, 0
+            for level, n in enumerate(hit_chunks):  # top tier first, as ``levels``
+                n = min(n, usable - taken)
+                taken += n
+                load += planner.links[level].seconds(n * chunk_bytes)
+            past = usable * tokens_per_chunk
+            compute = self.prefill_cost().seconds(past, context - past)
+            both = load + compute if self.stages == 1 else max(load, compute) + min(load, compute) / self.stages
+            return self.overhead_s + both
         plan = planner.plan(levels, total_tokens=context, tokens_per_chunk=tokens_per_chunk,
                             chunk_bytes=self.shape.layout.bytes_per_token * tokens_per_chunk, split=self.split)
         return self.overhead_s + plan.est_total_s

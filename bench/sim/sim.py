@@ -10,7 +10,13 @@ For each request, in arrival order, the simulator does what an engine with kvtie
 over ``NullTier`` tiers (``kvtier/tiers/null.py``): the hierarchy's own index, eviction policy,
 demotion and promotion code runs unchanged, only the bytes are missing (one shared dummy array
 stands in for every payload).  Hits per tier, recomputed tokens and bytes per tier come from
-that run; the cost model turns them into a TTFT.  With ``replicas > 0`` requests also queue
+that run; the cost model turns them into a TTFT.
+
+``prefetch_share > 0`` runs the hierarchy's prefetch during tool pauses (``kvtier.prefetch``):
+when an answer that awaits a tool ends, the session's chunks below DRAM are promoted, at most as
+many as ``prefetch_Bps`` reads before the session's next call (one prefetch at a time on the
+drive: concurrent pauses do not share its bandwidth here, so this is an upper bound), and the
+replay waits for it (deterministic).  With ``replicas > 0`` requests also queue
 for ``replicas`` GPUs (first free), so TTFT includes waiting when the GPUs are saturated.
 
 Two references use the same chunk access sequence and cost model, without the hierarchy:
@@ -99,6 +105,7 @@ class RunResult:
     ttft_s: np.ndarray  # (R,) loads + prefill (no queueing)
     queued_ttft_s: np.ndarray | None = None  # (R,) with waiting for a GPU, when replicas > 0
     tier_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> read/written...
+    prefetch: dict[str, int] = field(default_factory=dict)  # PrefetchStats, when prefetch ran
     wall_s: float = 0.0
 
     @property
@@ -106,24 +113,27 @@ class RunResult:
         return np.asarray(self.hit_tokens.sum(axis=1))
 
 
-def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray) -> list[NullTier]:
-    return [NullTier.named(s.name, persistent=s.persistent)(layout, capacity_bytes=s.capacity_bytes, dummy=dummy)
-            for s in specs]
+def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray, *, dram_slots: bool = False) -> list[NullTier]:
+    return [NullTier.named(s.name, persistent=s.persistent, slots=dram_slots and s.name == "dram")(
+        layout, capacity_bytes=s.capacity_bytes, dummy=dummy) for s in specs]
 
 
 def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, policy: str = "lru",
              promotion: str = "always", write_through: bool = True, exclusive: bool = False,
              write_through_share: float = 0.0, replicas: int = 0, progress: Progress | None = None,
-             label: str = "", family: Callable[[int], Sequence[EvictionPolicy]] | None = None) -> RunResult:
+             label: str = "", family: Callable[[int], Sequence[EvictionPolicy]] | None = None,
+             prefetch_share: float = 0.0, prefetch_Bps: float = float("inf"), dram_slots: bool = False) -> RunResult:
     """Replay ``work`` through a ContextMemory over payload-free tiers (each request hinted with
     its session and trace time, ``ContextMemory.hint``).  ``family(n)`` builds the ``n`` tiers'
-    policies in place of ``policy``'s (a reference such as ``bench.foresight``)."""
+    policies in place of ``policy``'s (a reference such as ``bench.foresight``).
+    ``prefetch_share``, ``prefetch_Bps``: prefetch during tool pauses (module docstring), which needs
+    ``dram_slots``: the DRAM tier takes chunks through slots, as the real one (the in-place path)."""
     layout = replace(cost.shape.layout, tokens_per_chunk=work.chunk_tokens)
     dummy = np.zeros(layout.chunk_bytes, dtype=np.uint8)
-    memory = ContextMemory(layout, _tiers_for(specs, layout, dummy), eviction=policy, promotion=promotion,
-                           write_through=write_through, exclusive=exclusive,
+    memory = ContextMemory(layout, _tiers_for(specs, layout, dummy, dram_slots=dram_slots), eviction=policy,
+                           promotion=promotion, write_through=write_through, exclusive=exclusive,
                            write_through_share=write_through_share,
-                           policies=family(len(specs)) if family else None)
+                           policies=family(len(specs)) if family else None, prefetch_share=prefetch_share)
     n_req, n_tiers = len(work.requests), len(specs)
     hits = np.zeros((n_req, n_tiers), dtype=np.int64)
     tiers = memory.tiers
@@ -133,11 +143,12 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
     requests = [[ChunkKey(k.to_bytes(16, "little")) for k in ks] for ks in work.keys]  # chunk keys are 16 bytes
     ends: list[tuple[float, int]] = []  # (when an answer ends, its request): told to the policy then
     latest: dict[str, int] = {}  # session -> its latest request
+    pauses = _Pauses(memory, work.requests, requests, prefetch_Bps)
     try:
         for i, keys in enumerate(requests):
             request = work.requests[i]
             while ends and ends[0][0] <= request.time_s:
-                _tell_end(memory, work.requests, heapq.heappop(ends)[1], latest)
+                _tell_end(memory, work.requests, heapq.heappop(ends)[1], latest, pauses)
             latest[request.session] = i
             memory.hint(keys, session=request.session, now=request.time_s)
             before = [t.stats.hits for t in tiers]
@@ -148,7 +159,7 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
             if request.awaits is not None and request.answer_s:  # its answer's end: told when it comes
                 heapq.heappush(ends, (request.time_s + request.answer_s, i))
             elif request.awaits is not None:  # no answer time known: at once
-                _tell_end(memory, work.requests, i, latest)
+                _tell_end(memory, work.requests, i, latest, pauses)
             for level, tier in enumerate(tiers):
                 hits[i, level] = tier.stats.hits - before[level]
             if progress and i % 256 == 255:
@@ -158,20 +169,61 @@ def simulate(work: Workload, cost: CostModel, specs: Sequence[TierSpec], *, poli
         tier_bytes = {t.name: {"bytes_read": t.stats.bytes_read, "bytes_written": t.stats.bytes_written,
                                "evictions": t.stats.evictions, "demotions": t.stats.demotions,
                                "promotions": t.stats.promotions} for t in tiers}
+        prefetched = memory.prefetch.stats.as_dict() if memory.prefetch.enabled else {}
     finally:
         memory.close()
         if collecting:
             gc.enable()
     wall = time.perf_counter() - started
-    return _finish(work, cost, specs, hits * work.chunk_tokens, policy, label or policy, replicas, tier_bytes, wall)
+    run = _finish(work, cost, specs, hits * work.chunk_tokens, policy, label or policy, replicas, tier_bytes, wall)
+    run.prefetch = prefetched
+    return run
 
 
-def _tell_end(memory: ContextMemory, requests: Sequence[Request], i: int, latest: dict[str, int]) -> None:
+class _Pauses:
+    """What a prefetch may read in a tool pause: the chunks below DRAM that ``bandwidth_Bps`` reads
+    between the answer's end and the session's next call (the session's last keys, cut there)."""
+
+    def __init__(self, memory: ContextMemory, requests: Sequence[Request], keys: Sequence[Sequence[ChunkKey]],
+                 bandwidth_Bps: float) -> None:
+        self.memory, self.requests, self.keys, self.bandwidth_Bps = memory, requests, keys, bandwidth_Bps
+        self.next_call: list[float | None] = [None] * len(requests)
+        later: dict[str, float] = {}
+        for i in range(len(requests) - 1, -1, -1):
+            self.next_call[i] = later.get(requests[i].session)
+            later[requests[i].session] = requests[i].time_s
+
+    def limit(self, i: int) -> None:
+        """Before request ``i``'s answer is told to end awaiting a tool: cut what its prefetch reads."""
+        if not self.memory.prefetch.enabled or math.isinf(self.bandwidth_Bps):
+            return
+        request, nxt = self.requests[i], self.next_call[i]
+        if nxt is None:
+            return
+        pause = max(nxt - request.time_s - (request.answer_s or 0.0), 0.0)
+        budget = max(int(pause * self.bandwidth_Bps // self.memory.chunk_bytes), 1)
+        keys = self.keys[i]
+        below, cut = 0, len(keys)
+        for j, level in enumerate(self.memory.lookup(keys).tiers):
+            below += level > 0
+            if below > budget:
+                cut = j
+                break
+        self.memory.prefetch.note(request.session, keys[:max(cut, 1)])
+
+
+def _tell_end(memory: ContextMemory, requests: Sequence[Request], i: int, latest: dict[str, int],
+              pauses: _Pauses | None = None) -> None:
     """Tell the policy what request ``i``'s answer waits for, unless its session called again since
-    (the trace's next call came before the answer's recorded end: the hint is stale)."""
+    (the trace's next call came before the answer's recorded end: the hint is stale).  A tool's
+    pause prefetches (``pauses`` cuts it to what the drive reads in the pause); the replay waits."""
     request = requests[i]
     if latest.get(request.session) == i and request.awaits is not None:
+        if pauses is not None and request.awaits == "tool":
+            pauses.limit(i)
         memory.hint_end(request.session, awaits=request.awaits)
+        if memory.prefetch.enabled:
+            memory.prefetch.drain()
 
 
 def ideal(work: Workload, cost: CostModel, *, replicas: int = 0) -> RunResult:
@@ -310,15 +362,22 @@ def _finish(work: Workload, cost: CostModel, specs: Sequence[TierSpec], hit_toke
             label: str, replicas: int, tier_bytes: dict[str, dict[str, int]], wall: float) -> RunResult:
     context = np.array([r.input_tokens for r in work.requests], dtype=np.int64)
     hit_tokens = np.minimum(hit_tokens, context[:, None])
-    planner = cost.planner([s.name for s in specs])
+    ttft = request_ttfts(work, cost, [s.name for s in specs], hit_tokens)
+    queued = _queue(work, ttft, replicas) if replicas > 0 else None
+    return RunResult(label=label, policy=policy, tiers=tuple(specs), context_tokens=context, hit_tokens=hit_tokens,
+                     ttft_s=ttft, queued_ttft_s=queued, tier_bytes=tier_bytes, wall_s=wall)
+
+
+def request_ttfts(work: Workload, cost: CostModel, tier_names: Sequence[str], hit_tokens: np.ndarray) -> np.ndarray:
+    """Each request's TTFT (no queueing) for its hit tokens per tier, under ``cost``'s decision."""
+    context = np.array([r.input_tokens for r in work.requests], dtype=np.int64)
+    planner = cost.planner(tier_names)
     chunks = hit_tokens // work.chunk_tokens
     ttft = np.empty(len(context))
     for i in range(len(context)):  # the engine's fetch-or-recompute decision, top tier read first
         ttft[i] = cost.request_ttft_s(planner, chunks[i].tolist(), context=int(context[i]),
                                       tokens_per_chunk=work.chunk_tokens)
-    queued = _queue(work, ttft, replicas) if replicas > 0 else None
-    return RunResult(label=label, policy=policy, tiers=tuple(specs), context_tokens=context, hit_tokens=hit_tokens,
-                     ttft_s=ttft, queued_ttft_s=queued, tier_bytes=tier_bytes, wall_s=wall)
+    return ttft
 
 
 def _queue(work: Workload, service_s: np.ndarray, replicas: int) -> np.ndarray:

@@ -307,9 +307,9 @@ def main() -> int:
     dram = DramTier(layout, capacity_bytes=pool_chunks * layout.chunk_bytes)
     memory = ContextMemory(layout, [dram], write_through=False)
     result["dram"] = {"pool_bytes": dram.capacity_bytes, "pinned": dram.pinned}
-    lms = {"bulk": KVTierLM(model, memory, layerwise=False, store=False),
-           "layerwise": KVTierLM(model, memory, layerwise=True, store=False),
-           "layerwise_per_chunk_copies": KVTierLM(model, memory, layerwise=True, store=False, copy2d=False)}
+    lms = {"bulk": KVTierLM(model, memory, layerwise=False, store=False, cost="off"),
+           "layerwise": KVTierLM(model, memory, layerwise=True, store=False, cost="off"),
+           "layerwise_per_chunk_copies": KVTierLM(model, memory, layerwise=True, store=False, copy2d=False, cost="off")}
     writer = KVTierLM(model, memory, store=True)
     result["copy2d_available"] = lms["layerwise"].engine.memcpy2d is not None
 
@@ -464,7 +464,7 @@ def main() -> int:
             with root_ctx as root:
                 disk = DiskTier(layout, path=root, capacity_bytes=1 << 40, fsync=False)
                 g3_memory = ContextMemory(layout, [disk], write_through=False)
-                g3 = KVTierLM(model, g3_memory, store=True, layerwise=False)
+                g3 = KVTierLM(model, g3_memory, store=True, layerwise=False, cost="off")
                 st = os.statvfs(root)
                 result["g3_disk"] = {"root": root, "free_bytes": st.f_bavail * st.f_frsize, "fs": _fs_type(root),
                                  "io_threads": 4, "fsync": False, "page_cache": "evicted per file (fadvise DONTNEED)"}

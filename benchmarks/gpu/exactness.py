@@ -97,7 +97,8 @@ def main() -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     dram = DramTier(layout, capacity_bytes=(max(contexts) // layout.tokens_per_chunk + 2) * layout.chunk_bytes)
     results = []
-    with ContextMemory(layout, [dram], write_through=False) as memory, KVTierLM(model, memory, store=False) as lm:
+    with ContextMemory(layout, [dram], write_through=False) as memory, \
+            KVTierLM(model, memory, store=False, cost="off") as lm:
         gen = torch.Generator().manual_seed(2)
         for n in contexts:
             ids = torch.randint(0, model.config.vocab_size, (n + args.suffix,), generator=gen)

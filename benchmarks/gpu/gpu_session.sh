@@ -7,6 +7,7 @@
 #   LIMIT=590 bash benchmarks/gpu/gpu_session.sh connectors
 #   LIMIT=590 bash benchmarks/gpu/gpu_session.sh serve
 #
+# Or, short of device time: LIMIT=590 EXACT_S=300 bash benchmarks/gpu/gpu_session.sh install exact single
 # install: vLLM 0.26.0 (../shared/gpu-vllm) and LMCache 0.5.3 into /tmp/site, /tmp/site-lmc.
 # exact: benchmarks/gpu/vllm_exact_gpu.py (every scenario).  plain: the single-request table's plain
 # engine (recompute, vllm), kept in /tmp/keep for `connectors`, which runs kvtier, kvtier-disk,
@@ -28,13 +29,18 @@ for stage in "$@"; do
         && PYTHONPATH=/tmp/site bash .gpu-lmcache/install.sh /tmp/site-lmc >> "$OUT/install.log" 2>&1
       echo "install rc=$? at $((SECONDS - t0)) s"; tail -3 "$OUT/install.log" ;;
     exact)
-      timeout "$(( $(left) < 430 ? $(left) : 430 ))" python3 benchmarks/gpu/vllm_exact_gpu.py --json "$OUT/exact.json" \
-        --workdir /tmp/exact > "$OUT/exact.log" 2>&1
+      timeout "$(( $(left) < ${EXACT_S:-430} ? $(left) : ${EXACT_S:-430} ))" python3 benchmarks/gpu/vllm_exact_gpu.py \
+        --json "$OUT/exact.json" --workdir /tmp/exact ${SCENARIOS:+--scenarios "$SCENARIOS"} > "$OUT/exact.log" 2>&1
       echo "exact rc=$? at $((SECONDS - t0)) s"; grep -E '^\[|^\{' "$OUT/exact.log" | tail -30 ;;
     plain)
       python3 benchmarks/gpu/vllm_serving.py "${SINGLE[@]}" --modes recompute,vllm --budget-s "$(left)" \
         --json "$OUT/single_plain_vllm_serving.json" --log "$OUT/single_plain.log" > "$OUT/single_plain.out" 2>&1
       echo "plain rc=$? at $((SECONDS - t0)) s"; cp "$OUT/single_plain_vllm_serving.json" /tmp/keep/; tail -12 "$OUT/single_plain.out" ;;
+    single)  # every mode in one call, as far as the budget goes
+      python3 benchmarks/gpu/vllm_serving.py "${SINGLE[@]}" --modes "${MODES:-recompute,vllm,kvtier,kvtier-disk,vllm-offload,lmcache}" \
+        --budget-s "$(left)" --json "$OUT/single_vllm_serving.json" --log "$OUT/single.log" > "$OUT/single.out" 2>&1
+      echo "single rc=$? at $((SECONDS - t0)) s"; cp "$OUT/single_vllm_serving.json" /tmp/keep/single_plain_vllm_serving.json
+      tail -25 "$OUT/single.out" ;;
     connectors)
       ref=/tmp/keep/single_plain_vllm_serving.json
       python3 benchmarks/gpu/vllm_serving.py "${SINGLE[@]}" --modes "${MODES:-kvtier,kvtier-disk,vllm-offload,lmcache}" \

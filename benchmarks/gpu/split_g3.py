@@ -153,7 +153,7 @@ def g3_row(model: Any, layout: KVLayout, dram: DramTier, root: Path, ids: torch.
         for _ in range(args.reps):
             if state == "cold":
                 row["files_evicted"] = evict_page_cache(root)
-            with Run(model, layout, dram, root, store=False, split=None) as lm:  # cost None: load all
+            with Run(model, layout, dram, root, store=False, split=None, cost="off") as lm:  # load all
                 t, res = to_logits(partial(lm.prefill, ids, logits_to_keep=1), device)
                 loads.append(t)
                 assert res.loaded_tokens == (len(ids) - 1) // c * c, res.loaded_tokens

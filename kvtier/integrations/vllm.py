@@ -337,15 +337,16 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker.end_step()  # this step's queued loads are done: their DRAM slots are released
         after = self._worker.paged.record() if plan.saves else None  # CUDA: after this step's forward
         self._worker.save(plan.saves, after)  # submitted, not awaited: the blocks are held (module doc)
-        self._worker.pin(plan.pins)
-        self._worker.hold(plan.held)
-        if plan.uncacheable:
-            self._worker.count(uncacheable_requests=plan.uncacheable)
-        self._worker.count(**plan.decisions)
+        self._worker.close_step(plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
+        if self.has_connector_metadata():
+            # a step without a forward (nothing scheduled: async loads in flight, or the empty step
+            # async scheduling runs after the last request) has no wait_for_save: its finished
+            # requests, pins and counts are taken here, else vLLM would hold their blocks for ever
+            self._worker.close_step(self._plan())
         sending, received = self._worker.finished()
         self._report()
         return sending or None, received or None

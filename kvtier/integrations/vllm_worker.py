@@ -49,7 +49,7 @@ from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.vllm_cost import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
-from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob
+from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")
@@ -97,6 +97,7 @@ class WorkerCore:
         self._forward: tuple[Any, int, float] | None = None  # the forward being timed: (start, new, pairs)
         self._forwards_timed: list[tuple[Any, Any, int, float]] = []  # CUDA: (start, end, ...) not yet read
         self._prefetch_seen: dict[str, int] = memory.prefetch.stats.as_dict()  # reported so far
+        self._closed: StepPlan | None = None  # the last plan ``close_step`` took
         memory.listen(self._on_change)
 
     def _on_change(self, tier: str, key: ChunkKey, added: bool) -> None:
@@ -302,11 +303,9 @@ class WorkerCore:
                     self._load_samples.append(LoadSample(level, hits[level] * memory.layout.chunk_bytes, seconds))
 
     def hint(self, jobs: Sequence[HintJob]) -> None:
-        """Announce new requests to the eviction policy, in the order they were looked up.
-
-        The policy treats the latest hint as the request being served (``kvtier.policy.agent``):
-        in a batched step that is approximate, as chunks of an earlier request of the batch may
-        be stored after a later one is hinted."""
+        """Announce new requests to the eviction policy, in the order they were looked up.  The
+        policy treats the latest hint as the request being served (``kvtier.policy.agent``): in a
+        batched step approximate, as an earlier request's chunks may be stored after it."""
         for job in jobs:
             self.memory.hint(list(job.keys), session=job.session, retention=job.retention)
 
@@ -333,6 +332,17 @@ class WorkerCore:
             logger.warning("kvtier: request %s: pin records not written (%s)", job.req_id, exc)
             return
         self.count(**{"unpinned_chunks" if job.unpin else "pinned_chunks": len(job.keys)})
+
+    def close_step(self, plan: StepPlan) -> None:
+        """Once per plan, after its saves: pins, finished requests whose blocks vLLM holds for us,
+        counts.  From ``wait_for_save``, and from ``get_finished``, which vLLM also calls in steps
+        without a forward (no ``wait_for_save``); the second call does nothing."""
+        if plan is not self._closed:
+            self._closed = plan
+            self.end_step()
+            self.pin(plan.pins)
+            self.hold(plan.held)
+            self.count(uncacheable_requests=plan.uncacheable, **plan.decisions)
 
     # --- request lifetimes ----------------------------------------------------------------------
     def flush(self, req_ids: Iterable[str]) -> None:

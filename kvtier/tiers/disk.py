@@ -28,7 +28,7 @@ found at open; a key another process wrote later is found by ``contains`` (one `
 file another process evicted turns into a miss.  Capacity bounds the **root**: in a hierarchy
 the index owns it and, every ``survey_s``, re-reads the root (``survey``: this layout's chunk
 names, the bytes of everything else), adopts what other processes wrote and leaves room for the
-rest (``ContextMemory._survey_disk``).  This tier alone checks only the files it wrote or found
+rest (``Mover.survey_disk``).  This tier alone checks only the files it wrote or found
 at open.
 
 I/O runs on a thread pool (``io_threads``): batch gets and puts proceed in parallel, and file

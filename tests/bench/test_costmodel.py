@@ -82,3 +82,25 @@ def test_a_slow_tier_hit_is_split_in_the_simulated_ttft() -> None:
     plain = dataclasses.replace(cost, split=False).request_ttft_s(planner, [0, n], context=ctx, tokens_per_chunk=tpc)
     load = cost.overhead_s + n * tpc * shape.layout.bytes_per_token / 1.6e9 + cost.prefill_s(n * tpc, 256)
     assert split < 0.75 * min(plain, load)
+
+
+def test_with_the_cost_model_off_every_cached_chunk_is_loaded() -> None:
+    """``decide=False`` prices loading the whole hit (a disk slower than recomputing included);
+    the engine's decision is never dearer, and cheaper where the disk loses."""
+    shape = model_shape("llama-3.1-8b")
+    cost = CostModel(shape=shape, links={"dram": Link(bandwidth_Bps=50e9), "disk": Link(bandwidth_Bps=1.5e9)})
+    off = dataclasses.replace(cost, decide=False, split=False)
+    planner = cost.planner(["dram", "disk"])
+    tpc, n = 256, 16
+    ctx = n * tpc + 100
+    load_all = cost.overhead_s + n * tpc * shape.layout.bytes_per_token / 1.5e9 + cost.prefill_s(n * tpc, 100)
+    assert off.request_ttft_s(planner, [0, n], context=ctx, tokens_per_chunk=tpc) == pytest.approx(load_all)
+    on = cost.request_ttft_s(planner, [0, n], context=ctx, tokens_per_chunk=tpc)
+    assert on < load_all  # 4K tokens from a 1.5 GB/s disk: recomputing (or splitting) wins
+    for hit in ([n, 0], [n // 2, n // 2], [0, 1]):
+        assert cost.request_ttft_s(planner, hit, context=ctx, tokens_per_chunk=tpc) <= \
+            off.request_ttft_s(planner, hit, context=ctx, tokens_per_chunk=tpc) + 1e-12
+    # a whole-prompt hit still computes one token
+    full = off.request_ttft_s(planner, [n, 0], context=n * tpc, tokens_per_chunk=tpc)
+    assert full == pytest.approx(off.overhead_s + (n - 1) * tpc * shape.layout.bytes_per_token / 50e9
+                                 + cost.prefill_s((n - 1) * tpc, tpc))

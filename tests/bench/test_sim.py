@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.sim.costmodel import CostModel, model_shape
-from bench.sim.sim import TierSpec, belady, ideal, prepare, simulate
+from bench.sim.sim import RunResult, TierSpec, belady, ideal, prepare, simulate
 from bench.sim.workloads.kvtester import load_kvtester_dir
 from bench.sim.workloads.mooncake import load_mooncake
 from bench.sim.workloads.stream import Request
@@ -188,3 +188,47 @@ def test_an_answers_end_is_told_when_it_comes_and_not_once_the_session_called_ag
     work = prepare([req(0.0, "tool", None), req(10.0, "user", None), req(20.0, None, None)])
     simulate(work, COST, [TierSpec(name="dram", capacity_bytes=1 << 30)], policy="agent", family=family)
     assert models[1].sessions["s"].class_gap == {"tool": 10.0, "user": 10.0}
+
+
+def test_null_tier_slots() -> None:
+    layout = KVLayout(model="t", num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32", tokens_per_chunk=4)
+    dummy = np.zeros(layout.chunk_bytes, dtype=np.uint8)
+    tier = NullTier.named("dram", slots=True)(layout, capacity_bytes=2 * layout.chunk_bytes, dummy=dummy)
+    assert tier.capabilities.slots and not NullTier.named("dram").capabilities.slots
+    views = tier.reserve([b"a"])
+    assert views is not None and views[0] is dummy  # a store of the dummy copies nothing
+    assert not tier.contains(b"a") and tier.used_bytes == layout.chunk_bytes  # reserved: counted, unseen
+    assert tier.reserve([b"b", b"c"]) is None  # does not fit: nothing reserved
+    tier.commit([b"a"])
+    assert tier.contains(b"a") and tier.stats.bytes_written == layout.chunk_bytes
+    assert tier.reserve([b"b"]) is not None
+    tier.abort([b"b"])
+    assert not tier.contains(b"b") and tier.used_bytes == layout.chunk_bytes
+
+
+def test_a_tool_pause_prefetches_what_the_drive_reads_in_it() -> None:
+    """Session a's chunks are pushed to disk by b's (b calls twice in a row: hot then); b's answer
+    then awaits its user (minutes, as c's did), a's a tool (seconds, as before): a's chunks come back
+    into DRAM over b's before a's next call, as many as the drive reads in the pause."""
+    def req(t: float, session: str, ids: tuple[int, ...], awaits: str, answer_s: float = 1.0) -> Request:
+        return Request(time_s=t, session=session, scope="x", hash_ids=ids, block_tokens=256,
+                       input_tokens=len(ids) * 256 + 10, output_tokens=1, awaits=awaits, answer_s=answer_s)
+
+    a, b, c = (1, 2, 3, 4), tuple(range(11, 18)), (31,)
+    work = prepare([req(0.0, "c", c, "user", 0.5), req(0.0, "a", a, "tool"), req(4.0, "a", a, "tool"),
+                    req(7.0, "c", c, "user", 0.5), req(8.0, "a", a, "tool", 6.0), req(9.0, "b", b, "tool", 0.1),
+                    req(9.2, "b", b, "user", 0.1), req(20.0, "a", (*a, 5), "user")])
+    cb = chunk_bytes(work)
+    specs = [TierSpec(name="dram", capacity_bytes=8 * cb), TierSpec(name="disk", capacity_bytes=100 * cb,
+                                                                    persistent=True)]
+    pause = 20.0 - 8.0 - 6.0  # from a's answer's end to its next call
+
+    def run(share: float, chunks_per_pause: float = 1e6) -> RunResult:
+        return simulate(work, COST, specs, policy="agent", dram_slots=True, prefetch_share=share,
+                        prefetch_Bps=chunks_per_pause * cb / pause)
+
+    without, fast, slow = run(0.0), run(0.5), run(0.5, 1.5)
+    assert without.hit_tokens[-1].tolist() == [256, 3 * 256] and not without.prefetch
+    assert fast.hit_tokens[-1].tolist() == [4 * 256, 0]  # a share of 4 chunks: all of a's
+    assert fast.prefetch["used"] == fast.prefetch["prefetched"] > 0 and fast.prefetch["wasted"] == 0
+    assert slow.hit_tokens[-1].tolist() == [2 * 256, 2 * 256]  # one chunk read in the pause

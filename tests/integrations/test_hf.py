@@ -24,6 +24,7 @@ from kvtier.integrations.hf import KVTierLM, calibrate_prefill, layout_for  # no
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost  # noqa: E402
 from kvtier.tiers.disk import DiskTier  # noqa: E402
+from kvtier.tiers.dram import DramTier  # noqa: E402
 from tests.conftest import flip_byte  # noqa: E402
 from tests.integrations.hf_helpers import C, greedy_reference, open_memory, prompt, reference, warm  # noqa: E402
 
@@ -38,7 +39,7 @@ def memory(layout: KVLayout, tmp_path: Path) -> Iterator[ContextMemory]:
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_loaded_prefix_matches_recompute(model: LlamaForCausalLM, memory: ContextMemory, layerwise: bool) -> None:
     shared = prompt(5 * C, seed=1)
-    with KVTierLM(model, memory, layerwise=layerwise) as lm:
+    with KVTierLM(model, memory, layerwise=layerwise, cost="off") as lm:
         warm(lm, torch.cat([shared, prompt(9, seed=2)]))  # 5 full chunks + a partial tail
         ids = torch.cat([shared, prompt(23, seed=3)])  # same 5 chunks, another continuation
         with torch.no_grad():
@@ -58,7 +59,7 @@ def test_loaded_prefix_matches_recompute(model: LlamaForCausalLM, memory: Contex
 
 def test_greedy_continuation_identical(model: LlamaForCausalLM, memory: ContextMemory) -> None:
     ids = prompt(4 * C + 5, seed=4)
-    with KVTierLM(model, memory) as lm:
+    with KVTierLM(model, memory, cost="off") as lm:
         warm(lm, ids)
         tokens, result = lm.generate(ids, max_new_tokens=12)
     assert result.loaded_tokens == 4 * C
@@ -67,7 +68,7 @@ def test_greedy_continuation_identical(model: LlamaForCausalLM, memory: ContextM
 
 def test_chunk_aligned_prompt_still_computes_a_token(model: LlamaForCausalLM, memory: ContextMemory) -> None:
     ids = prompt(3 * C, seed=5)
-    with KVTierLM(model, memory) as lm:
+    with KVTierLM(model, memory, cost="off") as lm:
         warm(lm, ids)
         with torch.no_grad():
             result = lm.prefill(ids)
@@ -105,7 +106,7 @@ def test_disk_chunks_after_a_restart(model: LlamaForCausalLM, layout: KVLayout, 
     mem = open_memory(layout, tmp_path, promotion="always" if in_place else "never")  # empty DRAM
     try:
         assert mem.lookup(mem.keys_for(ids.numpy())).tiers == (1,) * 7
-        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes) as lm, torch.no_grad():
+        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes, cost="off") as lm, torch.no_grad():
             result = lm.prefill(ids)
         assert result.loaded_tokens == 7 * C
         ref_logits, _ = reference(model, ids)
@@ -132,13 +133,13 @@ def test_corrupt_chunk_on_disk_falls_back_to_recompute(model: LlamaForCausalLM, 
 
     mem = open_memory(layout, tmp_path)
     try:
-        with KVTierLM(model, mem) as lm:
+        with KVTierLM(model, mem, cost="off") as lm:
             tokens, result = lm.generate(ids, max_new_tokens=6)
             lm.flush()
         assert result.loaded_tokens == 3 * C  # chunks 0-2 loaded, 3 was bad: recomputed from there
         assert mem.tiers[1].stats.corrupt == 1
         assert tokens == greedy_reference(model, ids, 6)
-        with KVTierLM(model, mem, layerwise=False) as lm, torch.no_grad():
+        with KVTierLM(model, mem, layerwise=False, cost="off") as lm, torch.no_grad():
             again = lm.prefill(ids)  # the recompute stored chunk 3 again
         assert again.loaded_tokens == 6 * C
         ref_logits, _ = reference(model, ids)
@@ -186,3 +187,39 @@ def test_rejects_batches_and_empty_prompts(model: LlamaForCausalLM, memory: Cont
 def test_layout_for_needs_a_model_id(model: LlamaForCausalLM) -> None:
     assert layout_for(model, tokens_per_chunk=C).model == "kvtier-test/tiny-random-llama"
     assert layout_for(model, model_id="x", tokens_per_chunk=C).num_kv_heads == 2
+
+
+@pytest.mark.parametrize("awaits", ["tool", "user"])
+def test_a_tool_pause_prefetches_the_sessions_chunks_from_disk(model: LlamaForCausalLM, layout: KVLayout,
+                                                               tmp_path: Path, awaits: str) -> None:
+    """``generate(session=, awaits="tool")`` tells the hierarchy; the session's chunks on disk come
+    back into DRAM during the pause and serve its next call from there.  A user's turn: nothing."""
+    ids = prompt(4 * C + 3, seed=12)
+    first = open_memory(layout, tmp_path)
+    with KVTierLM(model, first, cost="off") as lm:
+        warm(lm, ids)
+    first.close()
+    tiers = [DramTier(layout, capacity_bytes=16 * layout.chunk_bytes),
+             DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30, fsync=False)]
+    mem = ContextMemory(layout, tiers, promotion="never", prefetch_share=0.5)  # a hit alone moves nothing up
+    try:
+        with KVTierLM(model, mem, cost="off") as lm:
+            tokens, result = lm.generate(ids, max_new_tokens=3, session="agent-1", awaits=awaits)
+            assert result.loaded_tokens == 4 * C and tokens == greedy_reference(model, ids, 3)
+            assert mem.prefetch.drain(timeout=10)
+            keys = mem.keys_for(ids.numpy())
+            if awaits == "user":
+                assert mem.lookup(keys).tiers == (1,) * 4 and mem.prefetch.stats.prefetched == 0
+                return
+            assert mem.lookup(keys).tiers == (0,) * 4 and mem.prefetch.stats.prefetched == 4
+            nxt = torch.cat([ids, prompt(C, seed=13)])  # the next call: the answer and a tool result appended
+            with torch.no_grad():
+                again = lm.prefill(nxt, session="agent-1")
+        assert again.loaded_tokens == 4 * C and mem.prefetch.stats.used == 4
+    finally:
+        mem.close()
+
+
+def test_awaits_needs_a_session(model: LlamaForCausalLM, memory: ContextMemory) -> None:
+    with KVTierLM(model, memory, cost="off", store=False) as lm, pytest.raises(IntegrationError, match="session"):
+        lm.generate(prompt(C + 1, seed=14), max_new_tokens=1, awaits="tool")

@@ -162,7 +162,7 @@ def split_prefill(model: LlamaForCausalLM, lm: KVTierLM, ids: torch.Tensor, c: i
 def test_split_at_any_point_matches_recompute(model: LlamaForCausalLM, cold: tuple[ContextMemory, torch.Tensor],
                                               c: int) -> None:
     mem, ids = cold
-    with KVTierLM(model, mem, store=False) as lm:
+    with KVTierLM(model, mem, store=False, cost="off") as lm:
         logits, computed, failed = split_prefill(model, lm, ids, c, SplitOptions(mode="planned", step_tokens=C,
                                                                                  group_chunks=2))
     assert computed == c and failed is None
@@ -182,7 +182,7 @@ def test_the_heads_first_step_covers_its_share_of_the_plan(model: LlamaForCausal
         calls.append(1)
         return model(**kwargs)
 
-    with KVTierLM(model, mem, store=False) as lm:
+    with KVTierLM(model, mem, store=False, cost="off") as lm:
         keys = lm.memory.keys_for(ids.numpy())
         options = SplitOptions(mode="planned", step_tokens=C, group_chunks=1, first_step_share=share)
         with contextlib.ExitStack() as borrows, ThreadPoolExecutor(1) as pool, torch.no_grad():
@@ -206,7 +206,7 @@ def test_a_corrupt_chunk_in_the_loaded_region_is_computed(model: LlamaForCausalL
     disk = DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30)
     flip_byte(disk.path_of(keys[4]), -5)  # bit rot in chunk 4, inside the loaded region [2, 6)
     disk.close()
-    with KVTierLM(model, mem, store=False) as lm:
+    with KVTierLM(model, mem, store=False, cost="off") as lm:
         options = SplitOptions(mode="planned", step_tokens=C, group_chunks=1, reads_in_flight=reads_in_flight)
         logits, computed, failed = split_prefill(model, lm, ids, 2, options)
     assert failed == 4 and computed == 5  # chunk 5 loaded, 4 failed: computed up to it

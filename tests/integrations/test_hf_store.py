@@ -23,7 +23,7 @@ def test_store_writes_in_place_and_demotes(model: Any, layout: Any, tmp_path: Pa
     mem = ContextMemory(layout, [dram, DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30, fsync=False)],
                         write_through=False)
     try:
-        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes) as lm:  # 4 groups of <= 2 chunks
+        with KVTierLM(model, mem, staging_bytes=2 * layout.chunk_bytes, cost="off") as lm:  # 4 groups of <= 2
             with torch.no_grad():
                 assert lm.prefill(ids).loaded_tokens == 0
             lm.flush()
@@ -31,7 +31,7 @@ def test_store_writes_in_place_and_demotes(model: Any, layout: Any, tmp_path: Pa
             assert dram.stats.bytes_written == 7 * layout.chunk_bytes  # every chunk written in place
             assert dram.stats.evictions == 4 and dram.stats.demotions == 4
             assert mem.lookup(keys).tiers == (1, 1, 1, 1, 0, 0, 0)
-            assert not dram._reserved and not mem._pending
+            assert not dram._reserved and mem.directory.settled()
             with torch.no_grad():
                 result = lm.prefill(ids)
         assert result.loaded_tokens == 7 * C
@@ -85,7 +85,7 @@ def test_failed_store_leaves_no_reservation(model: Any, layout: Any, tmp_path: P
         assert mem.lookup(keys).num_chunks == 2  # the first group was committed, the second aborted
         dram = mem.tiers[0]
         assert isinstance(dram, DramTier)
-        assert not dram._reserved and not mem._pending and dram.used_bytes == 2 * layout.chunk_bytes
+        assert not dram._reserved and mem.directory.settled() and dram.used_bytes == 2 * layout.chunk_bytes
     finally:
         mem.close()
 
@@ -94,7 +94,7 @@ def test_store_without_a_dram_top_tier(model: Any, layout: Any, tmp_path: Path) 
     ids = prompt(3 * C + 2, seed=23)
     mem = ContextMemory(layout, [DiskTier(layout, path=tmp_path, capacity_bytes=1 << 30, fsync=False)])
     try:
-        with KVTierLM(model, mem) as lm:
+        with KVTierLM(model, mem, cost="off") as lm:
             with torch.no_grad():
                 lm.prefill(ids)
             lm.flush()

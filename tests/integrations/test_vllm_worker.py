@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 from kvtier.hierarchy import ContextMemory  # noqa: E402
 from kvtier.integrations.vllm_config import make_layout  # noqa: E402
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of  # noqa: E402
-from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob  # noqa: E402
+from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan  # noqa: E402
 from kvtier.integrations.vllm_worker import WorkerCore  # noqa: E402
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
@@ -281,3 +281,45 @@ def test_a_tool_end_prefetches_the_sessions_chunks_counted(tmp_path: Path) -> No
         assert "prefetch_chunks" not in core.take_counters().values  # deltas: reported once
     finally:
         core.close()
+
+
+def test_a_plan_closes_once_with_or_without_wait_for_save() -> None:
+    """``close_step`` takes a plan's pins, held requests and counts once, whichever hook comes first."""
+    worker, _, _ = _worker()
+    try:
+        plan = StepPlan(held={"r1"}, uncacheable=2, decisions={"fetch_recompute": 1})
+        worker.close_step(plan)
+        worker.close_step(plan)  # get_finished after wait_for_save: nothing twice
+        assert worker.finished() == ({"r1"}, set())
+        assert worker.counters.values["uncacheable_requests"] == 2
+        assert worker.counters.values["fetch_recompute"] == 1
+    finally:
+        worker.close()
+
+
+def test_a_step_without_a_forward_still_releases_finished_requests() -> None:
+    """vLLM 0.26's model runner (and async scheduling) runs steps with nothing scheduled: the
+    connector's metadata is bound, ``start_load_kv`` and ``get_finished`` run, ``wait_for_save``
+    does not.  Finished requests handed over in such a step must still be reported, else vLLM
+    keeps their blocks for ever (seen on an H200: ``reset_prefix_cache`` refused, 177 blocks)."""
+    pytest.importorskip("vllm")
+    from kvtier.integrations.vllm import KVTierConnector, KVTierConnectorMetadata
+    from kvtier.integrations.vllm_config import ConnectorOptions
+    from kvtier.integrations.vllm_counters import ConnectorCounters
+
+    worker, _, _ = _worker()
+    connector = KVTierConnector.__new__(KVTierConnector)  # the hooks only, around a real WorkerCore
+    connector._worker = worker
+    connector._layerwise, connector._layer_index, connector._layers_waited = False, {}, set()
+    connector.options = ConnectorOptions(log_interval_s=0)
+    connector._total, connector._interval, connector._logged_total = ConnectorCounters(), ConnectorCounters(), {}
+    connector._last_log = connector._report_logged = 0.0
+    connector._connector_metadata = None
+    try:
+        connector.bind_connector_metadata(KVTierConnectorMetadata(plan=StepPlan(held={"done-1"})))
+        connector.start_load_kv(None)  # type: ignore[arg-type]
+        sending, received = connector.get_finished(set())  # no wait_for_save in this step
+        assert sending == {"done-1"} and received is None
+        connector.clear_connector_metadata()
+    finally:
+        worker.close()
