@@ -146,13 +146,7 @@ def run(args: argparse.Namespace) -> int:
            "mixes": [{"name": m, "files": [p.name for p in mm.files], "starts_s": list(mm.starts_s)}
                      for m, mm in _mix_index(args, sizes)],
            "traces": results}
-    if args.json:
-        report.write_json(args.json, doc)
-        print(f"wrote {args.json}")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text("\n\n".join(tables) + "\n")
-        print(f"wrote {args.md}")
+    report.write_outputs(args.json, doc, args.md, tables)
     return 0
 
 

@@ -140,11 +140,5 @@ def run(args: argparse.Namespace) -> int:
            "links_Bps": {n: link.bandwidth_Bps for n, link in cost.links.items()}, "policy": args.policy,
            "g2_pct": args.g2, "g3_pct": args.g3, "prefetch_share": args.prefetch_share,
            "wall_s": time.perf_counter() - started, "traces": results}
-    if args.json:
-        report.write_json(args.json, doc)
-        print(f"wrote {args.json}")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text("\n\n".join(tables) + "\n")
-        print(f"wrote {args.md}")
+    report.write_outputs(args.json, doc, args.md, tables)
     return 0

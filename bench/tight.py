@@ -199,11 +199,5 @@ def run(args: argparse.Namespace) -> int:
     doc = {"benchmark": "kvtier bench tight", "model": cost.shape.layout.model, "cost_model": cost.source,
            "policies": policies, "foresight": foresight, "foresight_split_s": args.foresight_split_s,
            "summary": summary, "speed": speed, "traces": results}
-    if args.json:
-        report.write_json(args.json, doc)
-        print(f"wrote {args.json}")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text("\n\n".join(tables) + "\n")
-        print(f"wrote {args.md}")
+    report.write_outputs(args.json, doc, args.md, tables)
     return 0

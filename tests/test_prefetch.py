@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kvtier.hierarchy import ContextMemory
+from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.policy.retention import Retention
 from kvtier.tiers.disk import DiskTier
@@ -95,18 +97,24 @@ def test_a_prefetch_takes_a_colder_chunks_room_never_a_hotter_ones(tmp_path: Pat
             assert mem.prefetch.stats.prefetched == 1
 
 
+def _demote_then_pause(mem: ContextMemory, a: list[ChunkKey], b: list[ChunkKey], payloads: list[Any]) -> None:
+    """Session "agent" stores ``a``, ``b`` pushes it to disk and is deleted; the answer then waits
+    for a tool: ``a`` is prefetched back into the free DRAM slots."""
+    mem.hint(a, session="agent")
+    mem.store(a, payloads[:2])
+    mem.flush()
+    mem.store(b, payloads[2:])
+    mem.flush()
+    mem.delete(b)
+    mem.hint_end("agent", awaits="tool")
+    assert mem.prefetch.drain(DEADLINE_S)
+
+
 def test_a_prefetched_chunk_evicted_unread_is_counted_wasted(tmp_path: Path) -> None:
     keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
     a, b = keys[:2], keys[2:]
     with _memory(tmp_path, 2, prefetch_share=1.0) as mem:
-        mem.hint(a, session="agent")
-        mem.store(a, payloads[:2])
-        mem.flush()
-        mem.store(b, payloads[2:])
-        mem.flush()
-        mem.delete(b)
-        mem.hint_end("agent", awaits="tool")
-        assert mem.prefetch.drain(DEADLINE_S)
+        _demote_then_pause(mem, a, b, payloads)
         assert mem.prefetch.stats.prefetched == 2
         mem.store(b, payloads[2:])  # the foreground needs the room before the session came back
         assert mem.prefetch.stats.wasted == 2 and mem.prefetch.stats.used == 0
@@ -148,14 +156,7 @@ def test_pauses_whose_prefetches_go_unread_are_skipped_until_the_evidence_fades(
     keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
     a, b = keys[:2], keys[2:]
     with _memory(tmp_path, 2, prefetch_share=1.0) as mem:
-        mem.hint(a, session="agent")
-        mem.store(a, payloads[:2])
-        mem.flush()
-        mem.store(b, payloads[2:])
-        mem.flush()
-        mem.delete(b)
-        mem.hint_end("agent", awaits="tool")
-        assert mem.prefetch.drain(DEADLINE_S)
+        _demote_then_pause(mem, a, b, payloads)
         stats = mem.prefetch.stats
         assert stats.prefetched == 2 and stats.skipped == 0
         mem.store(b, payloads[2:])  # the foreground takes the room before the session came back

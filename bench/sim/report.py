@@ -162,6 +162,17 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
 
 
+def write_outputs(json_path: Path | None, doc: dict[str, Any], md_path: Path | None, tables: Sequence[str]) -> None:
+    """A benchmark's ``--json`` document and ``--md`` tables, each where asked (and said)."""
+    if json_path:
+        write_json(json_path, doc)
+        print(f"wrote {json_path}")
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text("\n\n".join(tables) + "\n")
+        print(f"wrote {md_path}")
+
+
 def plot_hit_rate(path: str | Path, rows: Sequence[dict[str, Any]], ideal: float, title: str) -> None:
     """Hit rate (tokens) vs G2 capacity, one line per policy (G2's share dashed, all tiers solid)."""
     import matplotlib
