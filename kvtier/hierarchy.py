@@ -300,13 +300,18 @@ class ContextMemory:
                     np.copyto(view, payload)
             return op.commit()
 
-    def store_in_place(self, keys: Sequence[ChunkKey]) -> InPlaceStore:
+    def store_in_place(self, keys: Sequence[ChunkKey], *, wait_below: bool = True) -> InPlaceStore:
         """Reserve room for chunks whose bytes the caller writes itself; see ``InPlaceStore``.
 
         Victims are demoted, never dropped (pinned, pending and held chunks are never victims).
         The chunks are *pending* (not reported by ``lookup``) until ``commit()``.
+        ``wait_below=False``: a chunk the top DRAM tier gives no slot (its policy refused it, or
+        every slot is pinned, pending or read) is not stored, and its view is None, rather than
+        written to a plain buffer and put below on the caller's time (an engine's save path:
+        copying and writing a chunk the cache does not want costs the engine its blocks' time).
+        Lower tiers still receive the stored chunks by write-through and demotion.
         """
-        return InPlaceStore(self.mover, self.mover.reserve(chunk_keys_arg(keys)))
+        return InPlaceStore(self.mover, self.mover.reserve(chunk_keys_arg(keys), wait_below=wait_below))
 
     def hint(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
              retention: Retention | None = None) -> None:

@@ -55,6 +55,7 @@ class _Reservation:
     slotted: list[int] = field(default_factory=list)  # reserved slots, pending until published
     spilled: list[int] = field(default_factory=list)  # no slot: the bytes wait in a plain buffer
     present: list[int] = field(default_factory=list)  # held already (or repeated): nothing to write
+    dropped: list[int] = field(default_factory=list)  # no slot and no spill (``spill=False``): not stored
 
     def buffer(self, i: int) -> np.ndarray:
         view = self.views[i]
@@ -67,6 +68,7 @@ class _Reservation:
         self.slotted = [i for i in self.slotted if i < upto]
         self.spilled = [i for i in self.spilled if i < upto]
         self.present = [i for i in self.present if i < upto]
+        self.dropped = [i for i in self.dropped if i < upto]
         return tail
 
 class InPlaceStore:
@@ -74,10 +76,11 @@ class InPlaceStore:
 
     ``views[i]`` is where chunk ``keys[i]``'s bytes go: a reserved slot of the top DRAM tier, a
     plain host buffer (no slot: the top tier has no slots, or full of pinned, pending or held
-    chunks; the commit places it as ``store`` would), or None (the hierarchy holds the chunk
-    already: write nothing).  Either ``commit`` once every write is done, or ``abort``; as a
-    ``with`` block it commits on a normal exit and aborts on an exception.  The views must not
-    be used after either.
+    chunks, or its policy refused the chunk; the commit places it as ``store`` would), or None:
+    write nothing (the hierarchy holds the chunk already, or, with ``wait_below=False``, the chunk
+    got no slot and is not stored; ``num_dropped`` counts those).  Either ``commit`` once every
+    write is done, or ``abort``; as a ``with`` block it commits on a normal exit and aborts on an
+    exception.  The views must not be used after either.
     """
 
     def __init__(self, mover: Mover, reservation: _Reservation) -> None:
@@ -85,6 +88,7 @@ class InPlaceStore:
         self.keys = reservation.keys
         self.views = reservation.views
         self.num_in_place = len(reservation.slotted)  # chunks written straight into top-tier slots
+        self.num_dropped = len(reservation.dropped)  # no slot, not spilled: not stored
         self.stored: int | None = None  # chunks stored, once committed
         self._reservation = reservation
         self._open = True
@@ -150,17 +154,22 @@ class Mover:
 
     # --- store: reserve -> fill -> commit -------------------------------------------------
     def reserve(self, keys: list[ChunkKey], spill: Sequence[np.ndarray] | None = None, *,
-                 evictable: Evictable | None = None) -> _Reservation:
+                 evictable: Evictable | None = None, wait_below: bool = True) -> _Reservation:
         """Make room in the top tier and reserve a slot for each chunk it does not hold yet.
 
-        A chunk that gets none is *spilled*: its view is ``spill[i]`` (None: a fresh buffer).
+        A chunk that gets none is *spilled*: its view is ``spill[i]`` (None: a fresh buffer), and
+        the commit places it below.  ``wait_below=False`` (a top tier with slots only): nothing is
+        written below on the caller's time (an engine's save path, where the blocks wait): such a
+        chunk is *dropped*, view None, not stored (the caller copies nothing for it), and a victim
+        the write-through has not written below yet is dropped rather than demoted (``demote``;
+        not with ``exclusive`` tiers, whose lower tiers get chunks only by demotion).
         ``evictable``: which chunks may be victims, in place of admission control (a prefetch).
         """
         top = self.tiers[0]
         plan = self.directory.prepare_store(0, keys, room=top.capabilities.slots, evictable=evictable)
         res = _Reservation(keys, [None] * len(keys), plan.reserved, plan.refused, plan.present)
         try:
-            self.demote(0, plan.victims)
+            self.demote(0, plan.victims, wait_below=wait_below or self.exclusive or not top.capabilities.slots)
         except BaseException:  # a tier raised (a bug): the new chunks must not stay pending for good
             self.directory.abort_store(0, [keys[i] for i in res.slotted])
             raise
@@ -173,6 +182,8 @@ class Mover:
             res.slotted, res.spilled = [i for i in res.slotted if slots[i] is not None], sorted(res.spilled + refused)
             for i, slot in slots.items():
                 res.views[i] = None if slot is None else slot[0]
+        if not wait_below and top.capabilities.slots:
+            res.dropped, res.spilled = res.spilled, []
         for i in res.spilled:
             res.views[i] = spill[i] if spill is not None else np.empty(self.chunk_bytes, np.uint8)
         return res
@@ -270,10 +281,18 @@ class Mover:
         finally:
             self._surveying.release()
 
-    def demote(self, level: int, victims: list[ChunkKey]) -> None:
-        """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them."""
+    def demote(self, level: int, victims: list[ChunkKey], *, wait_below: bool = True) -> None:
+        """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them.
+
+        ``wait_below=False``: a victim not in the tier below yet (its write-through is behind) is
+        dropped, not written there on the caller's time (``stats.extra["dropped_unwritten"]``)."""
         tier = self.tiers[level]
         below = level + 1 if level + 1 < len(self.tiers) else None
+        if below is not None and not wait_below:
+            unwritten = sum(not self.directory.indexed(below, key) for key in victims)
+            if unwritten:
+                tier.stats.extra["dropped_unwritten"] = tier.stats.extra.get("dropped_unwritten", 0) + unwritten
+            below = None
         if level == 0:
             self._left_top(victims)
         for key in victims:

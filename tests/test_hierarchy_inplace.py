@@ -280,3 +280,43 @@ def test_an_error_in_a_borrow_block_leaves_nothing_held_or_reserved(tmp_path: Pa
         outs = _outs(3)
         assert mem.load(keys, outs) == 3
         assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
+
+
+def test_not_waiting_below_drops_victims_not_written_there_yet(tmp_path: Path) -> None:
+    """``wait_below=False`` (an engine's save path): a victim whose write-through has not reached
+    disk is dropped, not written on the caller's time; one already there is simply evicted."""
+    with _memory(tmp_path, 2, 100, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
+        mem.store(keys[:2], payloads[:2])  # not written through: only in DRAM
+        with mem.store_in_place(keys[2:], wait_below=False) as op:
+            assert op.num_in_place == 2 and op.num_dropped == 0
+            _fill(op.views, payloads[2:])
+        dram = mem.stats()["dram"]
+        assert dram.evictions == 2 and dram.demotions == 0 and dram.extra["dropped_unwritten"] == 2
+        assert mem.lookup(keys).num_chunks == 0 and mem.lookup(keys[2:]).tiers == (0, 0)
+        assert mem.usage()["disk"][0] == 0
+    with _memory(tmp_path / "wt", 2, 100) as mem:  # written through first: nothing to drop
+        keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
+        mem.store(keys[:2], payloads[:2])
+        mem.flush()
+        with mem.store_in_place(keys[2:], wait_below=False) as op:
+            _fill(op.views, payloads[2:])
+        assert "dropped_unwritten" not in mem.stats()["dram"].extra
+        assert mem.lookup(keys[:2]).tiers == (1, 1)
+
+
+def test_not_waiting_below_drops_chunks_dram_refuses_without_a_buffer(tmp_path: Path) -> None:
+    """A chunk the top tier gives no slot (here: DRAM full of pinned chunks) is not spilled to a
+    buffer and put below: its view is None, it is not stored, and the next ones are not either."""
+    with _memory(tmp_path, 2, 100, write_through=False) as mem:
+        keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
+        mem.store(keys[:2], payloads[:2])
+        mem.pin(keys[:2])
+        op = mem.store_in_place(keys[2:], wait_below=False)
+        assert op.views == [None, None] and op.num_dropped == 2 and op.num_in_place == 0
+        assert op.commit() == 0
+        assert mem.lookup(keys[2:]).num_chunks == 0 and mem.usage()["disk"][0] == 0
+        spilled = mem.store_in_place(keys[2:])  # the default: spilled to buffers, put on disk at commit
+        assert all(v is not None for v in spilled.views) and spilled.num_dropped == 0
+        _fill(spilled.views, payloads[2:])
+        assert spilled.commit() == 2 and mem.lookup(keys[2:]).tiers == (1, 1)

@@ -34,7 +34,8 @@ class ConnectorCounters:
         save_gbps = v["save_bytes"] / v["save_s"] / 1e9 if v["save_s"] else 0.0
         return (f"kvtier: loaded {int(v['load_tokens'])} tokens ({hits or 'no hits'}) in {v['load_s']:.3f}s "
                 f"[{load_gbps:.2f} GB/s], failed chunks {int(v['load_failed_chunks'])}; saved "
-                f"{int(v['save_chunks'])} chunks in {v['save_s']:.3f}s [{save_gbps:.2f} GB/s]")
+                f"{int(v['save_chunks'])} chunks in {v['save_s']:.3f}s [{save_gbps:.2f} GB/s], not taken "
+                f"{int(v['save_dropped_chunks'])}")
 
     def write_json(self, path: Path, extra: dict[str, Any]) -> None:
         """Atomically replace ``path`` with the counters (``kvtier._fs``); not fsynced: it is

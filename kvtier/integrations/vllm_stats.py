@@ -6,6 +6,8 @@
     hit_tokens_<tier>                                 tokens read from each tier (whole chunks)
     load_failed_chunks                                planned loads that missed or were corrupt
     save_chunks / save_bytes / save_s                 chunks copied out of vLLM blocks into kvtier
+    save_dropped_chunks                               chunks not saved: DRAM refused them (eviction policy's
+                                                      admission) or had no free slot; never copied
     corrupt_<tier>                                    chunks a tier found corrupt (never served)
     pinned_chunks / unpinned_chunks                   prompt chunks pinned/unpinned on request
     prefetch_chunks / prefetch_used_chunks /         chunks prefetched into DRAM during tool pauses, and of
@@ -88,6 +90,8 @@ EXPORTS: dict[str, Export] = {  # worker counter name -> metric
     "save_chunks": Export("kvtier_save_chunks", "Chunks copied from vLLM's KV blocks into kvtier."),
     "save_bytes": Export("kvtier_save_bytes", "Bytes of KV copied from vLLM's KV blocks into kvtier."),
     "save_s": Export("kvtier_save_seconds", "Seconds spent saving chunks into kvtier."),
+    "save_dropped_chunks": Export("kvtier_save_dropped_chunks",
+                                  "Chunks not saved: refused by the eviction policy or no free DRAM slot."),
     "pinned_chunks": Export("kvtier_pinned_chunks", "Prompt chunks pinned on request (token warehousing)."),
     "unpinned_chunks": Export("kvtier_unpinned_chunks", "Prompt chunks unpinned on request."),
     "async_loads": Export("kvtier_async_loads", "Chunk loads run asynchronously, off the step."),

@@ -7,8 +7,11 @@ One *mover* thread runs every job in the order the scheduler planned them, so a 
 after a save of the same chunk finds it:
 
 * **save** (``save``, from ``wait_for_save``): gather the chunks' blocks straight into reserved
-  DRAM slots and commit them; demotion and write-through continue on the hierarchy's own
-  threads.  The step does not wait.  On CUDA the mover only queues the copies; a *committer*
+  DRAM slots and commit them; write-through continues on the hierarchy's own thread.  Nothing
+  is written below DRAM on the mover's time (``store_in_place(wait_below=False)``): a chunk DRAM
+  does not take (its policy refused it, or no slot is free) is not copied at all, and a DRAM
+  victim the write-through has not written yet is dropped, not demoted, so a disk slower than
+  the engine never holds vLLM's blocks.  The step does not wait.  On CUDA the mover only queues the copies; a *committer*
   thread commits each save when its copies' event fires, so the mover reserves and queues the
   next save while the DMA engine is still busy with this one (no idle link between saves).  A
   load or pin of a chunk still being saved waits for that commit.  The blocks stay readable
@@ -156,7 +159,10 @@ class WorkerCore:
         t0 = time.perf_counter()
         op: InPlaceStore | None = None
         try:
-            op = self.memory.store_in_place(keys)  # straight into DRAM slots, no staging
+            # straight into DRAM slots, no staging; a chunk DRAM does not take (its policy refused it,
+            # or no slot is free) is not copied at all: the blocks go back to vLLM at once
+            op = self.memory.store_in_place(keys, wait_below=False)
+            self.count(save_dropped_chunks=op.num_dropped)
             copied = self.paged.gather_into(op.views, block_ids, after, wait=False)
         except BaseException as exc:
             self._saved_all(keys, op, t0, committed, exc)

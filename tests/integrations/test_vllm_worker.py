@@ -62,6 +62,8 @@ class _AsyncPaged(PagedKV):
                     wait: bool = True) -> Any:
         if wait:
             return super().gather_into(views, block_ids, after)
+        if not self._runs(views):  # nothing to copy: no event, as on CUDA
+            return None
         copy = _Copy(lambda: PagedKV.gather_into(self, views, block_ids, after), self.gate, self.fail)
         self.queued.append(copy)
         return copy
@@ -146,6 +148,29 @@ def test_a_failed_copy_is_a_miss_and_releases_the_blocks() -> None:
     worker.save([SaveJob("g", keys, (1, 2, 3, 4))])  # the slots were given back: a retry is stored
     worker.flush(["g"])
     assert worker.memory.lookup(keys).num_chunks == 2
+    worker.close()
+
+
+def test_a_chunk_dram_does_not_take_is_not_copied_and_its_blocks_go_back(tmp_path: Path) -> None:
+    """DRAM full of pinned chunks: a save copies nothing (no buffer, no disk write on the mover),
+    counts the chunks as not taken, reports them missing and releases the request at once."""
+    worker, paged, _ = _worker(tmp_path)
+    full = _keys(worker, 7, 32)
+    paged.gate.set()
+    worker.save([SaveJob("full", full, tuple(range(64)))])
+    worker.flush(["full"])
+    worker.memory.pin(list(full))
+    queued = len(paged.queued)
+    keys = _keys(worker, 8, 2)
+    worker.save([SaveJob("d", keys, (0, 1, 2, 3))])
+    worker.hold(["d"])
+    _until(lambda: "d" in worker.finished()[0])
+    assert len(paged.queued) == queued  # no copy was queued for it
+    assert worker.memory.lookup(keys).num_chunks == 0  # in no tier: not put on disk either
+    report = worker.take_report()
+    assert report is not None and set(keys) <= report.missing
+    counters = worker.take_counters().values
+    assert counters["save_dropped_chunks"] == 2 and counters["save_chunks"] == 32
     worker.close()
 
 
