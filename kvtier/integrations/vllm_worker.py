@@ -7,11 +7,10 @@ One *mover* thread runs every job in the order the scheduler planned them, so a 
 after a save of the same chunk finds it:
 
 * **save** (``save``, from ``wait_for_save``): gather the chunks' blocks straight into reserved
-  DRAM slots and commit them; write-through continues on the hierarchy's own thread.  Nothing
-  is written below DRAM on the mover's time (``store_in_place(wait_below=False)``): a chunk DRAM
-  does not take (its policy refused it, or no slot is free) is not copied at all, and a DRAM
-  victim the write-through has not written yet is dropped, not demoted, so a disk slower than
-  the engine never holds vLLM's blocks.  The step does not wait.  On CUDA the mover only queues the copies; a *committer*
+  DRAM slots and commit them; write-through continues on the hierarchy's own thread.  Nothing is
+  written below DRAM on the mover's time (``wait_below=False``): a chunk DRAM does not take is not
+  copied, a victim not yet written through is dropped, so a slow disk never holds vLLM's blocks.
+  The step does not wait.  On CUDA the mover only queues the copies; a *committer*
   thread commits each save when its copies' event fires, so the mover reserves and queues the
   next save while the DMA engine is still busy with this one (no idle link between saves).  A
   load or pin of a chunk still being saved waits for that commit.  The blocks stay readable
@@ -154,15 +153,10 @@ class WorkerCore:
                            committed)
 
     def _save(self, keys: list[ChunkKey], block_ids: list[int], after: Any, committed: Future[None]) -> None:
-        """On the mover: reserve DRAM slots and gather into them; commit here on CPU, on the
-        committer once the copies' event fires on CUDA."""
-        t0 = time.perf_counter()
-        op: InPlaceStore | None = None
+        """On the mover: reserve DRAM slots, gather into them; commit here (CPU) or on the committer (CUDA)."""
+        t0, op = time.perf_counter(), None
         try:
-            # straight into DRAM slots, no staging; a chunk DRAM does not take (its policy refused it,
-            # or no slot is free) is not copied at all: the blocks go back to vLLM at once
-            op = self.memory.store_in_place(keys, wait_below=False)
-            self.count(save_dropped_chunks=op.num_dropped)
+            op = self.memory.store_in_place(keys, wait_below=False)  # into DRAM slots; refused: not copied
             copied = self.paged.gather_into(op.views, block_ids, after, wait=False)
         except BaseException as exc:
             self._saved_all(keys, op, t0, committed, exc)
@@ -200,7 +194,7 @@ class WorkerCore:
                 with self._lock:
                     self._missing.update(lost)
             self.count(save_chunks=stored, save_bytes=stored * self.memory.layout.chunk_bytes,
-                       save_s=time.perf_counter() - t0)
+                       save_s=time.perf_counter() - t0, save_dropped_chunks=op.num_dropped if op else 0)
             if failed is None:
                 committed.set_result(None)
             else:
