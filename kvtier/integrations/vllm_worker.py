@@ -49,7 +49,7 @@ from typing import Any
 
 from kvtier.errors import TierError
 from kvtier.hierarchy import ContextMemory, InPlaceStore
-from kvtier.integrations.vllm_cost import ForwardSample, LoadSample
+from kvtier.integrations.calibrate import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import PREFETCH_COUNTERS, ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
 from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan

@@ -221,7 +221,7 @@ def test_warm_up_times_a_copy_and_changes_no_block() -> None:
 
 
 def test_loads_and_forwards_are_timed_for_the_schedulers_cost_model() -> None:
-    from kvtier.integrations.vllm_cost import ForwardSample
+    from kvtier.integrations.calibrate import ForwardSample
 
     worker, paged, _ = _worker()
     keys = _keys(worker, 1, 2)
