@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import kvtier._fs as fs
-from kvtier.integrations.vllm_cost import Calibration
+from kvtier.integrations.calibrate import Calibration
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.policy.cost import CostModel, LinkCost, PrefillCost
 from kvtier.tiers.disk import PinFiles

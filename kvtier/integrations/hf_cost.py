@@ -2,16 +2,16 @@
 
 ``KVTierLM(model, memory)`` (``cost="auto"``, the default) builds one; ``cost="off"`` (or None)
 loads every usable cached chunk, a ``CostModel`` is a fixed, measured model.  No third cost
-model: the figures are the vLLM connector's (``kvtier.integrations.vllm_cost``, payload-free and
-vLLM-free), the decision is ``kvtier.policy.cost.CostModel.plan``.
+model: the figures are the ones the vLLM connector uses too (``kvtier.integrations.calibrate``,
+payload-free and engine-free), the decision is ``kvtier.policy.cost.CostModel.plan``.
 
 * **At start-up** (``calibrate_cost``; ``AutoCost.calibration_s`` says what it took, logged at INFO):
   the **DRAM link** from a timed copy of staged chunks into a prompt's KV on the model's device
   (``CopyEngine``, bulk, best of three after a warm one); the **disk link** from a cold read of two
-  chunk files in the disk tier's format under its root (``vllm_cost.measure_disk``), in series
+  chunk files in the disk tier's format under its root (``calibrate.measure_disk``), in series
   with the DRAM link (a disk hit is read into DRAM, then copied); G4 a conservative default
-  (``vllm_cost.G4_LINK``); the **prefill**'s shape (linear vs attention work) from the model's
-  FLOPs over a timed matmul of its MLP shape (``vllm_cost.measure_matmul``, ``prefill_prior``),
+  (``calibrate.G4_LINK``); the **prefill**'s shape (linear vs attention work) from the model's
+  FLOPs over a timed matmul of its MLP shape (``calibrate.measure_matmul``, ``prefill_prior``),
   its scale and a fixed cost per forward from timed forwards of a chunk and of four (``scaled_prior``):
   a small model's time is mostly per-forward overheads that FLOPs miss (a tiny CPU model: 100x).
 * **Online** (``OnlineCost``): every read from a tier below DRAM is a ``LoadSample`` (host time of
@@ -44,18 +44,20 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvtier.hierarchy import ContextMemory
-from kvtier.integrations.hf_attention import lower_right_attention
-from kvtier.integrations.vllm_cost import (
-    DEFAULT_FLOPS,
+from kvtier.integrations.calibrate import (
     ForwardSample,
     LoadSample,
     ModelShape,
     OnlineCost,
+    best_seconds,
     calibrate,
     default_links,
     describe,
+    flops_or_default,
     prefill_prior,
+    sync_device,
 )
+from kvtier.integrations.hf_attention import lower_right_attention
 from kvtier.policy.cost import CostModel, FetchPlan, PrefillCost
 from kvtier.tiers.cuda import CopyEngine
 from kvtier.tiers.disk import DiskTier
@@ -142,9 +144,9 @@ def calibrate_cost(model: Any, memory: ContextMemory, engine: CopyEngine, *, lay
     tiers = [t.name for t in memory.tiers]
     device = engine.device.type
     links, fixed = default_links(tiers, calibration, device=device, fixed={})
-    flops = calibration.flops_per_s or DEFAULT_FLOPS.get(device, DEFAULT_FLOPS["cuda"])
-    online = OnlineCost(links, scaled_prior(model, prefill_prior(shape, flops), max(layout.tokens_per_chunk, 64)),
-                        fixed=fixed, chunk_bytes=layout.chunk_bytes)
+    prior = prefill_prior(shape, flops_or_default(calibration, device))
+    online = OnlineCost(links, scaled_prior(model, prior, max(layout.tokens_per_chunk, 64)), fixed=fixed,
+                        chunk_bytes=layout.chunk_bytes)
     stages = layout.num_layers if layerwise and engine.is_cuda else 1
     cost = AutoCost(online, stages=stages, tiers=tiers, calibration_s=time.perf_counter() - t0)
     log.info("kvtier: fetch or recompute calibrated in %.3f s: %s", cost.calibration_s, cost.describe())
@@ -163,10 +165,10 @@ def scaled_prior(model: Any, prior: PrefillCost, tokens: int) -> PrefillCost:
     with torch.no_grad():
         model(input_ids=ids[:, :sizes[0]], logits_to_keep=1)  # warm-up
         for n in (*sizes, *sizes):
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             model(input_ids=ids[:, :n], logits_to_keep=1)
-            _sync(device)
+            sync_device(device)
             times[n] = min(times[n], time.perf_counter() - t0)
     (na, nb), (ta, tb) = sizes, (times[sizes[0]], times[sizes[1]])
     pa, pb = prior.seconds(0, na), prior.seconds(0, nb)
@@ -183,15 +185,14 @@ def time_copy(engine: CopyEngine, *, chunks: int = 2, repeats: int = 3) -> float
     best of ``repeats`` after a warm one (the staging is pinned on CUDA, as the DRAM pool is)."""
     chunks = min(chunks, engine.group_chunks)
     views = engine.views(engine.load_staging, chunks)
-    best = float("inf")
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
+
+    def copy() -> None:
         load = engine.start_load(chunks, layerwise=False)
         load.copy_chunks(views)
         load.finish()
         load.wait_host()
-        if i:
-            best = min(best, time.perf_counter() - t0)
+
+    best = best_seconds(copy, repeats=repeats)  # each copy waits for itself
     return chunks * engine.layout.chunk_bytes / best if best > 0 else None
 
 
@@ -252,15 +253,10 @@ def _time_prefills(model: Any, points: Sequence[tuple[int, int]], repeats: int, 
             cache = DynamicCache()
             if past:
                 model(input_ids=ids[:, :past], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             model(input_ids=ids[:, past:], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - t0)
         samples.append((past, new, float(np.median(times[1:]))))
     return samples
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -56,8 +56,9 @@ from kvtier.config import check_openable, read_tenant_secret
 from kvtier.errors import IntegrationError, KVTierError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations import vllm_compat
+from kvtier.integrations.calibrate import Calibration, ModelShape, calibrate
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
-from kvtier.integrations.vllm_cost import Calibration, ModelShape, calibrate, calibration_path, scheduler_cost
+from kvtier.integrations.vllm_cost import calibration_path, scheduler_cost
 from kvtier.integrations.vllm_counters import ConnectorCounters
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of

@@ -13,6 +13,11 @@ from typing import Any
 
 from kvtier._fs import atomic_write
 
+PREFETCH_COUNTERS = {  # ``PrefetchStats`` field -> the worker's counter of it (its step deltas)
+    "prefetched": "prefetch_chunks", "used": "prefetch_used_chunks", "wasted": "prefetch_wasted_chunks",
+    "cancelled": "prefetch_cancelled", "skipped": "prefetch_skipped",
+}
+
 
 @dataclass
 class ConnectorCounters:

@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.integrations.calibrate import ForwardSample, LoadSample, OnlineCost
 from kvtier.integrations.vllm_compat import resumed_req_ids
-from kvtier.integrations.vllm_cost import ForwardSample, LoadSample, OnlineCost
 from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey
 from kvtier.policy.cost import CostModel

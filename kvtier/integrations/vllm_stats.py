@@ -12,6 +12,8 @@
     pinned_chunks / unpinned_chunks                   prompt chunks pinned/unpinned on request
     prefetch_chunks / prefetch_used_chunks /         chunks prefetched into DRAM during tool pauses, and of
       prefetch_wasted_chunks / prefetch_cancelled      them read / evicted unread; prefetches cut by pressure
+    prefetch_skipped                                  tool pauses not prefetched: recent prefetched chunks
+                                                      mostly went unread (the prefetcher's back-off)
     answers_awaiting_<tool|user>                      finished answers told to the eviction policy
     fetch_<load_all|load_head|recompute>              cost-model decisions of lookups that found chunks
     fetch_skipped_chunks                              cached chunks left to recompute (faster than loading)
@@ -32,7 +34,7 @@ with vLLM's ``model_name`` and ``engine`` like vLLM's own metrics:
     kvtier_save_bytes_total, kvtier_save_seconds_total, kvtier_pinned_chunks_total,
     kvtier_unpinned_chunks_total, kvtier_async_loads_total, kvtier_uncacheable_requests_total,
     kvtier_prefetch_chunks_total, kvtier_prefetch_used_chunks_total, kvtier_prefetch_wasted_chunks_total,
-    kvtier_prefetch_cancelled_total,
+    kvtier_prefetch_cancelled_total, kvtier_prefetch_skipped_total,
     kvtier_report_errors_total
     kvtier_hit_tokens_total{tier}          from hit_tokens_<tier>
     kvtier_corrupt_chunks_total{tier}      from corrupt_<tier> (see below)
@@ -102,6 +104,8 @@ EXPORTS: dict[str, Export] = {  # worker counter name -> metric
     "prefetch_used_chunks": Export("kvtier_prefetch_used_chunks", "Prefetched chunks read from DRAM."),
     "prefetch_wasted_chunks": Export("kvtier_prefetch_wasted_chunks", "Prefetched chunks evicted unread."),
     "prefetch_cancelled": Export("kvtier_prefetch_cancelled", "Prefetches cut short by DRAM pressure."),
+    "prefetch_skipped": Export("kvtier_prefetch_skipped",
+                               "Tool pauses not prefetched: recent prefetched chunks mostly went unread (back-off)."),
     "report_errors": Export("kvtier_report_errors", "kvtier stats reports (the stats file) that failed; "
                             "the engine went on."),
 }

@@ -16,8 +16,8 @@ after a save of the same chunk finds it:
   load or pin of a chunk still being saved waits for that commit.  The blocks stay readable
   because vLLM does not reuse them before we say so: a finished request's blocks are held
   (``request_finished`` returned True) until ``finished`` reports it (after the commit); a
-  preempted request's are freed at once, so ``flush`` waits for its jobs in
-  ``handle_preemptions``, before the next forward can overwrite them.
+  preempted request's are freed at once, so ``flush`` waits for its jobs in ``handle_preemptions``,
+  before the next forward can overwrite them.
 * **async load** (``load_async``): for hits below DRAM (disk, Redis, Mooncake): read into DRAM
   slots (promotion in place) and scatter into the request's new blocks while vLLM keeps
   stepping the other requests; ``finished`` reports the request as received.
@@ -48,8 +48,8 @@ from typing import Any
 
 from kvtier.errors import TierError
 from kvtier.hierarchy import ContextMemory, InPlaceStore
-from kvtier.integrations.vllm_cost import ForwardSample, LoadSample
-from kvtier.integrations.vllm_counters import ConnectorCounters
+from kvtier.integrations.calibrate import ForwardSample, LoadSample
+from kvtier.integrations.vllm_counters import PREFETCH_COUNTERS, ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
 from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
 from kvtier.keys import ChunkKey
@@ -425,16 +425,12 @@ class WorkerCore:
             self.counters.add(**deltas)
 
     def take_counters(self) -> ConnectorCounters:
-        """The counters since the last call, with the prefetches' (``prefetch_chunks``,
-        ``prefetch_used_chunks``, ``prefetch_wasted_chunks``, ``prefetch_cancelled``)."""
+        """The counters since the last call, with the prefetches' (``PREFETCH_COUNTERS``)."""
         now = self.memory.prefetch.stats.as_dict()
         with self._lock:
             counters, self.counters = self.counters, ConnectorCounters()
             seen, self._prefetch_seen = self._prefetch_seen, now
-        counters.add(prefetch_chunks=now["prefetched"] - seen["prefetched"],
-                     prefetch_used_chunks=now["used"] - seen["used"],
-                     prefetch_wasted_chunks=now["wasted"] - seen["wasted"],
-                     prefetch_cancelled=now["cancelled"] - seen["cancelled"])
+        counters.add(**{name: now[stat] - seen[stat] for stat, name in PREFETCH_COUNTERS.items()})
         return counters
 
     def close(self) -> None:

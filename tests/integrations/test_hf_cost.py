@@ -23,9 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvtier.errors import IntegrationError  # noqa: E402
 from kvtier.hierarchy import ContextMemory  # noqa: E402
+from kvtier.integrations.calibrate import OnlineCost  # noqa: E402
 from kvtier.integrations.hf import KVTierLM, layout_for  # noqa: E402
 from kvtier.integrations.hf_cost import AutoCost, Decisions  # noqa: E402
-from kvtier.integrations.vllm_cost import OnlineCost  # noqa: E402
 from kvtier.keys import ChunkKey  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.policy.cost import FetchPlan, LinkCost, PrefillCost  # noqa: E402

@@ -465,7 +465,7 @@ def test_a_malformed_session_is_ignored_not_fatal(caplog: pytest.LogCaptureFixtu
 def test_decisions_are_counted_and_the_workers_samples_change_them() -> None:
     """The default (online) model: a disk hit is loaded while the disk looks fast; after the worker
     reports slow disk loads the same hit is recomputed; each decision is counted for the stats."""
-    from kvtier.integrations.vllm_cost import LoadSample, OnlineCost
+    from kvtier.integrations.calibrate import LoadSample, OnlineCost
     from kvtier.policy.cost import LinkCost, PrefillCost
 
     chunk_bytes = 1 << 20

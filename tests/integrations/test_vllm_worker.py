@@ -221,7 +221,7 @@ def test_warm_up_times_a_copy_and_changes_no_block() -> None:
 
 
 def test_loads_and_forwards_are_timed_for_the_schedulers_cost_model() -> None:
-    from kvtier.integrations.vllm_cost import ForwardSample
+    from kvtier.integrations.calibrate import ForwardSample
 
     worker, paged, _ = _worker()
     keys = _keys(worker, 1, 2)
@@ -304,6 +304,13 @@ def test_a_tool_end_prefetches_the_sessions_chunks_counted(tmp_path: Path) -> No
         counters = core.take_counters().values
         assert counters["prefetch_chunks"] == 2 and counters["answers_awaiting_tool"] == 1
         assert "prefetch_chunks" not in core.take_counters().values  # deltas: reported once
+        memory.store(keys[2:], payloads[2:])  # the foreground evicts both prefetched chunks unread
+        memory.flush()
+        core.hint_ends([EndJob("agent", "tool")])  # mostly unread lately: the prefetcher backs off
+        assert memory.prefetch.drain(60)
+        counters = core.take_counters().values
+        assert counters["prefetch_wasted_chunks"] == 2 and counters["prefetch_skipped"] == 1
+        assert "prefetch_chunks" not in counters  # nothing prefetched for the skipped pause
     finally:
         core.close()
 
