@@ -256,7 +256,8 @@ class KVTierConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if self._planner is not None and isinstance(meta, KVTierWorkerMeta):
             report = meta.report
-            self._planner.worker_report(report.changes, report.missing, report.loads, report.forwards)
+            self._planner.worker_report(report.changes, report.missing, report.loads, report.forwards,
+                                        unsaved=report.unsaved)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._planner is not None

@@ -11,6 +11,9 @@ A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk)
 then reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes
 them, so a stale answer costs time, never correctness; the worker also sends the failed keys
 back (``WorkerReport.missing``), the directory forgets them and the request saves them again.
+A planned save the worker did not store (DRAM's policy refused the chunk, no free slot, a failed
+copy: ``WorkerReport.unsaved``) is only forgotten: the request does not save it again, or every
+step would plan the same refused save anew; the next request that reaches it may.
 
 Plans, per request (``RequestState``):
 
@@ -672,13 +675,16 @@ class Planner:
 
     # --- what the worker reports --------------------------------------------------------------
     def worker_report(self, changes: Sequence[tuple[int, str, ChunkKey, bool]], missing: set[ChunkKey],
-                      loads: Sequence[LoadSample] = (), forwards: Sequence[ForwardSample] = ()) -> None:
+                      loads: Sequence[LoadSample] = (), forwards: Sequence[ForwardSample] = (), *,
+                      unsaved: set[ChunkKey] | None = None) -> None:
         if isinstance(self._cost, OnlineCost):
             for load in loads:
                 self._cost.observe_load(load)
             for forward in forwards:
                 self._cost.observe_forward(forward)
         self.directory.apply(changes)
+        if unsaved:
+            self.directory.forget(unsaved)
         if not missing:
             return
         self.directory.forget(missing)

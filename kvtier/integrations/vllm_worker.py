@@ -62,13 +62,15 @@ class WorkerReport:
     """Worker -> scheduler, once per step (summed over TP ranks by ``merge``)."""
 
     changes: list[tuple[int, str, ChunkKey, bool]] = field(default_factory=list)  # (rank, tier, key, added)
-    missing: set[ChunkKey] = field(default_factory=set)  # planned chunks that could not be loaded/stored
+    missing: set[ChunkKey] = field(default_factory=set)  # planned loads that failed: recomputed, saved again
+    unsaved: set[ChunkKey] = field(default_factory=set)  # planned saves not stored (refused, failed): not retried
     loads: list[LoadSample] = field(default_factory=list)  # timed loads, for the scheduler's cost model
     forwards: list[ForwardSample] = field(default_factory=list)  # timed prefill-heavy forwards
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         self.changes += other.changes
         self.missing |= other.missing
+        self.unsaved |= other.unsaved
         self.loads += other.loads
         self.forwards += other.forwards
         return self
@@ -92,6 +94,7 @@ class WorkerCore:
         self._received: set[str] = set()  # async loads done since the last ``finished``
         self._failed_blocks: set[int] = set()
         self._missing: set[ChunkKey] = set()
+        self._unsaved: set[ChunkKey] = set()
         self._changes: list[tuple[int, str, ChunkKey, bool]] = []
         self._pending: list[tuple[list[Any], contextlib.ExitStack]] = []  # this step's queued loads (CUDA)
         self._load_samples: list[LoadSample] = []
@@ -192,7 +195,7 @@ class WorkerCore:
             if stored < len(keys):  # no room (all pinned), or failed: the scheduler must not plan loads
                 lost = [k for k in keys if not self.memory.lookup([k]).num_chunks]
                 with self._lock:
-                    self._missing.update(lost)
+                    self._unsaved.update(lost)
             self.count(save_chunks=stored, save_bytes=stored * self.memory.layout.chunk_bytes,
                        save_s=time.perf_counter() - t0, save_dropped_chunks=op.num_dropped if op else 0)
             if failed is None:
@@ -375,11 +378,12 @@ class WorkerCore:
         with self._lock:
             changes, self._changes = self._changes, []
             missing, self._missing = self._missing, set()
+            unsaved, self._unsaved = self._unsaved, set()
             loads, self._load_samples = self._load_samples, []
             forwards, self._forward_samples = self._forward_samples, []
-        if not changes and not missing and not loads and not forwards:
+        if not changes and not missing and not unsaved and not loads and not forwards:
             return None
-        return WorkerReport(changes=changes, missing=missing, loads=loads, forwards=forwards)
+        return WorkerReport(changes=changes, missing=missing, unsaved=unsaved, loads=loads, forwards=forwards)
 
     # --- timing the forward, for the scheduler's cost model --------------------------------------
     def forward_starts(self, work: tuple[int, float] | None) -> None:

@@ -9,7 +9,8 @@ chunk of its prefix, so a context shrinks from its tail and keeps a usable prefi
     used at t by session s:   due = min(t + gap, due if still ahead)   # shared: the first caller
     gap  = the chunk's own inter-use gap (EWMA) if it was used before, else the session's
            inter-arrival gap (EWMA) if the session called before, else the gap new sessions
-           took to call a second time (``first_gap``, EWMA over sessions), else "not expected back"
+           took to call a second time (``first_gap``, EWMA over sessions), else "not expected back";
+           a request with no session: the gap chunks came back after so far (``reuse_gap``, EWMA)
     answer ended (``observe_end``: a tool or the user next): due = end + the gap from such an end to the next call
     idle:     victim score = max(due, now + 4 x (now - alive))         # heavy tails: idle for x,
            alive = the last use, or the end of the answer to it        # expect 4x more
@@ -22,7 +23,9 @@ second use finds its gap: one use is no evidence of another, two are (the doorke
 the due time never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
 
 Hints: ``observe(keys, session=, now=, retention=)`` tells the policy a request's full key list, its session, the
-time (trace time in the simulator) and what retention the request asks for (``kvtier.policy.retention``). Without
+time (trace time in the simulator) and what retention the request asks for (``kvtier.policy.retention``). The last
+``_MAX_REQUESTS`` hinted requests are kept: a chunk stored later is a use by the newest of them naming it (an engine
+hints a whole batch, then stores each request's chunks over the steps of its chunked prefill). Without
 hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
 
 **Retention** comes first: every chunk has a rank (``2 x priority + 1 while its ttl runs``) and the victim is the
@@ -56,6 +59,7 @@ from kvtier.policy.retention import Retention, rank
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
 _MAX_GHOSTS = 4096  # ghosts remembered beyond 4 per chunk held (oldest forgotten first)
+_MAX_REQUESTS = 256  # hinted requests whose chunks may still be stored (an engine's batch, chunked prefill)
 _HEAP_GROWTH = 3  # a heap is rebuilt once it holds more entries than this x its tier's chunks ...
 _HEAP_SLACK = 64  # ... + this (stale entries at most twice the live ones, amortised O(1) per use)
 _DEAD = math.inf
@@ -72,6 +76,19 @@ class _Session:
     awaits: str | None = None  # its last response's end (``AgentModel.observe_end``); None: not told
     end_t: float = 0.0  # when that end was told
     class_gap: dict[str, float] = field(default_factory=dict)  # EWMA of the gaps after each kind of end
+
+
+@dataclass(slots=True)
+class _Request:
+    """A hinted request (``AgentModel.observe``): its chunks stored later are uses by it."""
+
+    stamp: int
+    session_id: str | None
+    session: _Session | None
+    depth: dict[ChunkKey, int]  # its chunks' positions
+    retention: Retention | None
+    floor: float = -math.inf  # due of the deepest chunk touched so far (a child is not due before its parent)
+    floor_depth: int = -1
 
 
 @dataclass(slots=True)
@@ -102,13 +119,13 @@ class AgentModel:
         self.members: list[AgentPolicy] = []
         self.class_gaps: dict[str, float] = {}  # EWMA over every session of the gaps after each kind of end
         self.first_gap: float | None = None  # EWMA over every session of the gap between its first two calls
+        self.reuse_gap: float | None = None  # EWMA over every chunk of its inter-use gaps (anonymous requests)
         self._stamp = 0
-        self._session: _Session | None = None
-        self._session_id: str | None = None
-        self._depth: dict[ChunkKey, int] = {}
         self._hinted = False
-        self._floor, self._floor_depth = -math.inf, -1
-        self._retention: Retention | None = None  # the current request's
+        # hinted requests, newest last, and the newest one naming each chunk: an engine stores the chunks
+        # of a batch of requests (over several steps of chunked prefill) after hinting them all
+        self._requests: OrderedDict[int, _Request] = OrderedDict()
+        self._request_of: dict[ChunkKey, int] = {}
         self._expiry: list[tuple[float, ChunkKey]] = []  # (keep_until, key) of chunks a ttl keeps
 
     def observe(self, keys: Sequence[ChunkKey], *, session: str | None = None, now: float | None = None,
@@ -116,17 +133,22 @@ class AgentModel:
         self._hinted = True
         self.now = self._clock() if now is None else max(self.now, now)
         self._stamp += 1
-        self._depth = {k: i for i, k in enumerate(keys)}
-        self._retention = retention if retention is not None and retention != Retention() else None
-        if self._retention is not None:  # chunks held already take it now (those stored later: ``touch``)
+        req = _Request(self._stamp, session, None, {k: i for i, k in enumerate(keys)},
+                       retention if retention is not None and retention != Retention() else None)
+        self._requests[req.stamp] = req
+        for key in keys:
+            self._request_of[key] = req.stamp
+        while len(self._requests) > _MAX_REQUESTS:
+            _, old = self._requests.popitem(last=False)
+            for key in old.depth:
+                if self._request_of.get(key) == old.stamp:
+                    del self._request_of[key]
+        if req.retention is not None:  # chunks held already take it now (those stored later: ``touch``)
             for key in keys:
                 node = self.nodes.get(key)
-                if node is not None and self._retain(key, node):
+                if node is not None and self._retain(key, node, req.retention):
                     self._repush(key, node)
-        self._floor, self._floor_depth = -math.inf, -1  # due of the deepest chunk touched so far
-        self._session_id = session
         if session is None:
-            self._session = None
             return
         s = self.sessions.get(session)
         if s is None:
@@ -147,7 +169,7 @@ class AgentModel:
                 s.awaits = None
             self._bury_tail(session, s.keys, keys)
             s.last_t, s.keys = self.now, keys
-        self._session = s
+        req.session = s
 
     def observe_end(self, session: str, awaits: str) -> None:
         """``session``'s last request got its answer, which waits for ``awaits``: "tool" (back in seconds) or "user"
@@ -201,22 +223,35 @@ class AgentModel:
     def hinted(self) -> bool:
         return self._hinted
 
+    def _hinted_request(self, key: ChunkKey) -> _Request | None:
+        """The newest hinted request naming ``key`` (None: none of the last ``_MAX_REQUESTS``, or no hints)."""
+        stamp = self._request_of.get(key)
+        return None if stamp is None else self._requests.get(stamp)
+
+    def request_of(self, key: ChunkKey) -> tuple[int, int]:
+        """(stamp, position) of ``key`` in the newest hinted request naming it; (-1, -1) if none."""
+        req = self._hinted_request(key)
+        return (-1, -1) if req is None else (req.stamp, req.depth[key])
+
     def depth_of(self, key: ChunkKey) -> int:
-        """``key``'s position in the current request (-1 if not in it, or no hint)."""
-        return self._depth.get(key, -1)
+        """``key``'s position in the newest hinted request naming it (-1 if none, or no hint)."""
+        return self.request_of(key)[1]
 
     def predict(self, key: ChunkKey) -> tuple[float, int]:
-        """(due, depth) ``key`` would get if the current request used it now; changes nothing."""
+        """(due, depth) ``key`` would get if its request used it now; changes nothing."""
         node = self.nodes.get(key) or self.ghosts.get(key)
         now = self._clock() if not self._hinted else self.now
-        if node is not None and self._hinted and (node.stamp == self._stamp or key not in self._depth):
+        req = self._hinted_request(key)
+        if node is not None and self._hinted and (req is None or node.stamp == req.stamp):
             return node.due, node.depth  # used already, or moving between tiers (no use)
-        due = now + self._gap(node, now)
+        due = now + self._gap(node, now, None if req is None else req.session)
         if node is not None and now < node.due < _DEAD:  # another session's call is predicted sooner
             due = min(due, node.due)
-        depth = self._depth.get(key, 0)
-        if depth > self._floor_depth:  # a child is not needed before its parent
-            due = max(due, self._floor)
+        if req is None:
+            return due, 0
+        depth = req.depth[key]
+        if depth > req.floor_depth:  # a child is not needed before its parent
+            due = max(due, req.floor)
         return due, depth
 
     def touch(self, key: ChunkKey) -> _Node:
@@ -224,34 +259,37 @@ class AgentModel:
         if not self._hinted:
             self.now = self._clock()
             self._stamp += 1
+        req = self._hinted_request(key)
+        stamp = self._stamp if req is None else req.stamp
         node = self.nodes.get(key)
         if node is None:
             node = self.ghosts.pop(key, None)
             if node is not None:
                 self.nodes[key] = node
-        if node is not None and (node.stamp == self._stamp or (self._hinted and key not in self._depth)):
+        if node is not None and (node.stamp == stamp or (self._hinted and req is None)):
             return node  # used by this request already, or moving between tiers: not a use
         due, depth = self.predict(key)
         now = self.now
-        own = now + self._gap(node, now)
+        own = now + self._gap(node, now, None if req is None else req.session)
         if node is None:
             node = self.nodes[key] = _Node(last_t=now, alive=now, due=due, depth=depth, gap=None, owner=None, stamp=0)
         else:
             reuse = now - node.last_t
             node.gap = reuse if node.gap is None else _EWMA * reuse + (1 - _EWMA) * node.gap
-        node.last_t, node.alive, node.due, node.depth, node.stamp = now, now, due, depth, self._stamp
+            if reuse > 0:
+                self.reuse_gap = reuse if self.reuse_gap is None else _EWMA * reuse + (1 - _EWMA) * self.reuse_gap
+        node.last_t, node.alive, node.due, node.depth, node.stamp = now, now, due, depth, stamp
         node.own = max(own, due)
-        if self._hinted and depth >= self._floor_depth:
-            self._floor, self._floor_depth = due, depth
-        node.owner = self._session_id
-        if self._retention is not None and key in self._depth:
-            self._retain(key, node)
+        node.owner = None if req is None else req.session_id
+        if req is not None:
+            if depth >= req.floor_depth:
+                req.floor, req.floor_depth = due, depth
+            if req.retention is not None:
+                self._retain(key, node, req.retention)
         return node
 
-    def _retain(self, key: ChunkKey, node: _Node) -> bool:
-        """Give ``node`` the current request's retention; True if its rank changed."""
-        r = self._retention
-        assert r is not None
+    def _retain(self, key: ChunkKey, node: _Node, r: Retention) -> bool:
+        """Give ``node`` a request's retention ``r``; True if its rank changed."""
         if r.priority is not None:
             node.priority = r.priority
         if r.ttl_s is not None and self.now + r.ttl_s > node.keep_until:
@@ -267,8 +305,9 @@ class AgentModel:
         """The rank ``key`` has, or would get if the current request used it now; changes nothing."""
         node = self.nodes.get(key) or self.ghosts.get(key)
         priority, keep = (0, -math.inf) if node is None else (node.priority, node.keep_until)
-        r = self._retention
-        if r is not None and key in self._depth:
+        req = self._hinted_request(key)
+        r = None if req is None else req.retention
+        if r is not None:
             priority = priority if r.priority is None else r.priority
             keep = keep if r.ttl_s is None else max(keep, self.now + r.ttl_s)
         return rank(priority, keep, self.now)
@@ -282,22 +321,26 @@ class AgentModel:
                 node.rank = now_rank
                 self._repush(key, node)
 
-    def _gap(self, node: _Node | None, now: float) -> float:
+    def _gap(self, node: _Node | None, now: float, s: _Session | None) -> float:
         if node is not None:  # used before: its own rhythm, this use included
             reuse = now - node.last_t
             if node.gap is not None:
                 return _EWMA * reuse + (1 - _EWMA) * node.gap if reuse > 0 else node.gap
             if reuse > 0:
                 return reuse
-        s = self._session  # else its session's rhythm; a new session's: as new sessions came back so far
-        gap = None if s is None else s.gap if s.gap is not None else self.first_gap
+        # else its session's rhythm; a new session's: as new sessions came back so far; no session (anonymous
+        # requests): as chunks came back so far (a first use predicted "never" would, once the tier is full,
+        # keep every new chunk out until its second use, and an engine's prefixes out for good)
+        gap = self.reuse_gap if s is None else s.gap if s.gap is not None else self.first_gap
         return _HORIZON_S if gap is None else gap
 
     def remember(self, key: ChunkKey, due: float, depth: int) -> None:
         """``key`` was used now (predicted ``due``) but not admitted: a ghost keeps the use to recognise a reuse."""
         if key not in self.nodes and key not in self.ghosts:  # a known ghost keeps its first sighting
+            req = self._hinted_request(key)
             self.ghosts[key] = _Node(last_t=self.now, alive=self.now, due=due, depth=depth, gap=None,
-                                     owner=self._session_id, stamp=self._stamp)
+                                     owner=None if req is None else req.session_id,
+                                     stamp=self._stamp if req is None else req.stamp)
             if len(self.ghosts) > _MAX_GHOSTS and len(self.ghosts) > 4 * len(self.nodes):
                 self._trim_ghosts()
 
@@ -401,8 +444,9 @@ class AgentPolicy(EvictionPolicy):
         """Would ``key``, entering a full tier, not be the victim itself?"""
         model = self.model
         refused = self._refused
-        if refused[0] == model.stamp and model.depth_of(key) > refused[1]:  # its parent was refused
-            model.remember(key, refused[2], model.depth_of(key))
+        stamp, position = model.request_of(key)
+        if stamp >= 0 and refused[0] == stamp and position > refused[1]:  # its parent was refused
+            model.remember(key, refused[2], position)
             return False
         top = self._victim()
         if top is None:
@@ -411,8 +455,8 @@ class AgentPolicy(EvictionPolicy):
         if (-model.rank_of(key), due, depth) < top[:3]:
             return True
         model.remember(key, due, depth)
-        if model.hinted:  # its descendants in this request are refused too (a child needs its parent)
-            self._refused = (model.stamp, depth, due)
+        if stamp >= 0:  # its descendants in its request are refused too (a child needs its parent)
+            self._refused = (stamp, depth, due)
         return False
 
     def pop_victim(self, evictable: Callable[[ChunkKey], bool]) -> ChunkKey | None:

@@ -207,6 +207,33 @@ def test_a_failed_load_is_forgotten_and_its_chunk_saved_again() -> None:
     assert [s.keys for s in plan.saves] == [(keys[1], keys[2])]
 
 
+def test_a_refused_save_is_forgotten_but_not_planned_again_by_the_same_request() -> None:
+    """The worker did not store a planned save (DRAM's policy refused it): the directory forgets
+    it (no load is planned against it), the request goes on without saving it again every step,
+    and the next request that computes the chunk plans it anew (the policy may admit it then)."""
+    planner = _planner()
+    tokens = list(range(1, 26))
+    keys = _keys(tokens)
+    req = Req("r", tokens)
+    assert planner.match(req, 0) == (0, False)
+    planner.allocated(req, list(range(7)), 0)
+    plan = planner.build(Out([NewReq("r", (list(range(7)),), 0)], {"r": 25}))
+    assert [s.keys for s in plan.saves] == [tuple(keys)]
+    assert planner.match(Req("probe", tokens), 0)[0] == 24  # planned: counted as held meanwhile
+    planner.worker_report([], set(), unsaved={keys[1], keys[2]})
+    planner.directory.apply([(0, "dram", keys[0], True)])
+    assert planner.match(Req("probe2", tokens), 0)[0] == 8  # forgotten: only chunk 0 is held
+    req.all_token_ids.append(7)
+    plan = planner.build(Out([], {"r": 1}, Cached(["r"], set(), [None], [25])))
+    assert plan.saves == []  # not re-planned by the request that was refused
+    planner.finished(req)
+    again = Req("s", [*tokens, 7])
+    assert planner.match(again, 0) == (8, False)
+    planner.allocated(again, list(range(10, 17)), 8)
+    plan = planner.build(Out([NewReq("s", (list(range(10, 17)),), 8)], {"s": 18}))
+    assert [s.keys for s in plan.saves] == [(keys[1], keys[2])]
+
+
 def test_tensor_parallel_chunks_count_only_when_every_rank_holds_them() -> None:
     directory = ChunkDirectory(["dram"], world_size=2)
     key = _keys(list(range(8)))[0]

@@ -143,7 +143,7 @@ def test_a_failed_copy_is_a_miss_and_releases_the_blocks() -> None:
     _until(lambda: "f" in worker.finished()[0])
     assert worker.memory.lookup(keys).num_chunks == 0
     report = worker.take_report()
-    assert report is not None and set(keys) <= report.missing  # the scheduler will not plan loads of them
+    assert report is not None and set(keys) <= report.unsaved  # the scheduler will not plan loads of them
     paged.fail = False
     worker.save([SaveJob("g", keys, (1, 2, 3, 4))])  # the slots were given back: a retry is stored
     worker.flush(["g"])
@@ -168,7 +168,7 @@ def test_a_chunk_dram_does_not_take_is_not_copied_and_its_blocks_go_back(tmp_pat
     assert len(paged.queued) == queued  # no copy was queued for it
     assert worker.memory.lookup(keys).num_chunks == 0  # in no tier: not put on disk either
     report = worker.take_report()
-    assert report is not None and set(keys) <= report.missing
+    assert report is not None and set(keys) <= report.unsaved and not report.missing
     counters = worker.take_counters().values
     assert counters["save_dropped_chunks"] == 2 and counters["save_chunks"] == 32
     worker.close()
@@ -198,7 +198,9 @@ def test_a_hint_tells_the_agent_policy_the_requests_chunks_and_session() -> None
         assert model.hinted and list(model.sessions) == ["chat-7"]
         assert [model.depth_of(k) for k in keys] == [0, 1, 2, 3, 4]
         core.hint([HintJob("r2", tuple(keys[:2]), None), HintJob("r3", tuple(keys[1:3]), "chat-8")])
-        assert list(model.sessions) == ["chat-7", "chat-8"] and model.depth_of(keys[0]) == -1  # the latest
+        assert list(model.sessions) == ["chat-7", "chat-8"]
+        # each chunk's position in the newest request naming it: a batch's chunks are stored after all its hints
+        assert [model.depth_of(k) for k in keys] == [0, 0, 1, 3, 4]
         # a second call of the session: its gap is learnt (trace time is the policy's clock here)
         core.hint([HintJob("r4", tuple(keys), "chat-7")])
         assert model.sessions["chat-7"].gap is not None

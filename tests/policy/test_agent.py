@@ -199,3 +199,42 @@ def test_an_answers_end_resets_idle_time_and_times_the_next_call() -> None:
     model.observe_end("a", "tool")
     node = model.nodes[ks[0]]
     assert node.alive == 25.0 and node.due == pytest.approx(31.0)
+
+
+def _batch(index: TierIndex, reqs: list[list[ChunkKey]], *, now: float) -> int:
+    """What an engine does: hint a batch of anonymous requests, then store each one's new chunks
+    (over the next steps of chunked prefill, after every hint of the batch); returns chunks stored."""
+    for ks in reqs:
+        index.policy.observe(ks, session=None, now=now)
+    stored = 0
+    for ks in reqs:
+        hit = 0
+        while hit < len(ks) and ks[hit] in index:
+            index.touch(ks[hit])
+            hit += 1
+        for key in ks[hit:]:
+            if index.plan_room(1, lambda _: True, admit=key) is None:
+                break
+            index.add(key, 1)
+            stored += 1
+    return stored
+
+
+def test_an_engines_batches_of_anonymous_requests_keep_being_cached() -> None:
+    """No session ids and chunks stored after the whole batch was hinted (vLLM's scheduler): a
+    full tier still admits the growing contexts that come back, and serves their prefixes. (A first
+    use predicted "never back", and uses of any request but the latest hinted one ignored, froze
+    the tier with its first contents for good: every later chunk was refused.)"""
+    index = TierIndex("g2", 8, AgentPolicy())
+    contexts = [keys(f"s{s}-", 12) for s in range(4)]
+    hits_late = stored_late = 0
+    for turn in range(1, 7):
+        for pair in ((0, 1), (2, 3)):
+            batch = [contexts[s][:turn + 1] for s in pair]
+            before = sum(k in index for ks in batch for k in ks)
+            stored = _batch(index, batch, now=10.0 * turn + pair[0])
+            if turn >= 4:
+                hits_late += before
+                stored_late += stored
+    assert stored_late > 0  # the tier keeps learning
+    assert hits_late > 0  # and the sessions that come back hit
