@@ -44,6 +44,7 @@ from kvtier.validate import count_arg
 
 log = logging.getLogger(__name__)
 _WRITER = "kvtier-writeback"  # the background thread's name prefix
+_HANDOFF_BYTES = 256 << 20  # victims' bytes waiting for the writer thread (``wait_below=False``), at most
 
 
 @dataclass(slots=True)
@@ -143,6 +144,8 @@ class Mover:
         self._survey_job: Future[None] | None = None  # one queued for the writer thread
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WRITER)
         self._inflight: list[Future[None]] = []
+        self._handoff_bytes = 0  # victims' copies queued for the writer (``demote(wait_below=False)``)
+        self._handoff_cap = max(_HANDOFF_BYTES, 4 * chunk_bytes)
 
     def wait_written(self) -> None:
         """Wait for the write-through queued so far (a failure stays for ``flush`` to raise)."""
@@ -285,13 +288,14 @@ class Mover:
         """Move ``victims`` (out of tier ``level``'s index, *leaving*) down a tier, then delete them.
 
         ``wait_below=False``: a victim not in the tier below yet (its write-through is behind) is
-        dropped, not written there on the caller's time (``stats.extra["dropped_unwritten"]``)."""
+        not written there on the caller's time: its bytes are copied for the writer thread to put
+        below, within ``_HANDOFF_BYTES`` queued, else dropped (``stats.extra["dropped_unwritten"]``)."""
         tier = self.tiers[level]
         below = level + 1 if level + 1 < len(self.tiers) else None
         if below is not None and not wait_below:
-            unwritten = sum(not self.directory.indexed(below, key) for key in victims)
-            if unwritten:
-                tier.stats.extra["dropped_unwritten"] = tier.stats.extra.get("dropped_unwritten", 0) + unwritten
+            for key in victims:
+                if not self.directory.indexed(below, key) and not self._hand_off(tier, below, key):
+                    tier.stats.extra["dropped_unwritten"] = tier.stats.extra.get("dropped_unwritten", 0) + 1
             below = None
         if level == 0:
             self._left_top(victims)
@@ -307,6 +311,36 @@ class Mover:
             finally:  # even when a put below raised: the index no longer has it, so neither may the tier
                 tier.delete(key)
                 self.directory.complete_leave(level, [key])
+
+    def _hand_off(self, tier: Tier, below: int, key: ChunkKey) -> bool:
+        """Copy victim ``key``'s bytes for the writer thread to put into tier ``below``; False if
+        the hand-off queue is full (or the bytes are gone)."""
+        with self._lock:
+            if self._handoff_bytes + self.chunk_bytes > self._handoff_cap:
+                return False
+            self._handoff_bytes += self.chunk_bytes
+        copy = None
+        try:
+            with tier.borrow(key) as view:
+                copy = None if view is None else np.array(view, copy=True)
+            if copy is not None:
+                future = self._background.submit(self._put_handed_off, below, key, copy)
+                future.add_done_callback(partial(_log_failure, 1))
+                self._inflight.append(future)
+                return True
+        except RuntimeError:  # closing: no more background work
+            pass
+        with self._lock:
+            self._handoff_bytes -= self.chunk_bytes
+        return False
+
+    def _put_handed_off(self, level: int, key: ChunkKey, payload: np.ndarray) -> None:
+        try:
+            if self.put(level, key, payload) is not None:
+                self.tiers[level - 1].stats.demotions += 1
+        finally:
+            with self._lock:
+                self._handoff_bytes -= self.chunk_bytes
 
     def drop_below(self, keys: list[ChunkKey]) -> None:
         """Promoted chunks leave the tier below the top (unless pinned): DRAM demotes them again."""

@@ -282,27 +282,34 @@ def test_an_error_in_a_borrow_block_leaves_nothing_held_or_reserved(tmp_path: Pa
         assert all((o == p).all() for o, p in zip(outs, payloads, strict=True))
 
 
-def test_not_waiting_below_drops_victims_not_written_there_yet(tmp_path: Path) -> None:
+def test_not_waiting_below_hands_victims_to_the_writer_or_drops_them(tmp_path: Path) -> None:
     """``wait_below=False`` (an engine's save path): a victim whose write-through has not reached
-    disk is dropped, not written on the caller's time; one already there is simply evicted."""
+    disk is not written on the caller's time: its bytes go to the writer thread, which puts them
+    on disk, within a bounded queue; beyond it, victims are dropped."""
     with _memory(tmp_path, 2, 100, write_through=False) as mem:
         keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
         mem.store(keys[:2], payloads[:2])  # not written through: only in DRAM
         with mem.store_in_place(keys[2:], wait_below=False) as op:
             assert op.num_in_place == 2 and op.num_dropped == 0
             _fill(op.views, payloads[2:])
+        mem.flush()  # the writer's queue, hand-offs included
         dram = mem.stats()["dram"]
-        assert dram.evictions == 2 and dram.demotions == 0 and dram.extra["dropped_unwritten"] == 2
-        assert mem.lookup(keys).num_chunks == 0 and mem.lookup(keys[2:]).tiers == (0, 0)
-        assert mem.usage()["disk"][0] == 0
-    with _memory(tmp_path / "wt", 2, 100) as mem:  # written through first: nothing to drop
+        assert dram.evictions == 2 and dram.demotions == 2 and "dropped_unwritten" not in dram.extra
+        assert mem.lookup(keys).tiers == (1, 1, 0, 0)
+        outs = _outs(2)
+        assert mem.load(keys[:2], outs) == 2
+        for out, payload in zip(outs, payloads[:2], strict=True):
+            np.testing.assert_array_equal(out, payload)
+    with _memory(tmp_path / "full", 2, 100, write_through=False) as mem:
+        mem.mover._handoff_cap = 0  # the writer is behind by more than the queue holds
         keys, payloads = make_keys(LAYOUT, 4), make_payloads(LAYOUT, 4)
         mem.store(keys[:2], payloads[:2])
-        mem.flush()
         with mem.store_in_place(keys[2:], wait_below=False) as op:
             _fill(op.views, payloads[2:])
-        assert "dropped_unwritten" not in mem.stats()["dram"].extra
-        assert mem.lookup(keys[:2]).tiers == (1, 1)
+        mem.flush()
+        dram = mem.stats()["dram"]
+        assert dram.demotions == 0 and dram.extra["dropped_unwritten"] == 2
+        assert mem.lookup(keys).num_chunks == 0 and mem.usage()["disk"][0] == 0
 
 
 def test_not_waiting_below_drops_chunks_dram_refuses_without_a_buffer(tmp_path: Path) -> None:
