@@ -9,8 +9,7 @@ after a save of the same chunk finds it:
 * **save** (``save``, from ``wait_for_save``): gather the chunks' blocks straight into reserved
   DRAM slots and commit them; write-through continues on the hierarchy's own thread.  Nothing is
   written below DRAM on the mover's time (``wait_below=False``): a chunk DRAM does not take is not
-  copied, a victim not yet written through goes to the writer thread (or is dropped if it lags far
-  behind), so a slow disk never holds vLLM's blocks.
+  copied, a victim not yet written through goes to the writer thread (dropped if it lags far).
   The step does not wait.  On CUDA the mover only queues the copies; a *committer*
   thread commits each save when its copies' event fires, so the mover reserves and queues the
   next save while the DMA engine is still busy with this one (no idle link between saves).  A
