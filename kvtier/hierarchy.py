@@ -56,10 +56,11 @@ from kvtier.directory import Directory
 from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
-from kvtier.mover import InPlaceStore, Mover
+from kvtier.mover import Mover
 from kvtier.policy.eviction import AWAITS, EvictionPolicy, make_policies
 from kvtier.policy.retention import Retention
 from kvtier.prefetch import Prefetcher
+from kvtier.reservation import InPlaceStore
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
 from kvtier.tiers.disk import DiskTier

@@ -10,10 +10,8 @@ shared disk root and a deadline-bound probe of Redis/Mooncake (see its docstring
 A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk): the worker
 then reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes
 them, so a stale answer costs time, never correctness; the worker also sends the failed keys
-back (``WorkerReport.missing``), the directory forgets them and the request saves them again.
-A planned save the worker did not store (DRAM's policy refused the chunk, no free slot, a failed
-copy: ``WorkerReport.unsaved``) is only forgotten: the request does not save it again, or every
-step would plan the same refused save anew; the next request that reaches it may.
+back (``WorkerReport.missing``), the directory forgets them and the request saves them again;
+a save the worker did not store (``unsaved``: refused, failed) is forgotten, not planned again.
 
 Plans, per request (``RequestState``):
 
@@ -650,10 +648,7 @@ class Planner:
         except ValueError as exc:
             logger.warning("kvtier: request %s: %s; not pinned", request.request_id, exc)
             return
-        if wanted is None:
-            return
-        keys = state.keys(request.num_prompt_tokens)
-        if keys:
+        if wanted is not None and (keys := state.keys(request.num_prompt_tokens)):
             pins.append(PinJob(request.request_id, tuple(keys), unpin=wanted.unpin, ttl_s=wanted.ttl_s))
 
     def _plan_saves(self, state: RequestState, computed_after_step: int, saves: list[SaveJob]) -> None:
@@ -667,8 +662,7 @@ class Planner:
         state.next_save = max(state.next_save, len(keys))
         todo = [i for i in todo if (i + 1) * m <= len(state.block_ids)]
         if todo:
-            save_keys = [keys[i] for i in todo]
-            self.directory.plan_save(save_keys)
+            self.directory.plan_save(save_keys := [keys[i] for i in todo])
             ids = [b for i in todo for b in state.block_ids[i * m:(i + 1) * m]]
             saves.append(SaveJob(state.request.request_id, tuple(save_keys), tuple(ids)))
             state.saved = True
@@ -683,8 +677,7 @@ class Planner:
             for forward in forwards:
                 self._cost.observe_forward(forward)
         self.directory.apply(changes)
-        if unsaved:
-            self.directory.forget(unsaved)
+        self.directory.forget(unsaved or ())  # saves not stored: not planned again by their request
         if not missing:
             return
         self.directory.forget(missing)

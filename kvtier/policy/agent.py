@@ -23,10 +23,9 @@ second use finds its gap: one use is no evidence of another, two are (the doorke
 the due time never decreases (a child is not needed before its parent), so ties go to the deepest chunk.
 
 Hints: ``observe(keys, session=, now=, retention=)`` tells the policy a request's full key list, its session, the
-time (trace time in the simulator) and what retention the request asks for (``kvtier.policy.retention``). The last
-``_MAX_REQUESTS`` hinted requests are kept: a chunk stored later is a use by the newest of them naming it (an engine
-hints a whole batch, then stores each request's chunks over the steps of its chunked prefill). Without
-hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
+time (trace time in the simulator) and what retention the request asks for (``kvtier.policy.retention``); a chunk
+stored later is a use by the newest of the last ``_MAX_REQUESTS`` hinted requests naming it (an engine hints a batch
+first). Without hints the policy runs on ``time.monotonic``, one anonymous session, depth unknown.
 
 **Retention** comes first: every chunk has a rank (``2 x priority + 1 while its ttl runs``) and the victim is the
 chunk due last *of the lowest rank*; a chunk of a lower rank than the tier's victim is refused admission. A ttl's
@@ -50,61 +49,20 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from kvtier.keys import ChunkKey
+from kvtier.policy.agent_state import _DEAD, _MAX_REQUESTS, _Node, _Request, _Session
 from kvtier.policy.eviction import AWAITS, EvictionPolicy
 from kvtier.policy.retention import Retention, rank
 
 _EWMA = 0.2  # weight of the newest gap
 _MAX_SESSIONS = 4096  # sessions remembered (least recently seen forgotten first)
 _MAX_GHOSTS = 4096  # ghosts remembered beyond 4 per chunk held (oldest forgotten first)
-_MAX_REQUESTS = 256  # hinted requests whose chunks may still be stored (an engine's batch, chunked prefill)
 _HEAP_GROWTH = 3  # a heap is rebuilt once it holds more entries than this x its tier's chunks ...
 _HEAP_SLACK = 64  # ... + this (stale entries at most twice the live ones, amortised O(1) per use)
-_DEAD = math.inf
 _Entry = tuple[int, float, int, int, ChunkKey]  # a heap entry: (rank, -due or last use, -depth, push order, key)
 _HORIZON_S = 1e9  # a chunk never seen, of a session with no history: not expected back
 _IDLE = 4.0  # an idle chunk is expected back after _IDLE x its idle time (heavy-tailed gaps)
-
-
-@dataclass(slots=True)
-class _Session:
-    last_t: float
-    gap: float | None  # EWMA of inter-arrival gaps; None until the second call
-    keys: Sequence[ChunkKey]  # the last request's keys (compaction detection)
-    awaits: str | None = None  # its last response's end (``AgentModel.observe_end``); None: not told
-    end_t: float = 0.0  # when that end was told
-    class_gap: dict[str, float] = field(default_factory=dict)  # EWMA of the gaps after each kind of end
-
-
-@dataclass(slots=True)
-class _Request:
-    """A hinted request (``AgentModel.observe``): its chunks stored later are uses by it."""
-
-    stamp: int
-    session_id: str | None
-    session: _Session | None
-    depth: dict[ChunkKey, int]  # its chunks' positions
-    retention: Retention | None
-    floor: float = -math.inf  # due of the deepest chunk touched so far (a child is not due before its parent)
-    floor_depth: int = -1
-
-
-@dataclass(slots=True)
-class _Node:
-    last_t: float  # last use
-    alive: float  # last sign of its session's life: its last use, or the end of the answer to that use
-    due: float  # predicted next use
-    depth: int  # chunk position in the request that last used it (deeper = evicted first on ties)
-    gap: float | None  # EWMA of this chunk's own inter-use gaps
-    owner: str | None  # session that last used it
-    stamp: int  # request that last updated it (one update per request)
-    tiers: int = 0  # tier policies holding it
-    own: float = _DEAD  # the next use its last session predicted for itself (``due`` may be another's, sooner)
-    priority: int = 0  # asked by the last request that named one (``Retention``)
-    keep_until: float = -math.inf  # kept at least until then (a request's ``ttl_s``)
-    rank: int = 0  # eviction rank: lowest first (``kvtier.policy.retention.rank``)
 
 
 class AgentModel:
@@ -225,8 +183,7 @@ class AgentModel:
 
     def _hinted_request(self, key: ChunkKey) -> _Request | None:
         """The newest hinted request naming ``key`` (None: none of the last ``_MAX_REQUESTS``, or no hints)."""
-        stamp = self._request_of.get(key)
-        return None if stamp is None else self._requests.get(stamp)
+        return self._requests.get(self._request_of.get(key, -1))
 
     def request_of(self, key: ChunkKey) -> tuple[int, int]:
         """(stamp, position) of ``key`` in the newest hinted request naming it; (-1, -1) if none."""
@@ -328,9 +285,8 @@ class AgentModel:
                 return _EWMA * reuse + (1 - _EWMA) * node.gap if reuse > 0 else node.gap
             if reuse > 0:
                 return reuse
-        # else its session's rhythm; a new session's: as new sessions came back so far; no session (anonymous
-        # requests): as chunks came back so far (a first use predicted "never" would, once the tier is full,
-        # keep every new chunk out until its second use, and an engine's prefixes out for good)
+        # else its session's rhythm; a new session's: as new sessions came back so far; no session: as chunks came
+        # back so far (a first use predicted "never" keeps every new chunk out of a full tier until its second use)
         gap = self.reuse_gap if s is None else s.gap if s.gap is not None else self.first_gap
         return _HORIZON_S if gap is None else gap
 
