@@ -64,13 +64,16 @@ class Mover:
         self._surveying = threading.Lock()  # one ``survey_disk`` at a time
         self._survey_job: Future[None] | None = None  # one queued for the writer thread
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WRITER)
-        self._inflight: list[Future[None]] = []
+        self._inflight: list[Future[None]] = []  # background jobs (``_track``) a flush or delete waits for
+        self._inflight_lock = threading.Lock()  # callers' threads and the mover's add to it
         self._handoff_bytes = 0  # victims' copies queued for the writer (``demote(wait_below=False)``)
         self._handoff_cap = max(_HANDOFF_BYTES, 4 * chunk_bytes)
 
     def wait_written(self) -> None:
         """Wait for the write-through queued so far (a failure stays for ``flush`` to raise)."""
-        wait(list(self._inflight))
+        with self._inflight_lock:
+            inflight = list(self._inflight)
+        wait(inflight)
 
     def shutdown(self) -> None:
         """Stop the writer thread once its queued jobs are done."""
@@ -245,9 +248,7 @@ class Mover:
             with tier.borrow(key) as view:
                 copy = None if view is None else np.array(view, copy=True)
             if copy is not None:
-                future = self._background.submit(self._put_handed_off, below, key, copy)
-                future.add_done_callback(partial(_log_failure, 1))
-                self._inflight.append(future)
+                self._track(self._background.submit(self._put_handed_off, below, key, copy), 1)
                 return True
         except RuntimeError:  # closing: no more background work
             pass
@@ -340,12 +341,16 @@ class Mover:
         if self.exclusive and 1 in targets:  # the tier below the top gets only what must persist
             share = self.directory.persist_share(keys, self.write_through_share)
             jobs = [(share, [1]), (keys, [lv for lv in targets if lv != 1])]
-        self._inflight = [f for f in self._inflight if not f.done() or f.exception() is not None]
         for job_keys, job_targets in jobs:
             if job_keys and job_targets:
-                future = self._background.submit(self._write_through, job_keys, job_targets)
-                future.add_done_callback(partial(_log_failure, len(job_keys)))
-                self._inflight.append(future)
+                self._track(self._background.submit(self._write_through, job_keys, job_targets), len(job_keys))
+
+    def _track(self, future: Future[None], num_keys: int) -> None:
+        """Keep a background job for ``flush`` / ``wait_written`` (finished good ones are pruned)."""
+        future.add_done_callback(partial(_log_failure, num_keys))
+        with self._inflight_lock:
+            self._inflight = [f for f in self._inflight if not f.done() or f.exception() is not None]
+            self._inflight.append(future)
 
     def _write_through(self, keys: list[ChunkKey], targets: list[int]) -> None:
         for key in keys:
@@ -361,7 +366,8 @@ class Mover:
         A write-through that failed (logged when it did; its chunks stay in the top tier and are
         demoted as usual) is raised here once, as a TierError: the next ``flush`` does not see it.
         """
-        inflight, self._inflight = self._inflight, []
+        with self._inflight_lock:
+            inflight, self._inflight = self._inflight, []
         failures = [exc for f in inflight if (exc := f.exception()) is not None]
         if failures:
             raise TierError(f"{len(failures)} background write-through(s) failed, the first with "
