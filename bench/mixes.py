@@ -92,12 +92,7 @@ def markdown(result: dict[str, Any], policies: list[str], default: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    unknown = [p for p in [*policies, args.default] if p not in POLICIES]
-    if unknown:
-        raise ConfigError(f"unknown policy {unknown[0]!r}; known: {sorted(POLICIES)}")
-    if args.default not in policies:
-        policies.append(args.default)
+    policies = tight.parse_policies(args.policy, args.default)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:

@@ -67,6 +67,17 @@ class Capacity:
         return f"G2 {self.g2:g}%" + (f" + G3 {self.g3:g}%" if self.g3 else "")
 
 
+def parse_policies(names: str, default: str) -> list[str]:
+    """``--policy`` (a comma list) plus ``--default`` if missing; ConfigError naming an unknown one."""
+    policies = [p.strip() for p in names.split(",") if p.strip()]
+    unknown = [p for p in [*policies, default] if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"unknown policy {unknown[0]!r}; known: {sorted(POLICIES)}")
+    if default not in policies:
+        policies.append(default)
+    return policies
+
+
 def parse_capacities(g2: str, g2g3: str) -> list[Capacity]:
     out: list[Capacity] = []
     try:
@@ -150,12 +161,7 @@ def traces(paths: list[Path], each: bool) -> list[tuple[str, list[Path]]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    unknown = [p for p in [*policies, args.default] if p not in POLICIES]
-    if unknown:
-        raise ConfigError(f"unknown policy {unknown[0]!r}; known: {sorted(POLICIES)}")
-    if args.default not in policies:
-        policies.append(args.default)
+    policies = parse_policies(args.policy, args.default)
     capacities = parse_capacities(args.g2, args.g2_g3)
     foresight = [t.strip() for t in args.foresight.split(",") if t.strip()]
     unknown = [t for t in foresight if t not in TELLS]
