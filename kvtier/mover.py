@@ -88,8 +88,8 @@ class Mover:
         the commit places it below.  ``wait_below=False`` (a top tier with slots only): nothing is
         written below on the caller's time (an engine's save path, where the blocks wait): such a
         chunk is *dropped*, view None, not stored (the caller copies nothing for it), and a victim
-        the write-through has not written below yet is dropped rather than demoted (``demote``;
-        not with ``exclusive`` tiers, whose lower tiers get chunks only by demotion).
+        the write-through has not written below yet goes to the writer thread rather than being
+        written by this caller (``demote``; not with ``exclusive`` tiers, which demote as usual).
         ``evictable``: which chunks may be victims, in place of admission control (a prefetch).
         """
         top = self.tiers[0]
