@@ -48,10 +48,10 @@ for stage in "$@"; do
         --json "$OUT/single_conn_vllm_serving.json" --log "$OUT/single_conn.log" > "$OUT/single_conn.out" 2>&1
       echo "connectors rc=$? at $((SECONDS - t0)) s"; tail -25 "$OUT/single_conn.out" ;;
     serve)
-      python3 benchmarks/gpu/vllm_serving.py --part agentic,noreuse --modes vllm,kvtier,vllm-offload,lmcache \
-        --sessions 16 --max-context "${MAX_CONTEXT:-16384}" --turns 4 --traces .traces/kv-cache-tester --executor uni \
-        --budget-s "$(left)" --json "$OUT/serve_vllm_serving.json" --log "$OUT/serve.log" > "$OUT/serve.out" 2>&1
-      echo "serve rc=$? at $((SECONDS - t0)) s"; tail -25 "$OUT/serve.out" ;;
+      python3 benchmarks/gpu/vllm_serving.py --part "${PARTS:-agentic,noreuse}" --modes "${SERVE_MODES:-vllm,kvtier,vllm-offload,lmcache}" \
+        --sessions "${SESSIONS:-16}" --max-context "${MAX_CONTEXT:-16384}" --turns "${TURNS:-4}" --traces .traces/kv-cache-tester --executor uni \
+        --budget-s "$(left)" --json "$OUT/serve${TAG:-}_vllm_serving.json" --log "$OUT/serve${TAG:-}.log" > "$OUT/serve${TAG:-}.out" 2>&1
+      echo "serve rc=$? at $((SECONDS - t0)) s"; tail -25 "$OUT/serve${TAG:-}.out" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
