@@ -131,3 +131,16 @@ def test_a_tier_that_declares_slots_gets_in_place_stores_and_zero_copy_borrows(t
                 assert np.shares_memory(view, inner.pool) and not view.flags.writeable
                 np.testing.assert_array_equal(view, payload)
 
+
+def test_a_tier_that_offers_a_shared_root_is_surveyed_and_keeps_the_pins(tmp_path: Path) -> None:
+    inner = DiskTier(LAYOUT, path=tmp_path, capacity_bytes=1 << 20, survey_s=0.0)
+    other = DiskTier(LAYOUT, path=tmp_path, capacity_bytes=1 << 20)  # another process on the root
+    keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+    with ContextMemory(LAYOUT, [DramTier(LAYOUT, capacity_bytes=4 * LAYOUT.chunk_bytes, prefault=False),
+                                _WrappedDisk(inner)]) as mem:
+        assert mem.pin_files is inner.pin_files
+        assert other.put(keys[0], payloads[0])
+        mem.store(keys[1:], payloads[1:])  # written through: the put surveys the root first
+        mem.flush()
+        assert mem.directory.indexed(1, keys[0])  # adopted from the other writer
+    other.close()
