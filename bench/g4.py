@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.config import ByteSize, MooncakeConfig, RedisConfig, parse_size
+from kvtier.config import MooncakeConfig, RedisConfig, parse_size
+from kvtier.config_checks import ByteSize
 from kvtier.keys import chunk_keys, namespace_key
 from kvtier.layout import LLAMA_3_1_8B, KVLayout
 from kvtier.tiers.base import Tier

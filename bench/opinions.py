@@ -66,7 +66,10 @@ def measure(name: str, work: Workload, cost: CostModel, *, g2: float, g3: float,
             prefetch_share: float) -> dict[str, Any]:
     """Both replays of one trace, each priced with the cost model on and off."""
     chunk = cost.shape.layout.bytes_per_token * work.chunk_tokens
-    slots = lambda share: max(1, int(work.unique_chunks * share / 100))  # noqa: E731
+
+    def slots(share: float) -> int:  # chunks in ``share`` percent of the trace's unique ones, at least 1
+        return max(1, int(work.unique_chunks * share / 100))
+
     specs = [TierSpec(name="dram", capacity_bytes=slots(g2) * chunk),
              TierSpec(name="disk", capacity_bytes=slots(g3) * chunk, persistent=True)]
     off = dataclasses.replace(cost, decide=False, split=False)

@@ -100,7 +100,10 @@ def measure(name: str, work: Workload, cost: CostModel, capacities: list[Capacit
             policies: list[str], foresight: Sequence[str] = (), split_s: float = 10.0) -> dict[str, Any]:
     """Every policy, the bound and the ``foresight`` references at every capacity of one trace."""
     chunk = cost.shape.layout.bytes_per_token * work.chunk_tokens
-    slots = lambda share: int(work.unique_chunks * share / 100)  # noqa: E731
+
+    def slots(share: float) -> int:  # chunks in ``share`` percent of the trace's unique ones
+        return int(work.unique_chunks * share / 100)
+
     rows, sim_s, sim_accesses = [], 0.0, 0
     for cap in capacities:
         specs = [TierSpec(name="dram", capacity_bytes=slots(cap.g2) * chunk)]

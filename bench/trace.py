@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.sim import report
 from bench.sim.costmodel import CostModel, Link, measured, model_shape, newest_measured
-from bench.sim.sim import RunResult, TierSpec, belady, ideal, prepare, simulate
+from bench.sim.sim import Progress, RunResult, TierSpec, belady, ideal, prepare, simulate
 from bench.sim.workloads.kvtester import load_kvtester_dir
 from bench.sim.workloads.mooncake import load_mooncake
 from bench.sim.workloads.stream import Request, merge, summarize
@@ -247,7 +247,7 @@ class _progress:
     def __init__(self, total: int, disabled: bool) -> None:
         self.total, self.disabled = total, disabled
 
-    def __enter__(self):
+    def __enter__(self) -> Progress | None:
         if self.disabled:
             return None
         from rich.progress import Progress

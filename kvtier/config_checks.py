@@ -86,7 +86,7 @@ def _typed(tp: Any, value: Any, where: str, *, secret: bool = False) -> Any:
     if tp is float:
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise _wrong(where, "a number", value)
-        return value if type(value) is float else float(value)
+        return float(value)  # a float as it is; an int or a numpy number as a plain float
     if tp is str:
         if isinstance(value, str):
             return value

@@ -63,7 +63,6 @@ from kvtier.prefetch import Prefetcher
 from kvtier.reservation import InPlaceStore
 from kvtier.tiers import make_tier
 from kvtier.tiers.base import Tier, TierStats
-from kvtier.tiers.disk import DiskTier
 from kvtier.validate import buffers_arg, chunk_keys_arg, payloads_arg, ttl_arg
 
 log = logging.getLogger(__name__)
@@ -114,8 +113,8 @@ class ContextMemory:
             raise ConfigError(f"write_through_share must be in [0, 1], got {write_through_share}")
         self.exclusive = exclusive  # see the module docstring
         self.write_through_share = write_through_share  # exclusive: leading share written through
-        disks = [t for t in self.tiers if isinstance(t, DiskTier)]
-        self.pin_files = disks[0].pin_files if disks else None  # persistent pins, node-wide
+        roots = [r for t in self.tiers if (r := t.shared_root()) is not None]
+        self.pin_files = roots[0].pin_files if roots else None  # persistent pins, node-wide
         self.directory = Directory([t.name for t in self.tiers], [t.capacity_bytes for t in self.tiers],
                                    policies or make_policies(eviction, len(self.tiers)),
                                    chunk_bytes=layout.chunk_bytes, pin_records=self.pin_files)

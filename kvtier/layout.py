@@ -66,8 +66,7 @@ class KVLayout:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise LayoutTypeError(f"KVLayout.{name} must be an integer, got {value!r}")
-            if type(value) is not int:  # a numpy integer: the fingerprint and sizes want a plain int
-                object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, int(value))  # a numpy integer: the fingerprint and sizes want an int
             if value <= 0:
                 raise LayoutError(f"KVLayout.{name} must be positive, got {value}")
         if self.num_kv_parts not in (1, 2):

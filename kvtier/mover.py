@@ -15,9 +15,9 @@ exclusive hierarchy, all come from the directory.
   through ``Tier.put`` (``put``: demotion, write-through, chunks put below).
 * **Read**: ``read`` fills the targets of a held prefix, one batched ``get_many_into`` per tier; a
   failed read (corrupt, vanished) tries the copies below, and drops the bad copy from the index.
-* The disk's capacity is the **root's**, shared by every process on it: before a put into the
-  disk, every ``DiskTier.survey_s`` the directory reconciles with the root (``survey_disk``, on
-  the writer thread).
+* The disk's capacity is the **root's** (``Tier.shared_root()``), shared by every process on it:
+  before a put into the disk, every ``DiskTier.survey_s`` the directory reconciles with the root
+  (``survey_disk``, on the writer thread).
 
 Threading: bytes move outside the directory's lock; the slot reservations of one batch are taken
 under it (one at a time, in a row: a victim's slot still being read is refused).
@@ -39,7 +39,6 @@ from kvtier.errors import TierError
 from kvtier.keys import ChunkKey
 from kvtier.reservation import _Reservation
 from kvtier.tiers.base import Tier
-from kvtier.tiers.disk import DiskTier
 
 log = logging.getLogger(__name__)
 _WRITER = "kvtier-writeback"  # the background thread's name prefix
@@ -159,7 +158,7 @@ class Mover:
     def put(self, level: int, key: ChunkKey, payload: np.ndarray) -> int | None:
         """``Tier.put`` into tier ``level``, else the first tier below that takes it; its level."""
         for lv in range(level, len(self.tiers)):
-            if isinstance(disk := self.tiers[lv], DiskTier) and disk.survey_due():
+            if (root := self.tiers[lv].shared_root()) is not None and root.survey_due():
                 self.survey_disk(lv)
             state, victims = self.directory.prepare_store_one(lv, key)
             if state is KeyState.PRESENT:
@@ -185,25 +184,26 @@ class Mover:
         by what the others wrote since this process's last survey, until its next put.  Run on
         the writer thread: a caller's put queues it there."""
         tier = self.tiers[level]
-        assert isinstance(tier, DiskTier)
+        root = tier.shared_root()
+        assert root is not None
         if not threading.current_thread().name.startswith(_WRITER):  # not on the caller's time
             with self._lock:
                 if self._survey_job is None or self._survey_job.done():
                     with contextlib.suppress(RuntimeError):  # closing: no more surveys
                         self._survey_job = self._background.submit(self.survey_disk, level)
             return
-        if not tier.survey_due() or not self._surveying.acquire(blocking=False):
+        if not root.survey_due() or not self._surveying.acquire(blocking=False):
             return
         try:
             try:
-                survey = tier.survey()
+                survey = root.survey()
             except OSError as exc:  # the root went away or is unreadable: keep the last view
                 tier.stats.errors += 1
-                log.warning("disk survey of %s failed: %s", tier.root.parent, exc)
+                log.warning("disk survey of %s failed: %s", root.root.parent, exc)
                 return
             unseen = self.directory.reconcile(level, tier.capacity_bytes - survey.other_bytes, survey.chunks)
-            gone = [k for k in unseen if not tier.has_file(k)]  # not just written after the listing
-            tier.forget(gone)
+            gone = [k for k in unseen if not root.has_file(k)]  # not just written after the listing
+            root.forget(gone)
             self.directory.drop(level, gone)
         finally:
             self._surveying.release()

@@ -48,7 +48,7 @@ CYCLES_ALLOWED = {
 MAX_LINES = 450
 # Modules over MAX_LINES today, with their line counts as a ceiling: they may shrink, never grow.
 OVERSIZE_ALLOWED = {
-    "kvtier/tiers/disk.py": 737,
+    "kvtier/tiers/disk.py": 731,
     "kvtier/integrations/vllm_plan.py": 708,
     "kvtier/config.py": 571,
     "kvtier/tiers/mooncake.py": 560,

@@ -51,7 +51,7 @@ def build_random_model(path: str | Path, *, seed: int = 0, max_position_embeddin
     config = Qwen2Config(max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
                          **shape)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     return out

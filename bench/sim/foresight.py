@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from bench.sim.sim import Workload
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
-from kvtier.policy.agent import _DEAD, AgentModel, AgentPolicy
+from kvtier.policy.agent import AgentModel, AgentPolicy
+from kvtier.policy.agent_state import _DEAD
 from kvtier.policy.eviction import EvictionPolicy
 from kvtier.policy.retention import Retention
 

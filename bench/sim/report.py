@@ -13,13 +13,16 @@ import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench.sim.costmodel import CostModel
 from bench.sim.sim import RunResult
 from bench.sim.workloads.stream import StreamSummary
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 CONTEXT_BUCKETS = (0, 8_192, 32_768, 131_072, 524_288, 1 << 62)
 
@@ -133,7 +136,7 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], baseline: dict[str, 
     _console().print(table)
 
 
-def _console():
+def _console() -> Console:
     from rich.console import Console
 
     console = Console()

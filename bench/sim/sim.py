@@ -43,6 +43,7 @@ from bench.sim.workloads.stream import Request, block_keys
 from kvtier.errors import ConfigError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
 from kvtier.policy.eviction import EvictionPolicy
 from kvtier.tiers.null import NullTier
 
@@ -113,7 +114,8 @@ class RunResult:
         return np.asarray(self.hit_tokens.sum(axis=1))
 
 
-def _tiers_for(specs: Sequence[TierSpec], layout, dummy: np.ndarray, *, dram_slots: bool = False) -> list[NullTier]:
+def _tiers_for(specs: Sequence[TierSpec], layout: KVLayout, dummy: np.ndarray, *,
+               dram_slots: bool = False) -> list[NullTier]:
     return [NullTier.named(s.name, persistent=s.persistent, slots=dram_slots and s.name == "dram")(
         layout, capacity_bytes=s.capacity_bytes, dummy=dummy) for s in specs]
 

@@ -63,7 +63,6 @@ from kvtier.layout import KVLayout
 from kvtier.policy.cost import CostModel, FetchPlan
 from kvtier.policy.retention import Retention
 from kvtier.tiers.cuda import CopyEngine, KVLoad
-from kvtier.tiers.dram import DramTier
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,8 @@ class KVTierLM:
         # forwards over a past attend through lower-right causal flash, not a mask (hf_attention)
         self.lower_right = lower_right
         top = memory.tiers[0]
-        self._dram = top if isinstance(top, DramTier) else None
+        # a top tier whose slots are host memory (DRAM): the device copies straight into and out of them
+        self._dram = top if top.capabilities.slots and top.pool is not None else None
         self.engine = CopyEngine(self.layout, self.device, pool=self._dram.pool if self._dram else None,
                                  staging_bytes=staging_bytes, copy2d=copy2d)
         self.engine.warm_up()  # no first-hit penalty: the load path's first-use costs are paid here

@@ -32,11 +32,11 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from kvtier.tiers.cuda import KVLoad, torch_dtype
 
 
-class PromptLayer(DynamicLayer):
+class PromptLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers: __init_subclass__ unannotated
     """One layer's cache over ``load``'s (K, V) of the prompt; see the module docstring."""
 
     def __init__(self, load: KVLoad, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
         lay = load.layout
         self._load: KVLoad | None = load  # None: a plain DynamicLayer from here on
         self._layer_idx = layer_idx

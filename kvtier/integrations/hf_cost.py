@@ -60,7 +60,6 @@ from kvtier.integrations.calibrate import (
 from kvtier.integrations.hf_attention import lower_right_attention
 from kvtier.policy.cost import CostModel, FetchPlan, PrefillCost
 from kvtier.tiers.cuda import CopyEngine
-from kvtier.tiers.disk import DiskTier
 
 log = logging.getLogger("kvtier.integrations.hf")
 
@@ -136,8 +135,8 @@ def calibrate_cost(model: Any, memory: ContextMemory, engine: CopyEngine, *, lay
     layout = memory.layout
     cfg = model.config.get_text_config(decoder=True)
     param = next(model.parameters())
-    disks = [t for t in memory.tiers if isinstance(t, DiskTier)]
-    root: Path | None = disks[0].root.parent if disks else None  # the configured path (vllm.py passes that)
+    roots = [r for t in memory.tiers if (r := t.shared_root()) is not None]
+    root: Path | None = roots[0].root.parent if roots else None  # the configured path (vllm.py passes that)
     shape = ModelShape.from_hf_config(cfg)
     calibration = calibrate(dram_Bps=time_copy(engine), layout=layout, disk_root=root, shape=shape,
                             dtype=param.dtype, device=param.device)

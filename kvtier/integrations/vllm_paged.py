@@ -144,8 +144,8 @@ class PagedKV:
         if self.fmt == "cpu":  # (nb, H, bs, 2D) whose memory is (nb, H, 2, bs, D)
             return t.view(t.shape[0], g.num_kv_heads, g.parts, g.block_size, g.head_dim)
         if self.fmt == "packed-nh":  # in memory order: (nb, bs, H, P, D)
-            return t.transpose(1, 2).unflatten(-1, (g.parts, g.head_dim))
-        return t.unflatten(-1, (g.parts, g.head_dim))  # (nb, H, bs, P, D): a strided view, no copy
+            return torch.unflatten(t.transpose(1, 2), -1, (g.parts, g.head_dim))
+        return torch.unflatten(t, -1, (g.parts, g.head_dim))  # (nb, H, bs, P, D): a strided view, no copy
 
     def _shape(self, num_chunks: int) -> tuple[int, ...]:
         g = self.geometry

@@ -18,8 +18,11 @@ Contract for callers:
 * All methods may be called from several threads.
 
 What a tier can do beyond that is declared by its class as ``capabilities``
-(``TierCapabilities``): the hierarchy asks those, never the tier's class, so an out-of-tree tier
-that declares ``slots`` gets the in-place store path exactly as DRAM does.
+(``TierCapabilities``), and what it can hand out by two accessors, None by default: ``pool`` (the
+host memory of its slots, which a device copies into and out of) and ``shared_root()`` (a directory
+other processes fill too: surveyed, and home of the persistent pins).  Callers ask those, never
+the tier's class, so an out-of-tree tier that declares ``slots`` gets the in-place store path
+exactly as DRAM does, and one that offers a ``shared_root()`` is surveyed as the disk tier is.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from kvtier.errors import TierError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
+
+if TYPE_CHECKING:
+    from kvtier.tiers.disk import PinFiles
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,6 +53,30 @@ class TierCapabilities:
     authoritative_contains: bool = False  # contains() is exact and local (memory, one stat): cheap under a lock
     persistent: bool = False  # chunks survive a restart of this process
     shared: bool = False  # other processes may add chunks: lookups must ask the tier
+
+
+@dataclass(frozen=True, slots=True)
+class RootSurvey:
+    """What a shared root holds now (``SharedRoot.survey``): one layout's chunks and everything else."""
+
+    chunks: frozenset[ChunkKey]  # this layout's chunk files, by name
+    other_bytes: int  # every other file: other layouts' chunks, temp files, pin records
+
+
+class SharedRoot(Protocol):
+    """A directory that other processes fill too and that a tier's capacity bounds (the disk
+    tier's root): the hierarchy re-reads it every so often (``survey``) and keeps pins there."""
+
+    root: Path  # this layout's subtree; its parent is the configured path
+    pin_files: PinFiles  # persistent pins, node-wide
+
+    def survey_due(self) -> bool: ...
+
+    def survey(self) -> RootSurvey: ...
+
+    def has_file(self, key: ChunkKey) -> bool: ...
+
+    def forget(self, keys: Sequence[ChunkKey]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -103,6 +134,17 @@ class Tier(ABC):
 
     def has_room(self, nbytes: int) -> bool:
         return self.used_bytes + nbytes <= self.capacity_bytes
+
+    # --- what a tier hands out beyond bytes: None unless it has one -------------------------
+    @property
+    def pool(self) -> Any:
+        """The host memory that ``reserve`` and ``borrow`` hand out views of, for engines that copy
+        straight between it and a device (a pinned torch tensor when pinned, else a numpy array)."""
+        return None
+
+    def shared_root(self) -> SharedRoot | None:
+        """The directory this tier shares with other processes (see ``SharedRoot``)."""
+        return None
 
     # --- single-chunk operations ----------------------------------------------------------
     @abstractmethod

@@ -105,7 +105,7 @@ class HostPool:
         self._end = self._base + (self.tensor.numel() if self.tensor is not None else 0)
 
     def _offset(self, view: np.ndarray) -> int | None:
-        addr = view.__array_interface__["data"][0]
+        addr: int = view.__array_interface__["data"][0]
         if self.tensor is None or not self._base <= addr < self._end:
             return None
         return addr - self._base

@@ -52,7 +52,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -64,7 +63,7 @@ from kvtier.codec import HEADER_BYTES, decode_header, encode_header
 from kvtier.errors import ChunkFormatError, CorruptChunkError, LayoutError, TierError, TruncatedChunkError
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import Tier, TierCapabilities
+from kvtier.tiers.base import RootSurvey, SharedRoot, Tier, TierCapabilities
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +235,6 @@ def _layout_dirs(layout_fd: int) -> Iterator[int]:
             os.close(fd)
 
 
-@dataclass(frozen=True, slots=True)
-class RootSurvey:
-    """What a disk root holds now (``DiskTier.survey``): one layout's chunks and everything else."""
-
-    chunks: frozenset[ChunkKey]  # this layout's chunk files, by name
-    other_bytes: int  # every other file: other layouts' chunks, temp files, pin records
-
-
 def make_root(path: str | os.PathLike[str], dir_mode: int) -> int:
     """Create the root (``dir_mode`` for what is created), warn once if others may write to it,
     and return a descriptor of it.  The root itself may be a symlink: the operator named it."""
@@ -390,6 +381,9 @@ class DiskTier(Tier):
         return size is not None
 
     # --- the whole root: capacity for every process sharing it ------------------------------
+    def shared_root(self) -> SharedRoot:
+        return self
+
     def survey_due(self) -> bool:
         return time.monotonic() - self._surveyed >= self.survey_s
 

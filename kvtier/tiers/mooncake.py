@@ -120,7 +120,7 @@ class MooncakeTier(RemoteTier):
         self._running_lock = threading.Lock()
         # Caller allocations registered for zero-copy puts: id(root array) -> (address, finalizer);
         # allocations that cannot be registered (overlap another registration, ...) -> weakref.
-        self._regs: dict[int, tuple[int, weakref.finalize]] = {}
+        self._regs: dict[int, tuple[int, weakref.finalize[..., np.ndarray]]] = {}
         self._unregistrable: dict[int, weakref.ReferenceType[np.ndarray]] = {}
         self._registering: dict[int, Future[None]] = {}  # registrations under way
         self._reg_lock = threading.RLock()  # finalizers run in whichever thread drops the array

@@ -81,7 +81,7 @@ class _Shard:
     """One Redis server the tier talks to (a standalone server or a cluster primary)."""
 
     name: str  # host:port
-    client: redis.Redis
+    client: redis.Redis[bytes]  # decode_responses=False
     breaker: CircuitBreaker
     down: bool = False  # said unreachable (WARNING) and not answered since
 
@@ -98,7 +98,7 @@ class RedisTier(RemoteTier):
         self._clock = clock
         self._bprefix = self._prefix.encode()  # of every redis key of this tier (SCAN MATCH)
         self._shards: dict[str, _Shard] = {}
-        self._cluster: RedisCluster | None = None
+        self._cluster: RedisCluster[bytes] | None = None
         self._cluster_breaker = CircuitBreaker(self.config.breaker, clock=clock)  # for (re)building the slot map
         self._last_refresh = -_TOPOLOGY_REFRESH_S
         self._values = _ValueBuffers(HEADER_BYTES + layout.chunk_bytes, keep_bytes=self.config.staging_bytes)
@@ -136,7 +136,7 @@ class RedisTier(RemoteTier):
             return f"{what} at {self.config.url} unreachable: {exc}"
         return None
 
-    def _guard_connect(self, client: redis.Redis) -> redis.Redis:
+    def _guard_connect(self, client: redis.Redis[bytes]) -> redis.Redis[bytes]:
         """Put a new connection's set-up (AUTH, SELECT, ...) under the deadline of the call that opens it.
 
         redis-py calls ``redis_connect_func`` with the socket connected, before any handshake."""
@@ -164,7 +164,7 @@ class RedisTier(RemoteTier):
             return "rediss://" + c.url[len("redis://"):]
         return c.url
 
-    def _cluster_client(self) -> RedisCluster | None:
+    def _cluster_client(self) -> RedisCluster[bytes] | None:
         """The cluster client, built on first use (and retried after a backoff if that failed)."""
         if self._cluster is not None:
             return self._cluster
@@ -173,7 +173,7 @@ class RedisTier(RemoteTier):
         try:
             kw = self._client_kwargs()
             kw.pop("max_connections")  # RedisCluster sizes its node pools itself
-            cluster: RedisCluster = RedisCluster.from_url(self.url, require_full_coverage=False, **kw)
+            cluster: RedisCluster[bytes] = RedisCluster.from_url(self.url, require_full_coverage=False, **kw)
         except (*_SHARD_DOWN, redis.RedisError, RedisClusterException) as exc:
             self._cluster_breaker.record_failure()
             if not self._cluster_down:

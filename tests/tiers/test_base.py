@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from kvtier.errors import TierError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
-from kvtier.tiers.base import Tier, TierCapabilities
+from kvtier.tiers.base import SharedRoot, Tier, TierCapabilities
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 from kvtier.tiers.null import NullTier
@@ -26,9 +27,16 @@ class _Wrapped(Tier):
     name = "wrapped"
     capabilities = DramTier.capabilities
 
-    def __init__(self, inner: DramTier) -> None:
+    def __init__(self, inner: Tier) -> None:
         super().__init__(inner.layout)
         self.inner = inner
+
+    @property
+    def pool(self) -> Any:
+        return self.inner.pool
+
+    def shared_root(self) -> SharedRoot | None:
+        return self.inner.shared_root()
 
     @property
     def capacity_bytes(self) -> int:
@@ -66,11 +74,28 @@ class _Wrapped(Tier):
         self.inner.abort(keys)
 
 
+class _WrappedDisk(_Wrapped):
+    """The same over a disk tier: it offers the disk's shared root."""
+
+    capabilities = DiskTier.capabilities
+
+
 def test_built_in_tiers_declare_their_capabilities() -> None:
     assert DramTier.capabilities == TierCapabilities(slots=True, zero_copy_borrow=True, authoritative_contains=True)
     assert DiskTier.capabilities == TierCapabilities(authoritative_contains=True, persistent=True, shared=True)
     assert NullTier.capabilities == TierCapabilities()  # the simulator's tier promises nothing
     assert (DiskTier.persistent, DiskTier.shared, DramTier.persistent) == (True, True, False)
+
+
+def test_only_dram_offers_a_pool_and_only_disk_a_shared_root(tmp_path: Path) -> None:
+    dram = DramTier(LAYOUT, capacity_bytes=LAYOUT.chunk_bytes, prefault=False)
+    disk = DiskTier(LAYOUT, path=tmp_path, capacity_bytes=1 << 20)
+    null = NullTier(LAYOUT, capacity_bytes=LAYOUT.chunk_bytes, dummy=np.empty(0, np.uint8))
+    try:
+        assert dram.pool is not None and disk.pool is None and null.pool is None
+        assert disk.shared_root() is disk and dram.shared_root() is None and null.shared_root() is None
+    finally:
+        disk.close()
 
 
 def test_the_older_class_attributes_fold_into_capabilities() -> None:
@@ -105,3 +130,17 @@ def test_a_tier_that_declares_slots_gets_in_place_stores_and_zero_copy_borrows(t
             for view, payload in zip(views, payloads, strict=True):
                 assert np.shares_memory(view, inner.pool) and not view.flags.writeable
                 np.testing.assert_array_equal(view, payload)
+
+
+def test_a_tier_that_offers_a_shared_root_is_surveyed_and_keeps_the_pins(tmp_path: Path) -> None:
+    inner = DiskTier(LAYOUT, path=tmp_path, capacity_bytes=1 << 20, survey_s=0.0)
+    other = DiskTier(LAYOUT, path=tmp_path, capacity_bytes=1 << 20)  # another process on the root
+    keys, payloads = make_keys(LAYOUT, 3), make_payloads(LAYOUT, 3)
+    with ContextMemory(LAYOUT, [DramTier(LAYOUT, capacity_bytes=4 * LAYOUT.chunk_bytes, prefault=False),
+                                _WrappedDisk(inner)]) as mem:
+        assert mem.pin_files is inner.pin_files
+        assert other.put(keys[0], payloads[0])
+        mem.store(keys[1:], payloads[1:])  # written through: the put surveys the root first
+        mem.flush()
+        assert mem.directory.indexed(1, keys[0])  # adopted from the other writer
+    other.close()
