@@ -11,6 +11,15 @@ Modes, each a fresh ``vllm serve`` on loopback with the same model, flags and
     lmcache  + LMCache 0.5.6 (``LMCacheMPConnector``, ``lmcache_driven``; its own ``lmcache server``
              started and stopped by this bench: an L1 as large as kvtier's DRAM, a local-disk L2)
 
+and two kvtier modes that differ only in prefetch (``--modes kvtier-noprefetch,kvtier-prefetch``,
+not run by default): both send the hints an agent framework would, in ``kv_transfer_params``
+(``bench.harness.sessions.agent_hints``: the session id, and ``awaits: "tool"`` on a turn whose
+answer the trace ends in ``tool_use``, "user" on ``end_turn``), so the agent policy sees the same
+sessions either way; ``kvtier-noprefetch`` sets ``prefetch.dram_share`` 0, ``kvtier-prefetch``
+``--prefetch-share`` (kvtier's default 0.25).  With ``--repeat N`` the modes run N rounds in
+``--modes`` order (interleaved: off, on, off, on, ...), every run on a fresh engine and a fresh disk
+tier; the table shows the median per mode and the range over rounds.
+
 vLLM's own prefix cache is on in every mode but its KV blocks are capped (``--engine-kv-tokens``,
 default half of what the sessions' contexts add up to) so that it overflows and a connector has
 something to serve.  Sessions are replayed closed-loop (``bench.harness.sessions``: each turn is
@@ -34,6 +43,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.harness.engines import EngineServer, EngineSpec, LMCacheServer, ServerFailed, lmcache_missing
 from bench.harness.sessions import (
     Session,
@@ -46,7 +57,11 @@ from bench.harness.sessions import (
 )
 from bench.sim.workloads.stream import Request
 
-MODES = ("vllm", "kvtier", "lmcache")
+MODES = ("vllm", "kvtier", "lmcache")  # the default set
+PREFETCH_MODES = ("kvtier-noprefetch", "kvtier-prefetch")  # kvtier + agent hints, prefetch off / on
+ALL_MODES = MODES + PREFETCH_MODES
+PREFETCH_COUNTERS = ("prefetch_chunks", "prefetch_used_chunks", "prefetch_wasted_chunks", "prefetch_cancelled",
+                     "prefetch_skipped", "answers_awaiting_tool", "answers_awaiting_user")
 BLOCK_SIZE = 32
 
 
@@ -68,6 +83,10 @@ def add_concurrent_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--dram-mib", type=int, default=None,
                        help="kvtier's DRAM tier and LMCache's L1 (default: half of the KV the sessions' contexts hold)")
     group.add_argument("--seed", type=int, default=0, help="synthetic workload seed")
+    group.add_argument("--prefetch-share", type=float, default=0.25,
+                       help="prefetch.dram_share of the kvtier-prefetch mode (kvtier-noprefetch: 0)")
+    group.add_argument("--repeat", type=int, default=1,
+                       help="rounds of every mode, interleaved in --modes order (medians and ranges shown)")
 
 
 def build_sessions(args: argparse.Namespace) -> list[Session]:
@@ -101,12 +120,15 @@ def run_mode(mode: str, spec: EngineSpec, sessions: list[Session], args: argpars
         engine = EngineServer(spec, work).wait_ready()
         replay_sessions(_warmup_session(), engine.url, model=spec.name, max_output=2, vocab=vocab)
         before = engine.metrics()
-        results, wall = replay_sessions(sessions, engine.url, model=spec.name, max_output=args.max_output, vocab=vocab)
+        results, wall = replay_sessions(sessions, engine.url, model=spec.name, max_output=args.max_output, vocab=vocab,
+                                        hints=mode in PREFETCH_MODES)
         cache = _delta(engine.metrics(), before)
         summary = summarize(results, wall)
         stats_file = spec.extra_config.get("stats_file")
         tiers: dict[str, float] = {}
-        if mode == "kvtier" and stats_file and Path(stats_file).exists():
+        counters: dict[str, float] = {}
+        if spec.connector == "kvtier" and stats_file and Path(stats_file).exists():
+            engine.stop()  # the stats file is rewritten at shutdown too: after the last prefetch
             counters = json.loads(Path(stats_file).read_text())["counters"]
             tiers = {k.removeprefix("hit_tokens_"): v for k, v in counters.items() if k.startswith("hit_tokens_")}
         elif server is not None:  # vLLM's count of LMCache's tokens, split as its lookups found chunks
@@ -119,7 +141,8 @@ def run_mode(mode: str, spec: EngineSpec, sessions: list[Session], args: argpars
         summary.update({"mode": mode, "vllm_hit_tokens": own, "connector_hit_tokens": external,
                         "connector_hit_tokens_by_tier": tiers, "tiers_estimated": server is not None,
                         "queried_tokens": queried,
-                        "computed_tokens": queried - own - external, "engine_counters": cache})
+                        "computed_tokens": queried - own - external, "engine_counters": cache,
+                        "prefetch": {k: counters.get(k, 0.0) for k in PREFETCH_COUNTERS} if counters else {}})
         return {"summary": summary, "results": [asdict(r) for r in results]}
     finally:
         if engine is not None:
@@ -135,6 +158,60 @@ def _warmup_session() -> list[Session]:
     return [Session("warmup", 0.0, (Turn(r, 0.0),))]
 
 
+def kvtier_extra(work: Path, tag: str, *, chunk: int, dram_mib: int, prefetch_share: float | None) -> dict[str, Any]:
+    """kvtier's ``kv_connector_extra_config`` for one run: its own disk tier and stats file under ``work``."""
+    extra: dict[str, Any] = {"chunk_tokens": chunk, "log_interval_s": 0, "dram": {"capacity": f"{dram_mib}MiB"},
+                             "disk": {"path": str(work / f"{tag}-disk"), "capacity": "16GiB", "fsync": False},
+                             "stats_file": str(work / f"{tag}-kvtier-stats.json")}
+    if prefetch_share is not None:
+        extra["prefetch"] = {"dram_share": prefetch_share}
+    return extra
+
+
+def mode_spec(mode: str, base: dict[str, Any], work: Path, *, tag: str, chunk: int, dram_mib: int,
+              prefetch_share: float) -> EngineSpec:
+    """The engine of one run of ``mode``; ``tag`` names its log, disk tier and stats file."""
+    if mode == "vllm":
+        return EngineSpec(name=tag, **base)
+    if mode == "lmcache":
+        return EngineSpec(name=tag, connector="lmcache", **base)
+    share = {"kvtier": None, "kvtier-noprefetch": 0.0, "kvtier-prefetch": prefetch_share}[mode]
+    extra = kvtier_extra(work, tag, chunk=chunk, dram_mib=dram_mib, prefetch_share=share)
+    return EngineSpec(name=tag, connector="kvtier", extra_config=extra, **base)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds: the median of every number (and of every number one level down), errors
+    summed, the TTFTs of each round kept (``ttft_p50_s_runs``, ``ttft_p90_s_runs``)."""
+    if len(runs) == 1:
+        return runs[0]
+    def med(values: list[Any]) -> Any:
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return float(np.median(np.asarray(values, dtype=float)))
+        if all(isinstance(v, dict) for v in values):
+            keys = dict.fromkeys(k for v in values for k in v)
+            return {k: med([v.get(k, 0.0) for v in values]) for k in keys}
+        return values[0]
+    out = {k: med([r[k] for r in runs]) for k in runs[0]}
+    out.update(errors=sum(r["errors"] for r in runs), rounds=len(runs),
+               ttft_p50_s_runs=[r["ttft_p50_s"] for r in runs], ttft_p90_s_runs=[r["ttft_p90_s"] for r in runs])
+    return out
+
+
+def _ttft(s: dict[str, Any], key: str) -> str:
+    runs = s.get(f"{key}_runs")
+    spread = f" ({min(runs):.3f}-{max(runs):.3f})" if runs else ""
+    return f"{s[key]:.3f} s{spread}"
+
+
+def _prefetch_cell(s: dict[str, Any]) -> str:
+    p = s.get("prefetch") or {}
+    if not p:
+        return "-"
+    return (f"{int(p['prefetch_chunks'])} / {int(p['prefetch_used_chunks'])} / {int(p['prefetch_wasted_chunks'])}, "
+            f"{int(p['prefetch_cancelled'])}, {int(p['prefetch_skipped'])}")
+
+
 def run_concurrent(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -144,8 +221,11 @@ def run_concurrent(args: argparse.Namespace) -> int:
 
     console = Console(width=max(Console().width, 150))  # the tables are wide; a pipe gets 80 columns
     modes = list(args.modes.split(",") if args.modes else MODES)
-    if set(modes) - set(MODES):
-        raise SystemExit(f"unknown --modes {sorted(set(modes) - set(MODES))} with --concurrent; choose from {MODES}")
+    if set(modes) - set(ALL_MODES):
+        raise SystemExit(f"unknown --modes {sorted(set(modes) - set(ALL_MODES))} with --concurrent; "
+                         f"choose from {ALL_MODES}")
+    if args.repeat < 1 or not 0 < args.prefetch_share <= 1:
+        raise SystemExit("--repeat must be >= 1 and --prefetch-share in (0, 1]")
     lmcache_error = lmcache_missing() if "lmcache" in modes else None
     if lmcache_error:
         console.print(f"lmcache: skipped ({lmcache_error})")
@@ -167,42 +247,43 @@ def run_concurrent(args: argparse.Namespace) -> int:
     base = {"model": model_dir, "cpu_bind": args.cpu_bind, "prefix_caching": True, "block_size": BLOCK_SIZE,
             "max_model_len": max_len, "max_num_batched_tokens": max(args.max_batched_tokens, BLOCK_SIZE),
             "kv_cache_gib": 1, "num_gpu_blocks": math.ceil(engine_kv / BLOCK_SIZE)}
-    kvtier_extra = {"chunk_tokens": chunk, "log_interval_s": 0, "dram": {"capacity": f"{dram_mib}MiB"},
-                    "disk": {"path": str(work / "concurrent-disk"), "capacity": "16GiB", "fsync": False},
-                    "stats_file": str(work / "concurrent-kvtier-stats.json")}
-    specs = {"vllm": EngineSpec(name="concurrent-vllm", **base),
-             "kvtier": EngineSpec(name="concurrent-kvtier", connector="kvtier", extra_config=kvtier_extra, **base),
-             "lmcache": EngineSpec(name="concurrent-lmcache", connector="lmcache", **base)}
     turns = sum(len(s.turns) for s in sessions)
     console.print(f"{len(sessions)} sessions, {turns} turns, contexts up to {args.max_context} tokens "
                   f"({context_tokens} in all); vLLM KV {engine_kv} tokens, kvtier DRAM = LMCache L1 = {dram_mib} MiB; "
                   f"VLLM_CPU_OMP_THREADS_BIND={args.cpu_bind}")
-    out: dict[str, Any] = {}
-    for mode in modes:
-        with console.status(f"{mode}: start the engine, replay {turns} turns"):
-            try:
-                out[mode] = run_mode(mode, specs[mode], sessions, args, work, vocab=shape["vocab_size"],
-                                     dram_mib=dram_mib)
-            except ServerFailed as exc:
-                if mode != "lmcache":
-                    raise
-                lmcache_error = f"server or engine did not start: {str(exc).splitlines()[0]}"
-                console.print(f"lmcache: skipped ({lmcache_error})")
-    summaries = [out[m]["summary"] for m in modes if m in out]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(args.repeat):
+        for mode in list(modes):
+            tag = f"concurrent-{mode}" + (f"-r{round_}" if args.repeat > 1 else "")
+            spec = mode_spec(mode, base, work, tag=tag, chunk=chunk, dram_mib=dram_mib,
+                             prefetch_share=args.prefetch_share)
+            with console.status(f"{mode} (round {round_ + 1}/{args.repeat}): start the engine, replay {turns} turns"):
+                try:
+                    out.setdefault(mode, []).append(run_mode(mode, spec, sessions, args, work,
+                                                             vocab=shape["vocab_size"], dram_mib=dram_mib))
+                except ServerFailed as exc:
+                    if mode != "lmcache":
+                        raise
+                    lmcache_error = f"server or engine did not start: {str(exc).splitlines()[0]}"
+                    console.print(f"lmcache: skipped ({lmcache_error})")
+                    modes.remove(mode)
+    summaries = [aggregate([run["summary"] for run in out[m]]) for m in modes if m in out]
+    rounds = f", median of {args.repeat} interleaved rounds (range)" if args.repeat > 1 else ""
     table = Table(title=f"vLLM concurrent: {len(sessions)} {args.workload} sessions x {args.turns} turns, "
                         f"contexts <= {args.max_context}, {shape_name} random model, fp32, vllm-cpu, "
-                        f"VLLM_CPU_OMP_THREADS_BIND={args.cpu_bind}")
+                        f"VLLM_CPU_OMP_THREADS_BIND={args.cpu_bind}{rounds}")
     for col in ("mode", "TTFT p50", "TTFT p90", "req/s", "ITL p50", "ITL p90", "ITL p90 during loads",
                 "ITL max during loads", "vLLM cache hits", "connector hits (per tier; LMCache's split estimated)",
-                "computed", "errors"):
+                "computed", "prefetched / used / wasted, cancelled, skipped", "errors"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for s in summaries:
         tiers = ", ".join(f"{k} {int(v):,}" for k, v in sorted(s["connector_hit_tokens_by_tier"].items()))
-        table.add_row(s["mode"], f"{s['ttft_p50_s']:.3f} s", f"{s['ttft_p90_s']:.3f} s", f"{s['requests_per_s']:.2f}",
+        table.add_row(s["mode"], _ttft(s, "ttft_p50_s"), _ttft(s, "ttft_p90_s"), f"{s['requests_per_s']:.2f}",
                       f"{s['itl_p50_s'] * 1e3:.0f} ms", f"{s['itl_p90_s'] * 1e3:.0f} ms",
                       f"{s['itl_during_loads_p90_s'] * 1e3:.0f} ms", f"{s['itl_during_loads_max_s'] * 1e3:.0f} ms",
                       f"{int(s['vllm_hit_tokens']):,}", f"{int(s['connector_hit_tokens']):,}"
-                      + (f" ({tiers})" if tiers else ""), f"{int(s['computed_tokens']):,}", str(s["errors"]))
+                      + (f" ({tiers})" if tiers else ""), f"{int(s['computed_tokens']):,}", _prefetch_cell(s),
+                      str(s["errors"]))
     console.print(table)
     console.print(f"logs in {work}")
     if args.json:
@@ -212,7 +293,10 @@ def run_concurrent(args: argparse.Namespace) -> int:
                "shape": shape_name, "cpu_bind": args.cpu_bind, "engine_kv_tokens": engine_kv,
                "dram_mib": dram_mib, "chunk_tokens": chunk, "block_size": BLOCK_SIZE,
                "max_batched_tokens": base["max_num_batched_tokens"], "lmcache_error": lmcache_error,
-               "modes": summaries, "results": {m: out[m]["results"] for m in out}}
+               "repeat": args.repeat, "prefetch_share": args.prefetch_share, "modes": summaries,
+               "runs": {m: [run["summary"] for run in out[m]] for m in out} if args.repeat > 1 else {},
+               "results": {m: out[m][0]["results"] for m in out} if args.repeat == 1
+               else {f"{m}#{i}": run["results"] for m in out for i, run in enumerate(out[m])}}
         args.json.write_text(json.dumps(doc, indent=1, default=float))
         console.print(f"wrote {args.json}")
     return 0 if summaries and all(s["errors"] == 0 for s in summaries) else 1

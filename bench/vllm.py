@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="VLLM_CPU_OMP_THREADS_BIND of every engine (default: every core, %(default)s)")
     parser.add_argument("--modes", default=None,
                         help=f"columns to run (default all): single request {','.join(HIT_COLUMNS)} "
-                             "(recompute always runs); --concurrent vllm,kvtier,lmcache")
+                             "(recompute always runs); --concurrent vllm,kvtier,lmcache (default) and "
+                             "kvtier-noprefetch,kvtier-prefetch")
     parser.add_argument("--max-engines", type=int, default=2, help="single request: engines alive at once")
     parser.add_argument("--shape", choices=tuple(SHAPES), default=None,
                         help="random model shape (default: qwen2.5-0.5b; small with --concurrent)")

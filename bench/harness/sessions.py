@@ -149,10 +149,23 @@ class TurnResult:
 Send = Callable[[str, dict[str, Any], float], Streamed]
 
 
+def agent_hints(session: Session, turn: Turn) -> dict[str, Any]:
+    """The ``kv_transfer_params`` an agent framework sends with a turn (``docs/vllm.md``, "Retention
+    per request"): its session id, and what the answer will wait for when the trace says so
+    (kv-cache-tester's stop reason: ``tool_use`` -> "tool", ``end_turn`` -> "user").  A framework
+    knows it when its model's answer is a tool call; with random weights the answer is noise, so the
+    trace's stop reason stands in for the tool-call detection (``tool_call_tokens``) a real model gets."""
+    spec: dict[str, Any] = {"session": session.name}
+    if turn.request.awaits is not None:
+        spec["awaits"] = turn.request.awaits
+    return {"kvtier": spec}
+
+
 def replay_sessions(sessions: Sequence[Session], endpoint: str, *, model: str, max_output: int = 8,
-                    vocab: int = 32_000, timeout_s: float = 600.0,
+                    vocab: int = 32_000, timeout_s: float = 600.0, hints: bool = False,
                     send: Send = stream_completion) -> tuple[list[TurnResult], float]:
-    """Run every session in its own thread; returns the results (by send time) and the wall time."""
+    """Run every session in its own thread; returns the results (by send time) and the wall time.
+    ``hints``: every turn carries ``agent_hints`` in its ``kv_transfer_params`` (for kvtier)."""
     url = f"{endpoint.rstrip('/')}/v1/completions"
     prompts = [[synthesize_tokens(t.request, vocab=vocab) for t in s.turns] for s in sessions]  # before t0
     results: list[TurnResult] = []
@@ -166,6 +179,8 @@ def replay_sessions(sessions: Sequence[Session], endpoint: str, *, model: str, m
                 time.sleep(turn.gap_s)
             body = {"model": model, "prompt": prompt, "max_tokens": max_output, "stream": True,
                     "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+            if hints:
+                body["kv_transfer_params"] = agent_hints(s, turn)
             sent = time.perf_counter()
             try:
                 got = send(url, body, timeout_s)

@@ -297,6 +297,14 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._worker is not None and isinstance(kv_connector_metadata, KVTierConnectorMetadata):
             self._worker.flush(kv_connector_metadata.plan.preempted)  # before vLLM overwrites their blocks
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # the forward is timed from here, the last hook before it: vLLM 0.32 calls start_load_kv
+        # after the forward when no load is synchronous, so a mark there timed nothing (~0 s)
+        if self._worker is not None and isinstance(connector_metadata, KVTierConnectorMetadata):
+            plan = connector_metadata.plan  # a step with a sync load is not timed: the load would be in it
+            self._worker.forward_starts(plan.forward if all(job.async_load for job in plan.loads) else None)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         self._worker.end_step()  # normally done in wait_for_save already
@@ -313,8 +321,6 @@ class KVTierConnector(KVConnectorBase_V1):
         if not layerwise:
             self._worker.wait_loads()
         self._layers_waited.clear()
-        timed = not any(not job.async_load for job in plan.loads)  # a sync load would be timed with it
-        self._worker.forward_starts(plan.forward if timed else None)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         index = self._layer_index.get(layer_name)

@@ -15,7 +15,8 @@ with ``KVTierLM``); what is the connector's own:
 * **online** (``OnlineCost``, scheduler side): the worker times every load it can time on the
   host (``LoadSample``: loads off the step and CPU loads; a CUDA DRAM hit is queued on side
   streams and not timed) and every prefill-heavy forward without a synchronous load
-  (``ForwardSample``: CUDA events around the forward, ``start_load_kv`` -> ``wait_for_save``),
+  (``ForwardSample``: CUDA events around the forward, ``bind_connector_metadata`` -> ``wait_for_save``;
+  not from ``start_load_kv``, which vLLM 0.32 calls after the forward when no load is synchronous),
   and sends them with its per-step report.
 
 How the two processes meet: vLLM builds the worker (``register_kv_caches``) before the

@@ -21,6 +21,7 @@ from bench.harness.sessions import (
     Session,
     Turn,
     TurnResult,
+    agent_hints,
     inter_token_gaps,
     kvtester_requests,
     percentile,
@@ -148,6 +149,47 @@ def test_replay_is_closed_loop_per_session() -> None:
     assert all(math.isnan(r.ttft_s) for r in bad)
 
 
+def test_replay_sends_the_agent_hints_of_the_trace(shared_traces: Path) -> None:
+    """With ``hints`` every turn carries ``kv_transfer_params['kvtier']``: its session, and
+    ``awaits`` from the trace's stop reason (``tool_use`` -> "tool", ``end_turn`` -> "user"),
+    which kvtier's connector reads (``request_hints``) to prefetch during the pause; without
+    ``hints`` the body has no ``kv_transfer_params``."""
+    from kvtier.integrations.vllm_plan import request_hints
+
+    paths = sorted((shared_traces / "kv-cache-tester").glob("*.json"))
+    sessions = to_sessions(kvtester_requests(paths, sessions=2), turns=6, max_context=1024)
+    bodies: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def send(url: str, body: dict[str, Any], timeout_s: float) -> Streamed:
+        with lock:
+            bodies.append(body)
+        now = time.perf_counter()
+        return Streamed(now, (now,), ())
+
+    fast = [Session(s.name, 0.0, tuple(Turn(t.request, 0.0) for t in s.turns)) for s in sessions]
+    replay_sessions(fast, "http://127.0.0.1:9", model="m", hints=True, send=send)
+    assert len(bodies) == 12
+    expected = {(s.name, str(synthesize_tokens(t.request)[:32]), t.request.awaits) for s in fast for t in s.turns}
+    got = set()
+    for body in bodies:
+        spec = body["kv_transfer_params"]["kvtier"]
+        got.add((spec["session"], str(body["prompt"][:32]), spec.get("awaits")))
+        hints, problems = request_hints(type("R", (), {"kv_transfer_params": body["kv_transfer_params"]})())
+        assert not problems and hints.session == spec["session"] and hints.awaits == spec.get("awaits")
+    assert got == expected
+    awaits = [t.request.awaits for s in fast for t in s.turns]
+    assert "tool" in awaits and set(awaits) <= {"tool", "user"}  # the traces say what each answer waits for
+    assert agent_hints(fast[0], fast[0].turns[0]) == {"kvtier": {"session": fast[0].name,
+                                                                 "awaits": fast[0].turns[0].request.awaits}}
+    quiet = Session("q", 0.0, (Turn(_req(0, (1,), 64, "q"), 0.0),))
+    assert agent_hints(quiet, quiet.turns[0]) == {"kvtier": {"session": "q"}}  # awaits not known: not said
+
+    bodies.clear()
+    replay_sessions(fast[:1], "http://127.0.0.1:9", model="m", send=send)
+    assert len(bodies) == 6 and not any("kv_transfer_params" in b for b in bodies)
+
+
 def test_inter_token_gaps_during_loads_and_summary() -> None:
     decoding = TurnResult("a", 0, 100, 0.0, (0.1, 0.2, 0.5, 0.6))  # gaps 0.1, 0.3, 0.1
     waiting = TurnResult("b", 0, 100, 0.25, (0.45, 0.46))  # waits for its first token over 0.25-0.45
@@ -173,3 +215,31 @@ def test_single_request_engine_groups() -> None:
     assert "lmcache" not in [r.name for r in select_roles(None, lmcache_ok=False)]
     with pytest.raises(SystemExit):
         select_roles("nope", lmcache_ok=True)
+
+
+def test_prefetch_modes_differ_only_in_prefetch(tmp_path: Path) -> None:
+    """kvtier-noprefetch and kvtier-prefetch: the same engine and kvtier config but
+    ``prefetch.dram_share`` (0 vs ``--prefetch-share``), each run on a disk tier of its own;
+    ``aggregate`` takes medians over rounds and keeps each round's TTFTs."""
+    from bench.concurrent import aggregate, mode_spec
+
+    base = {"model": tmp_path / "m", "cpu_bind": "0-1", "prefix_caching": True, "block_size": 32}
+    off, on = (mode_spec(m, base, tmp_path, tag=f"t-{m}", chunk=64, dram_mib=8, prefetch_share=0.5)
+               for m in ("kvtier-noprefetch", "kvtier-prefetch"))
+    assert off.extra_config.pop("prefetch") == {"dram_share": 0.0}
+    assert on.extra_config.pop("prefetch") == {"dram_share": 0.5}
+    assert off.extra_config["disk"]["path"] != on.extra_config["disk"]["path"]
+    assert off.extra_config["stats_file"] != on.extra_config["stats_file"]
+    strip = {"disk": None, "stats_file": None}
+    assert {**off.extra_config, **strip} == {**on.extra_config, **strip}
+    assert off.connector == on.connector == "kvtier"
+    assert "prefetch" not in mode_spec("kvtier", base, tmp_path, tag="k", chunk=64, dram_mib=8,
+                                       prefetch_share=0.5).extra_config  # kvtier's default
+
+    runs = [{"mode": "m", "errors": e, "ttft_p50_s": p50, "ttft_p90_s": 2 * p50, "prefetch": {"prefetch_chunks": c}}
+            for e, p50, c in ((0, 0.1, 4), (1, 0.3, 8), (0, 0.2, 6))]
+    agg = aggregate(runs)
+    assert agg["ttft_p50_s"] == pytest.approx(0.2) and agg["ttft_p90_s"] == pytest.approx(0.4)
+    assert agg["prefetch"] == {"prefetch_chunks": 6.0} and agg["errors"] == 1 and agg["rounds"] == 3
+    assert agg["ttft_p50_s_runs"] == [0.1, 0.3, 0.2] and agg["mode"] == "m"
+    assert aggregate(runs[:1]) is runs[0]

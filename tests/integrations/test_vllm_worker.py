@@ -357,3 +357,42 @@ def test_a_step_without_a_forward_still_releases_finished_requests() -> None:
         connector.clear_connector_metadata()
     finally:
         worker.close()
+
+
+def test_the_forward_is_timed_from_bind_when_vllm_starts_loads_after_it() -> None:
+    """vLLM 0.32 calls ``start_load_kv`` after the forward when no load of the step is synchronous
+    (``has_sync_kv_loads`` false: a step without loads, or with async ones), then ``wait_for_save``.
+    Timed from ``start_load_kv``, every such forward read ~0 s and the scheduler's online prefill
+    cost fell to nothing, so every hit was recomputed (seen in ``kvtier bench vllm --concurrent``:
+    "recompute 0.0 ms").  The mark is taken at ``bind_connector_metadata``, before the forward."""
+    pytest.importorskip("vllm")
+    from kvtier.integrations.vllm import KVTierConnector, KVTierConnectorMetadata
+    from kvtier.integrations.vllm_config import ConnectorOptions
+    from kvtier.integrations.vllm_counters import ConnectorCounters
+
+    worker, _, _ = _worker()
+    connector = KVTierConnector.__new__(KVTierConnector)  # the hooks only, around a real WorkerCore
+    connector._worker = worker
+    connector._layerwise, connector._layer_index, connector._layers_waited = False, {}, set()
+    connector.options = ConnectorOptions(log_interval_s=0)
+    connector._total, connector._interval, connector._logged_total = ConnectorCounters(), ConnectorCounters(), {}
+    connector._last_log = connector._report_logged = 0.0
+    connector._connector_metadata = None
+    try:
+        for sync_load in (False, True):
+            loads = [LoadJob("s", 0, 0, CHUNK, _keys(worker, 7, 1), tuple(range(M)), async_load=False)]
+            plan = StepPlan(forward=(512, 512 * 256.0), loads=loads if sync_load else [])
+            connector.bind_connector_metadata(KVTierConnectorMetadata(plan=plan))
+            time.sleep(0.05)  # the forward
+            connector.start_load_kv(None)  # type: ignore[arg-type]
+            connector.wait_for_save()
+            connector.clear_connector_metadata()
+            report = worker.take_report()
+            forwards = report.forwards if report is not None else []
+            if sync_load:  # the load would be timed with the forward: no sample
+                assert forwards == []
+            else:
+                (forward,) = forwards
+                assert forward.new_tokens == 512 and forward.seconds >= 0.05
+    finally:
+        worker.close()
