@@ -252,7 +252,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._planner is not None
         plan = self._planner.build(scheduler_output)
-        self._events.planned(plan.saves, scheduler_output.scheduled_new_reqs)
+        self._events.planned(plan, scheduler_output.scheduled_new_reqs)
         return KVTierConnectorMetadata(plan=plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:

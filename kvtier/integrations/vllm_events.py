@@ -18,9 +18,9 @@ kvtier holds in DRAM, on disk or in a shared tier as cached on this engine:
   vLLM's blocks; both are hashes of the same tokens (and LoRA, multimodal inputs, cache salt:
   ``vllm_keys``), so the chunk's events carry ``Request.block_hashes`` of those blocks (and their
   tokens, parent hash and extra keys, as vLLM's block pool publishes them).  The mapping is taken
-  from a live request: when a save is planned, and when a request is first scheduled with chunks
-  the worker holds (another request saved them, or they were on disk at start-up).  A chunk no request has named
-  yet is not announced.
+  from a live request: when a save or a load is planned, and when a request is first scheduled
+  with chunks the worker holds (another request saved them, or they were on disk at start-up).  A
+  chunk no request has named yet is not announced.
 * **bounded**: at most ``max_chunks`` chunks are mapped (least recently named first out: a mapped
   chunk that is announced is ``BlockRemoved`` when it is dropped, counted ``kv_events_forgotten``,
   so a router never keeps a chunk kvtier can no longer report), at most ``max_events`` events wait
@@ -34,7 +34,7 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +42,7 @@ from typing import Any
 from kvtier.integrations.vllm_compat import EventKinds
 from kvtier.integrations.vllm_config import ConnectorOptions
 from kvtier.integrations.vllm_counters import ConnectorCounters
-from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, SaveJob
+from kvtier.integrations.vllm_plan import ChunkDirectory, LoadJob, Planner, SaveJob, StepPlan
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")
@@ -104,13 +104,15 @@ class KVEvents:
         self._error_logged = -_ERROR_LOG_S
 
     # --- what the connector tells -------------------------------------------------------------
-    def planned(self, saves: Sequence[SaveJob], new_requests: Iterable[Any] = ()) -> None:
-        """A step is planned: map the chunks of its saves, and the leading chunks the worker holds of
-        each request scheduled for the first time (``scheduled_new_reqs``) that no request named yet."""
+    def planned(self, plan: StepPlan, new_requests: Iterable[Any] = ()) -> None:
+        """A step is planned: map the chunks of its saves and loads (a chunk loaded from a shared disk
+        or G4 enters this worker's index), and the leading chunks the worker holds of each request
+        scheduled for the first time (``scheduled_new_reqs``) that no request named yet."""
         with self._guard():
             for new in new_requests:
                 self._held_prefix(new.req_id)
-            for job in saves:
+            jobs: list[SaveJob | LoadJob] = [*plan.saves, *plan.loads]
+            for job in jobs:
                 state = self.planner.requests.get(job.req_id)
                 if state is None or state.keys is None:
                     continue
@@ -218,7 +220,7 @@ class KVEvents:
 class NoEvents:
     """KV events off (vLLM's are off, ``kv_events`` is false, or the release has no hook): no-ops."""
 
-    def planned(self, saves: Sequence[SaveJob], new_requests: Iterable[Any] = ()) -> None:
+    def planned(self, plan: StepPlan, new_requests: Iterable[Any] = ()) -> None:
         return
 
     def changed(self, changes: Iterable[tuple[int, str, ChunkKey, bool]]) -> None:

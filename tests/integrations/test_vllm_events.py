@@ -26,7 +26,7 @@ from vllm.v1.request import Request
 from kvtier.integrations import vllm_compat
 from kvtier.integrations.vllm_config import ConnectorOptions
 from kvtier.integrations.vllm_events import KVEvents, NoEvents, chunk_blocks, open_events
-from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, SaveJob
+from kvtier.integrations.vllm_plan import ChunkDirectory, LoadJob, Planner, SaveJob, StepPlan
 from kvtier.keys import ChunkKey, namespace_key
 from kvtier.layout import KVLayout
 
@@ -97,7 +97,7 @@ def test_a_chunk_is_stored_per_medium_and_removed_when_it_leaves_the_node() -> N
     req = request(TOKENS)
     planner, events = setup()
     k0, k1, _ = keys_of(planner, req)
-    events.planned([SaveJob("r", (k0, k1), (0, 1, 2, 3))])
+    events.planned(StepPlan(saves=[SaveJob("r", (k0, k1), (0, 1, 2, 3))]))
     assert events.take() == []  # planned, not held yet
     report(events, (0, "dram", k0, True), (0, "dram", k1, True))
     stored = wire(events.take())
@@ -130,18 +130,30 @@ def test_chunks_found_held_are_announced_when_a_request_is_scheduled() -> None:
     report(events, (0, "disk", k0, True), (0, "disk", k1, True), (0, "disk", k2, False))
     assert events.take() == []  # unmapped: nothing to say yet
     new = NewRequestData.from_request(req, ([0, 1, 2, 3, 4, 5],), prefill_token_ids=list(TOKENS))
-    events.planned([], [new])
+    events.planned(StepPlan(), [new])
     got = wire(events.take())
     assert [(e.medium, e.block_hashes) for e in got] == [("STORAGE", hashes(req, 0, 2)), ("STORAGE", hashes(req, 2, 4))]
-    events.planned([], [new])  # already announced: said once
+    events.planned(StepPlan(), [new])  # already announced: said once
     assert events.take() == []
+
+
+def test_a_chunk_loaded_from_another_engines_disk_is_announced_when_this_worker_holds_it() -> None:
+    req = request(TOKENS)
+    planner, events = setup()
+    k0, k1, _ = keys_of(planner, req)
+    # the lookup found k0, k1 on the shared disk root (not in this worker's index): a load is planned
+    events.planned(StepPlan(loads=[LoadJob("r", 0, 0, 16, (k0, k1), (0, 1, 2, 3), async_load=True)]))
+    assert events.take() == []
+    report(events, (0, "dram", k0, True), (0, "disk", k0, True))  # read into DRAM, adopted on disk
+    assert [(e.medium, e.block_hashes) for e in events.take()] == [("CPU", hashes(req, 0, 2)),
+                                                                    ("STORAGE", hashes(req, 0, 2))]
 
 
 def test_with_tensor_parallelism_a_chunk_is_in_a_tier_when_every_rank_holds_it() -> None:
     req = request(TOKENS)
     planner, events = setup(world_size=2)
     k0 = keys_of(planner, req)[0]
-    events.planned([SaveJob("r", (k0,), (0, 1))])
+    events.planned(StepPlan(saves=[SaveJob("r", (k0,), (0, 1))]))
     report(events, (0, "dram", k0, True))
     assert events.take() == []
     report(events, (1, "dram", k0, True))
@@ -154,14 +166,14 @@ def test_bounded_chunks_and_events_and_errors_are_counted_not_raised(caplog: pyt
     req = request(TOKENS)
     planner, events = setup(max_chunks=1, max_events=3)
     k0, k1, k2 = keys_of(planner, req)
-    events.planned([SaveJob("r", (k0,), (0, 1))])
+    events.planned(StepPlan(saves=[SaveJob("r", (k0,), (0, 1))]))
     report(events, (0, "dram", k0, True))
-    events.planned([SaveJob("r", (k1,), (2, 3))])  # k0's mapping goes: it is removed, not left stale
+    events.planned(StepPlan(saves=[SaveJob("r", (k1,), (2, 3))]))  # k0's mapping goes: removed, not left stale
     assert list(events.chunks) == [k1]
     assert [(type(e), e.block_hashes) for e in events.take()] == [
         (BlockStored, hashes(req, 0, 2)), (BlockRemoved, hashes(req, 0, 2))]
     report(events, (0, "dram", k1, True), (0, "disk", k1, True))
-    events.planned([SaveJob("r", (k2,), (4, 5))])  # 2 stores + k1's 2 removals: one over the cap
+    events.planned(StepPlan(saves=[SaveJob("r", (k2,), (4, 5))]))  # 2 stores + k1's 2 removals: 1 over the cap
     assert len(events.take()) == 3
     events.directory.held = None  # type: ignore[assignment]  # a bug in here: counted, logged, not raised
     with caplog.at_level(logging.WARNING, logger="vllm.kvtier"):

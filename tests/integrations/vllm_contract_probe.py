@@ -117,7 +117,7 @@ def events() -> dict[str, Any]:
 
     from kvtier.integrations import vllm_compat
     from kvtier.integrations.vllm_events import KVEvents
-    from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, SaveJob
+    from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, SaveJob, StepPlan
     from kvtier.keys import namespace_key
     from kvtier.layout import KVLayout
 
@@ -134,7 +134,7 @@ def events() -> dict[str, Any]:
     keyer = plan.requests["r0"].keys
     assert keyer is not None
     key = keyer(20)[1]
-    tracker.planned([SaveJob("r0", (key,), (2, 3))])
+    tracker.planned(StepPlan(saves=[SaveJob("r0", (key,), (2, 3))]))
     changes = [[(0, "dram", key, True)], [(0, "disk", key, True), (0, "redis", key, True)],
                [(0, "dram", key, False), (0, "disk", key, False), (0, "redis", key, False)]]
     for change in changes:
