@@ -22,8 +22,10 @@ Engine settings (defaults: the CPU settings the tests use): ``dtype`` ("float32"
 (vLLM's; "dummy": random weights from the model's config), ``max_num_seqs`` (vLLM's),
 ``async_scheduling`` (vLLM's), ``logprobs`` (k: each phase also returns ``logprobs``, per prompt
 and output position ``[[token, logprob], ...]`` best first),
-``max_num_batched_tokens`` (``max_model_len``), ``offload_cpu_gib`` (8: the CPU space of vLLM's own
-``OffloadingConnector``, connector "offload", unless ``extra_config`` sets ``cpu_bytes_to_use``).
+``max_num_batched_tokens`` (``max_model_len``), ``kv_events_endpoint`` (none: vLLM's KV events off; else
+published over ZMQ there, e.g. ``ipc:///tmp/kv.sock``, which vLLM binds), ``offload_cpu_gib`` (8: the
+CPU space of vLLM's own ``OffloadingConnector``, connector "offload", unless ``extra_config`` sets
+``cpu_bytes_to_use``).
 Connector "lmcache" is ``LMCacheConnectorV1`` (configured by its ``LMCACHE_*`` environment).
 Prompts of a phase run one at a time (TTFT per prompt = wall time of a 1-token generate when
 ``max_tokens`` is 1), or all in one ``generate`` call with ``batch`` (one time for the phase).
@@ -87,6 +89,11 @@ def engine_args(spec: dict[str, Any]) -> dict[str, Any]:
     for key in ("attention_backend", "load_format", "max_num_seqs", "async_scheduling"):  # vLLM's defaults unless set
         if spec.get(key) is not None:
             args[key] = spec[key]
+    if spec.get("kv_events_endpoint"):
+        from vllm.config import KVEventsConfig
+
+        args["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                  endpoint=spec["kv_events_endpoint"])
     return args
 
 

@@ -23,13 +23,12 @@ Who does what (one class, two roles, as vLLM requires; both halves are vLLM-free
   blocks.  Async loads are reported through ``get_finished``; vLLM keeps stepping the other
   requests meanwhile (``WAITING_FOR_REMOTE_KVS``).
 
-A load that fails (chunk evicted, corrupt, server down) is reported by block id and vLLM
-recomputes those tokens: output stays correct.  Keys fold in the LoRA adapter, multimodal
-inputs and ``cache_salt`` (``kvtier.integrations.vllm_keys``).  Tensor parallelism: each rank
-stores its shard of heads under its own layout (``tp<rank>of<size>`` in the layout's model
-id), while chunk keys are the same on every rank; a chunk is a hit only where every rank holds
-it.  Configuration: ``kvtier.integrations.vllm_config``.  Counters:
-``kvtier.integrations.vllm_stats`` (also on vLLM's Prometheus ``/metrics``).
+A load that fails (chunk evicted, corrupt, server down) is reported by block id and vLLM recomputes those
+tokens: output stays correct.  Keys fold in the LoRA adapter, multimodal inputs and ``cache_salt``
+(``vllm_keys``).  Tensor parallelism: each rank stores its shard of heads under its own layout
+(``tp<rank>of<size>`` in the layout's model id), while chunk keys are the same on every rank; a chunk is a hit
+only where every rank holds it.  Configuration: ``vllm_config``.  Counters: ``vllm_stats`` (also on vLLM's
+``/metrics``).  KV events for routers (``take_events``): ``vllm_events``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +59,7 @@ from kvtier.integrations.calibrate import Calibration, ModelShape, calibrate
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
 from kvtier.integrations.vllm_cost import calibration_path, scheduler_cost
 from kvtier.integrations.vllm_counters import ConnectorCounters
+from kvtier.integrations.vllm_events import open_events
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
 from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, StepPlan
@@ -196,6 +196,7 @@ class KVTierConnector(KVConnectorBase_V1):
                                     async_loads=self.options.async_loads, cost=self._cost_model(),
                                     chunk_bytes=rank_layout(self.layout, 0, self.world_size).chunk_bytes,
                                     tool_call_tokens=self.options.tool_call_tokens)
+        self._events = open_events(vllm_config, self.options, self._planner, self.geometry.block_size)
         logger.info("KVTierConnector (%s): %s, tiers %s, TP %d", role.name.lower(), self.layout.describe(),
                     ", ".join(self.config.tiers), self.world_size)
 
@@ -250,7 +251,9 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._planner is not None
-        return KVTierConnectorMetadata(plan=self._planner.build(scheduler_output))
+        plan = self._planner.build(scheduler_output)
+        self._events.planned(plan, scheduler_output.scheduled_new_reqs)
+        return KVTierConnectorMetadata(plan=plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -258,6 +261,10 @@ class KVTierConnector(KVConnectorBase_V1):
             report = meta.report
             self._planner.worker_report(report.changes, report.missing, report.loads, report.forwards,
                                         unsaved=report.unsaved)
+            self._events.changed(report.changes)
+
+    def take_events(self) -> Iterable[Any]:
+        return self._events.take()
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._planner is not None
@@ -367,6 +374,7 @@ class KVTierConnector(KVConnectorBase_V1):
         return None if report is None else KVTierWorkerMeta(report=report)
 
     def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
+        self._interval.merge(self._events.take_counters())  # scheduler side: the KV events' counters
         if not self._interval.values:
             return None
         stats = KVTierConnectorStats(data=dict(self._interval.values))

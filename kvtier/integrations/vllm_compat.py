@@ -24,6 +24,11 @@ three releases' sources, with the releases it applies to:
   waiting request may load asynchronously (``Planner.may_load_async``).
 * ``KVConnectorBase_V1.get_external_cache_hit_sources`` (0.32+): the hit tokens per tier
   (``Planner.hit_tiers`` then ``hit_sources``).
+* KV events (``kvtier.integrations.vllm_events``; the scheduler publishes what the connector's
+  ``take_events`` returns in all three): the storage medium names are ``CPU``/``STORAGE`` (0.32+),
+  ``CPU``/``FS``/``OBJ`` on 0.26; ``to_event_extra_keys`` (0.32+: extra keys published untagged; 0.26
+  publishes them as hashed): ``event_kinds``, ``event_extra_keys``.  A release without the hook gets
+  no events (``event_kinds`` is None).
 
 vLLM-free itself (the planner imports it): only the functions that return vLLM objects import vLLM.
 """
@@ -31,6 +36,8 @@ vLLM-free itself (the planner imports it): only the functions that return vLLM o
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kvtier.errors import IntegrationError
@@ -105,3 +112,49 @@ def installed_version() -> str:
     import vllm
 
     return str(vllm.__version__)
+
+
+@dataclass(frozen=True)
+class EventKinds:
+    """What kvtier's KV events are built from, in the running release (``event_kinds``)."""
+
+    stored: Callable[..., Any]  # vllm.distributed.kv_events.BlockStored
+    removed: Callable[..., Any]  # BlockRemoved
+    external_hash: Callable[[bytes], Any]  # maybe_convert_block_hash (an int with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES)
+    media: dict[str, tuple[str, str]]  # kvtier tier name -> (medium, locality); a tier not named: ``remote``
+    remote: tuple[str, str]  # Redis, Mooncake and out-of-tree shared tiers
+
+
+def event_kinds() -> EventKinds | None:
+    """vLLM's KV event classes and medium names, or None where the release has no connector event
+    hook (``KVConnectorBase_V1.take_events``): kvtier publishes no events there."""
+    try:
+        from vllm.distributed import kv_events
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+    except ImportError:
+        return None
+    if not hasattr(KVConnectorBase_V1, "take_events") or not hasattr(kv_events, "BlockStored"):
+        return None
+    cpu = str(getattr(kv_events, "MEDIUM_CPU", "CPU"))
+    storage = getattr(kv_events, "MEDIUM_STORAGE", None)  # 0.32+; 0.26 names a file system and an object store
+    disk, shared = (str(storage), str(storage)) if storage else (getattr(kv_events, "MEDIUM_FS", "FS"),
+                                                                 getattr(kv_events, "MEDIUM_OBJ", "OBJ"))
+    convert: Callable[[bytes], Any] = maybe_convert_block_hash  # type: ignore[assignment]
+    return EventKinds(kv_events.BlockStored, kv_events.BlockRemoved, convert,
+                      {"dram": (cpu, "LOCAL"), "disk": (disk, "LOCAL")}, (shared, "REMOTE"))
+
+
+def event_extra_keys(request: Any, first_block: int, num_blocks: int, block_size: int) -> list[Any] | None:
+    """``BlockStored.extra_keys`` of ``num_blocks`` blocks of ``request`` from ``first_block``, as vLLM's
+    block pool publishes them (LoRA name, multimodal identifiers, cache salt, prompt-embeds digests)."""
+    from vllm.v1.core import kv_cache_utils
+
+    keys: list[Any] = []
+    mm_index = 0
+    for b in range(first_block, first_block + num_blocks):
+        extra, mm_index = kv_cache_utils.generate_block_hash_extra_keys(request, b * block_size,
+                                                                        (b + 1) * block_size, mm_index)
+        keys.append(extra)
+    untag = getattr(kv_cache_utils, "to_event_extra_keys", None)  # 0.32+; 0.26 publishes them as they are
+    return untag(keys) if untag is not None else keys

@@ -4,7 +4,7 @@ One place maps vLLM's untyped ``kv_connector_extra_config`` dict onto kvtier's t
 
 * connector-only keys (``ConnectorOptions`` below: ``stats_file``, ``log_interval_s``,
   ``model_id``, ``on_load_error``, ``async_loads``, ``probe_deadline_s``, ``cost_model``,
-  ``tool_call_tokens``, ...) are
+  ``tool_call_tokens``, ``kv_events``, ...) are
   taken out first;
 * every other key is a ``KVTierConfig`` field (``chunk_tokens``, ``tiers``, ``dram``, ``disk``,
   ``redis``, ...), applied over kvtier's usual sources (defaults < ``KVTIER_CONFIG`` file <
@@ -63,6 +63,9 @@ class ConnectorOptions:
     # <|python_tag|>, ...): an answer that holds one waits for a tool, one that stopped without
     # one waits for the user (``ContextMemory.hint_end``); empty: the policy is not told
     tool_call_tokens: tuple[int, ...] = ()
+    # KV events for routers (``kvtier.integrations.vllm_events``), when vLLM's kv_events_config enables them
+    kv_events: bool = True
+    kv_events_max_chunks: int = 1 << 15  # chunks whose vLLM block hashes are kept (oldest dropped first)
 
     def __post_init__(self) -> None:
         if self.stats_file is not None and (problem := writable_file(Path(self.stats_file))) is not None:
@@ -73,6 +76,8 @@ class ConnectorOptions:
             raise ConfigError("probe_deadline_s must be >= 0")
         if not self.cost_model.strip():
             raise ConfigError('cost_model must be "auto", "off" or the path of a CostModel JSON')
+        if self.kv_events_max_chunks < 1:
+            raise ConfigError("kv_events_max_chunks must be >= 1")
         if any(v <= 0 for v in self.link_rates.fixed().values()):
             raise ConfigError("link_rates: every rate must be > 0 (bytes per second)")
 

@@ -17,6 +17,8 @@
     answers_awaiting_<tool|user>                      finished answers told to the eviction policy
     fetch_<load_all|load_head|recompute>              cost-model decisions of lookups that found chunks
     fetch_skipped_chunks                              cached chunks left to recompute (faster than loading)
+    kv_events_<stored|removed|dropped|forgotten|errors>  the scheduler's KV events for routers
+                                                      (``vllm_events``): published, over the cap, mapping dropped
     report_errors                                     stats reports (the stats file) that failed: counted
                                                       and logged, never raised into the engine
 
@@ -35,7 +37,7 @@ with vLLM's ``model_name`` and ``engine`` like vLLM's own metrics:
     kvtier_unpinned_chunks_total, kvtier_async_loads_total, kvtier_uncacheable_requests_total,
     kvtier_prefetch_chunks_total, kvtier_prefetch_used_chunks_total, kvtier_prefetch_wasted_chunks_total,
     kvtier_prefetch_cancelled_total, kvtier_prefetch_skipped_total,
-    kvtier_report_errors_total
+    kvtier_report_errors_total, kvtier_kv_events_<stored|removed|dropped|forgotten|errors>_total
     kvtier_hit_tokens_total{tier}          from hit_tokens_<tier>
     kvtier_corrupt_chunks_total{tier}      from corrupt_<tier> (see below)
     kvtier_answers_total{awaits}           from answers_awaiting_<tool|user> (``tool_call_tokens``)
@@ -108,6 +110,12 @@ EXPORTS: dict[str, Export] = {  # worker counter name -> metric
                                "Tool pauses not prefetched: recent prefetched chunks mostly went unread (back-off)."),
     "report_errors": Export("kvtier_report_errors", "kvtier stats reports (the stats file) that failed; "
                             "the engine went on."),
+    "kv_events_stored": Export("kvtier_kv_events_stored", "BlockStored KV events published (chunk x medium)."),
+    "kv_events_removed": Export("kvtier_kv_events_removed", "BlockRemoved KV events published (chunk x medium)."),
+    "kv_events_dropped": Export("kvtier_kv_events_dropped", "KV events not published: over the queue's cap."),
+    "kv_events_forgotten": Export("kvtier_kv_events_forgotten", "Announced chunks whose block hashes were dropped "
+                                  "(kv_events_max_chunks): published as removed."),
+    "kv_events_errors": Export("kvtier_kv_events_errors", "KV event failures (logged; the engine went on)."),
 }
 FAMILIES: dict[str, Export] = {  # worker counter name prefix -> metric; the rest of the name goes into it
     "hit_tokens_": Export("kvtier_hit_tokens", "Tokens loaded from kvtier, by the tier that held them.",

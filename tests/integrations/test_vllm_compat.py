@@ -47,6 +47,7 @@ def test_connector_hooks_match_the_release_base_class(version: str) -> None:
              "request_finished", "register_kv_caches", "start_load_kv", "wait_for_layer_load", "save_kv_layer",
              "wait_for_save",
              "get_finished", "handle_preemptions", "build_connector_worker_meta", "update_connector_output"}
+    hooks.add("take_events")  # KV events (vllm_events): the scheduler publishes what it returns
     if version == "0.34.0":  # what 0.34 asks each connector to declare
         hooks |= {"requires_kv_delivery", "supports_sleep_mode", "kv_cache_access", "may_load_async",
                   "get_external_cache_hit_sources"}
@@ -59,6 +60,17 @@ def test_planner_follows_a_preempted_request_in_real_scheduler_outputs(version: 
     assert steps[0] == {"saves": [[10, 11]], "preempted": [], "table": [10, 11, 12]}
     assert steps[1] == {"saves": [[12, 13]], "preempted": [], "table": [10, 11, 12, 13, 14]}
     assert steps[2] == {"saves": [], "preempted": ["other"], "table": [20, 21, 22, 23, 24]}  # the new table, whole
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.34.0"])
+def test_kv_events_in_the_release_own_classes_and_wire_format(version: str) -> None:
+    result = _probe(version, "events")
+    assert result["hashes_match"]
+    disk, shared = ("FS", "OBJ") if version == "0.26.0" else ("STORAGE", "STORAGE")  # 0.26 names them apart
+    assert result["events"] == [["BlockStored", "CPU", "LOCAL"], ["BlockStored", disk, "LOCAL"],
+                                ["BlockStored", shared, "REMOTE"], ["BlockRemoved", "CPU", "LOCAL"],
+                                ["BlockRemoved", disk, "LOCAL"], ["BlockRemoved", shared, "REMOTE"]]
+    assert result["extra_keys"] == [[None, None]] * 3  # chunk 1's blocks: past the first, the only salted one
 
 
 @pytest.mark.parametrize("text", ["0.26.0", "0.26.0+cu130", "0.32.0", "0.34.0", "0.34.2rc1.dev5+g1234"])

@@ -1,6 +1,6 @@
 """Run in a child process whose ``sys.path`` starts with another vLLM release's pure-Python tree
 (``test_vllm_compat.py``): checks kvtier's connector and planner against that release's real classes
-and prints one JSON object.  ``python vllm_contract_probe.py signatures|planner``.
+and prints one JSON object.  ``python vllm_contract_probe.py signatures|planner|events``.
 """
 
 from __future__ import annotations
@@ -104,5 +104,50 @@ def planner() -> dict[str, Any]:
     return out
 
 
+def events() -> dict[str, Any]:
+    """A chunk saved to DRAM, written through to disk and evicted from both, as the release's own
+    ``BlockStored``/``BlockRemoved`` through its msgpack wire format (``vllm_events``)."""
+    import msgspec
+    import vllm
+    from vllm.distributed.kv_events import KVEventBatch
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash
+    from vllm.v1.request import Request
+
+    from kvtier.integrations import vllm_compat
+    from kvtier.integrations.vllm_events import KVEvents
+    from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, SaveJob, StepPlan
+    from kvtier.keys import namespace_key
+    from kvtier.layout import KVLayout
+
+    kinds = vllm_compat.event_kinds()
+    assert kinds is not None
+    layout = KVLayout(model="t", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", tokens_per_chunk=8)
+    plan = Planner(namespace=namespace_key(layout), tokens_per_chunk=8, block_size=4,
+                   directory=ChunkDirectory(["dram", "disk", "redis"]))
+    init_none_hash(sha256)
+    req = Request("r0", list(range(1, 21)), SamplingParams(max_tokens=4), None, cache_salt="s",
+                  block_hasher=get_request_block_hasher(4, sha256))
+    tracker = KVEvents(kinds, plan, block_size=4, extra_keys=vllm_compat.event_extra_keys)
+    plan.match(req, 0)
+    keyer = plan.requests["r0"].keys
+    assert keyer is not None
+    key = keyer(20)[1]
+    tracker.planned(StepPlan(saves=[SaveJob("r0", (key,), (2, 3))]))
+    changes = [[(0, "dram", key, True)], [(0, "disk", key, True), (0, "redis", key, True)],
+               [(0, "dram", key, False), (0, "disk", key, False), (0, "redis", key, False)]]
+    for change in changes:
+        plan.directory.apply(change)
+        tracker.changed(change)
+    payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=tracker.take()))
+    got: list[Any] = msgspec.msgpack.Decoder(type=KVEventBatch).decode(payload).events
+    want = [maybe_convert_block_hash(h) for h in req.block_hashes[2:4]]
+    return {"version": vllm.__version__, "hashes_match": all(e.block_hashes == want for e in got),
+            "events": [[type(e).__name__, e.medium, e.locality] for e in got],
+            "extra_keys": [None if e.extra_keys is None else [list(k) if k else k for k in e.extra_keys]
+                           for e in got if type(e).__name__ == "BlockStored"]}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"signatures": signatures, "planner": planner}[sys.argv[1]]()))
+    print(json.dumps({"signatures": signatures, "planner": planner, "events": events}[sys.argv[1]]()))
