@@ -90,7 +90,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # kvtier importable when run as a script
     sys.path.insert(0, str(REPO))
 
-MODES = ("recompute", "vllm", "vllm-offload", "lmcache", "lmcache-disk", "kvtier", "kvtier-disk")
+MODES = ("recompute", "vllm", "vllm-offload", "lmcache", "lmcache-disk", "kvtier", "kvtier-lw", "kvtier-disk")
 PARTS = ("single", "agentic", "noreuse")
 GIB, MIB = 1 << 30, 1 << 20
 ENGINE_ENV = {  # set for every engine process (inherited by vLLM's engine core)
@@ -782,6 +782,8 @@ class Harness:
         extra: dict[str, Any] = {"chunk_tokens": chunk, "dram": {"capacity": f"{max(1, dram // MIB)}MiB"},
                                  "disk": {"path": str(d), "capacity": f"{max(1, disk // MIB)}MiB", "fsync": False},
                                  "stats_file": stats}
+        if mode == "kvtier-lw":  # DRAM hits loaded layer by layer under the forward (``layerwise_loads``)
+            extra["layerwise_loads"] = True
         if mode == "kvtier-disk":
             extra["promotion"] = "never"  # every repetition reads the disk (DRAM stays empty)
         return Plan(mode, group, "disk" if mode == "kvtier-disk" else "store", "kvtier", extra, {}, [str(d)], stats,
@@ -925,7 +927,7 @@ class Harness:
                 "seed": a.seed, "vocab": self.vocab, "chunk_tokens": a.chunk_tokens,
                 "kv_bytes_per_token": self.model.kv_bytes_per_token}
         self.single_flags = {"engine": flags, "dram_bytes": dram, "disk_bytes": disk, **base}
-        order = ["recompute", "kvtier", "kvtier-disk", "vllm-offload", "lmcache", "lmcache-disk"]
+        order = ["recompute", "kvtier", "kvtier-lw", "kvtier-disk", "vllm-offload", "lmcache", "lmcache-disk"]
         want = [m for m in order if m in modes or (m == "recompute" and "vllm" in modes)]
         if self.reference is not None:
             want = [m for m in want if m != "recompute"]
@@ -1214,7 +1216,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="llama-8b: Llama-3.1-8B shape, bf16, dummy weights; tiny: random Qwen2 fp32 (CPU); "
                         "tiny-dummy: the tiny shape through the llama-8b code path (config.json, dummy weights)")
     p.add_argument("--part", default="all", help="single, agentic, noreuse, all, or a comma list")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(m for m in MODES if m != "kvtier-lw"),
+                   help=f"comma list of {', '.join(MODES)} (kvtier-lw: layer-wise DRAM loads; not by default)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (name GPU runs *_vllm_serving.json)")
     p.add_argument("--log", type=Path, default=None, help="also append every line (engines' included) here")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/kvtier-vllm-serving"),

@@ -137,11 +137,8 @@ _REPORT_ERROR_LOG_S = 60.0  # at most one log line a minute about failed stats r
 
 @contextlib.contextmanager
 def _said_at_error() -> Iterator[None]:
-    """Log a start-up error's one line at ERROR before it propagates.
-
-    vLLM then prints 60-80 traceback frames ending in its generic "Engine core initialization
-    failed"; this line, which names the field, is the one an operator should read.
-    """
+    """Log a start-up error's one line (naming the field) at ERROR before it propagates: vLLM then prints
+    60-80 traceback frames ending in its generic "Engine core initialization failed"."""
     try:
         yield
     except (KVTierError, OSError) as exc:
@@ -306,10 +303,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        # the forward is timed from here, the last hook before it: vLLM 0.32 calls start_load_kv
-        # after the forward when no load is synchronous, so a mark there timed nothing (~0 s)
         if self._worker is not None and isinstance(connector_metadata, KVTierConnectorMetadata):
-            plan = connector_metadata.plan  # a step with a sync load is not timed: the load would be in it
+            plan = connector_metadata.plan  # timed from here: 0.32+ start loads after a forward without sync ones
             self._worker.forward_starts(plan.forward if all(job.async_load for job in plan.loads) else None)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -420,13 +415,11 @@ class KVTierConnector(KVConnectorBase_V1):
         if snapshot == self._logged_total:
             return
         self._logged_total = snapshot  # a failed write below is retried at the next change
-        if self.options.stats_file is not None:  # one file per TP rank: <name>.rank<r><suffix> past rank 0
-            path = self.options.stats_file
-            if worker.rank:
-                path = path.with_name(f"{path.stem}.rank{worker.rank}{path.suffix}")
-            tiers = {name: s.as_dict() for name, s in tier_stats.items()}
+        if self.options.stats_file is not None:
+            extra = {"tiers": {name: s.as_dict() for name, s in tier_stats.items()},
+                     "layout": worker.memory.layout.describe()}
             try:
-                self._total.write_json(path, {"tiers": tiers, "layout": worker.memory.layout.describe()})
+                self._total.write_json(self.options.stats_file, extra, rank=worker.rank)
             except Exception as exc:  # a full or read-only disk, a directory removed: count, log, go on
                 self._report_failed(exc)
         now = time.monotonic()

@@ -42,8 +42,11 @@ class ConnectorCounters:
                 f"{int(v['save_chunks'])} chunks in {v['save_s']:.3f}s [{save_gbps:.2f} GB/s], not taken "
                 f"{int(v['save_dropped_chunks'])}")
 
-    def write_json(self, path: Path, extra: dict[str, Any]) -> None:
+    def write_json(self, path: Path, extra: dict[str, Any], *, rank: int = 0) -> None:
         """Atomically replace ``path`` with the counters (``kvtier._fs``); not fsynced: it is
-        rewritten after every step, and a crash loses only numbers the next run starts over."""
+        rewritten after every step, and a crash loses only numbers the next run starts over.  One
+        file per TP rank: ``<name>.rank<r><suffix>`` past rank 0."""
+        if rank:
+            path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
         atomic_write(path, json.dumps({"counters": dict(self.values), **extra}, indent=1, default=str).encode(),
                      fsync=False)
