@@ -305,7 +305,7 @@ class KVTierConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if self._worker is not None and isinstance(connector_metadata, KVTierConnectorMetadata):
             plan = connector_metadata.plan  # timed from here: 0.32+ start loads after a forward without sync ones
-            self._worker.forward_starts(plan.forward if all(job.async_load for job in plan.loads) else None)
+            self._worker.forwards.starts(plan.forward if all(job.async_load for job in plan.loads) else None)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
@@ -337,7 +337,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata() or self._worker is None:
             return
         plan = self._plan()
-        self._worker.forward_ends()
+        self._worker.forwards.ends()
         if self._layerwise and plan.loads and len(self._layers_waited) < len(self._layer_index):
             # a layer read its blocks without waiting (vLLM skipped the hook: a captured graph):
             # layer-wise loads are not safe with this engine's settings

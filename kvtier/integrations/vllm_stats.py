@@ -19,6 +19,9 @@
     fetch_skipped_chunks                              cached chunks left to recompute (faster than loading)
     kv_events_<stored|removed|dropped|forgotten|errors>  the scheduler's KV events for routers
                                                       (``vllm_events``): published, over the cap, mapping dropped
+    wait_<flush|save|load>_s / wait_<...>_long        seconds the step's thread blocked on kvtier (``vllm_timing``):
+                                                      a preempted request's jobs, a hit still being saved,
+                                                      the step's DRAM loads; waits of 0.1 s or more
     report_errors                                     stats reports (the stats file) that failed: counted
                                                       and logged, never raised into the engine
 

@@ -52,6 +52,7 @@ from kvtier.integrations.calibrate import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import PREFETCH_COUNTERS, ConnectorCounters
 from kvtier.integrations.vllm_paged import PagedKV
 from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
+from kvtier.integrations.vllm_timing import ForwardTimer, HostWaits
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")
@@ -99,8 +100,8 @@ class WorkerCore:
         self._pending: list[tuple[list[Any], contextlib.ExitStack]] = []  # this step's queued loads (CUDA)
         self._load_samples: list[LoadSample] = []
         self._forward_samples: list[ForwardSample] = []
-        self._forward: tuple[Any, int, float] | None = None  # the forward being timed: (start, new, pairs)
-        self._forwards_timed: list[tuple[Any, Any, int, float]] = []  # CUDA: (start, end, ...) not yet read
+        self.forwards = ForwardTimer(paged, self._keep_forward)  # for the scheduler's cost model
+        self._waits = HostWaits(self.count)  # the step's blocking waits (wait_<cause>_s counters)
         self._prefetch_seen: dict[str, int] = memory.prefetch.stats.as_dict()  # reported so far
         self._closed: StepPlan | None = None  # the last plan ``close_step`` took
         memory.listen(self._on_change)
@@ -207,8 +208,9 @@ class WorkerCore:
         """Wait for in-flight saves of these chunks (their bytes come first)."""
         with self._lock:
             waits = {f for k in keys if (f := self._saving.get(k)) is not None}
-        for future in waits:
-            _wait_quietly(future)
+        with self._waits.timed("save", lambda: f"{len(waits)} saves of an earlier step"):
+            for future in waits:
+                _wait_quietly(future)
 
     def _saved(self, keys: list[ChunkKey], future: Future[None]) -> None:
         with self._lock:
@@ -240,11 +242,12 @@ class WorkerCore:
     def end_step(self) -> None:
         """After the forward: wait for this step's queued loads, release their DRAM slots."""
         pending, self._pending = self._pending, []
-        for events, borrowed in pending:
-            try:
-                events[-1].synchronize()
-            finally:
-                borrowed.close()
+        with self._waits.timed("load", lambda: f"{len(pending)} DRAM loads of this step"):
+            for events, borrowed in pending:
+                try:
+                    events[-1].synchronize()
+                finally:
+                    borrowed.close()
 
     def load_async(self, job: LoadJob, after: Any = None) -> None:
         """Load a lower-tier hit on the mover; ``finished`` reports the request when done.
@@ -352,8 +355,10 @@ class WorkerCore:
         """Wait for the jobs of these requests (preempted: vLLM reuses their blocks next)."""
         with self._lock:
             futures = [f for r in req_ids for f in self._jobs.get(r, ())]
-        for future in futures:
-            _wait_quietly(future)
+        with self._waits.timed("flush", lambda: f"{len(futures)} jobs of preempted requests, "
+                                                f"{self.inflight()} jobs queued or running"):
+            for future in futures:
+                _wait_quietly(future)
 
     def hold(self, req_ids: Iterable[str]) -> None:
         """Finished requests whose blocks vLLM keeps until ``finished`` reports them."""
@@ -374,7 +379,7 @@ class WorkerCore:
         return failed
 
     def take_report(self) -> WorkerReport | None:
-        self._read_forwards()
+        self.forwards.read()
         with self._lock:
             changes, self._changes = self._changes, []
             missing, self._missing = self._missing, set()
@@ -385,31 +390,9 @@ class WorkerCore:
             return None
         return WorkerReport(changes=changes, missing=missing, unsaved=unsaved, loads=loads, forwards=forwards)
 
-    # --- timing the forward, for the scheduler's cost model --------------------------------------
-    def forward_starts(self, work: tuple[int, float] | None) -> None:
-        """Before a forward of ``work`` = (new tokens, attention pairs); None: not timed."""
-        self._forward = None if work is None else (self.paged.timing_mark(), *work)
-
-    def forward_ends(self) -> None:
-        """After the forward (``wait_for_save``): CUDA events are read later, without a sync."""
-        if self._forward is None:
-            return
-        start, new, pairs = self._forward
-        self._forward = None
-        self._forwards_timed.append((start, self.paged.timing_mark(), new, pairs))
-        self._read_forwards()
-
-    def _read_forwards(self) -> None:
-        while self._forwards_timed:
-            start, end, new, pairs = self._forwards_timed[0]
-            seconds = self.paged.elapsed(start, end)
-            if seconds is None:  # not done yet
-                if len(self._forwards_timed) > 8:  # never read: drop the oldest
-                    self._forwards_timed.pop(0)
-                return
-            self._forwards_timed.pop(0)
-            with self._lock:
-                self._forward_samples.append(ForwardSample(new, pairs, seconds))
+    def _keep_forward(self, sample: ForwardSample) -> None:
+        with self._lock:
+            self._forward_samples.append(sample)
 
     def inflight(self) -> int:
         with self._lock:

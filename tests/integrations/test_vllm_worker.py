@@ -232,10 +232,10 @@ def test_loads_and_forwards_are_timed_for_the_schedulers_cost_model() -> None:
     _until(lambda: worker.memory.lookup(list(keys)).num_chunks == 2)
     worker.take_report()  # the save's index changes
     worker.load_now(LoadJob("s", 0, 0, 2 * CHUNK, keys, tuple(range(10, 10 + 2 * M))))
-    worker.forward_starts((300, 300 * 150.0))
-    worker.forward_ends()
-    worker.forward_starts(None)  # a step the planner did not ask to time
-    worker.forward_ends()
+    worker.forwards.starts((300, 300 * 150.0))
+    worker.forwards.ends()
+    worker.forwards.starts(None)  # a step the planner did not ask to time
+    worker.forwards.ends()
     report = worker.take_report()
     assert report is not None
     (load,) = report.loads
@@ -394,5 +394,24 @@ def test_the_forward_is_timed_from_bind_when_vllm_starts_loads_after_it() -> Non
             else:
                 (forward,) = forwards
                 assert forward.new_tokens == 512 and forward.seconds >= 0.05
+    finally:
+        worker.close()
+
+
+def test_a_flush_that_blocks_the_step_is_timed_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A preempted request's jobs that keep the step waiting show as ``wait_flush_*`` counters (on
+    ``/metrics``) and one log line saying what was waited for; a wait under 1 ms counts nothing."""
+    worker, _, _ = _worker()
+    try:
+        worker._submit(["slow"], time.sleep, 0.3)  # a job of the request still running on the mover
+        with caplog.at_level(logging.INFO, logger="vllm.kvtier"):
+            worker.flush(["slow"])
+            worker.flush(["idle"])  # nothing to wait for
+        counters = worker.take_counters().values
+        assert counters["wait_flush_s"] >= 0.1 and counters["wait_flush_long"] == 1
+        lines = [r.getMessage() for r in caplog.records if "the step waited" in r.getMessage()]
+        assert len(lines) == 1 and "(flush): 1 jobs of preempted requests" in lines[0], lines
+        worker.flush(["idle"])
+        assert "wait_flush_s" not in worker.take_counters().values
     finally:
         worker.close()
