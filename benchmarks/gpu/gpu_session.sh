@@ -4,6 +4,7 @@
 #
 #   LIMIT=60  bash benchmarks/gpu/gpu_session.sh part1                carry .gpu/part1
 #   LIMIT=590 bash benchmarks/gpu/gpu_session.sh install exact plain  carry .gpu/part2 .gpu/bin .gpu-lmcache .traces
+#   (PROFILE=1 and .gpu-tools in the carry: py-spy samples every engine; see spy_watch)
 #   LIMIT=590 bash benchmarks/gpu/gpu_session.sh connectors
 #   LIMIT=590 bash benchmarks/gpu/gpu_session.sh serve
 #
@@ -20,6 +21,27 @@ export PYTHONPATH=/tmp/site:/tmp/site-lmc:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYT
     HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_USE_DEEP_GEMM=0
 mkdir -p /tmp/keep
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1
+# PROFILE=1 (install carries .gpu-tools/ with a py-spy wheel): every vLLM EngineCore process that starts
+# is sampled by py-spy until it exits (collapsed stacks of all threads, idle included, in $OUT/pyspy_<pid>.txt;
+# the engine's mode is in the log by time), to find what blocks the step.
+spy_watch() {
+  local spy=/tmp/spy/bin/py-spy seen=" "
+  [ -x "$spy" ] || { echo "PROFILE: no py-spy (carry .gpu-tools)"; return; }
+  while true; do
+    for pid in $(pgrep -f 'EngineCore' || true); do
+      case "$seen" in *" $pid "*) continue ;; esac
+      seen="$seen$pid "
+      "$spy" record --pid "$pid" --rate 100 --threads --idle --nonblocking --format raw \
+        -o "$OUT/pyspy_$pid.txt" > "$OUT/pyspy_$pid.log" 2>&1 &
+    done
+    sleep 1
+  done
+}
+if [ "${PROFILE:-0}" = 1 ]; then
+  [ -d .gpu-tools ] && pip install -q --no-deps --target /tmp/spy .gpu-tools/py_spy-*.whl > /dev/null 2>&1
+  spy_watch & SPY=$!
+  trap 'kill $SPY 2>/dev/null' EXIT
+fi
 SINGLE=(--part single --contexts "${CONTEXTS:-8192,32768}" --executor uni)
 for stage in "$@"; do
   case "$stage" in
