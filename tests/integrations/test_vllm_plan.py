@@ -90,14 +90,33 @@ def test_saves_whole_chunks_once_and_loads_them_back() -> None:
     assert planner.finished(first)  # saves were planned: vLLM holds the blocks until the worker says
     assert planner.build(Out([], {})).held == {"a"}
 
+    planner.directory.apply([(0, "dram", k, True) for k in _keys(tokens)])  # the worker reports the saves
     second = Req("b", [*tokens[:16], 99])  # 17 tokens: both chunks hit, limit = 16
-    assert planner.match(second, 4) == (12, False)  # vLLM's own cache had the first block; planned = DRAM
+    assert planner.match(second, 4) == (12, False)  # vLLM's own cache had the first block
     planner.allocated(second, [20, 21, 22, 23, 24], 12)
     plan = planner.build(Out([NewReq("b", ([20, 21, 22, 23, 24],), 4)], {"b": 13}))
     assert plan.saves == [] and len(plan.loads) == 1
     assert plan.loads[0].block_ids == (-1, 21, 22, 23)  # block 20 was computed by vLLM: left alone
     assert not plan.loads[0].async_load
     assert not planner.finished(second)  # nothing saved: blocks are freed at once
+
+
+def test_a_hit_on_a_save_still_in_flight_loads_asynchronously_after_it() -> None:
+    """A load before the forward would block the step until the mover, behind its backlog, had
+    committed the save; loaded asynchronously, the mover reads it right after the save (FIFO) and
+    only this request waits.  Once the save is reported the chunk is an ordinary DRAM hit."""
+    tokens = list(range(1, 21))
+    keys = _keys(tokens)
+    second = Req("b", [*tokens[:16], 99])
+    for mode, in_flight in (("auto", True), ("never", False)):
+        planner = _planner(async_loads=mode)
+        planner.match(Req("a", tokens), 0)
+        planner.build(Out([NewReq("a", ([10, 11, 12, 13, 14],), 0)], {"a": 20}))  # saves chunks 0 and 1
+        assert planner.match(second, 0) == (16, in_flight)
+        assert planner.match(second, 8) == (8, in_flight)
+        planner.directory.apply([(0, "dram", keys[1], True)])  # chunk 1 reported; chunk 0 still in flight
+        assert planner.match(second, 8) == (8, False)  # vLLM holds chunk 0 itself: nothing to wait for
+        assert planner.match(second, 0) == (16, in_flight)
 
 
 def test_last_chunk_is_capped_so_one_token_is_computed() -> None:
@@ -253,7 +272,7 @@ def test_a_salted_request_never_matches_another_salt() -> None:
     saved = planner.build(Out([NewReq("s1", ([1, 2, 3, 4, 5],), 0)], {"s1": 17})).saves[0].keys
     assert saved != tuple(_keys(tokens))
     assert planner.match(Req("s2", tokens, cache_salt="tenant-b"), 0) == (0, False)
-    assert planner.match(Req("s3", tokens, cache_salt="tenant-a"), 0) == (16, False)
+    assert planner.match(Req("s3", tokens, cache_salt="tenant-a"), 0) == (16, True)  # its save still in flight: loaded after it
     assert planner.match(Req("s4", tokens), 0) == (0, False)
 
 

@@ -94,7 +94,10 @@ def test_concurrent_requests_with_async_loads_preemption_and_an_abort(tiny_model
     assert _delta(got, 1, "async_loads") > 0
     counters = got["phases"][-1]["stats"]["counters"]
     assert counters.get("load_failed_chunks", 0) == 0
-    assert _delta(got, 2, "load_tokens") >= 4 * CHUNK - 1  # the engine still works, and hits, after it all
+    # the engine still works, and hits, after it all: base's first two chunks at least (saved into an empty
+    # DRAM, written through); its next two may have been dropped: saves never wait, and a 4-chunk DRAM
+    # may have had no free slot while the batch's loads (some asynchronous) borrowed them
+    assert _delta(got, 2, "load_tokens") >= 2 * CHUNK
 
 
 def test_cache_salt_separates_tenants_and_an_evicted_prefix_is_saved_again(tiny_model: Path, tmp_path: Path) -> None:
