@@ -73,6 +73,9 @@ class NodeServer:
             raise
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()  # stop() wakes the loop at once
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._clients: dict[int, _Client] = {}
         self._next_id = 0
         self._stopping = False
@@ -141,9 +144,11 @@ class NodeServer:
     def serve(self) -> None:
         """Answer clients until ``stop()`` (a signal handler may call it)."""
         while not self._stopping:
-            for key, events in self._sel.select(timeout=0.2):
+            for key, events in self._sel.select(timeout=1.0):
                 if key.data is None:
                     self._accept()
+                    continue
+                if key.data == "wake":
                     continue
                 client: _Client = key.data
                 if events & selectors.EVENT_WRITE:
@@ -153,6 +158,8 @@ class NodeServer:
 
     def stop(self) -> None:
         self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
 
     def close(self) -> None:
         """Close every connection and the listener, remove the socket file, give the pool back."""
@@ -163,6 +170,8 @@ class NodeServer:
             if os.lstat(self.path).st_ino == self._inode:  # still ours, not a successor's
                 os.unlink(self.path)
         self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
         os.close(self._pool_fd)
         os.close(self._lock_fd)
 
