@@ -52,6 +52,7 @@ class _Client:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     hello: bool = False
+    writing: bool = False  # registered for EVENT_WRITE (an answer waits for room in the socket)
 
 
 class NodeServer:
@@ -193,7 +194,7 @@ class NodeServer:
 
     def _read(self, client: _Client) -> None:
         try:
-            data = client.sock.recv(1 << 20)
+            data = client.sock.recv(1 << 16)  # under malloc's mmap threshold: no map/unmap per read
         except BlockingIOError:
             return
         except OSError as exc:
@@ -310,9 +311,10 @@ class NodeServer:
         except OSError as exc:
             self._drop(client, f"write failed: {exc}")
             return
-        if client.id in self._clients:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
-            self._sel.modify(client.sock, events, client)
+        if client.id in self._clients and client.writing != bool(client.outbuf):  # epoll_ctl only on a change
+            client.writing = bool(client.outbuf)
+            self._sel.modify(client.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if client.writing else 0),
+                             client)
 
     def _drop(self, client: _Client, why: str | None) -> None:
         """Close a connection; its reservations are freed unpublished and its pins dropped."""

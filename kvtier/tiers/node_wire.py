@@ -139,20 +139,18 @@ class NodeConnection:
 
     def _call(self, message: dict[str, Any], until: float, *,
               want_fd: bool = False) -> tuple[dict[str, Any], list[int]]:
+        fds: list[int] = []
         try:
-            self._wait(until)
+            self._wait(until)  # one timeout for the send and, mostly, the one read of the answer
             self.sock.sendall(encode(message))
-            fds: list[int] = []
-            self._wait(until)
             if want_fd:
-                head, fds, _, _ = socket.recv_fds(self.sock, HEADER.size, 1)
-                if not head:
-                    raise ConnectionResetError("closed by the service")
-                head += self._read(HEADER.size - len(head), until)
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
             else:
-                head = self._read(HEADER.size, until)
-            answer = decode(self._read(frame_length(head), until))
+                data = self.sock.recv(1 << 16)
+            answer = decode(self._rest(data, until))
         except (OSError, ProtocolError) as exc:
+            for fd in fds:
+                os.close(fd)
             raise TierUnavailableError(f"kvtier serve: {exc}") from exc
         if not answer.get("ok"):
             for fd in fds:
@@ -166,16 +164,19 @@ class NodeConnection:
             raise TimeoutError("deadline passed")
         self.sock.settimeout(left)
 
-    def _read(self, n: int, until: float) -> bytes:
-        parts: list[bytes] = []
-        while n:
-            self._wait(until)
-            data = self.sock.recv(min(n, 1 << 20))
+    def _rest(self, data: bytes, until: float) -> bytes:
+        """The body of the frame ``data`` begins (the service sends nothing unasked: no bytes after it)."""
+        buf = bytearray(data)
+        while True:
             if not data:
                 raise ConnectionResetError("closed by the service")
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
+            if len(buf) >= HEADER.size:
+                length = frame_length(buf[:HEADER.size])
+                if len(buf) >= HEADER.size + length:
+                    return bytes(buf[HEADER.size:HEADER.size + length])
+            self._wait(until)
+            data = self.sock.recv(1 << 16)
+            buf += data
 
     def close(self) -> None:
         """Close the socket; the mapping goes when the last view of it does."""
