@@ -2,6 +2,7 @@
 
     kvtier config               print the effective configuration
     kvtier pins [--clear]       the disk tier's persistent pins (token warehouse), per model layout
+    kvtier serve [--socket ...] one process per node owning the DRAM pool every engine shares (docs/node.md)
     kvtier demo                 a multi-turn conversation through the default hierarchy
     kvtier bench <name> ...     the benchmark bench/<name>.py (``kvtier bench -h`` lists them)
 
@@ -46,12 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     pins.add_argument("--file", type=Path, default=None, help="TOML or YAML config file")
     pins.add_argument("--clear", action="store_true", help="remove every pin record (chunks stay cached)")
 
+    serve = sub.add_parser(
+        "serve", help="serve this node's shared DRAM pool to every engine process on it (the `node` tier)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=SERVE_HELP)
+    serve.add_argument("--socket", type=Path, default=None,
+                       help="Unix socket to listen on (default: the config's node.url)")
+    serve.add_argument("--dram", default=None, help="pool size, e.g. 64GiB (default: the config's dram.capacity)")
+    serve.add_argument("--config", type=Path, default=None, help="TOML or YAML config file (its [node] and [dram])")
+    serve.add_argument("--no-prefault", action="store_true", help="do not populate the pool's pages at start")
+
     demo = sub.add_parser("demo", help="run the main end-to-end demo")
     demo.add_argument("args", nargs=argparse.REMAINDER)
 
     bench = sub.add_parser("bench", help="benchmarks (each compares against its baseline in the same run)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+SERVE_HELP = """\
+One process per node that owns a DRAM pool in shared memory and its index, so a chunk one engine
+process stores is a DRAM hit in every other (and outlives the engine).  Engines use it by naming the
+`node` tier in place of `dram`:  KVTIER_TIERS=node,disk  (and node.url if not the default socket).
+
+The pool is a memfd handed to each client over the socket (SCM_RIGHTS); the socket is 0600.  A slot
+is readable only after its writer committed it: a client killed mid-copy publishes nothing, and its
+reservations and pins are reclaimed when its connection closes.  Eviction: LRU.  A second
+`kvtier serve` on the same socket fails; a stale socket file is replaced.  SIGTERM stops it.
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +119,8 @@ def _main(argv: list[str]) -> int:
         from kvtier.config import load_config
 
         return _pins(load_config(args.file).disk.path, clear=args.clear)
+    if args.command == "serve":
+        return _serve(args.socket, args.dram, args.config, prefault=not args.no_prefault)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -111,6 +135,20 @@ def _bench_run(argv: list[str]) -> int:
                           "are not in the wheel): git clone the repository, then `python -m bench ...` there")
     bench_main = importlib.import_module("bench.__main__")
     return int(bench_main.run(argv, prog="kvtier bench"))
+
+
+def _serve(sock: Path | None, dram: str | None, file: Path | None, *, prefault: bool) -> int:
+    import logging
+
+    from kvtier.config import load_config, parse_size
+    from kvtier.config_node import socket_path
+    from kvtier.node.server import run
+
+    config = load_config(file)
+    path = sock if sock is not None else socket_path(config.node.url)
+    capacity = parse_size(dram, "--dram") if dram is not None else config.dram.capacity
+    logging.basicConfig(level=logging.INFO, format="kvtier serve: %(levelname)s %(message)s", stream=sys.stderr)
+    return run(path.expanduser().absolute(), capacity, prefault=prefault)
 
 
 def _warn_unreachable_redis(config: KVTierConfig) -> None:

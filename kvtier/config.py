@@ -47,6 +47,7 @@ from kvtier.config_checks import (
     hostname,
     key_prefix,
     metadata_server,
+    nonempty,
     positive,
     readable_file,
     redact_url,
@@ -54,15 +55,16 @@ from kvtier.config_checks import (
     split_url_password,
     validate,
 )
+from kvtier.config_node import NodeConfig
 from kvtier.errors import ConfigError, ConfigFieldError
 
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
 
-# Built-in tiers, top (fastest) first: a config lists them in this order.  Redis and Mooncake are
-# both shared G4 stores (level 2); an out-of-tree tier (``register_tier``) may go anywhere.
-TIER_LEVELS = {"dram": 0, "disk": 1, "redis": 2, "mooncake": 2}
+# Built-in tiers, top (fastest) first: a config lists them in this order.  ``node`` is DRAM shared by a
+# node's processes (``kvtier serve``, kvtier/config_node.py); Redis and Mooncake are shared G4 stores.
+TIER_LEVELS = {"dram": 0, "node": 0, "disk": 1, "redis": 2, "mooncake": 2}
 
 
 def parse_size(value: object, where: str = "size") -> int:
@@ -239,10 +241,6 @@ def _tiers(tiers: tuple[str, ...]) -> str | None:
     return None
 
 
-def _nonempty(text: str) -> str | None:
-    return "must not be empty" if not text.strip() else None
-
-
 def _secret_file(path: Path) -> str | None:
     return readable_file(str(path)) or (None if path.stat().st_size else "is empty")
 
@@ -265,12 +263,13 @@ class KVTierConfig:
     write_through_share: float = 0.0  # exclusive: leading share of each stored batch still written through
     tenant: str = ""  # salt: different tenants never share chunks (a name, not a secret: kvtier/keys.py)
     # keyed salt: another tenant cannot compute your keys without it (KVTIER_TENANT_SECRET); never shown
-    tenant_secret: str | None = field(default=None, repr=False, metadata=_rule(_nonempty, secret=True))
+    tenant_secret: str | None = field(default=None, repr=False, metadata=_rule(nonempty, secret=True))
     tenant_secret_file: Path | None = field(default=None, metadata=_rule(_secret_file))  # or read it from here
     dram: DramConfig = field(default_factory=DramConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)  # the ``node`` tier's service: kvtier/config_node.py
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     def __post_init__(self) -> None:

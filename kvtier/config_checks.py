@@ -123,6 +123,10 @@ def at_least(low: int, high: int | None = None) -> Check:
     return check
 
 
+def nonempty(text: str) -> str | None:
+    return "must not be empty" if not text.strip() else None
+
+
 def readable_file(path: str) -> str | None:
     if not os.path.isfile(path):
         return "no such file" if not os.path.exists(path) else "is not a file"

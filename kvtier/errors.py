@@ -12,6 +12,7 @@
     │   └── ForeignLayoutError     written for another model/layout than the reader's
     ├── TierError              a tier failed in a way the caller may want to see
     │   └── TierUnavailableError   a remote tier is down (the hierarchy turns this into a miss)
+    ├── ServiceError           ``kvtier serve`` cannot start (its socket is taken, no memory for its pool)
     └── IntegrationError       an engine integration was misconfigured or misused
 
 Errors of libraries below (OSError, redis, CUDA) are translated at the tier boundary with
@@ -55,6 +56,10 @@ class TierError(KVTierError):
 
 class TierUnavailableError(TierError):
     """A remote tier cannot be reached right now; it is retried after a backoff."""
+
+
+class ServiceError(KVTierError):
+    """``kvtier serve`` cannot start: another one serves the socket, or the pool cannot be made."""
 
 
 class IntegrationError(KVTierError):

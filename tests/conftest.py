@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,14 @@ def forgery(kind: str, key: ChunkKey, layout: KVLayout, payload: np.ndarray) -> 
             "flags": lambda: forged_chunk(key, fp, body, flags=1),
             "reserved": lambda: forged_chunk(key, fp, body, reserved=1),
             "version": lambda: forged_chunk(key, fp, body, version=2)}[kind]()
+
+
+@pytest.fixture
+def sock_path() -> Iterator[Path]:
+    """A socket path short enough for AF_UNIX (at most 107 bytes), in a fresh directory."""
+    import shutil
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="kvn", dir="/tmp"))
+    yield where / "node.sock"
+    shutil.rmtree(where, ignore_errors=True)

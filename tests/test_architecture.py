@@ -25,11 +25,11 @@ PACKAGE = ROOT / "kvtier"
 # prefix that matches a module's name gives its layer (kvtier/__init__.py, the public API, is last).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("kvtier.keys", "kvtier.layout", "kvtier.codec", "kvtier.errors", "kvtier.validate",
-              "kvtier.hostmem", "kvtier._fs", "kvtier.config", "kvtier.config_checks")),
+              "kvtier.hostmem", "kvtier._fs", "kvtier.config", "kvtier.config_checks", "kvtier.config_node")),
     ("tiers", ("kvtier.tiers",)),
     ("policy", ("kvtier.policy",)),
     ("hierarchy", ("kvtier.directory", "kvtier.reservation", "kvtier.mover", "kvtier.hierarchy", "kvtier.memory",
-                   "kvtier.prefetch")),
+                   "kvtier.prefetch", "kvtier.node")),  # kvtier.node: `kvtier serve` (its clients: kvtier.tiers.node)
     ("transfer", ("kvtier.transfer",)),
     ("integrations", ("kvtier.integrations",)),
     ("entry points", ("kvtier.cli", "kvtier.testing", "kvtier")),

@@ -26,6 +26,7 @@ _REGISTRY: dict[str, str | TierFactory] = {
     "disk": "kvtier.tiers.factories:make_disk",
     "redis": "kvtier.tiers.factories:make_redis",
     "mooncake": "kvtier.tiers.factories:make_mooncake",
+    "node": "kvtier.tiers.factories:make_node",
 }
 
 

@@ -36,3 +36,10 @@ def make_mooncake(config: KVTierConfig, layout: KVLayout) -> Tier:
     from kvtier.tiers.mooncake import MooncakeTier
 
     return MooncakeTier(layout, config.mooncake)
+
+
+def make_node(config: KVTierConfig, layout: KVLayout) -> Tier:
+    from kvtier.tiers.node import NodeTier
+
+    # dram.capacity stands for the node pool's size until the service first answers
+    return NodeTier(layout, config.node, capacity_hint=config.dram.capacity)
