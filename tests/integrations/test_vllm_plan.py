@@ -272,7 +272,7 @@ def test_a_salted_request_never_matches_another_salt() -> None:
     saved = planner.build(Out([NewReq("s1", ([1, 2, 3, 4, 5],), 0)], {"s1": 17})).saves[0].keys
     assert saved != tuple(_keys(tokens))
     assert planner.match(Req("s2", tokens, cache_salt="tenant-b"), 0) == (0, False)
-    assert planner.match(Req("s3", tokens, cache_salt="tenant-a"), 0) == (16, True)  # its save still in flight: loaded after it
+    assert planner.match(Req("s3", tokens, cache_salt="tenant-a"), 0) == (16, True)  # its save in flight: async
     assert planner.match(Req("s4", tokens), 0) == (0, False)
 
 

@@ -22,8 +22,8 @@ from tests.conftest import make_keys, make_payloads
 from tests.node.serving import ROOT, Service, ThreadService, wait_for
 from tests.tiers.conformance import TierConformance
 
-DEADLINE_S = 0.2
-SLACK_S = 0.15  # scheduling on a shared 2-core box
+DEADLINE_S = 0.5
+SLACK_S = 1.0  # scheduling on a loaded 2-core CI box: a stall would be a socket timeout or for ever
 
 
 def node_tier(layout: KVLayout, path: Path, **config: float) -> NodeTier:
@@ -173,7 +173,7 @@ def test_a_frozen_service_costs_one_deadline(small_layout: KVLayout, sock_path: 
         found, took = timed(lambda: tier.get_into(keys[0], out))
         assert found is False and DEADLINE_S * 0.9 < took < DEADLINE_S + SLACK_S, took
         _, took = timed(lambda: tier.contains(keys[0]))  # the connection is dropped: at once
-        assert took < SLACK_S
+        assert took < DEADLINE_S
         service.signal(signal.SIGCONT)
         wait_for(lambda: tier.get_into(keys[0], out), what="the client to reconnect")
         assert (out == payloads[0]).all()  # the pool outlived the connection
