@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from kvtier.errors import KVTierError
 
 if TYPE_CHECKING:
-    from kvtier.config import KVTierConfig
+    from kvtier.config.schema import KVTierConfig
 
 # optional modules -> the extra that installs them (pyproject.toml)
 EXTRAS = {"rich": "bench", "matplotlib": "bench", "vllm": "vllm", "redis": "redis", "mooncake": "mooncake",
@@ -85,7 +85,8 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "config":
-        from kvtier.config import check_openable, load_config, redacted
+        from kvtier.config.loader import load_config
+        from kvtier.config.schema import check_openable, redacted
 
         config = load_config(args.file)
         check_openable(config)
@@ -94,7 +95,7 @@ def _main(argv: list[str]) -> int:
             _warn_unreachable_redis(config)
         return 0
     if args.command == "pins":
-        from kvtier.config import load_config
+        from kvtier.config.loader import load_config
 
         return _pins(load_config(args.file).disk.path, clear=args.clear)
     raise AssertionError(f"unhandled command {args.command!r}")

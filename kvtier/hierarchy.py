@@ -51,7 +51,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from kvtier.config import KVTierConfig, check_openable, load_config, read_tenant_secret
+from kvtier.config.loader import load_config
+from kvtier.config.schema import KVTierConfig, check_openable, read_tenant_secret
 from kvtier.directory import Directory
 from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key

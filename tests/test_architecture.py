@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # (importer, imported) pairs that run up a layer today.
 UPWARD_ALLOWED = {
-    ("kvtier.config", "kvtier.tiers"),  # config reads the tier registry (redesign §7.5 step 2 moves the registry)
+    ("kvtier.config.schema", "kvtier.tiers"),  # the schema reads the tier registry (§7.5 step 2 moves it)
 }
 
 # Import cycles today, each as its sorted set of modules.
@@ -50,7 +50,6 @@ MAX_LINES = 450
 OVERSIZE_ALLOWED = {
     "kvtier/tiers/disk.py": 731,
     "kvtier/integrations/vllm_plan.py": 708,
-    "kvtier/config.py": 571,
     "kvtier/tiers/mooncake.py": 560,
     "kvtier/tiers/redis.py": 547,
     "kvtier/integrations/vllm_paged.py": 524,

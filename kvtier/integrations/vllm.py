@@ -51,7 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from kvtier.config import check_openable, read_tenant_secret
+from kvtier.config.schema import check_openable, read_tenant_secret
 from kvtier.errors import IntegrationError, KVTierError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations import vllm_compat

@@ -63,7 +63,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from kvtier.codec import HEADER_BYTES, decode_chunk_into, encode_header
-from kvtier.config import MooncakeConfig
+from kvtier.config.schema import MooncakeConfig
 from kvtier.errors import ChunkFormatError, TierUnavailableError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout

@@ -61,7 +61,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from kvtier.codec import HEADER_BYTES, decode_chunk_into, encode_header
-from kvtier.config import RedisConfig
+from kvtier.config.schema import RedisConfig
 from kvtier.errors import ChunkFormatError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
