@@ -51,7 +51,6 @@ OVERSIZE_ALLOWED = {
     "kvtier/tiers/disk.py": 731,
     "kvtier/integrations/vllm_plan.py": 708,
     "kvtier/tiers/mooncake.py": 560,
-    "kvtier/tiers/redis.py": 547,
     "kvtier/integrations/vllm_paged.py": 524,
     "kvtier/tiers/cuda.py": 499,
     "kvtier/policy/agent.py": 470,
