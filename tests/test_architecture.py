@@ -50,7 +50,6 @@ MAX_LINES = 450
 OVERSIZE_ALLOWED = {
     "kvtier/tiers/disk.py": 731,
     "kvtier/integrations/vllm_plan.py": 708,
-    "kvtier/tiers/mooncake.py": 560,
     "kvtier/integrations/vllm_paged.py": 524,
     "kvtier/tiers/cuda.py": 499,
     "kvtier/policy/agent.py": 470,
