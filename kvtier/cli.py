@@ -131,7 +131,8 @@ def _pins(root: Path, *, clear: bool) -> int:
     """One line per model layout under the disk root: pinned chunks, how many are on disk, bytes."""
     import time
 
-    from kvtier.tiers.disk import PinFiles, chunk_path
+    from kvtier.tiers.disk_files import chunk_path
+    from kvtier.tiers.disk_pins import PinFiles
 
     root = root.expanduser()
     layouts = sorted(p.parent for p in root.glob("*/pins") if p.is_dir())

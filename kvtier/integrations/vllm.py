@@ -68,7 +68,7 @@ from kvtier.integrations.vllm_worker import WorkerCore, WorkerReport
 from kvtier.keys import namespace_key
 from kvtier.layout import KVLayout
 from kvtier.tiers import make_tier
-from kvtier.tiers.disk import layout_root
+from kvtier.tiers.disk_files import layout_root
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -73,7 +73,7 @@ from kvtier.policy.cost import CostModel
 from kvtier.policy.eviction import AWAITS
 from kvtier.policy.retention import Retention, priority_arg, seconds_arg
 from kvtier.tiers.base import Tier
-from kvtier.tiers.disk import chunk_path
+from kvtier.tiers.disk_files import chunk_path
 
 logger = logging.getLogger("vllm.kvtier")
 
