@@ -70,8 +70,7 @@ from kvtier.integrations.vllm_compat import resumed_req_ids
 from kvtier.integrations.vllm_keys import RequestKeyer
 from kvtier.keys import ChunkKey
 from kvtier.policy.cost import CostModel
-from kvtier.policy.eviction import AWAITS
-from kvtier.policy.retention import Retention, priority_arg, seconds_arg
+from kvtier.policy.retention import AWAITS, Retention, priority_arg, seconds_arg
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk_files import chunk_path
 
