@@ -48,7 +48,6 @@ CYCLES_ALLOWED = {
 MAX_LINES = 450
 # Modules over MAX_LINES today, with their line counts as a ceiling: they may shrink, never grow.
 OVERSIZE_ALLOWED = {
-    "kvtier/integrations/vllm_plan.py": 708,
     "kvtier/integrations/vllm_paged.py": 524,
     "kvtier/tiers/cuda.py": 499,
 }

@@ -59,10 +59,12 @@ from kvtier.integrations.calibrate import Calibration, ModelShape, calibrate
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
 from kvtier.integrations.vllm_cost import calibration_path, scheduler_cost
 from kvtier.integrations.vllm_counters import ConnectorCounters
+from kvtier.integrations.vllm_directory import ChunkDirectory
 from kvtier.integrations.vllm_events import open_events
+from kvtier.integrations.vllm_jobs import StepPlan
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
-from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, StepPlan
+from kvtier.integrations.vllm_plan import Planner
 from kvtier.integrations.vllm_stats import KVTierConnectorStats
 from kvtier.integrations.vllm_worker import WorkerCore, WorkerReport
 from kvtier.keys import namespace_key
