@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from kvtier.errors import KVTierError
 
 if TYPE_CHECKING:
-    from kvtier.config import KVTierConfig
+    from kvtier.config.schema import KVTierConfig
 
 # optional modules -> the extra that installs them (pyproject.toml)
 EXTRAS = {"rich": "bench", "matplotlib": "bench", "vllm": "vllm", "redis": "redis", "mooncake": "mooncake",
@@ -107,7 +107,8 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "config":
-        from kvtier.config import check_openable, load_config, redacted
+        from kvtier.config.loader import load_config
+        from kvtier.config.schema import check_openable, redacted
 
         config = load_config(args.file)
         check_openable(config)
@@ -116,7 +117,7 @@ def _main(argv: list[str]) -> int:
             _warn_unreachable_redis(config)
         return 0
     if args.command == "pins":
-        from kvtier.config import load_config
+        from kvtier.config.loader import load_config
 
         return _pins(load_config(args.file).disk.path, clear=args.clear)
     if args.command == "serve":
@@ -168,7 +169,8 @@ def _pins(root: Path, *, clear: bool) -> int:
     """One line per model layout under the disk root: pinned chunks, how many are on disk, bytes."""
     import time
 
-    from kvtier.tiers.disk import PinFiles, chunk_path
+    from kvtier.tiers.disk_files import chunk_path
+    from kvtier.tiers.disk_pins import PinFiles
 
     root = root.expanduser()
     layouts = sorted(p.parent for p in root.glob("*/pins") if p.is_dir())

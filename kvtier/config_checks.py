@@ -4,7 +4,7 @@ A config dataclass calls ``validate(self)`` in ``__post_init__``.  For each fiel
 value against the field's annotation (``int`` refuses ``1.5``, ``"4"`` and ``True``; a size refuses
 negatives), normalises the harmless cases (a list of tier names becomes a tuple, a ``str`` path a
 ``Path``, a numpy integer an ``int``), then runs the field's rule from its metadata (``_rule`` in
-``kvtier.config``): a function from the value to a problem (``"must be positive"``) or ``None``.
+``kvtier.config.schema``): a function from the value to a problem (``"must be positive"``) or ``None``.
 A problem is a ``ConfigFieldError`` naming ``Class.field`` and the bad value; ``load_config``
 re-labels it with the path in the file or the environment variable that set it.
 

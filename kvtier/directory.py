@@ -53,7 +53,7 @@ Evictable = Callable[[ChunkKey], bool]  # may this chunk be a victim?
 
 
 class PinRecords(Protocol):
-    """Persistent pins kept outside the directory (``kvtier.tiers.disk.PinFiles``)."""
+    """Persistent pins kept outside the directory (``kvtier.tiers.disk_pins.PinFiles``)."""
 
     def __contains__(self, key: ChunkKey) -> bool: ...
 

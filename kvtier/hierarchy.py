@@ -51,14 +51,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from kvtier.config import KVTierConfig, check_openable, load_config, read_tenant_secret
+from kvtier.config.loader import load_config
+from kvtier.config.schema import KVTierConfig, check_openable, read_tenant_secret
 from kvtier.directory import Directory
 from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.mover import Mover
-from kvtier.policy.eviction import AWAITS, EvictionPolicy, make_policies
-from kvtier.policy.retention import Retention
+from kvtier.policy.eviction import EvictionPolicy, make_policies
+from kvtier.policy.retention import AWAITS, Retention
 from kvtier.prefetch import Prefetcher
 from kvtier.reservation import InPlaceStore
 from kvtier.tiers import make_tier

@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # (importer, imported) pairs that run up a layer today.
 UPWARD_ALLOWED = {
-    ("kvtier.config", "kvtier.tiers"),  # config reads the tier registry (redesign §7.5 step 2 moves the registry)
+    ("kvtier.config.schema", "kvtier.tiers"),  # the schema reads the tier registry (§7.5 step 2 moves it)
 }
 
 # Import cycles today, each as its sorted set of modules.
@@ -48,14 +48,8 @@ CYCLES_ALLOWED = {
 MAX_LINES = 450
 # Modules over MAX_LINES today, with their line counts as a ceiling: they may shrink, never grow.
 OVERSIZE_ALLOWED = {
-    "kvtier/tiers/disk.py": 731,
-    "kvtier/integrations/vllm_plan.py": 708,
-    "kvtier/config.py": 571,
-    "kvtier/tiers/mooncake.py": 560,
-    "kvtier/tiers/redis.py": 547,
     "kvtier/integrations/vllm_paged.py": 524,
     "kvtier/tiers/cuda.py": 499,
-    "kvtier/policy/agent.py": 470,
 }
 
 # Top-level names outside the wheel that nothing in kvtier/ may import.

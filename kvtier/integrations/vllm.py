@@ -51,7 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from kvtier.config import check_openable, read_tenant_secret
+from kvtier.config.schema import check_openable, read_tenant_secret
 from kvtier.errors import IntegrationError, KVTierError
 from kvtier.hierarchy import ContextMemory
 from kvtier.integrations import vllm_compat
@@ -59,16 +59,18 @@ from kvtier.integrations.calibrate import Calibration, ModelShape, calibrate
 from kvtier.integrations.vllm_config import PagedGeometry, load_cost_model, make_layout, parse_extra_config
 from kvtier.integrations.vllm_cost import calibration_path, scheduler_cost
 from kvtier.integrations.vllm_counters import ConnectorCounters
+from kvtier.integrations.vllm_directory import ChunkDirectory
 from kvtier.integrations.vllm_events import open_events
+from kvtier.integrations.vllm_jobs import StepPlan
 from kvtier.integrations.vllm_keys import check_supported
 from kvtier.integrations.vllm_paged import PagedKV, geometry_of
-from kvtier.integrations.vllm_plan import ChunkDirectory, Planner, StepPlan
+from kvtier.integrations.vllm_plan import Planner
 from kvtier.integrations.vllm_stats import KVTierConnectorStats
 from kvtier.integrations.vllm_worker import WorkerCore, WorkerReport
 from kvtier.keys import namespace_key
 from kvtier.layout import KVLayout
 from kvtier.tiers import make_tier
-from kvtier.tiers.disk import layout_root
+from kvtier.tiers.disk_files import layout_root
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kvtier.config import KVTierConfig, from_dict, load_config
+from kvtier.config.loader import from_dict, load_config
+from kvtier.config.schema import KVTierConfig
 from kvtier.config_checks import ByteSize
 from kvtier.errors import ConfigError, ConfigFieldError
 from kvtier.layout import KVLayout

@@ -42,7 +42,9 @@ from typing import Any
 from kvtier.integrations.vllm_compat import EventKinds
 from kvtier.integrations.vllm_config import ConnectorOptions
 from kvtier.integrations.vllm_counters import ConnectorCounters
-from kvtier.integrations.vllm_plan import ChunkDirectory, LoadJob, Planner, SaveJob, StepPlan
+from kvtier.integrations.vllm_directory import ChunkDirectory
+from kvtier.integrations.vllm_jobs import LoadJob, SaveJob, StepPlan
+from kvtier.integrations.vllm_plan import Planner
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger("vllm.kvtier")

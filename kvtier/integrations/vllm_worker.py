@@ -50,8 +50,8 @@ from kvtier.errors import TierError
 from kvtier.hierarchy import ContextMemory, InPlaceStore
 from kvtier.integrations.calibrate import ForwardSample, LoadSample
 from kvtier.integrations.vllm_counters import PREFETCH_COUNTERS, ConnectorCounters
+from kvtier.integrations.vllm_jobs import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
 from kvtier.integrations.vllm_paged import PagedKV
-from kvtier.integrations.vllm_plan import EndJob, HintJob, LoadJob, PinJob, SaveJob, StepPlan
 from kvtier.integrations.vllm_timing import ForwardTimer, HostWaits
 from kvtier.keys import ChunkKey
 

@@ -11,6 +11,8 @@ from kvtier.policy.retention import Retention
 
 _DEAD = math.inf
 _MAX_REQUESTS = 256  # hinted requests whose chunks may still be stored (an engine's batch, chunked prefill)
+# a heap of the policy or the model is rebuilt past this many stale entries beyond its bound (amortised O(1) per use)
+_HEAP_SLACK = 64
 
 
 @dataclass(slots=True)

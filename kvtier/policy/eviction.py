@@ -15,8 +15,6 @@ from typing import ClassVar
 from kvtier.keys import ChunkKey
 from kvtier.policy.retention import Retention
 
-AWAITS = ("tool", "user")  # what an answer waits for (``observe_end``): a tool's result, or a human
-
 
 class EvictionPolicy(ABC):
     name: str

@@ -13,7 +13,8 @@ a later request that names one uses it; a ttl only ever extends.  Unlike a pin, 
 refuses a store: when every chunk outranks the newcomer, the newcomer is not admitted.
 
 ``Retention.parse`` reads the user's values (the vLLM connector's ``kv_transfer_params``) with a
-one-line error naming the field.
+one-line error naming the field.  The other hint about a chunk's future is what a request's answer
+waits for (``AWAITS``, told by ``observe_end``): when its session will be back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 from kvtier.errors import ArgumentTypeError, ArgumentValueError
 
+AWAITS = ("tool", "user")  # what an answer waits for (``observe_end``): a tool's result, or a human
 PRIORITIES = {"low": -1, "normal": 0, "high": 1}  # names a request may use; any int in the bounds too
 MAX_PRIORITY = 100  # |priority| at most this: ranks stay small ints
 

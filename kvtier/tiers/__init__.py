@@ -16,7 +16,7 @@ from kvtier.errors import ConfigError
 from kvtier.tiers.base import Tier, TierStats
 
 if TYPE_CHECKING:
-    from kvtier.config import KVTierConfig
+    from kvtier.config.schema import KVTierConfig
     from kvtier.layout import KVLayout
 
 TierFactory = Callable[["KVTierConfig", "KVLayout"], Tier]

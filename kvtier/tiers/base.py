@@ -41,7 +41,7 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 
 if TYPE_CHECKING:
-    from kvtier.tiers.disk import PinFiles
+    from kvtier.tiers.disk_pins import PinFiles
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from kvtier.config import BreakerConfig
+from kvtier.config.schema import BreakerConfig
 
 
 class BreakerMode(enum.Enum):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvtier.config import KVTierConfig
+from kvtier.config.schema import KVTierConfig
 from kvtier.errors import ConfigFieldError
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier

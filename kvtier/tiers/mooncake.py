@@ -43,19 +43,19 @@ are misses until written again.  ``keys()`` yields the chunks this process wrote
 (the client API has no listing); ``used_bytes`` counts those.
 
 Key naming, the known set and budget, counters, corrupt-chunk handling and the per-call deadline
-are ``RemoteTier``'s (``kvtier.tiers.remote``); this module owns the arena, registrations and workers.
+are ``RemoteTier``'s (``kvtier.tiers.remote``); the arena, registered caller memory and the worker
+pool are ``kvtier.tiers.mooncake_memory``'s; this module owns the store, its set-up, the breaker
+and the rounds of a batch.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any, TypeVar
@@ -63,11 +63,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from kvtier.codec import HEADER_BYTES, decode_chunk_into, encode_header
-from kvtier.config import MooncakeConfig
+from kvtier.config.schema import MooncakeConfig
 from kvtier.errors import ChunkFormatError, TierUnavailableError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.tiers.breaker import BreakerMode, CircuitBreaker
+from kvtier.tiers.mooncake_memory import INVALID_PARAMS, CallerMemory, StagingArena, Workers
 from kvtier.tiers.remote import RemoteTier, under_deadline
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ T = TypeVar("T")
 # Mooncake Store error codes (mooncake-store/include/types.h) that matter here.
 OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
-INVALID_PARAMS = -600  # on a get: the object is larger than the buffer, so not one of our chunks
+# INVALID_PARAMS (-600): on a get, the object is larger than the buffer, so not one of our chunks
 
 
 def is_server_failure(code: int) -> bool:
@@ -108,22 +109,14 @@ class MooncakeTier(RemoteTier):
                          deadline_s=self.config.deadline_s, counters=("zero_copy_puts",))
         self.slot_bytes = HEADER_BYTES + layout.chunk_bytes
         self.num_slots = max(2, self.config.staging_bytes // self.slot_bytes)
-        self._arena = np.empty(self.num_slots * self.slot_bytes, dtype=np.uint8)  # (slots * slot_bytes,)
-        self._free = list(range(self.num_slots))
-        self._slots_cv = threading.Condition()
+        self._arena = StagingArena(self.slot_bytes, self.num_slots)
         self.breaker = CircuitBreaker(self.config.breaker, clock=clock)
-        self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-mooncake")
+        self._workers = Workers(max_workers=4)
         self._store: Any = None
         self._setup: Future[Any] | None = None
         self._closed = False
-        self._running: set[Future[Any]] = set()  # calls submitted and not ended (``close`` waits)
-        self._running_lock = threading.Lock()
-        # Caller allocations registered for zero-copy puts: id(root array) -> (address, finalizer);
-        # allocations that cannot be registered (overlap another registration, ...) -> weakref.
-        self._regs: dict[int, tuple[int, weakref.finalize[..., np.ndarray]]] = {}
-        self._unregistrable: dict[int, weakref.ReferenceType[np.ndarray]] = {}
-        self._registering: dict[int, Future[None]] = {}  # registrations under way
-        self._reg_lock = threading.RLock()  # finalizers run in whichever thread drops the array
+        self._caller_memory = CallerMemory(min_bytes=self.zero_copy_min_bytes or 2 * layout.chunk_bytes,
+                                           max_registered=self.max_registered, spawn=self._workers.spawn)
         self._connect()
 
     # --- connection ---------------------------------------------------------------------------
@@ -138,10 +131,10 @@ class MooncakeTier(RemoteTier):
         if rc != 0:
             raise TierUnavailableError(f"Mooncake setup failed with code {rc} (master {c.master_address}, "
                                        f"metadata {c.metadata_server})")
-        rc = store.register_buffer(self._arena.ctypes.data, self._arena.nbytes)
+        rc = store.register_buffer(self._arena.array.ctypes.data, self._arena.array.nbytes)
         if rc != 0:
             store.close()
-            raise TierUnavailableError(f"Mooncake register_buffer of {self._arena.nbytes} bytes failed: {rc}")
+            raise TierUnavailableError(f"Mooncake register_buffer of {self._arena.array.nbytes} bytes failed: {rc}")
         return store
 
     def _connect(self) -> Any:
@@ -155,7 +148,7 @@ class MooncakeTier(RemoteTier):
         with self._lock:
             if self._setup is not None or self._closed or not self.breaker.allow():
                 return None
-            setup = self._setup = self._spawn(self._make_store)
+            setup = self._setup = self._workers.spawn(self._make_store)
         setup.add_done_callback(self._setup_done)
         wait([setup], timeout=self._budget())
         return self._store
@@ -191,19 +184,7 @@ class MooncakeTier(RemoteTier):
         if store is None or not self.breaker.allow():
             self._count(short_circuited=n)
             return None
-        return self._spawn(fn, store)
-
-    def _spawn(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``fn(*args)`` on the worker pool; ``close`` waits for it before releasing memory."""
-        future = self._calls.submit(fn, *args)
-        with self._running_lock:  # not ``_lock``: ``_connect`` holds that one when it starts a set-up
-            self._running.add(future)
-        future.add_done_callback(self._ended)
-        return future
-
-    def _ended(self, future: Future[Any]) -> None:
-        with self._running_lock:
-            self._running.discard(future)
+        return self._workers.spawn(fn, store)
 
     def _wait(self, n: int, future: Future[T] | None) -> T | None:
         """The call's result, or None when it raised or overran ``timeout_s`` (a breaker failure)."""
@@ -222,13 +203,6 @@ class MooncakeTier(RemoteTier):
 
     def _call(self, n: int, fn: Callable[[Any], T]) -> T | None:
         return self._wait(n, self._submit(n, fn))
-
-    def _release(self, future: Future[Any] | None, slots: list[int]) -> None:
-        """Free staging slots once the call using them has really ended (late bytes land there)."""
-        if future is None:
-            self._give_slots(slots)
-        else:
-            future.add_done_callback(lambda _f: self._give_slots(slots))
 
     def _judge(self, codes: Sequence[int]) -> int:
         """Feed a batch's return codes to the breaker; returns how many were server failures."""
@@ -258,7 +232,7 @@ class MooncakeTier(RemoteTier):
                 todo = []
                 continue
             if todo and len(inflight) < depth:
-                slots = self._take_slots(min(per_round, len(todo)))
+                slots = self._arena.take(min(per_round, len(todo)), self._budget())
                 if slots:
                     batch, todo = todo[:len(slots)], todo[len(slots):]
                     inflight.append((batch, slots, start(batch, slots)))
@@ -272,7 +246,7 @@ class MooncakeTier(RemoteTier):
                 if codes is not None:
                     finish(batch, slots, codes)
             finally:
-                self._release(future, slots)
+                self._arena.give_when_done(future, slots)
 
     # --- the call's deadline (``RemoteTier._deadline``) ---------------------------------------
     def _budget(self) -> float:
@@ -284,69 +258,15 @@ class MooncakeTier(RemoteTier):
         deadline = self._call_deadline()
         return deadline is not None and deadline.expired
 
-    # --- staging slots ------------------------------------------------------------------------
-    def _take_slots(self, want: int) -> list[int]:
-        """Up to ``want`` free slots (at least one), waiting at most ``timeout_s``; [] if none."""
-        with self._slots_cv:
-            if not self._slots_cv.wait_for(lambda: self._free, timeout=self._budget()):
-                return []
-            got, self._free = self._free[:want], self._free[want:]
-            return got
-
-    def _give_slots(self, slots: list[int]) -> None:
-        with self._slots_cv:
-            self._free.extend(slots)
-            self._slots_cv.notify_all()
-
-    def _slot(self, s: int) -> np.ndarray:
-        return self._arena[s * self.slot_bytes:(s + 1) * self.slot_bytes]
-
-    def _ptr(self, s: int) -> int:
-        return int(self._arena.ctypes.data) + s * self.slot_bytes
-
-    # --- caller memory for zero-copy puts -----------------------------------------------------
+    # --- caller memory for zero-copy puts (``CallerMemory``) ---------------------------------
     def _registered(self, root: np.ndarray) -> bool:
         """True when caller allocation ``root`` is registered with the store; False means copy.
 
-        An unregistered allocation worth registering is registered on a worker, never waited for
-        (on a hung master that could take seconds): this ``put_many`` copies all its payloads
-        from that allocation (decided once per call, so a registration that ends mid-call does
-        not make some go zero-copy and others not), later calls go zero-copy.
+        Decided once per allocation per ``put_many``, so a registration that ends mid-call does
+        not make some payloads go zero-copy and others not.
         """
-        rid = id(root)
-        with self._reg_lock:
-            if rid in self._regs:
-                return True
-            if (rid in self._unregistrable or rid in self._registering or self._closed
-                    or not root.flags.c_contiguous
-                    or root.nbytes < (self.zero_copy_min_bytes or 2 * self.layout.chunk_bytes)
-                    or len(self._regs) + len(self._registering) >= self.max_registered
-                    or self._store is None or self.breaker.mode is not BreakerMode.CLOSED):
-                return False
-            self._registering[rid] = self._spawn(self._register, self._store, root)
-        return False
-
-    def _register(self, store: Any, root: np.ndarray) -> None:
-        """On a worker: register ``root``'s memory; unregistered again when ``root`` is freed."""
-        rid, ptr = id(root), int(root.ctypes.data)
-        try:
-            rc = int(store.register_buffer(ptr, root.nbytes))
-        except Exception as exc:  # a client torn down meanwhile
-            log.info("Mooncake register_buffer: %s", exc)
-            rc = None
-        with self._reg_lock:  # one critical section: the root is never seen neither pending nor done
-            self._registering.pop(rid, None)
-            if rc == 0 and not self._closed:
-                finalizer = weakref.finalize(root, _forget_registration, weakref.ref(self), store, rid, ptr)
-                finalizer.atexit = False  # at exit the client tears itself down
-                self._regs[rid] = (ptr, finalizer)
-                return
-            if rc == INVALID_PARAMS:  # overlaps another registration: never worth retrying
-                self._unregistrable[rid] = weakref.ref(root, lambda _r: self._unregistrable.pop(rid, None))
-        if rc == 0:  # closed meanwhile
-            store.unregister_buffer(ptr)
-        elif rc is not None and rc != INVALID_PARAMS:  # e.g. the metadata server is down: try again later
-            log.info("Mooncake register_buffer of %d bytes failed: %s", root.nbytes, rc)
+        usable = not self._closed and self.breaker.mode is BreakerMode.CLOSED
+        return self._caller_memory.registered(root, self._store if usable else None)
 
     # --- keys ---------------------------------------------------------------------------------
     def object_key(self, key: ChunkKey) -> str:
@@ -369,18 +289,18 @@ class MooncakeTier(RemoteTier):
             parts: list[list[int]] = []
             sizes: list[list[int]] = []
             for s, i in zip(slots, batch, strict=True):
-                payload, view = payloads[i], self._slot(s)
+                payload, view = payloads[i], self._arena.slot(s)
                 view[:HEADER_BYTES] = np.frombuffer(encode_header(keys[i], self.layout.fingerprint, payload),
                                                     dtype=np.uint8)
                 root = _root(payload)
                 if id(root) not in zero_copy:
                     zero_copy[id(root)] = self._registered(root)
                 if zero_copy[id(root)]:
-                    parts.append([self._ptr(s), payload.ctypes.data])
+                    parts.append([self._arena.ptr(s), payload.ctypes.data])
                     sizes.append([HEADER_BYTES, payload.nbytes])
                 else:
                     view[HEADER_BYTES:] = payload
-                    parts.append([self._ptr(s)])
+                    parts.append([self._arena.ptr(s)])
                     sizes.append([self.slot_bytes])
             with self._lock:
                 self.stats.extra["zero_copy_puts"] += sum(len(p) == 2 for p in parts)
@@ -410,7 +330,7 @@ class MooncakeTier(RemoteTier):
 
         def start(batch: list[int], slots: list[int]) -> Future[list[int]] | None:
             names = [self.object_key(keys[i]) for i in batch]
-            return self._submit(len(batch), partial(_batch_get_into, names, [self._ptr(s) for s in slots],
+            return self._submit(len(batch), partial(_batch_get_into, names, [self._arena.ptr(s) for s in slots],
                                                     self.slot_bytes))
 
         def finish(batch: list[int], slots: list[int], codes: list[int]) -> None:
@@ -433,7 +353,7 @@ class MooncakeTier(RemoteTier):
                     self._gone([keys[i]])
                 continue
             try:
-                got = decode_chunk_into(self._slot(s)[:n].data, outs[i], key=keys[i],
+                got = decode_chunk_into(self._arena.slot(s)[:n].data, outs[i], key=keys[i],
                                         layout_fingerprint=self.layout.fingerprint,
                                         chunk_bytes=self.layout.chunk_bytes)
             except ChunkFormatError as exc:
@@ -477,32 +397,9 @@ class MooncakeTier(RemoteTier):
         with self._lock:
             self._closed = True
             store, self._store = self._store, None
-        self._calls.shutdown(wait=False, cancel_futures=True)
-        with self._reg_lock:
-            regs, self._regs = list(self._regs.values()), {}
-        for _ptr, finalizer in regs:
-            finalizer.detach()
-        with self._running_lock:
-            running = list(self._running)
-        late = wait(running, timeout=self.config.timeout_s).not_done
-        ptrs = [ptr for ptr, _ in regs]
-        if not late:
-            self._release_memory(store, ptrs)
-            return
-        log.warning("Mooncake close: %d calls still running after %.1fs; memory is released when they end",
-                    len(late), self.config.timeout_s)
-        left = [len(late)]
-        lock = threading.Lock()
-
-        def one_ended(_f: Future[Any]) -> None:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                self._release_memory(store, ptrs)
-
-        for future in late:
-            future.add_done_callback(one_ended)
+        self._workers.shutdown()
+        ptrs = self._caller_memory.close()
+        self._workers.after_running(self.config.timeout_s, partial(self._release_memory, store, ptrs))
 
     def _release_memory(self, store: Any, ptrs: list[int]) -> None:
         """Unregister caller memory and the arena, and close the client (no call is running)."""
@@ -514,7 +411,7 @@ class MooncakeTier(RemoteTier):
             except Exception as exc:
                 log.info("Mooncake unregister_buffer: %s", exc)
         try:
-            store.unregister_buffer(self._arena.ctypes.data)
+            store.unregister_buffer(self._arena.array.ctypes.data)
             store.close()
         except Exception as exc:  # closing a client whose master is gone
             log.info("Mooncake close: %s", exc)
@@ -534,19 +431,6 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as exc:
         raise TierUnavailableError(f"Mooncake master {address} unreachable: {exc}") from exc
-
-
-def _forget_registration(tier_ref: weakref.ReferenceType[MooncakeTier], store: Any, rid: int, ptr: int) -> None:
-    """Finalizer of a registered caller array: unregister its memory before it is freed."""
-    tier = tier_ref()
-    if tier is not None:
-        with tier._reg_lock:
-            if tier._regs.pop(rid, None) is None:
-                return  # closed: close() unregistered it
-    try:
-        store.unregister_buffer(ptr)
-    except Exception as exc:
-        log.info("Mooncake unregister_buffer: %s", exc)
 
 
 def _batch_put_parts(names: list[str], parts: list[list[int]], sizes: list[list[int]],

@@ -17,7 +17,7 @@ from bench.trace import cost_model
 from kvtier.cli import main
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
-from kvtier.policy.agent import _DEAD
+from kvtier.policy.agent_state import _DEAD
 
 
 def _request(t: float, ids: tuple[int, ...]) -> Request:

@@ -19,7 +19,7 @@ from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.policy import agent
-from kvtier.policy.agent import _MAX_SESSIONS
+from kvtier.policy.agent_model import _MAX_SESSIONS
 from kvtier.policy.eviction import POLICIES, make_policies
 from kvtier.policy.index import PinSet, TierIndex
 from kvtier.tiers.dram import DramTier

@@ -21,7 +21,8 @@ from kvtier.errors import ConfigFieldError, TierError
 from kvtier.hierarchy import ContextMemory
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.tiers.disk import STRAY_AGE_S, DiskTier, PinFiles, chunk_path, layout_root
+from kvtier.tiers.disk import DiskTier, PinFiles, chunk_path, layout_root
+from kvtier.tiers.disk_files import STRAY_AGE_S
 from tests.conftest import make_keys, make_payloads
 
 DEADLINE_S = 30.0  # generous: only a hang (the bug) takes this long

@@ -199,7 +199,7 @@ def test_puts_from_a_pool_go_zero_copy(small_layout: KVLayout,
 
     def at_worst_timing(root: np.ndarray) -> bool:  # the registration ends before the next payload is seen
         answer = registered(root)
-        assert _wait_for(lambda: len(tier._regs) == 1)
+        assert _wait_for(lambda: len(tier._caller_memory.regs) == 1)
         return answer
 
     tier._registered = at_worst_timing  # type: ignore[method-assign]
@@ -218,7 +218,7 @@ def test_puts_from_a_pool_go_zero_copy(small_layout: KVLayout,
         np.testing.assert_array_equal(out, views[i])
     del pool, views, view
     gc.collect()
-    assert tier._regs == {}  # freeing the pool unregistered it
+    assert tier._caller_memory.regs == {}  # freeing the pool unregistered it
     tier.close()
 
 
@@ -231,12 +231,12 @@ def test_memory_that_cannot_be_registered_is_copied(small_layout: KVLayout,
     pool = np.concatenate(make_payloads(layout, 4, seed=5))
     keys = make_keys(layout, 8, seed=5)
     assert tier.put_many(keys[:4], [pool[i * cb:(i + 1) * cb] for i in range(4)]) == [True] * 4
-    assert _wait_for(lambda: len(tier._regs) == 1)
+    assert _wait_for(lambda: len(tier._caller_memory.regs) == 1)
     alias = np.frombuffer(memoryview(pool), dtype=np.uint8)  # another root array, same memory
     assert alias.base is not pool and not isinstance(alias.base, np.ndarray)
     views = [alias[i * cb:(i + 1) * cb] for i in range(4)]
     assert tier.put_many(keys[4:5], views[:1]) == [True]
-    assert _wait_for(lambda: id(alias) in tier._unregistrable)
+    assert _wait_for(lambda: id(alias) in tier._caller_memory.unregistrable)
     assert tier.put_many(keys[5:], views[1:]) == [True] * 3
     assert tier.stats.extra["zero_copy_puts"] == 0
     outs = [_buf(layout) for _ in keys]
@@ -244,4 +244,4 @@ def test_memory_that_cannot_be_registered_is_copied(small_layout: KVLayout,
     for o, v in zip(outs, [*(pool[i * cb:(i + 1) * cb] for i in range(4)), *views], strict=True):
         np.testing.assert_array_equal(o, v)
     tier.close()
-    assert tier._regs == {}
+    assert tier._caller_memory.regs == {}

@@ -187,7 +187,7 @@ def test_cluster_shard_killed_mid_run_then_restarted(small_layout: KVLayout) -> 
         keys, payloads = make_keys(small_layout, 60, seed=5), make_payloads(small_layout, 60, seed=5)
         assert all(tier.put_many(keys, payloads))
         victim = cluster.nodes[1]
-        on_victim = [tier._shard_for(tier.redis_key(k)).name == f"127.0.0.1:{victim.port}" for k in keys]  # type: ignore[union-attr]
+        on_victim = [tier._redis.shard_for(tier.redis_key(k)).name == f"127.0.0.1:{victim.port}" for k in keys]  # type: ignore[union-attr]
         assert 0 < sum(on_victim) < len(keys)
         cluster.kill(1)
         outs = [_buf(small_layout) for _ in keys]
@@ -241,7 +241,7 @@ def test_ctrl_c_or_a_bug_while_sending_is_raised_not_a_shard_failure(
         small_layout: KVLayout, redis_standalone: RedisServer, exc: type[BaseException]) -> None:  # noqa: F811
     tier = RedisTier(small_layout, redis_config(redis_standalone))
     keys, payloads = make_keys(small_layout, 2), make_payloads(small_layout, 2)
-    shard = tier._shards["standalone"]
+    shard = tier._redis.shards["standalone"]
     pool = shard.client.connection_pool
     real = pool.get_connection
 
