@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from kvtier.keys import ChunkKey, chunk_keys, namespace_key
+from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
+from kvtier.testing import make_keys, make_payloads
+from kvtier.testing import small_layout as _small_layout
+
+__all__ = ["FakeClock", "make_keys", "make_payloads"]  # make_keys, make_payloads: kvtier.testing's, re-exported
 
 # Property tests run the same examples on every run and machine (no flaky CI), with no per-example
 # deadline (a 2-core box shared by several jobs is slow at times); modest counts keep them fast.
@@ -21,18 +25,7 @@ settings.load_profile("kvtier")
 @pytest.fixture
 def small_layout() -> KVLayout:
     """A tiny layout: 2 layers x K/V x 4 tokens x 2 heads x 8 dims of float32 = 1 KiB a chunk."""
-    return KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
-                    tokens_per_chunk=4)
-
-
-def make_keys(layout: KVLayout, n: int, seed: int = 0, tenant: str = "") -> list[ChunkKey]:
-    tokens = np.random.default_rng(seed).integers(0, 50_000, size=n * layout.tokens_per_chunk)
-    return chunk_keys(tokens, tokens_per_chunk=layout.tokens_per_chunk, namespace=namespace_key(layout, tenant))
-
-
-def make_payloads(layout: KVLayout, n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed + 1000)
-    return [rng.integers(0, 256, size=layout.chunk_bytes, dtype=np.uint8) for _ in range(n)]
+    return _small_layout()
 
 
 class FakeClock:

@@ -13,9 +13,9 @@ import pytest
 
 from kvtier.codec import HEADER_BYTES
 from kvtier.layout import KVLayout
+from kvtier.testing import TierConformance
 from kvtier.tiers.disk import DiskTier
 from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
-from tests.tiers.conformance import TierConformance
 
 _TINY = KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", tokens_per_chunk=4)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from kvtier.layout import KVLayout
+from kvtier.testing import TierConformance
 from kvtier.tiers.dram import DramTier
 from tests.conftest import make_keys, make_payloads
-from tests.tiers.conformance import TierConformance
 
 
 class TestDramTier(TierConformance):

@@ -14,11 +14,11 @@ from bench.harness.servers import MooncakeServers
 from kvtier.codec import encode_chunk
 from kvtier.config import BreakerConfig
 from kvtier.layout import KVLayout
+from kvtier.testing import TierConformance
 from kvtier.tiers import mooncake as mooncake_tier
 from kvtier.tiers.breaker import BreakerMode
 from kvtier.tiers.mooncake import MooncakeTier
 from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
-from tests.tiers.conformance import TierConformance
 from tests.tiers.servers import mooncake_config, mooncake_servers  # noqa: F401
 
 

@@ -17,10 +17,10 @@ from kvtier.config import load_config
 from kvtier.config_node import NodeConfig
 from kvtier.hierarchy import ContextMemory
 from kvtier.layout import KVLayout
+from kvtier.testing import TierConformance
 from kvtier.tiers.node import NodeTier
 from tests.conftest import make_keys, make_payloads
 from tests.node.serving import ROOT, Service, ThreadService, wait_for
-from tests.tiers.conformance import TierConformance
 
 DEADLINE_S = 0.5
 SLACK_S = 1.0  # scheduling on a loaded 2-core CI box: a stall would be a socket timeout or for ever

@@ -16,10 +16,10 @@ from bench.harness.servers import RedisClusterServers, RedisServer
 from kvtier.codec import encode_chunk
 from kvtier.config import BreakerConfig, RedisConfig
 from kvtier.layout import KVLayout
+from kvtier.testing import TierConformance
 from kvtier.tiers.breaker import BreakerMode
 from kvtier.tiers.redis import RedisTier
 from tests.conftest import FORGERIES, forgery, make_keys, make_payloads
-from tests.tiers.conformance import TierConformance
 from tests.tiers.servers import TEST_BREAKER, redis_cluster, redis_config, redis_standalone  # noqa: F401
 
 Servers = RedisServer | RedisClusterServers

@@ -1,10 +1,23 @@
-"""The conformance suite every tier passes.  A tier's test module subclasses ``TierConformance``
-and provides two fixtures: ``layout`` (a small KVLayout) and ``tier`` (a fresh, empty tier of that
-layout, with room for at least 8 chunks, closed after the test).
+"""The conformance suite every tier passes, built-in or out of tree (``register_tier``).
 
-    class TestDramTier(TierConformance):
+A tier's test module subclasses ``TierConformance`` and provides a ``tier`` fixture: a fresh, empty
+tier of the ``layout`` fixture's layout (by default ``small_layout()``: 1 KiB chunks), with room for
+at least 8 chunks, closed after the test::
+
+    import pytest
+    from kvtier.testing import TierConformance
+
+    class TestMyTier(TierConformance):
         @pytest.fixture
-        def tier(self, layout): ...
+        def tier(self, layout):
+            tier = MyTier(layout, capacity=1 << 20)
+            yield tier
+            tier.close()
+
+It checks the contract of ``kvtier.tiers.base.Tier``: round trips, misses that leave the buffer
+alone, delete, ``keys()``, usage accounting (an overwrite is not counted twice), batch calls equal
+to single ones, a wrong-length payload refused with a clear error, ``borrow``, and concurrent puts
+and gets.  Needs pytest (not a dependency of kvtier itself).
 """
 
 from __future__ import annotations
@@ -15,15 +28,35 @@ import numpy as np
 import pytest
 
 from kvtier.errors import LayoutError
+from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.tiers.base import Tier
-from tests.conftest import make_keys, make_payloads
+
+
+def small_layout() -> KVLayout:
+    """A tiny layout: 2 layers x K/V x 4 tokens x 2 heads x 8 dims of float32 = 1 KiB a chunk."""
+    return KVLayout(model="test/tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32",
+                    tokens_per_chunk=4)
+
+
+def make_keys(layout: KVLayout, n: int, seed: int = 0, tenant: str = "") -> list[ChunkKey]:
+    """``n`` distinct chunk keys of ``layout`` (random tokens from ``seed``)."""
+    tokens = np.random.default_rng(seed).integers(0, 50_000, size=n * layout.tokens_per_chunk)
+    return chunk_keys(tokens, tokens_per_chunk=layout.tokens_per_chunk, namespace=namespace_key(layout, tenant))
+
+
+def make_payloads(layout: KVLayout, n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` random payloads of ``layout.chunk_bytes`` bytes."""
+    rng = np.random.default_rng(seed + 1000)
+    return [rng.integers(0, 256, size=layout.chunk_bytes, dtype=np.uint8) for _ in range(n)]
 
 
 class TierConformance:
+    """Subclass it in a test module and give it a ``tier`` fixture (see the module doc)."""
+
     @pytest.fixture
-    def layout(self, small_layout: KVLayout) -> KVLayout:
-        return small_layout
+    def layout(self) -> KVLayout:
+        return small_layout()
 
     def _buf(self, layout: KVLayout) -> np.ndarray:
         return np.zeros(layout.chunk_bytes, dtype=np.uint8)
