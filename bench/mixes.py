@@ -30,7 +30,7 @@ from bench.sim.workloads.mixes import SPLIT_SEED, TUNING_SHARE, Mix, conversatio
 from bench.sim.workloads.mooncake import load_mooncake
 from bench.trace import cost_model
 from kvtier.errors import ConfigError
-from kvtier.policy.eviction import POLICIES
+from kvtier.policy.registry import POLICIES
 
 PLAIN = ("lru", "lru-prefix", "s3fifo")
 

@@ -34,7 +34,7 @@ from bench.sim.workloads.synthetic import AgentWorkload, generate
 from bench.trace import cost_model, load_paths
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
-from kvtier.policy.eviction import POLICIES
+from kvtier.policy.registry import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ from bench.sim.sim import RunResult, TierSpec, Workload, ideal, prefix_bound, pr
 from bench.sim.workloads.synthetic import AgentWorkload, generate
 from bench.trace import cost_model, load_paths
 from kvtier.errors import ConfigError
-from kvtier.policy.eviction import POLICIES
+from kvtier.policy.registry import POLICIES
 
 DEFAULT_POLICY = "agent"
 

@@ -29,7 +29,7 @@ from bench.sim.workloads.mooncake import load_mooncake
 from bench.sim.workloads.stream import Request, merge, summarize
 from kvtier.config import parse_size
 from kvtier.errors import ConfigError
-from kvtier.policy.eviction import POLICIES
+from kvtier.policy.registry import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

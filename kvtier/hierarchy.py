@@ -58,7 +58,8 @@ from kvtier.errors import ArgumentTypeError, ArgumentValueError, ConfigError
 from kvtier.keys import ChunkKey, chunk_keys, namespace_key
 from kvtier.layout import KVLayout
 from kvtier.mover import Mover
-from kvtier.policy.eviction import EvictionPolicy, make_policies
+from kvtier.policy.eviction import EvictionPolicy
+from kvtier.policy.registry import make_policies
 from kvtier.policy.retention import AWAITS, Retention
 from kvtier.prefetch import Prefetcher
 from kvtier.reservation import InPlaceStore

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from kvtier.directory import Directory, KeyState
 from kvtier.keys import ChunkKey
-from kvtier.policy.eviction import make_policies
+from kvtier.policy.registry import make_policies
 
 CHUNK = 10  # bytes per chunk: the directory only counts them
 KEYS = [ChunkKey(bytes([i]) * 16) for i in range(6)]

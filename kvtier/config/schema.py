@@ -217,7 +217,7 @@ def registered_tiers() -> set[str]:
 class KVTierConfig:
     chunk_tokens: int = field(default=256, metadata=_rule(positive))
     tiers: tuple[str, ...] = field(default=("dram", "disk"), metadata=_rule(_tiers))  # top (fastest) first
-    eviction: Literal["lru", "lru-prefix", "s3fifo", "agent"] = "agent"  # kvtier/policy/agent.py, eviction.py
+    eviction: Literal["lru", "lru-prefix", "s3fifo", "agent"] = "agent"  # kvtier/policy/registry.py
     promotion: Literal["always", "never"] = "always"  # copy lower-tier hits into the top tier
     write_through: bool = True  # also write new chunks to persistent/shared tiers, in background
     exclusive: bool = False  # tiers hold different chunks (demote on eviction); see kvtier/hierarchy.py

@@ -3,6 +3,7 @@
 A policy sees every insert, access and removal of one tier and, when asked, pops the next
 victim among the chunks that may be evicted (``evictable(key)`` is False for pinned or
 in-flight chunks).  The same objects drive the real hierarchy and the payload-free simulator.
+By name (``eviction = "..."``): ``kvtier.policy.registry``.
 """
 
 from __future__ import annotations
@@ -223,27 +224,3 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def __len__(self) -> int:
         return len(self._freq)
-
-
-from kvtier.policy.agent import AgentPolicy  # noqa: E402 - it builds on EvictionPolicy above
-
-POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
-    "lru": LRUPolicy,
-    "lru-prefix": PrefixLRUPolicy,
-    "s3fifo": S3FIFOPolicy,
-    "agent": AgentPolicy,
-}
-
-
-def make_policy(name: str) -> EvictionPolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(POLICIES)}") from None
-
-
-def make_policies(name: str, n: int) -> list[EvictionPolicy]:
-    """One policy per tier of a hierarchy (the agent policies of one hierarchy share a model)."""
-    if name == AgentPolicy.name:
-        return AgentPolicy.family(n)
-    return [make_policy(name) for _ in range(n)]

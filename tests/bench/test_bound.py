@@ -9,7 +9,7 @@ import pytest
 from bench.sim.costmodel import CostModel, model_shape
 from bench.sim.sim import TierSpec, belady, ideal, prefix_bound, prepare, simulate
 from bench.sim.workloads.stream import Request
-from kvtier.policy.eviction import POLICIES
+from kvtier.policy.registry import POLICIES
 
 COST = CostModel(shape=model_shape("llama-3.1-8b"))
 BLOCK = 16

@@ -8,8 +8,9 @@ import pytest
 
 from kvtier.keys import ChunkKey
 from kvtier.policy.agent import AgentModel, AgentPolicy
-from kvtier.policy.eviction import LRUPolicy, make_policies
+from kvtier.policy.eviction import LRUPolicy
 from kvtier.policy.index import TierIndex
+from kvtier.policy.registry import make_policies
 
 
 def keys(prefix: str, n: int) -> list[ChunkKey]:

@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 
 from kvtier.keys import ChunkKey
-from kvtier.policy.eviction import LRUPolicy, S3FIFOPolicy, make_policy
+from kvtier.policy.eviction import LRUPolicy, S3FIFOPolicy
 from kvtier.policy.index import PinSet, TierIndex
+from kvtier.policy.registry import make_policy
 
 
 def k(i: int) -> ChunkKey:

@@ -20,8 +20,8 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.policy import agent
 from kvtier.policy.agent_model import _MAX_SESSIONS
-from kvtier.policy.eviction import POLICIES, make_policies
 from kvtier.policy.index import PinSet, TierIndex
+from kvtier.policy.registry import POLICIES, make_policies
 from kvtier.tiers.dram import DramTier
 
 CAPS = 4096 + 128  # the agent model's fixed caps (sessions, ghosts), and a request's own key list
