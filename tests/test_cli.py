@@ -137,7 +137,7 @@ def test_a_missing_optional_package_names_its_extra(tmp_path: Path) -> None:
     assert out.returncode == 0 and json.loads(out.stdout)["chunk_tokens"] == 128
 
 
-BENCHMARKS = "{agentic,g4,mixes,opinions,tiers,tight,trace,vllm}"
+BENCHMARKS = "{agentic,g4,mixes,node,opinions,tiers,tight,trace,vllm}"
 
 
 def _usage(text: str) -> str:
