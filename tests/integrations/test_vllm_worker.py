@@ -331,24 +331,32 @@ def test_a_plan_closes_once_with_or_without_wait_for_save() -> None:
         worker.close()
 
 
-def test_a_step_without_a_forward_still_releases_finished_requests() -> None:
-    """vLLM 0.26's model runner (and async scheduling) runs steps with nothing scheduled: the
-    connector's metadata is bound, ``start_load_kv`` and ``get_finished`` run, ``wait_for_save``
-    does not.  Finished requests handed over in such a step must still be reported, else vLLM
-    keeps their blocks for ever (seen on an H200: ``reset_prefix_cache`` refused, 177 blocks)."""
-    pytest.importorskip("vllm")
-    from kvtier.integrations.vllm import KVTierConnector, KVTierConnectorMetadata
+def _hooks() -> tuple[WorkerCore, Any]:
+    """vLLM's connector with its worker hooks only, around a real ``WorkerCore`` (no vLLM engine)."""
+    from kvtier.integrations.vllm import KVTierConnector
     from kvtier.integrations.vllm_config import ConnectorOptions
     from kvtier.integrations.vllm_counters import ConnectorCounters
 
     worker, _, _ = _worker()
-    connector = KVTierConnector.__new__(KVTierConnector)  # the hooks only, around a real WorkerCore
+    connector = KVTierConnector.__new__(KVTierConnector)
     connector._worker = worker
     connector._layerwise, connector._layer_index, connector._layers_waited = False, {}, set()
     connector.options = ConnectorOptions(log_interval_s=0)
     connector._total, connector._interval, connector._logged_total = ConnectorCounters(), ConnectorCounters(), {}
     connector._last_log = connector._report_logged = 0.0
     connector._connector_metadata = None
+    return worker, connector
+
+
+def test_a_step_without_a_forward_still_releases_finished_requests() -> None:
+    """vLLM 0.26's model runner (and async scheduling) runs steps with nothing scheduled: the
+    connector's metadata is bound, ``start_load_kv`` and ``get_finished`` run, ``wait_for_save``
+    does not.  Finished requests handed over in such a step must still be reported, else vLLM
+    keeps their blocks for ever (seen on an H200: ``reset_prefix_cache`` refused, 177 blocks)."""
+    pytest.importorskip("vllm")
+    from kvtier.integrations.vllm import KVTierConnectorMetadata
+
+    worker, connector = _hooks()
     try:
         connector.bind_connector_metadata(KVTierConnectorMetadata(plan=StepPlan(held={"done-1"})))
         connector.start_load_kv(None)  # type: ignore[arg-type]
@@ -366,18 +374,9 @@ def test_the_forward_is_timed_from_bind_when_vllm_starts_loads_after_it() -> Non
     cost fell to nothing, so every hit was recomputed (seen in ``kvtier bench vllm --concurrent``:
     "recompute 0.0 ms").  The mark is taken at ``bind_connector_metadata``, before the forward."""
     pytest.importorskip("vllm")
-    from kvtier.integrations.vllm import KVTierConnector, KVTierConnectorMetadata
-    from kvtier.integrations.vllm_config import ConnectorOptions
-    from kvtier.integrations.vllm_counters import ConnectorCounters
+    from kvtier.integrations.vllm import KVTierConnectorMetadata
 
-    worker, _, _ = _worker()
-    connector = KVTierConnector.__new__(KVTierConnector)  # the hooks only, around a real WorkerCore
-    connector._worker = worker
-    connector._layerwise, connector._layer_index, connector._layers_waited = False, {}, set()
-    connector.options = ConnectorOptions(log_interval_s=0)
-    connector._total, connector._interval, connector._logged_total = ConnectorCounters(), ConnectorCounters(), {}
-    connector._last_log = connector._report_logged = 0.0
-    connector._connector_metadata = None
+    worker, connector = _hooks()
     try:
         for sync_load in (False, True):
             loads = [LoadJob("s", 0, 0, CHUNK, _keys(worker, 7, 1), tuple(range(M)), async_load=False)]
